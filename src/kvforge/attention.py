@@ -1,0 +1,175 @@
+"""The attention function kvforge registers with transformers, and the attention math it uses.
+
+transformers calls `cache.update(k, v, layer_idx)` and then the registered attention function
+with whatever `update` returned. kvforge's cache returns the new chunk's K/V tagged with the
+cache layer they belong to; the attention function finds the layer through that tag, lets it
+store the chunk (padding excluded), attends over what the layer holds, and lets the policy
+observe attention and compress. Nothing is patched: `enable(model)` registers the function
+under the name "kvforge" through transformers' public interfaces and selects it on that model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+log = logging.getLogger(__name__)
+
+ATTN_NAME = "kvforge"
+_LAYER_TAG = "_kvforge_layer"
+
+
+class AttendingLayer(Protocol):
+    def attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, new_valid: torch.Tensor, scaling: float
+    ) -> torch.Tensor: ...
+
+
+def tag_layer(keys: torch.Tensor, layer: AttendingLayer) -> None:
+    """Mark the K tensor `update` returns with the cache layer that must attend over it."""
+    setattr(keys, _LAYER_TAG, layer)
+
+
+def pop_layer(keys: torch.Tensor) -> AttendingLayer | None:
+    layer = getattr(keys, _LAYER_TAG, None)
+    if layer is not None:
+        delattr(keys, _LAYER_TAG)
+    return layer
+
+
+def padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **_: Any,
+) -> torch.Tensor | None:
+    """The mask kvforge's attention receives: the 2-D padding mask over the logical key range.
+
+    Returns (batch, kv_length) bool, True for real tokens, or None when nothing is padded. The
+    causal structure is not materialised here: the cache knows each kept entry's position.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
+    return None if bool(mask.all()) else mask
+
+
+def causal_allowed(
+    key_positions: torch.Tensor,  # (batch, kv_heads | 1, L)
+    key_valid: torch.Tensor,  # (batch, kv_heads | 1, L)
+    query_positions: torch.Tensor,  # (T,)
+) -> torch.Tensor:
+    """(batch, kv_heads | 1, T, L) bool: query t may read key l.
+
+    A query that may read nothing (a padding query) is allowed everything instead, so softmax
+    stays finite; its output is never used.
+    """
+    allowed = key_valid[:, :, None, :] & (key_positions[:, :, None, :] <= query_positions[None, None, :, None])
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+def attend(
+    query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+    keys: torch.Tensor,  # (batch, kv_heads, L, head_dim)
+    values: torch.Tensor,  # (batch, kv_heads, L, head_dim)
+    allowed: torch.Tensor | None,  # (batch, kv_heads | 1, T, L) bool; None = plain causal
+    scaling: float,
+) -> torch.Tensor:  # (batch, q_heads, T, head_dim)
+    batch, q_heads, t, dim = query.shape
+    kv_heads = keys.shape[1]
+    if allowed is None:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=t > 1, scale=scaling, enable_gqa=True)
+    if allowed.shape[1] == 1:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=True)
+    # Masks differ per KV head (ragged rows): fold each GQA group's query heads into the
+    # query axis so one mask row serves all heads of the group.
+    group = q_heads // kv_heads
+    q = query.reshape(batch, kv_heads, group * t, dim)
+    mask = allowed[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads, group * t, -1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+    return out.view(batch, q_heads, t, dim)
+
+
+def attention_probs_sum(
+    query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+    keys: torch.Tensor,  # (batch, kv_heads, L, head_dim)
+    allowed: torch.Tensor,  # (batch, kv_heads | 1, T, L) bool
+    query_weight: torch.Tensor,  # (batch, T) float, 0 for queries that must not count
+    scaling: float,
+    chunk: int = 256,
+) -> torch.Tensor:  # (batch, kv_heads, L)
+    """Softmax attention each key received, summed over weighted queries, averaged over each GQA group.
+
+    Queries are processed `chunk` at a time so the probability matrix never exceeds
+    (batch, q_heads, chunk, L).
+    """
+    batch, q_heads, t, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    total = keys.new_zeros(batch, kv_heads, length, dtype=torch.float32)
+    for start in range(0, t, chunk):
+        q = query[:, :, start : start + chunk].float().view(batch, kv_heads, group, -1, dim)
+        logits = torch.einsum("bhgtd,bhld->bhgtl", q, keys.float()) * scaling
+        mask = allowed[:, :, None, start : start + chunk]  # (batch, kv_heads | 1, 1, c, L)
+        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+        weight = query_weight[:, None, None, start : start + chunk, None].float()
+        total += (probs * weight).sum(3).mean(2)
+    return total
+
+
+def kvforge_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+    key: torch.Tensor,  # (batch, kv_heads, T, head_dim): the new chunk, tagged by the cache
+    value: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+    attention_mask: torch.Tensor | None,  # (batch, kv_length) from `padding_mask`, or None
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention over a kvforge cache layer; plain causal attention when no kvforge cache is in use."""
+    batch, _, t, dim = query.shape
+    scale = scaling if scaling is not None else dim**-0.5
+    layer = pop_layer(key)
+    if layer is not None:
+        new_valid = (
+            torch.ones(batch, t, dtype=torch.bool, device=query.device)
+            if attention_mask is None
+            else attention_mask[:, -t:]
+        )
+        out = layer.attend(query, key, value, new_valid, scale)
+    else:
+        # Another cache (or none): keys are every token so far, the last T of them new.
+        length = key.shape[2]
+        allowed = None
+        if attention_mask is not None or length != t:
+            valid = (
+                torch.ones(batch, length, dtype=torch.bool, device=query.device)
+                if attention_mask is None
+                else attention_mask[:, -length:]
+            )
+            positions = torch.arange(length, device=query.device)
+            allowed = causal_allowed(positions.expand(batch, 1, -1), valid[:, None], positions[-t:])
+        out = attend(query, key, value, allowed, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register kvforge's attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, kvforge_attention)
+    AttentionMaskInterface.register(ATTN_NAME, padding_mask)
+
+
+def enable(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch `model` to kvforge attention, so a kvforge cache can serve it. Returns the model."""
+    register()
+    model.set_attn_implementation(ATTN_NAME)
+    log.debug("attention implementation of %s set to %r", type(model).__name__, ATTN_NAME)
+    return model

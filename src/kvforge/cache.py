@@ -1,0 +1,186 @@
+"""The transformers `Cache` subclass: per-layer ragged storage driven by a compression policy.
+
+Invariant: `get_seq_length()` is the *logical* number of tokens the model has seen (padding
+included, evicted tokens included), which is what transformers derives positions and mask sizes
+from. What is physically held is `storage.lengths`, smaller after compression.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvforge.attention import ATTN_NAME, attend, causal_allowed, tag_layer
+from kvforge.policies.base import Policy, StepContext
+from kvforge.storage.ragged import RaggedKV
+
+log = logging.getLogger(__name__)
+
+
+class KVForgeLayer(CacheLayerMixin):
+    """One attention layer's cache: stores each chunk, attends over it, then lets the policy act."""
+
+    is_sliding = False
+
+    def __init__(self, layer_idx: int, policy: Policy) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.policy = policy
+        self.storage: RaggedKV | None = None
+        self.seen = 0  # logical tokens seen, padding included
+        self.chunks = 0  # forward chunks processed
+        self.decode_budget: torch.Tensor | None = None  # (batch, kv_heads), set at the first decode step
+        self.pending = False  # update() ran and attend() has not yet
+        self.stored = 0  # entries ever stored: what an uncompressed cache would hold now
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.storage = RaggedKV(batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # keys: (batch, kv_heads, T, head_dim). Storing waits for attend(): only the attention
+        # function sees the padding mask, and padding must not be stored.
+        if self.pending:
+            raise RuntimeError(
+                f"kvforge cache layer {self.layer_idx} was updated twice without kvforge attention running; "
+                f"call kvforge.enable(model) (attention implementation {ATTN_NAME!r}) before generating"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.pending = True
+        tag_layer(key_states, self)
+        return key_states, value_states
+
+    def attend(
+        self,
+        query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+        keys: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+        values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+        new_valid: torch.Tensor,  # (batch, T) bool
+        scaling: float,
+    ) -> torch.Tensor:  # (batch, q_heads, T, head_dim)
+        assert self.storage is not None
+        self.pending = False
+        t = keys.shape[2]
+        positions = torch.arange(self.seen, self.seen + t, device=keys.device)
+        first = self.storage.entries == 0
+        before = self.storage.lengths.clone()
+        self.storage.append(keys, values, positions, new_valid)
+        self.stored += int(new_valid.sum()) * keys.shape[1]
+
+        # The first chunk attends over itself directly (no copy); later ones over what is held.
+        if first:
+            allowed = None
+            if not bool(new_valid.all()):
+                allowed = causal_allowed(positions.expand(keys.shape[0], 1, -1), new_valid[:, None], positions)
+            out = attend(query, keys, values, allowed, scaling)
+        view = self.storage.padded() if (not first or self._acts()) else None
+        if not first:
+            assert view is not None
+            allowed = causal_allowed(view.positions, view.valid, positions)
+            out = attend(query, view.keys, view.values, allowed, scaling)
+
+        if view is not None:
+            ctx = StepContext(self.layer_idx, view, query, positions, new_valid, scaling)
+            self.policy.observe(ctx, self.storage)
+            ctx.budget = self._budget(t, before)
+            if ctx.budget is not None and bool((ctx.budget < view.lengths).any()):
+                index, mask = self.policy.select(ctx)
+                self.storage.keep(view, index, mask)
+        self.seen += t
+        self.chunks += 1
+        return out
+
+    def _acts(self) -> bool:
+        """Whether the policy may look at this layer at all (observe or compress)."""
+        p = self.policy
+        return bool(p.aux_names) or (p.ratio > 0 and (p.compresses_prefill or p.holds_budget_while_decoding))
+
+    def _budget(self, t: int, before: torch.Tensor) -> torch.Tensor | None:
+        """(batch, kv_heads) entries to keep after this chunk, or None to keep everything."""
+        policy = self.policy
+        assert self.storage is not None
+        if policy.ratio == 0:
+            return None
+        if self.chunks == 0:
+            return policy.prefill_budget(self.storage.lengths) if policy.compresses_prefill else None
+        if t == 1 and policy.holds_budget_while_decoding:
+            if self.decode_budget is None:
+                self.decode_budget = before.clamp(min=1)
+            return self.decode_budget
+        return None
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.storage = None
+        self.is_initialized = False
+        self.seen = self.chunks = 0
+        self.decode_budget = None
+        self.pending = False
+        self.stored = 0
+
+
+class KVCache(Cache):
+    """A KV cache that holds only what its policy keeps, at KV-head granularity, ragged per head.
+
+    Use with a model switched to kvforge attention (`kvforge.enable(model)`):
+
+        cache = KVCache(model, make_policy("snapkv", ratio=0.5))
+        model.generate(input_ids, past_key_values=cache)
+        cache.nbytes  # bytes of K/V actually held
+    """
+
+    def __init__(self, model: PreTrainedModel, policy: Policy) -> None:
+        config = model.config.get_text_config()
+        if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+            raise ValueError(
+                f"model uses attention implementation {model.config._attn_implementation!r}; "
+                f"call kvforge.enable(model) first so the cache's compression is applied"
+            )
+        self.policy = policy
+        super().__init__(layers=[KVForgeLayer(i, policy) for i in range(config.num_hidden_layers)])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V tensors held, summed over layers (read from the tensors)."""
+        return sum(layer.storage.kv_nbytes for layer in self.layers if layer.storage is not None)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes an uncompressed cache of the same dtype would hold for the same (unpadded) tokens."""
+        return sum(
+            layer.stored * 2 * layer.storage.head_dim * layer.storage.keys.element_size()
+            for layer in self.layers
+            if layer.storage is not None
+        )
+
+    @property
+    def meta_nbytes(self) -> int:
+        """Bytes held beside K/V: positions, lengths, policy state."""
+        return sum(layer.storage.meta_nbytes for layer in self.layers if layer.storage is not None)
+
+    def kept_lengths(self, layer_idx: int = 0) -> torch.Tensor:
+        """(batch, kv_heads) entries held by one layer."""
+        storage = self.layers[layer_idx].storage
+        if storage is None:
+            raise ValueError("the cache is empty: run a forward pass first")
+        return storage.lengths
+
+    def entries(self) -> int:
+        """Total entries held over layers, sequences and KV heads."""
+        return sum(layer.storage.entries for layer in self.layers if layer.storage is not None)

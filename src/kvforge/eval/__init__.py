@@ -1,0 +1,1 @@
+"""Tasks, metrics and reports for measuring policies."""

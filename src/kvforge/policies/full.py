@@ -1,0 +1,22 @@
+"""No compression: the reference every other policy is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvforge.policies.base import Policy, check_range
+from kvforge.policies.registry import register
+
+
+@register
+@dataclass
+class Full(Policy):
+    ratio: float = 0.0
+
+    name: ClassVar[str] = "full"
+    description: ClassVar[str] = "keep every token (no compression); the reference"
+    compresses_prefill: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_range("ratio", self.ratio, 0.0, 0.0)

@@ -1,0 +1,1 @@
+"""How kept K/V live in memory."""

@@ -1,0 +1,168 @@
+"""Ragged per-head K/V storage: each (sequence, KV head) pair holds its own number of entries.
+
+Entries live in one flat tensor per layer, ordered by sequence, then KV head, then time:
+
+    keys: (entries, head_dim)   segment s = b * kv_heads + h holds lengths[b, h] rows
+
+so nothing is stored for padding or for evicted tokens, and heads of one sequence may keep
+different counts (head-wise budgets). Attention reads a padded copy built per call
+(`padded()`); that copy is transient working memory, the flat tensors are what is held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PaddedView:
+    """A dense, left-aligned copy of ragged storage, for attention and scoring.
+
+    Slot j of row (b, h) is the j-th oldest kept entry; slots past lengths[b, h] are padding.
+    """
+
+    keys: torch.Tensor  # (batch, kv_heads, slots, head_dim)
+    values: torch.Tensor  # (batch, kv_heads, slots, head_dim)
+    positions: torch.Tensor  # (batch, kv_heads, slots) int64, logical index of the token
+    valid: torch.Tensor  # (batch, kv_heads, slots) bool, False on padding slots
+    rows: torch.Tensor  # (batch, kv_heads, slots) int64, row of the flat storage each slot copies
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (batch, kv_heads, slots)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(batch, kv_heads) number of real entries per row."""
+        return self.valid.sum(-1)
+
+
+def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
+    """Start offset of each segment: (S,) counts -> (S,) offsets, offsets[0] == 0."""
+    return torch.cumsum(counts, 0) - counts
+
+
+class RaggedKV:
+    """The K/V entries one attention layer holds, ragged over (sequence, KV head)."""
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        aux_names: tuple[str, ...] = (),
+    ) -> None:
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.keys = torch.empty(0, head_dim, dtype=dtype, device=device)  # (entries, head_dim)
+        self.values = torch.empty(0, head_dim, dtype=dtype, device=device)  # (entries, head_dim)
+        # int32 is enough for any context length a model has and halves the index overhead.
+        self.positions = torch.empty(0, dtype=torch.int32, device=device)  # (entries,)
+        self.lengths = torch.zeros(batch, kv_heads, dtype=torch.int64, device=device)
+        # Per-entry policy state (e.g. accumulated attention for H2O), float32: (entries,)
+        self.aux = {name: torch.empty(0, dtype=torch.float32, device=device) for name in aux_names}
+
+    @property
+    def entries(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def kv_nbytes(self) -> int:
+        """Bytes of the K and V tensors held."""
+        return self.keys.nbytes + self.values.nbytes
+
+    @property
+    def meta_nbytes(self) -> int:
+        """Bytes of the bookkeeping held beside K/V: positions, lengths, policy state."""
+        return self.positions.nbytes + self.lengths.nbytes + sum(t.nbytes for t in self.aux.values())
+
+    def append(
+        self,
+        keys: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+        values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+        positions: torch.Tensor,  # (T,) logical index of each new token
+        valid: torch.Tensor,  # (batch, T) bool; padding tokens are not stored
+    ) -> None:
+        batch, heads, _, dim = keys.shape
+        device = self.keys.device
+        counts = valid.sum(1)  # (batch,)
+        old_len = self.lengths.flatten()  # (S,)
+        new_len = (self.lengths + counts[:, None]).flatten()  # (S,)
+        new_off = exclusive_cumsum(new_len)
+        total = int(new_len.sum())
+
+        # Old entries keep their order and move to the start of their (grown) segment.
+        seg = torch.repeat_interleave(torch.arange(old_len.numel(), device=device), old_len)  # (entries,)
+        local = torch.arange(self.entries, device=device) - exclusive_cumsum(old_len)[seg]
+        dest_old = new_off[seg] + local
+
+        # New valid tokens go after them, in time order, once per KV head.
+        b_idx, t_idx = valid.nonzero(as_tuple=True)  # (M,)
+        rank = (valid.cumsum(1) - 1)[b_idx, t_idx]  # (M,) index among the sequence's new tokens
+        seg_new = b_idx[:, None] * heads + torch.arange(heads, device=device)[None, :]  # (M, heads)
+        dest_new = (new_off[seg_new] + old_len[seg_new] + rank[:, None]).flatten()  # (M * heads,)
+
+        def merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            out = old.new_empty((total, *old.shape[1:]))
+            out[dest_old] = old
+            out[dest_new] = new
+            return out
+
+        self.keys = merge(self.keys, keys[b_idx, :, t_idx].reshape(-1, dim))  # (M, heads, dim) -> rows
+        self.values = merge(self.values, values[b_idx, :, t_idx].reshape(-1, dim))
+        new_pos = positions.to(device=device, dtype=torch.int32)[t_idx][:, None].expand(-1, heads)
+        self.positions = merge(self.positions, new_pos.flatten())
+        for name, state in self.aux.items():
+            self.aux[name] = merge(state, state.new_zeros(dest_new.numel()))
+        self.lengths = new_len.view(batch, heads)
+
+    def padded(self) -> PaddedView:
+        """A dense copy of what is held, padded to the longest row."""
+        batch, heads = self.lengths.shape
+        slots = int(self.lengths.max()) if self.lengths.numel() else 0
+        device = self.keys.device
+        offsets = exclusive_cumsum(self.lengths.flatten()).view(batch, heads)
+        ar = torch.arange(slots, device=device)
+        valid = ar < self.lengths[..., None]  # (batch, heads, slots)
+        # Padding slots read row 0 (any real row): they are masked, and must not be NaN.
+        idx = torch.where(valid, offsets[..., None] + ar, 0)  # (batch, heads, slots)
+        if self.entries == 0:
+            idx = idx[..., :0]
+            valid = valid[..., :0]
+        return PaddedView(
+            keys=self.keys[idx],
+            values=self.values[idx],
+            positions=self.positions[idx].long(),
+            valid=valid,
+            rows=idx,
+            aux={name: state[idx] for name, state in self.aux.items()},
+        )
+
+    def add_aux(self, name: str, view: PaddedView, delta: torch.Tensor) -> None:
+        """Add (batch, kv_heads, slots) `delta` to policy state `name`, held and in `view` alike."""
+        delta = delta.float().masked_fill(~view.valid, 0.0)
+        view.aux[name] = view.aux[name] + delta
+        self.aux[name].index_add_(0, view.rows[view.valid], delta[view.valid])
+
+    def keep(
+        self,
+        view: PaddedView,
+        index: torch.Tensor,  # (batch, kv_heads, K) slots of `view` to keep
+        keep_mask: torch.Tensor,  # (batch, kv_heads, K) bool, False for unused index columns
+    ) -> None:
+        """Replace what is held by the chosen slots of `view`, keeping time order within each row."""
+        slots = view.valid.shape[-1]
+        # Unused columns sort to the end; used ones come out in time (slot) order.
+        index, _ = torch.where(keep_mask, index, slots).sort(dim=-1)
+        keep_mask = index < slots
+        index = index.clamp(max=max(slots - 1, 0))
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, slots, *rest) -> (kept, *rest)
+            gather_idx = index.view(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
+            return torch.gather(t, 2, gather_idx)[keep_mask]
+
+        self.keys = take(view.keys)
+        self.values = take(view.values)
+        self.positions = take(view.positions).to(torch.int32)
+        self.aux = {name: take(state) for name, state in view.aux.items()}
+        self.lengths = keep_mask.sum(-1)

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random-weight Llama with GQA, and the real default model (loaded once)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvforge
+
+VOCAB = 128
+
+
+def tiny_config(**overrides: object) -> LlamaConfig:
+    # 2 layers, 4 query heads sharing 2 KV heads (GQA groups of 2), head_dim 16.
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    base.update(overrides)
+    return LlamaConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    return kvforge.enable(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """The same weights on transformers' own SDPA attention."""
+    ref = copy.deepcopy(tiny_model)
+    ref.set_attn_implementation("sdpa")
+    return ref
+
+
+@pytest.fixture(scope="session")
+def default_model() -> kvforge.models.LoadedModel:
+    return kvforge.load_model("default")
+
+
+def left_padded(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (batch, max(lengths)), left-padded with token 0."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, width - n :] = torch.randint(1, VOCAB, (n,), generator=gen)
+        mask[b, width - n :] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: LlamaForCausalLM):
+    """A local HF checkpoint dir: the tiny model (context 512) and a word-level tokenizer with a chat template."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[EOS]", "<user>", "<assistant>"] + [f"w{i}" for i in range(VOCAB - 5)]
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    path = tmp_path_factory.mktemp("tiny-checkpoint")
+    tiny_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,105 @@
+"""The `kvforge` command on a tiny local checkpoint: output shape and every user error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvforge.cli import main
+
+
+@pytest.fixture
+def doc(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(" ".join(f"w{i % 100}" for i in range(200)))
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse rejects bad option values itself
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json(capsys, tiny_checkpoint, doc):
+    code, out, _ = run(
+        capsys, "generate", "--model", str(tiny_checkpoint), "--policy", "snapkv", "--ratio", "0.5",
+        "--max-new-tokens", "5", "--prompt-file", str(doc), "--json", "w1 w2 w3",
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    for key in ("text", "prompt_tokens", "generated_tokens", "policy", "ratio", "cache_bytes", "dense_cache_bytes", "seconds"):
+        assert key in result
+    assert result["policy"] == "snapkv" and result["ratio"] == 0.5 and result["query_aware"] is False
+    assert 1 <= result["generated_tokens"] <= 5
+    # 200 context words are compressed to 100; the question and template tokens stay whole.
+    assert result["cache_bytes"] < 0.6 * result["dense_cache_bytes"]
+
+
+def test_generate_query_aware_compresses_the_whole_prompt(capsys, tiny_checkpoint, doc):
+    argv = ["generate", "--model", str(tiny_checkpoint), "--policy", "knorm", "--ratio", "0.5", "--max-new-tokens", "1",
+            "--prompt-file", str(doc), "--json", "w1 w2 w3"]  # fmt: skip
+    agnostic = json.loads(run(capsys, *argv)[1])
+    aware = json.loads(run(capsys, *argv, "--query-aware")[1])
+    assert aware["query_aware"] is True
+    assert aware["cache_bytes"] < agnostic["cache_bytes"]  # the question was compressed too
+
+
+def test_policies_lists_every_policy_with_parameters(capsys):
+    from kvforge import all_policies
+
+    code, out, _ = run(capsys, "policies")
+    assert code == 0
+    for name in all_policies():
+        assert name in out
+    assert "window=64" in out and "sinks=4" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--policy", "nope"], "unknown policy 'nope'; known policies: full, h2o"),
+        (["--ratio", "1.0"], "outside [0, 1)"),
+        (["--ratio", "-0.1"], "outside [0, 1)"),
+        (["--max-new-tokens", "0"], "--max-new-tokens=0 must be at least 1"),
+        (["--policy", "full", "--ratio", "0.5"], "ratio=0.5 is outside the allowed range [0.0, 0.0]"),
+        (["--param", "window=0"], "window=0 is outside the allowed range [1, inf)"),
+        (["--param", "bogus=1"], "has no parameter 'bogus'"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(capsys, tiny_checkpoint, doc, argv, message):
+    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt-file", str(doc), *argv, "q")
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_empty_prompt(capsys, tiny_checkpoint, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt-file", str(empty), "q")
+    assert code == 2 and "the context is empty" in err
+
+
+def test_prompt_longer_than_the_context(capsys, tiny_checkpoint, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(["w5"] * 600))
+    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt-file", str(long), "q")
+    assert code == 2
+    assert "the prompt is 607 tokens" in err and "the model's context is 512 tokens" in err
+
+
+@pytest.mark.parametrize("model", ["/no/such/dir", "README.md"])
+def test_unreadable_model(capsys, doc, model):
+    code, _, err = run(capsys, "generate", "--model", model, "--prompt-file", str(doc), "q")
+    assert code == 2 and f"cannot read model {model!r}" in err
+
+
+def test_unreadable_prompt_file(capsys, tiny_checkpoint, tmp_path):
+    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt-file", str(tmp_path / "x"), "q")
+    assert code == 2 and "cannot read --prompt-file" in err
+

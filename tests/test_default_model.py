@@ -1,0 +1,33 @@
+"""A few checks on the real embedded model (SmolLM2-135M-Instruct), float32 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kvforge import KVCache, make_policy
+from kvforge.eval.niah import is_correct, needle_case
+from kvforge.generate import answer, build_prompt
+from kvforge.models import default_checkpoint
+
+pytestmark = pytest.mark.model
+
+
+def test_full_generation_equals_plain_transformers(default_model):
+    tok = default_model.tokenizer
+    prompt = build_prompt(tok, "Paris is the capital of France. Rome is the capital of Italy.", "What is the capital of Italy?", chat=True)
+    ids = torch.tensor([prompt.ids])
+    kw = dict(max_new_tokens=24, do_sample=False, temperature=None, top_p=None, top_k=None)
+    ours = default_model.model.generate(ids, past_key_values=KVCache(default_model.model, make_policy("full")), **kw)
+    plain = AutoModelForCausalLM.from_pretrained(default_checkpoint(), dtype=torch.float32).eval()
+    ref = plain.generate(ids, **kw)
+    assert ours.tolist() == ref.tolist()
+
+
+def test_make_run_sample_is_answered_with_the_full_cache(default_model):
+    case = needle_case(default_model.tokenizer, 3000, seed=0)  # what `kvforge demo` asks
+    prompt = build_prompt(default_model.tokenizer, case.context, case.question, True, case.answer_prefix)
+    result = answer(default_model, prompt, make_policy("full"), max_new_tokens=16)
+    assert is_correct(result.text, case.answers), result.text
+    assert result.cache_bytes == result.dense_cache_bytes  # nothing evicted, nothing padded

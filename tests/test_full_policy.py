@@ -1,0 +1,80 @@
+"""The `full` policy must be transformers' own cache, bit for bit in float32."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from conftest import left_padded
+from kvforge import KVCache, make_policy
+
+
+def step_logits(model, ids, mask, cache, steps: int) -> list[torch.Tensor]:
+    """Logits of the prefill, then of `steps` greedy decode steps fed one token at a time."""
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    logits = [out.logits]
+    positions = mask.sum(1, keepdim=True) - 1
+    for _ in range(steps):
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        positions = positions + 1
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+    return logits
+
+
+def test_full_matches_dynamic_cache_batch_1(tiny_model, tiny_reference):
+    ids, mask = left_padded([24])
+    ours = step_logits(tiny_model, ids, mask, KVCache(tiny_model, make_policy("full")), steps=5)
+    ref = step_logits(tiny_reference, ids, mask, DynamicCache(config=tiny_reference.config), steps=5)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_full_matches_dynamic_cache_padded_batch(tiny_model, tiny_reference):
+    ids, mask = left_padded([24, 15, 7])
+    ours = step_logits(tiny_model, ids, mask, KVCache(tiny_model, make_policy("full")), steps=5)
+    ref = step_logits(tiny_reference, ids, mask, DynamicCache(config=tiny_reference.config), steps=5)
+    real = mask.bool()
+    # Padding positions carry no meaning; every real position and every decode step must match.
+    torch.testing.assert_close(ours[0][real], ref[0][real], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_full_batch_generates_what_each_prompt_generates_alone(tiny_model):
+    lengths = [21, 9, 14]
+    ids, mask = left_padded(lengths)
+    cache = KVCache(tiny_model, make_policy("full"))
+    # No EOS: every sequence generates exactly 8 tokens, so rows compare position by position.
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None)
+    batch = tiny_model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+    for b, n in enumerate(lengths):
+        alone_ids = ids[b : b + 1, -n:]
+        alone = tiny_model.generate(alone_ids, past_key_values=KVCache(tiny_model, make_policy("full")), **kw)
+        assert batch[b, -8:].tolist() == alone[0, -8:].tolist()
+    # Padding is never stored: each sequence holds exactly its real tokens (+ 7 fed-back tokens).
+    held = cache.kept_lengths(0)  # (batch, kv_heads)
+    assert held.tolist() == [[n + 7] * 2 for n in lengths]
+
+
+def test_full_generate_equals_plain_transformers(tiny_model, tiny_reference):
+    ids, _ = left_padded([30], seed=5)
+    ours = tiny_model.generate(ids, past_key_values=KVCache(tiny_model, make_policy("full")), max_new_tokens=12, do_sample=False)
+    ref = tiny_reference.generate(ids, max_new_tokens=12, do_sample=False)
+    assert ours.tolist() == ref.tolist()
+
+
+def test_cache_requires_kvforge_attention(tiny_reference):
+    import pytest
+
+    with pytest.raises(ValueError, match="kvforge.enable"):
+        KVCache(tiny_reference, make_policy("full"))
+
+
+def test_kvforge_attention_without_kvforge_cache_is_plain_attention(tiny_model, tiny_reference):
+    ids, mask = left_padded([17, 11])
+    ours = tiny_model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=tiny_model.config))
+    ref = tiny_reference(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=tiny_model.config))
+    real = mask.bool()
+    torch.testing.assert_close(ours.logits[real], ref.logits[real], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,143 @@
+"""Checks every registered policy gets for free: add a row here when adding a policy file."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import left_padded
+from kvforge import KVCache, all_policies, make_policy
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    params: dict = field(default_factory=dict)
+    # Whether a sequence keeps the same tokens in a padded batch as alone (not so for random
+    # draws, whose shape depends on the batch).
+    batch_invariant: bool = True
+
+
+MATRIX = [
+    Row("full"),
+    Row("random", {"seed": 3}, batch_invariant=False),
+    Row("streaming", {"sinks": 2}),
+    Row("knorm"),
+    Row("snapkv", {"window": 4}),
+    Row("h2o"),
+]
+COMPRESSING = [r for r in MATRIX if r.name != "full"]
+RATIOS = [0.5, 0.75]
+LENGTHS = [24, 17]  # a left-padded batch
+
+
+def build(row: Row, ratio: float):
+    return make_policy(row.name, **row.params) if row.name == "full" else make_policy(row.name, ratio=ratio, **row.params)
+
+
+def prefill(model, row: Row, ratio: float, lengths: list[int]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+    ids, mask = left_padded(lengths)
+    cache = KVCache(model, build(row, ratio))
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    return cache, ids, mask
+
+
+def test_every_registered_policy_has_a_row():
+    assert sorted(r.name for r in MATRIX) == sorted(all_policies())
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
+def test_keeps_exactly_the_budget_per_sequence_and_head(tiny_model, row, ratio):
+    cache, _, _ = prefill(tiny_model, row, ratio, LENGTHS)
+    expected = [[math.floor(n * (1 - ratio))] * 2 for n in LENGTHS]
+    for layer in range(len(cache.layers)):
+        assert cache.kept_lengths(layer).tolist() == expected
+    assert cache.get_seq_length() == max(LENGTHS)  # logical length: what transformers places tokens by
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
+def test_bytes_shrink_in_proportion(tiny_model, row, ratio):
+    cache, _, _ = prefill(tiny_model, row, ratio, LENGTHS)
+    kept = sum(math.floor(n * (1 - ratio)) for n in LENGTHS)
+    per_entry = 2 * 16 * 4  # K and V, head_dim 16, float32
+    assert cache.nbytes == kept * 2 * 2 * per_entry  # 2 KV heads, 2 layers
+    assert cache.dense_nbytes == sum(LENGTHS) * 2 * 2 * per_entry
+    assert cache.nbytes / cache.dense_nbytes == pytest.approx(1 - ratio, abs=0.05)
+
+
+@pytest.mark.parametrize("row", MATRIX, ids=lambda r: r.name)
+def test_kept_entries_are_the_full_cache_entries_at_their_positions(tiny_model, tiny_reference, row):
+    cache, ids, mask = prefill(tiny_model, row, 0.5, LENGTHS)
+    ref = DynamicCache(config=tiny_reference.config)
+    tiny_reference(input_ids=ids, attention_mask=mask, past_key_values=ref, use_cache=True)
+    for layer_idx, layer in enumerate(cache.layers):
+        view = layer.storage.padded()
+        full_k = ref.layers[layer_idx].keys  # (batch, kv_heads, T, head_dim)
+        full_v = ref.layers[layer_idx].values
+        b, h, s = view.valid.nonzero(as_tuple=True)
+        pos = view.positions[b, h, s]
+        assert bool(mask[b, pos].all()), "a padding token was kept"
+        torch.testing.assert_close(view.keys[b, h, s], full_k[b, h, pos], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(view.values[b, h, s], full_v[b, h, pos], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
+def test_decoding_after_eviction_attends_over_exactly_the_kept_tokens(tiny_model, tiny_reference, row):
+    # Reference: a plain cache filled with just the kept K/V (same count per head at batch 1),
+    # the new token at its true position. Matching logits means positions and masks are right.
+    n = 26
+    cache, ids, mask = prefill(tiny_model, row, 0.5, [n])
+    ref = DynamicCache(config=tiny_reference.config)
+    for layer_idx, layer in enumerate(cache.layers):
+        view = layer.storage.padded()
+        ref.update(view.keys, view.values, layer_idx)
+    token = torch.tensor([[7]])
+    ours = tiny_model(
+        input_ids=token, attention_mask=torch.ones(1, n + 1, dtype=torch.long), past_key_values=cache, use_cache=True
+    ).logits
+    kept = ref.get_seq_length()
+    theirs = tiny_reference(
+        input_ids=token,
+        attention_mask=torch.ones(1, kept + 1, dtype=torch.long),
+        position_ids=torch.tensor([[n]]),
+        past_key_values=ref,
+        use_cache=True,
+    ).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("row", MATRIX, ids=lambda r: r.name)
+def test_decoding_budget(tiny_model, row):
+    ids, mask = left_padded(LENGTHS)
+    policy = build(row, 0.5)
+    cache = KVCache(tiny_model, policy)
+    new = 6
+    tiny_model.generate(
+        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False, eos_token_id=None
+    )
+    budget = [n if row.name == "full" else math.floor(n * 0.5) for n in LENGTHS]
+    # generate() feeds back new - 1 tokens; policies that hold their budget evict as they go.
+    grown = 0 if policy.holds_budget_while_decoding else new - 1
+    assert cache.kept_lengths(1).tolist() == [[k + grown] * 2 for k in budget]
+    assert cache.get_seq_length() == max(LENGTHS) + new - 1
+
+
+@pytest.mark.parametrize("row", [r for r in COMPRESSING if r.batch_invariant], ids=lambda r: r.name)
+def test_each_sequence_of_a_batch_is_compressed_on_its_own(tiny_model, row):
+    batch, _, _ = prefill(tiny_model, row, 0.5, LENGTHS)
+    width = max(LENGTHS)
+    for b, n in enumerate(LENGTHS):
+        ids, mask = left_padded(LENGTHS)
+        alone = KVCache(tiny_model, build(row, 0.5))
+        tiny_model(input_ids=ids[b : b + 1, -n:], past_key_values=alone, use_cache=True)
+        for layer_idx in range(len(batch.layers)):
+            in_batch = batch.layers[layer_idx].storage.padded()
+            solo = alone.layers[layer_idx].storage.padded()
+            got = in_batch.positions[b][in_batch.valid[b]] - (width - n)
+            assert got.tolist() == solo.positions[0][solo.valid[0]].tolist()
