@@ -78,3 +78,13 @@ def test_kvforge_attention_without_kvforge_cache_is_plain_attention(tiny_model, 
     ref = tiny_reference(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(config=tiny_model.config))
     real = mask.bool()
     torch.testing.assert_close(ours.logits[real], ref.logits[real], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_loop_equals_generate(tiny_model, tiny_reference):
+    from kvforge.generate import forward_last, greedy
+
+    ids, _ = left_padded([25], seed=9)
+    cache = KVCache(tiny_model, make_policy("full"))
+    tokens = greedy(tiny_model, cache, forward_last(tiny_model, ids[0].tolist(), cache), 10, stop_ids=set())
+    ref = tiny_reference.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert tokens == ref[0, 25:].tolist()

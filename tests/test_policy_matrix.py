@@ -141,3 +141,21 @@ def test_each_sequence_of_a_batch_is_compressed_on_its_own(tiny_model, row):
             solo = alone.layers[layer_idx].storage.padded()
             got = in_batch.positions[b][in_batch.valid[b]] - (width - n)
             assert got.tolist() == solo.positions[0][solo.valid[0]].tolist()
+
+
+@pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
+def test_deriving_from_one_full_prefill_equals_compressing_during_prefill(tiny_model, row):
+    ids, _ = left_padded([30], seed=4)
+    direct = KVCache(tiny_model, build(row, 0.5))
+    tiny_model(input_ids=ids, past_key_values=direct, use_cache=True)
+    base = KVCache(tiny_model, make_policy("full"), record_prefill=True)
+    tiny_model(input_ids=ids, past_key_values=base, use_cache=True)
+    derived = base.derive(build(row, 0.5))
+    for a, b in zip(direct.layers, derived.layers):
+        torch.testing.assert_close(a.storage.keys, b.storage.keys)
+        assert a.storage.positions.tolist() == b.storage.positions.tolist()
+    token = torch.tensor([[5]])
+    after_direct = tiny_model(input_ids=token, past_key_values=direct, use_cache=True).logits
+    after_derived = tiny_model(input_ids=token, past_key_values=derived, use_cache=True).logits
+    torch.testing.assert_close(after_direct, after_derived)
+    assert base.entries() == 30 * 2 * 2  # the base is untouched and can serve the next policy

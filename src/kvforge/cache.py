@@ -8,6 +8,8 @@ from. What is physically held is `storage.lengths`, smaller after compression.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -15,7 +17,17 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvforge.attention import ATTN_NAME, attend, causal_allowed, tag_layer
 from kvforge.policies.base import Policy, StepContext
-from kvforge.storage.ragged import RaggedKV
+from kvforge.storage.ragged import PaddedView, RaggedKV
+
+
+@dataclass
+class PrefillRecord:
+    """The prefill chunk's queries, kept so other policies can be derived from one full prefill."""
+
+    query: torch.Tensor  # (batch, q_heads, T, head_dim)
+    positions: torch.Tensor  # (T,)
+    valid: torch.Tensor  # (batch, T) bool
+    scaling: float
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +47,9 @@ class KVForgeLayer(CacheLayerMixin):
         self.decode_budget: torch.Tensor | None = None  # (batch, kv_heads), set at the first decode step
         self.pending = False  # update() ran and attend() has not yet
         self.stored = 0  # entries ever stored: what an uncompressed cache would hold now
+        self.policy_seconds = 0.0  # time spent observing and compressing, for benchmarks
+        self.record_prefill = False
+        self.prefill_record: PrefillRecord | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -88,15 +103,34 @@ class KVForgeLayer(CacheLayerMixin):
             out = attend(query, view.keys, view.values, allowed, scaling)
 
         if view is not None:
-            ctx = StepContext(self.layer_idx, view, query, positions, new_valid, scaling)
-            self.policy.observe(ctx, self.storage)
-            ctx.budget = self._budget(t, before)
-            if ctx.budget is not None and bool((ctx.budget < view.lengths).any()):
-                index, mask = self.policy.select(ctx)
-                self.storage.keep(view, index, mask)
+            self._act(view, query, positions, new_valid, scaling, before)
+        if self.record_prefill and self.chunks == 0:
+            self.prefill_record = PrefillRecord(query, positions, new_valid, scaling)
         self.seen += t
         self.chunks += 1
         return out
+
+    def _act(
+        self,
+        view: PaddedView,
+        query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+        positions: torch.Tensor,  # (T,)
+        new_valid: torch.Tensor,  # (batch, T)
+        scaling: float,
+        before: torch.Tensor,  # (batch, kv_heads) entries held before this chunk
+    ) -> None:
+        """Let the policy observe this chunk and, when a budget applies, compress."""
+        assert self.storage is not None
+        start = time.perf_counter()
+        ctx = StepContext(self.layer_idx, view, query, positions, new_valid, scaling)
+        self.policy.observe(ctx, self.storage)
+        ctx.budget = self._budget(query.shape[2], before)
+        if ctx.budget is not None and bool((ctx.budget < view.lengths).any()):
+            index, mask = self.policy.select(ctx)
+            self.storage.keep(view, index, mask)
+        if self.storage.keys.is_cuda:
+            torch.cuda.synchronize(self.storage.keys.device)
+        self.policy_seconds += time.perf_counter() - start
 
     def _acts(self) -> bool:
         """Whether the policy may look at this layer at all (observe or compress)."""
@@ -133,6 +167,8 @@ class KVForgeLayer(CacheLayerMixin):
         self.decode_budget = None
         self.pending = False
         self.stored = 0
+        self.policy_seconds = 0.0
+        self.prefill_record = None
 
 
 class KVCache(Cache):
@@ -145,15 +181,47 @@ class KVCache(Cache):
         cache.nbytes  # bytes of K/V actually held
     """
 
-    def __init__(self, model: PreTrainedModel, policy: Policy) -> None:
-        config = model.config.get_text_config()
+    def __init__(self, model: PreTrainedModel, policy: Policy, record_prefill: bool = False) -> None:
         if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
             raise ValueError(
                 f"model uses attention implementation {model.config._attn_implementation!r}; "
                 f"call kvforge.enable(model) first so the cache's compression is applied"
             )
         self.policy = policy
-        super().__init__(layers=[KVForgeLayer(i, policy) for i in range(config.num_hidden_layers)])
+        self.num_layers = model.config.get_text_config().num_hidden_layers
+        super().__init__(layers=[KVForgeLayer(i, policy) for i in range(self.num_layers)])
+        for layer in self.layers:
+            layer.record_prefill = record_prefill
+
+    def derive(self, policy: Policy) -> KVCache:
+        """A cache holding what `policy` would have kept had it compressed this cache's prefill.
+
+        This cache must hold exactly one recorded, uncompressed prefill (record_prefill=True,
+        policy full). Compression happens after each layer's attention, so the prefill itself
+        does not depend on the policy: deriving is exact, and a sweep pays one prefill per sample.
+        """
+        if self.policy.ratio != 0 or self.policy.aux_names:
+            raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
+        derived = KVCache.__new__(KVCache)
+        Cache.__init__(derived, layers=[KVForgeLayer(i, policy) for i in range(self.num_layers)])
+        derived.policy, derived.num_layers = policy, self.num_layers
+        for base, layer in zip(self.layers, derived.layers):
+            record = base.prefill_record
+            if base.storage is None or record is None or base.chunks != 1:
+                raise ValueError("derive() needs a cache that ran exactly one recorded prefill chunk")
+            layer.storage = base.storage.share(policy.aux_names)
+            layer.is_initialized, layer.dtype, layer.device = True, base.dtype, base.device
+            layer.seen, layer.stored = base.seen, base.stored
+            if layer._acts():
+                before = torch.zeros_like(layer.storage.lengths)
+                layer._act(layer.storage.padded(), record.query, record.positions, record.valid, record.scaling, before)
+            layer.chunks = 1
+        return derived
+
+    @property
+    def policy_seconds(self) -> float:
+        """Seconds spent in policy observation and compression, summed over layers."""
+        return sum(layer.policy_seconds for layer in self.layers)
 
     @property
     def nbytes(self) -> int:

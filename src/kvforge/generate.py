@@ -94,6 +94,36 @@ def check_length(prompt_tokens: int, max_new_tokens: int, context_length: int) -
         )
 
 
+def greedy(
+    model: torch.nn.Module,
+    cache: KVCache,
+    logits: torch.Tensor,  # (vocab,) next-token logits after the prompt
+    max_new_tokens: int,
+    stop_ids: set[int],
+) -> list[int]:
+    """Greedy decoding one token at a time on `cache`; stops after a stop token."""
+    tokens: list[int] = []
+    device = model.device
+    while True:
+        token = int(logits.argmax())
+        tokens.append(token)
+        if token in stop_ids or len(tokens) >= max_new_tokens:
+            return tokens
+        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+        logits = out.logits[0, -1]
+
+
+def forward_last(model: torch.nn.Module, ids: list[int], cache: KVCache) -> torch.Tensor:
+    """Run `ids` through the model on `cache`; (vocab,) logits of the last position."""
+    out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return ids | {i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),) if isinstance(i, int) and i != tokenizer.unk_token_id}
+
+
 @torch.inference_mode()
 def answer(
     loaded: LoadedModel,
@@ -102,37 +132,28 @@ def answer(
     max_new_tokens: int = 64,
     query_aware: bool = False,
 ) -> GenerationResult:
-    """Generate greedily from `prompt` with a cache compressed by `policy`."""
+    """Generate greedily from `prompt` with a cache compressed by `policy`.
+
+    Question-agnostic: the context is prefilled and compressed, then the rest is fed. Query-aware:
+    the whole prompt is prefilled and compressed. Either way the first new token comes from the
+    prefill's own logits, as compression happens after each layer's attention.
+    """
     model, tokenizer = loaded.model, loaded.tokenizer
     check_length(len(prompt.ids), max_new_tokens, loaded.context_length)
-    device = model.device
     cache = KVCache(model, policy)
-    ids = torch.tensor([prompt.ids], device=device)
     start = time.perf_counter()
-    if not query_aware:
-        # Prefill (and compress) the context alone; generate() then feeds only the question.
-        context = torch.tensor([prompt.context_ids], device=device)
-        model(input_ids=context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = forward_last(model, prompt.ids if query_aware else prompt.context_ids, cache)
     prefill_seconds = time.perf_counter() - start
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
+    if not query_aware:
+        logits = forward_last(model, prompt.rest_ids, cache)
+    new = greedy(model, cache, logits, max_new_tokens, stop_ids(tokenizer))
     seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1] :]
     text = tokenizer.decode(new, skip_special_tokens=True)
-    log.info("%s ratio %.3g: %d prompt tokens, %d generated, %.2fs", policy.name, policy.ratio, ids.shape[1], new.numel(), seconds)
+    log.info("%s ratio %.3g: %d prompt tokens, %d generated, %.2fs", policy.name, policy.ratio, len(prompt.ids), len(new), seconds)
     return GenerationResult(
         text=text,
-        prompt_tokens=ids.shape[1],
-        generated_tokens=int(new.numel()),
+        prompt_tokens=len(prompt.ids),
+        generated_tokens=len(new),
         policy=policy.name,
         ratio=policy.ratio,
         query_aware=query_aware,

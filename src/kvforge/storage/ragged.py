@@ -116,6 +116,15 @@ class RaggedKV:
             self.aux[name] = merge(state, state.new_zeros(dest_new.numel()))
         self.lengths = new_len.view(batch, heads)
 
+    def share(self, aux_names: tuple[str, ...]) -> RaggedKV:
+        """A storage over the same K/V tensors with fresh policy state. Safe because K/V are
+        never written in place: append and keep build new tensors."""
+        other = RaggedKV.__new__(RaggedKV)
+        other.batch, other.kv_heads, other.head_dim = self.batch, self.kv_heads, self.head_dim
+        other.keys, other.values, other.positions, other.lengths = self.keys, self.values, self.positions, self.lengths
+        other.aux = {name: torch.zeros(self.entries, dtype=torch.float32, device=self.keys.device) for name in aux_names}
+        return other
+
     def padded(self) -> PaddedView:
         """A dense copy of what is held, padded to the longest row."""
         batch, heads = self.lengths.shape
