@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 
 run: setup
 	$(VENV)/bin/kvforge demo
+	$(VENV)/bin/kvforge eval --quick --out results/quick
 
 test: setup
 	$(PY) -m pytest -q

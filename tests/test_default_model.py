@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvforge import KVCache, make_policy
-from kvforge.eval.niah import is_correct, needle_case
+from kvforge.eval.tasks import make_case, score
 from kvforge.generate import answer, build_prompt
 from kvforge.models import default_checkpoint
 
@@ -26,8 +26,8 @@ def test_full_generation_equals_plain_transformers(default_model):
 
 
 def test_make_run_sample_is_answered_with_the_full_cache(default_model):
-    case = needle_case(default_model.tokenizer, 3000, seed=0)  # what `kvforge demo` asks
+    case = make_case(default_model.tokenizer, "niah_single", 3000, seed=0)  # what `kvforge demo` asks
     prompt = build_prompt(default_model.tokenizer, case.context, case.question, True, case.answer_prefix)
     result = answer(default_model, prompt, make_policy("full"), max_new_tokens=16)
-    assert is_correct(result.text, case.answers), result.text
+    assert score(result.text, case) == 100, result.text
     assert result.cache_bytes == result.dense_cache_bytes  # nothing evicted, nothing padded

@@ -84,7 +84,7 @@ def attend(
 ) -> torch.Tensor:  # (batch, q_heads, T, head_dim)
     batch, q_heads, t, dim = query.shape
     kv_heads = keys.shape[1]
-    if allowed is None:
+    if allowed is None:  # plain causal over keys that end with the T queries (T == 1: no mask)
         return F.scaled_dot_product_attention(query, keys, values, is_causal=t > 1, scale=scaling, enable_gqa=True)
     if allowed.shape[1] == 1:
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from kvforge.models import DEFAULT_MODEL
@@ -84,7 +84,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: one built-in long-context question, full cache vs every policy."""
-    from kvforge.eval.niah import is_correct, needle_case
+    from kvforge.eval.tasks import make_case, score
     from kvforge.generate import build_prompt
     from kvforge.generate import answer as run_answer
     from kvforge.models import load_model
@@ -92,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     with err_console.status(f"loading {args.model} (the first run converts the default model once) ..."):
         loaded = load_model(args.model)
-    case = needle_case(loaded.tokenizer, args.length, seed=args.seed)
+    case = make_case(loaded.tokenizer, "niah_single", args.length, seed=args.seed, chat=loaded.is_instruct, max_length=loaded.context_length)
     prompt = build_prompt(loaded.tokenizer, case.context, case.question, loaded.is_instruct, case.answer_prefix)
     names = ["full"] + [n for n in all_policies() if n != "full"]
     rows = []
@@ -107,14 +107,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     setting = "query-aware" if args.query_aware else "question-agnostic"
     table = Table(title=f"{loaded.name}: {len(prompt.ids)}-token needle prompt, {setting}, answer {case.answers[0]}")
     for col in ("policy", "ratio", "answer", "correct", "cache MiB", "saved", "seconds"):
-        table.add_column(col, justify="left" if col in ("policy", "answer") else "right")
+        table.add_column(col, justify="left" if col in ("policy", "answer") else "right", no_wrap=True)
     for r in rows:
         saved = 1 - r.cache_bytes / max(r.dense_cache_bytes, 1)
         table.add_row(
             r.policy,
             f"{r.ratio:g}",
-            r.text.strip().replace("\n", " ")[:40],
-            "yes" if is_correct(r.text, case.answers) else "no",
+            r.text.strip().replace("\n", " ")[:24],
+            "yes" if score(r.text, case) == 100 else "no",
             f"{r.cache_bytes / 2**20:.2f}",
             f"{saved:.0%}",
             f"{r.seconds:.1f}",
@@ -122,6 +122,121 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(table)
     if args.json:
         print(json.dumps([r.to_dict() for r in rows]))
+    return 0
+
+
+QUICK = dict(tasks="niah_single,niah_multikey,vt", ratios="0.5,0.75", length=1024, samples=3)
+
+
+def split_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvforge.eval.report import write_reports
+    from kvforge.eval.runner import EvalConfig, run_eval, total_rows
+    from kvforge.models import load_model
+    from kvforge.policies import all_policies
+
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    tasks = split_list(args.tasks or ("" if args.task_file else "niah_single"))
+    policies = split_list(args.policies) if args.policies else list(all_policies())
+    ratios = [ratio_arg(r) for r in split_list(args.ratios or "0.5")]
+    settings = [False, True] if (args.quick or args.both_settings) else [args.query_aware]
+    cfg = EvalConfig(
+        model=args.model, tasks=tasks, policies=policies, ratios=ratios, length=args.length or 2048,
+        samples=args.samples if args.samples is not None else 20, settings=settings, seed=args.seed,
+        task_file=args.task_file,
+    )  # fmt: skip
+    cfg.validate()
+    with err_console.status(f"loading {args.model} ..."):
+        loaded = load_model(args.model)
+    out = Path(args.out)
+    total = total_rows(cfg)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
+        bar = progress.add_task("eval", total=total)
+
+        def on_row(row) -> None:
+            progress.update(bar, description=f"{row.task} #{row.sample} {row.policy} {row.ratio:g}")
+            progress.advance(bar)
+
+        rows, stats = run_eval(loaded, cfg, out, force=args.force, on_row=on_row)
+        progress.update(bar, completed=total)
+    write_reports(out, rows, stats)
+    print((out / "summary.md").read_text())
+    err_console.print(f"results in {out}/: rows.jsonl, summary.json, summary.md, score_vs_ratio.png")
+    return 0
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from kvforge.eval import corpus
+    from kvforge.eval.fidelity import fidelity
+    from kvforge.models import load_model
+    from kvforge.policies import all_policies, make_policy
+
+    names = split_list(args.policies) if args.policies else [n for n in all_policies() if n != "full"]
+    ratios = [ratio_arg(r) for r in split_list(args.ratios)]
+    policies = [make_policy(n) if n == "full" else make_policy(n, ratio=r) for n in names for r in ([0.0] if n == "full" else ratios)]
+    if args.text_file:
+        try:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read --text-file {args.text_file!r}: {err}") from err
+    else:
+        text = " ".join(corpus.paragraphs())
+    with err_console.status(f"loading {args.model} ..."):
+        loaded = load_model(args.model)
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context + args.continuation]
+    with err_console.status(f"teacher-forcing {args.continuation} tokens for {len(policies)} policies ..."):
+        results = fidelity(loaded, ids, args.context, policies)
+    table = Table(title=f"fidelity to the full cache: {args.context}-token context, {len(ids) - args.context} tokens teacher-forced")
+    for col in ("policy", "ratio", "KL (nats)", "top-1 agree %", "cache MiB", "kept"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for r in results:
+        table.add_row(r.policy, f"{r.ratio:g}", f"{r.kl:.4f}", f"{r.top1_agreement:.1f}", f"{r.cache_bytes / 2**20:.2f}", f"{r.cache_bytes / max(r.dense_bytes, 1):.0%}")
+    console.print(table)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvforge.eval.bench import format_table, ratios_to_full, run_bench
+    from kvforge.models import load_model
+    from kvforge.policies import all_policies, make_policy
+
+    try:
+        lengths = [int(x) for x in split_list(args.lengths)]
+    except ValueError as err:
+        raise ValueError(f"--lengths {args.lengths!r} must be comma-separated integers, e.g. 1024,4096") from err
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
+    names = split_list(args.policies) if args.policies else list(all_policies())
+    policies = [make_policy(n) if n == "full" else make_policy(n, ratio=args.ratio) for n in names]
+    with err_console.status(f"loading {args.model} on {device} ..."):
+        loaded = load_model(args.model, device=device)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
+        bar = progress.add_task("bench", total=len(lengths) * len(set(names) | {"full"}))
+        rows = run_bench(
+            loaded, lengths, policies, decode_tokens=args.decode_tokens, repeats=args.repeats,
+            on_row=lambda row: progress.advance(bar),
+        )  # fmt: skip
+    print(f"kvforge bench on {device}, {loaded.name}:")
+    print(format_table(rows))
+    if args.json:
+        data = json.dumps({"device": device, "model": loaded.name, "rows": ratios_to_full(rows)}, indent=2)
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(data)
+        tmp.replace(path)
     return 0
 
 
@@ -166,13 +281,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="answer a built-in long-context question with every policy")
     demo.add_argument("--model", default=DEFAULT_MODEL)
-    demo.add_argument("--length", type=int, default=3000, help="context tokens of the sample")
+    demo.add_argument("--length", type=int, default=3000, help="prompt tokens of the sample")
     demo.add_argument("--ratio", type=ratio_arg, default=0.5)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--query-aware", action="store_true")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="score policies on long-context tasks; resumable; writes reports")
+    ev.add_argument("--model", default=DEFAULT_MODEL)
+    ev.add_argument("--tasks", default=None, help="comma list of: " + "niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, niah_prose")
+    ev.add_argument("--task-file", default=None, help="JSON lines with context, question, answers")
+    ev.add_argument("--policies", default=None, help="comma list (default: every registered policy)")
+    ev.add_argument("--ratios", default=None, help="comma list of ratios in [0, 1) (default 0.5)")
+    ev.add_argument("--length", type=int, default=None, help="prompt tokens (default 2048)")
+    ev.add_argument("--samples", type=int, default=None, help="samples per task (default 20)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--query-aware", action="store_true", help="compress with the question in the prompt")
+    ev.add_argument("--both-settings", action="store_true", help="run question-agnostic and query-aware")
+    ev.add_argument("--quick", action="store_true", help="a few-minute preset: 3 tasks, 1024 tokens, 3 samples, both settings")
+    ev.add_argument("--out", default="results/eval")
+    ev.add_argument("--force", action="store_true", help="discard results of another configuration in --out")
+    ev.set_defaults(func=cmd_eval)
+
+    ben = sub.add_parser("bench", help="speed and memory of each policy against the full cache")
+    ben.add_argument("--model", default=DEFAULT_MODEL)
+    ben.add_argument("--lengths", default="1024,4096", help="prompt lengths in tokens, comma-separated")
+    ben.add_argument("--policies", default=None, help="comma list (default: every registered policy)")
+    ben.add_argument("--ratio", type=ratio_arg, default=0.5)
+    ben.add_argument("--decode-tokens", type=int, default=32)
+    ben.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
+    ben.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ben.add_argument("--json", default=None, metavar="FILE", help="also write the rows with ratios to full")
+    ben.set_defaults(func=cmd_bench)
+
+    fid = sub.add_parser("fidelity", help="KL from the full cache and top-1 agreement over a teacher-forced text")
+    fid.add_argument("--model", default=DEFAULT_MODEL)
+    fid.add_argument("--text-file", default=None, help="UTF-8 text (default: the built-in documentation prose)")
+    fid.add_argument("--policies", default=None)
+    fid.add_argument("--ratios", default="0.5")
+    fid.add_argument("--context", type=int, default=1024, help="tokens prefilled and compressed")
+    fid.add_argument("--continuation", type=int, default=64, help="tokens teacher-forced after it")
+    fid.add_argument("--json", action="store_true")
+    fid.set_defaults(func=cmd_fidelity)
     return parser
 
 

@@ -83,8 +83,11 @@ class RaggedKV:
         positions: torch.Tensor,  # (T,) logical index of each new token
         valid: torch.Tensor,  # (batch, T) bool; padding tokens are not stored
     ) -> None:
-        batch, heads, _, dim = keys.shape
+        batch, heads, t, dim = keys.shape
         device = self.keys.device
+        if self.uniform_length() is not None and bool(valid.all()):
+            self._append_dense(keys, values, positions)
+            return
         counts = valid.sum(1)  # (batch,)
         old_len = self.lengths.flatten()  # (S,)
         new_len = (self.lengths + counts[:, None]).flatten()  # (S,)
@@ -125,9 +128,46 @@ class RaggedKV:
         other.aux = {name: torch.zeros(self.entries, dtype=torch.float32, device=self.keys.device) for name in aux_names}
         return other
 
+    def uniform_length(self) -> int | None:
+        """The common row length when every (sequence, head) holds the same count, else None."""
+        if self.lengths.numel() == 0:
+            return None
+        first = int(self.lengths.view(-1)[0])
+        return first if bool((self.lengths == first).all()) else None
+
+    def _append_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Fast path: rows all equal and every new token real, so the flat layout is a dense
+        (batch, heads, L, dim) tensor and appending is one concatenation along time."""
+        batch, heads, t, dim = keys.shape
+        length = self.entries // (batch * heads)
+
+        def cat(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            return torch.cat([old.view(batch, heads, length, *new.shape[3:]), new], dim=2).reshape(-1, *new.shape[3:])
+
+        self.keys = cat(self.keys, keys)
+        self.values = cat(self.values, values)
+        new_pos = positions.to(device=keys.device, dtype=torch.int32).expand(batch, heads, t)
+        self.positions = cat(self.positions, new_pos)
+        for name, state in self.aux.items():
+            self.aux[name] = cat(state, state.new_zeros(batch, heads, t))
+        self.lengths = self.lengths + t
+
     def padded(self) -> PaddedView:
-        """A dense copy of what is held, padded to the longest row."""
+        """What is held as (batch, kv_heads, slots, ...) tensors, padded to the longest row.
+
+        When every row has the same length this is a view of the storage (no copy)."""
         batch, heads = self.lengths.shape
+        length = self.uniform_length()
+        if length is not None and self.entries:
+            rows = torch.arange(self.entries, device=self.keys.device).view(batch, heads, length)
+            return PaddedView(
+                keys=self.keys.view(batch, heads, length, -1),
+                values=self.values.view(batch, heads, length, -1),
+                positions=self.positions.view(batch, heads, length).long(),
+                valid=torch.ones(batch, heads, length, dtype=torch.bool, device=self.keys.device),
+                rows=rows,
+                aux={name: state.view(batch, heads, length) for name, state in self.aux.items()},
+            )
         slots = int(self.lengths.max()) if self.lengths.numel() else 0
         device = self.keys.device
         offsets = exclusive_cumsum(self.lengths.flatten()).view(batch, heads)

@@ -1,0 +1,338 @@
+"""Speed and memory of each policy against the full cache, measured in one run on the same input.
+
+For every prompt length one prompt is built and every policy prefills exactly the same ids, so
+differences between rows come from the policy alone. Per (length, policy) we measure:
+
+- prefill time (the prefill forward, compression included, since it runs inside it),
+- time the policy itself spent (`KVCache.policy_seconds`),
+- greedy decode throughput after the prefill,
+- bytes of K/V held after the prefill, read from the stored tensors,
+- peak memory during prefill and compression, read from the allocator (CUDA) or from the
+  operating system (CPU peak RSS). Memory is never computed from a formula.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kvforge.cache import KVCache
+from kvforge.eval.tasks import make_case
+from kvforge.generate import build_prompt, check_length, forward_last, greedy
+from kvforge.models import LoadedModel
+from kvforge.policies.base import Policy
+from kvforge.policies.registry import make_policy
+
+log = logging.getLogger(__name__)
+
+FULL = "full"
+WARMUP_TOKENS = 32  # long enough that compressing policies actually compress during warm-up
+MIB = 1024 * 1024
+
+# Where peak_bytes came from, recorded per row so a reader knows how far to trust it.
+PEAK_CUDA = "cuda max_memory_allocated"
+PEAK_PROC = "/proc/self/status VmHWM (reset via clear_refs)"
+PEAK_RUSAGE = "getrusage ru_maxrss growth (lower bound: the process peak cannot be reset)"
+
+CLEAR_REFS = Path("/proc/self/clear_refs")
+STATUS = Path("/proc/self/status")
+
+# The ratios to the full row of the same length that ratios_to_full adds, as `<field>_vs_full`.
+VS_FULL_FIELDS = ("prefill_seconds", "decode_tokens_per_s", "cache_bytes", "peak_bytes")
+
+
+@dataclass
+class BenchRow:
+    """One policy at one prompt length."""
+
+    length: int  # prompt tokens actually prefilled
+    policy: str
+    ratio: float
+    prefill_seconds: float  # the prefill forward, compression inside it included
+    compress_seconds: float  # of which spent in the policy (observe + select + keep)
+    decode_tokens_per_s: float  # greedy single-token forwards after the prefill
+    cache_bytes: int  # K/V bytes held after the prefill
+    dense_bytes: int  # K/V bytes an uncompressed cache would hold for the same tokens
+    peak_bytes: int  # peak memory growth during prefill + compression
+    peak_source: str  # how peak_bytes was measured (see PEAK_*)
+    device: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+# --- peak memory -------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    """A `kB` field of /proc/self/status, in KiB."""
+    for line in STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not found in {STATUS}")
+
+
+def _maxrss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim  # noqa: B018  glibc only
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS, so memory a previous run freed but kept resident
+    does not hide the next run's growth in RSS (which would favour whichever policy ran later)."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+class PeakMeter:
+    """Peak memory growth over a block: `start()`, run, then `stop()` returns bytes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.source = PEAK_CUDA if self.cuda else self._cpu_source()
+        self.before = 0
+
+    @staticmethod
+    def _cpu_source() -> str:
+        try:
+            CLEAR_REFS.write_text("5")
+            _status_kib("VmHWM")
+        except OSError as err:
+            log.warning("cannot reset the peak RSS (%s); peak memory falls back to getrusage, a lower bound", err)
+            return PEAK_RUSAGE
+        return PEAK_PROC
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            return
+        _release_freed_memory()
+        if self.source == PEAK_PROC:
+            CLEAR_REFS.write_text("5")  # VmHWM := current RSS
+            self.before = _status_kib("VmRSS") * 1024
+        else:
+            self.before = _maxrss_bytes()
+
+    def stop(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.source == PEAK_PROC:
+            peak = _status_kib("VmHWM") * 1024
+        else:
+            peak = _maxrss_bytes()
+        return max(0, peak - self.before)
+
+
+# --- prompts and timing ------------------------------------------------------------------
+
+
+def bench_ids(loaded: LoadedModel, length: int) -> list[int]:
+    """Prompt ids of `length` tokens (fewer only if the tokenizer cannot make that many):
+    a needle-in-a-haystack prompt, cut to length, the same for every policy."""
+    target = max(length, 256)  # a needle prompt has a minimum size; short prompts are cut from it
+    ids: list[int] = []
+    for _ in range(4):  # the haystack is sized approximately; grow it until the prompt is long enough
+        case = make_case(loaded.tokenizer, "niah_single", target, seed=0, chat=loaded.is_instruct)
+        prompt = build_prompt(loaded.tokenizer, case.context, case.question, chat=loaded.is_instruct, answer_prefix=case.answer_prefix)
+        ids = prompt.ids
+        if len(ids) >= length:
+            return ids[:length]
+        target += length - len(ids)
+    log.warning("asked for a %d-token prompt, got %d tokens", length, len(ids))
+    return ids
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Measure:
+    prefill_seconds: float
+    compress_seconds: float
+    decode_seconds: float
+    cache_bytes: int
+    dense_bytes: int
+    peak_bytes: int
+
+
+def _measure_once(loaded: LoadedModel, ids: list[int], policy: Policy, decode_tokens: int, meter: PeakMeter) -> _Measure:
+    model = loaded.model
+    cache = KVCache(model, policy)
+    meter.start()
+    start = time.perf_counter()
+    logits = forward_last(model, ids, cache)
+    _sync(meter.device)
+    prefill = time.perf_counter() - start
+    peak = meter.stop()
+    # Read the sizes before decoding grows the cache.
+    cache_bytes, dense_bytes, compress = cache.nbytes, cache.dense_nbytes, cache.policy_seconds
+
+    # greedy() runs one forward per token after the first, so decode_tokens + 1 tokens time
+    # exactly decode_tokens forwards; no stop ids, so every row decodes the same count.
+    start = time.perf_counter()
+    greedy(model, cache, logits, decode_tokens + 1, stop_ids=set())
+    _sync(meter.device)
+    decode = time.perf_counter() - start
+    del cache, logits
+    return _Measure(prefill, compress, decode, cache_bytes, dense_bytes, peak)
+
+
+def _with_full_first(policies: list[Policy]) -> list[Policy]:
+    """The full cache first (added if missing): every other row is compared with it."""
+    full = [p for p in policies if p.name == FULL]
+    rest = [p for p in policies if p.name != FULL]
+    return (full[:1] or [make_policy(FULL)]) + rest
+
+
+@torch.inference_mode()
+def run_bench(
+    loaded: LoadedModel,
+    lengths: list[int],
+    policies: list[Policy],
+    decode_tokens: int = 32,
+    repeats: int = 1,
+    on_row: Callable[[BenchRow], None] | None = None,
+) -> list[BenchRow]:
+    """Benchmark every policy at every prompt length against the full cache.
+
+    Times are the minimum over `repeats` (the least disturbed run); peak memory is the maximum
+    (on CPU, pages still resident from earlier runs can only hide growth, never add it).
+    `on_row` is called with each row as soon as it is measured.
+    """
+    if not lengths or any(n < 1 for n in lengths):
+        raise ValueError(f"lengths={lengths!r} must be a non-empty list of positive token counts")
+    if decode_tokens < 1:
+        raise ValueError(f"decode_tokens={decode_tokens} must be at least 1")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be at least 1")
+    for n in lengths:
+        check_length(n, decode_tokens, loaded.context_length)
+    policies = _with_full_first(policies)
+    model = loaded.model
+    device = model.device
+    meter = PeakMeter(device)
+
+    # Untimed warm-up on a short prompt: first-call costs (kernel selection, lazy allocations,
+    # each policy's code paths) would otherwise land in whichever row runs first.
+    warm = bench_ids(loaded, WARMUP_TOKENS)
+    for policy in policies:
+        _measure_once(loaded, warm, policy, 1, meter)
+
+    rows: list[BenchRow] = []
+    for length in lengths:
+        ids = bench_ids(loaded, length)
+        for policy in policies:
+            runs = [_measure_once(loaded, ids, policy, decode_tokens, meter) for _ in range(repeats)]
+            decode = min(r.decode_seconds for r in runs)
+            row = BenchRow(
+                length=len(ids),
+                policy=policy.name,
+                ratio=policy.ratio,
+                prefill_seconds=min(r.prefill_seconds for r in runs),
+                compress_seconds=min(r.compress_seconds for r in runs),
+                decode_tokens_per_s=decode_tokens / decode if decode > 0 else float("inf"),
+                cache_bytes=runs[0].cache_bytes,
+                dense_bytes=runs[0].dense_bytes,
+                peak_bytes=max(r.peak_bytes for r in runs),
+                peak_source=meter.source,
+                device=str(device),
+            )
+            log.info(
+                "%d tokens, %s ratio %.3g: prefill %.4fs, %.1f tok/s, cache %d B, peak %d B",
+                row.length, row.policy, row.ratio, row.prefill_seconds, row.decode_tokens_per_s, row.cache_bytes, row.peak_bytes,
+            )  # fmt: skip
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+# --- reporting ---------------------------------------------------------------------------
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    """value / reference; 1.0 when equal (so full against itself is 1.0 even at 0), None when
+    the reference is 0 and the value is not (no meaningful ratio)."""
+    if value == reference:
+        return 1.0
+    if reference == 0:
+        return None
+    return value / reference
+
+
+def ratios_to_full(rows: list[BenchRow]) -> list[dict[str, object]]:
+    """Each row as a dict plus `<field>_vs_full` ratios against the full row of the same length.
+
+    compress_seconds is compared with full's *prefill* time (`compress_seconds_vs_full_prefill`),
+    since the full cache spends no time compressing. Ratios are None where a length has no full
+    row or the full value is 0.
+    """
+    full = {row.length: row for row in rows if row.policy == FULL}
+    out: list[dict[str, object]] = []
+    for row in rows:
+        d = row.to_dict()
+        ref = full.get(row.length)
+        for name in VS_FULL_FIELDS:
+            d[f"{name}_vs_full"] = None if ref is None else _ratio(getattr(row, name), getattr(ref, name))
+        d["compress_seconds_vs_full_prefill"] = None if ref is None else _ratio(row.compress_seconds, ref.prefill_seconds)
+        out.append(d)
+    return out
+
+
+def _cell(value: float, ratio: object, digits: int) -> str:
+    """`4.12 (1.03x)`; `n/a` where there is no ratio."""
+    shown = f"{ratio:.2f}x" if isinstance(ratio, float) else "n/a"
+    return f"{value:.{digits}f} ({shown})"
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """A markdown table, one line per (length, policy), each measure with its ratio to full."""
+    header = [
+        "length", "policy", "ratio", "prefill s", "compress s (vs full prefill)",
+        "decode tok/s", "cache MiB", "peak MiB",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row, d in zip(rows, ratios_to_full(rows)):
+        cells = [
+            str(row.length),
+            row.policy,
+            f"{row.ratio:g}",
+            _cell(row.prefill_seconds, d["prefill_seconds_vs_full"], 4),
+            _cell(row.compress_seconds, d["compress_seconds_vs_full_prefill"], 4),
+            _cell(row.decode_tokens_per_s, d["decode_tokens_per_s_vs_full"], 1),
+            _cell(row.cache_bytes / MIB, d["cache_bytes_vs_full"], 3),
+            _cell(row.peak_bytes / MIB, d["peak_bytes_vs_full"], 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

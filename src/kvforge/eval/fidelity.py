@@ -1,0 +1,63 @@
+"""How much a policy changes the model: next-token KL from the full cache and top-1 agreement.
+
+Over a teacher-forced continuation of a real text: the context is prefilled once (recorded), each
+policy's cache is derived from it, then the same continuation tokens are fed one at a time to the
+full and to the compressed cache. Decoding-time budgets apply as in generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvforge.cache import KVCache
+from kvforge.generate import forward_last
+from kvforge.models import LoadedModel
+from kvforge.policies import make_policy
+from kvforge.policies.base import Policy
+
+
+@dataclass
+class Fidelity:
+    policy: str
+    ratio: float
+    kl: float  # mean KL(full || compressed) of the next-token distribution, nats
+    top1_agreement: float  # share of positions where both caches predict the same token, 0-100
+    positions: int
+    cache_bytes: int
+    dense_bytes: int
+
+
+def teacher_forced_logprobs(model: torch.nn.Module, cache: KVCache, first: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """(len(tokens), vocab) log-probs: after the prompt, then after each fed token but the last."""
+    out = [first.float().log_softmax(-1)]
+    for token in tokens[:-1]:
+        logits = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True).logits
+        out.append(logits[0, -1].float().log_softmax(-1))
+    return torch.stack(out)
+
+
+@torch.inference_mode()
+def fidelity(loaded: LoadedModel, ids: list[int], context_tokens: int, policies: list[Policy]) -> list[Fidelity]:
+    """Score each policy against the full cache on ids[:context_tokens] + the rest, teacher-forced."""
+    if not 0 < context_tokens < len(ids):
+        raise ValueError(f"context of {context_tokens} tokens must be shorter than the text ({len(ids)} tokens)")
+    model = loaded.model
+    base = KVCache(model, make_policy("full"), record_prefill=True)
+    first = forward_last(model, ids[:context_tokens], base)
+    continuation = ids[context_tokens:]
+    reference = teacher_forced_logprobs(model, base.derive(make_policy("full")), first, continuation)
+    results = []
+    for policy in policies:
+        cache = base.derive(policy)
+        logprobs = teacher_forced_logprobs(model, cache, first, continuation)
+        kl = (reference.exp() * (reference - logprobs)).sum(-1).clamp(min=0)  # (positions,)
+        agree = (reference.argmax(-1) == logprobs.argmax(-1)).float()
+        results.append(
+            Fidelity(
+                policy.name, policy.ratio, float(kl.mean()), 100 * float(agree.mean()), len(continuation),
+                cache.nbytes, cache.dense_nbytes,
+            )  # fmt: skip
+        )
+    return results

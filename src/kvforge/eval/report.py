@@ -1,0 +1,110 @@
+"""Summaries of an eval run: summary.json, summary.md (policy x ratio -> score per task) and a plot."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from statistics import mean
+
+from kvforge.eval.runner import SUMMARY, EvalRow, SweepStats, write_atomic
+
+
+def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
+    """Per setting, per (policy, ratio): score per task, mean, relative to full, bytes held."""
+    tasks = sorted({r.task for r in rows})
+    groups: dict[tuple[bool, str, float], list[EvalRow]] = defaultdict(list)
+    for r in rows:
+        groups[(r.query_aware, r.policy, r.ratio)].append(r)
+    table = []
+    for (aware, policy, ratio), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "full", kv[0][1], kv[0][2])):
+        per_task = {t: mean(r.score for r in members if r.task == t) for t in tasks if any(r.task == t for r in members)}
+        table.append(
+            {
+                "setting": "query-aware" if aware else "question-agnostic",
+                "policy": policy,
+                "ratio": ratio,
+                "scores": per_task,
+                "mean": mean(per_task.values()),
+                "samples": len(members),
+                "cache_bytes": mean(r.cache_bytes for r in members),
+                "kept_fraction": mean(r.cache_bytes / max(r.dense_bytes, 1) for r in members),
+            }
+        )
+    for entry in table:
+        full = next((e for e in table if e["setting"] == entry["setting"] and e["policy"] == "full"), None)
+        entry["relative_to_full"] = entry["mean"] / full["mean"] if full and full["mean"] > 0 else None
+    out: dict = {"tasks": tasks, "rows": len(rows), "table": table}
+    if stats is not None:
+        out["sweep"] = asdict(stats)
+        if stats.per_row_prefill_seconds is not None:
+            # What the sweep would have cost with one prefill per row instead of per sample.
+            out["sweep"]["estimated_prefill_seconds_per_row"] = stats.per_row_prefill_seconds * stats.rows
+    return out
+
+
+def markdown(summary: dict) -> str:
+    tasks = summary["tasks"]
+    lines = []
+    for setting in ("question-agnostic", "query-aware"):
+        entries = [e for e in summary["table"] if e["setting"] == setting]
+        if not entries:
+            continue
+        lines += [f"### {setting}", ""]
+        lines.append("| policy | ratio | " + " | ".join(tasks) + " | mean | vs full | cache MiB | kept |")
+        lines.append("|---|---|" + "---|" * len(tasks) + "---|---|---|---|")
+        for e in entries:
+            scores = " | ".join(f"{e['scores'][t]:.1f}" if t in e["scores"] else "-" for t in tasks)
+            rel = "-" if e["relative_to_full"] is None else f"{e['relative_to_full']:.2f}"
+            lines.append(
+                f"| {e['policy']} | {e['ratio']:g} | {scores} | {e['mean']:.1f} | {rel} | "
+                f"{e['cache_bytes'] / 2**20:.1f} | {e['kept_fraction']:.0%} |"
+            )
+        lines.append("")
+    sweep = summary.get("sweep")
+    if sweep:
+        est = sweep.get("estimated_prefill_seconds_per_row")
+        lines.append(
+            f"Sweep: {sweep['rows']} rows in {sweep['seconds']:.0f}s with {sweep['prefills']} prefills "
+            f"({sweep['prefill_seconds']:.0f}s of prefill)"
+            + (f"; one prefill per row would have spent ~{est:.0f}s on prefill alone "
+               f"({sweep['per_row_prefill_seconds']:.2f}s measured on one sample)." if est else ".")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict) -> bytes:
+    """PNG: mean score against kept fraction, one line per policy, full as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [s for s in ("question-agnostic", "query-aware") if any(e["setting"] == s for e in summary["table"])]
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        entries = [e for e in summary["table"] if e["setting"] == setting]
+        for policy in sorted({e["policy"] for e in entries} - {"full"}):
+            pts = sorted((1 - e["ratio"], e["mean"]) for e in entries if e["policy"] == policy)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        full = next((e for e in entries if e["policy"] == "full"), None)
+        if full:
+            ax.axhline(full["mean"], color="black", linestyle="--", label="full")
+        ax.set(title=setting, xlabel="kept fraction of the cache (1 - ratio)", ylabel="mean score (0-100)", ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_reports(out: Path, rows: list[EvalRow], stats: SweepStats | None) -> dict:
+    summary = summarize(rows, stats)
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2).encode())
+    write_atomic(out / "summary.md", markdown(summary).encode())
+    write_atomic(out / "score_vs_ratio.png", plot(summary))
+    return summary

@@ -1,0 +1,256 @@
+"""Run every (task, sample, setting, policy, ratio) and append one JSON line per result.
+
+One full prefill per sample and setting serves every (policy, ratio): compression happens after
+each layer's attention, so the prefill does not depend on the policy and each compressed cache is
+derived from the recorded full prefill exactly (`KVCache.derive`). Results are appended whole,
+one line at a time, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvforge.cache import KVCache
+from kvforge.eval.tasks import TASKS, Case, load_task_file, make_case, score
+from kvforge.generate import build_prompt, check_length, forward_last, greedy, stop_ids
+from kvforge.models import LoadedModel
+from kvforge.policies import all_policies, make_policy
+from kvforge.policies.base import Policy
+
+log = logging.getLogger(__name__)
+
+ROWS, CONFIG, SUMMARY = "rows.jsonl", "config.json", "summary.json"
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    tasks: list[str]
+    policies: list[str]
+    ratios: list[float]
+    length: int
+    samples: int
+    settings: list[bool] = field(default_factory=lambda: [False])  # query_aware values to run
+    seed: int = 0
+    task_file: str | None = None
+
+    def validate(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(TASKS)}")
+        known = all_policies()
+        bad = [p for p in self.policies if p not in known]
+        if bad:
+            raise ValueError(f"unknown policy {bad[0]!r}; known policies: {', '.join(known)}")
+        if self.samples < 1:
+            raise ValueError(f"--samples {self.samples} must be at least 1")
+        for r in self.ratios:
+            if not 0 <= r < 1:
+                raise ValueError(f"ratio {r} is outside [0, 1): 0 keeps all, 0.75 keeps a quarter")
+        if not self.tasks and not self.task_file:
+            raise ValueError("no task given: name --tasks or a --task-file")
+
+    def combos(self) -> list[tuple[str, float]]:
+        """(policy, ratio) rows of one sample: `full` once, every other policy at every ratio."""
+        out = [("full", 0.0)] if "full" in self.policies else []
+        return out + [(p, r) for p in self.policies if p != "full" for r in self.ratios if r > 0]
+
+
+@dataclass
+class EvalRow:
+    task: str
+    sample: int
+    query_aware: bool
+    policy: str
+    ratio: float
+    prompt_hash: str
+    prompt_tokens: int
+    answer: str
+    answers: list[str]
+    score: float
+    cache_bytes: int  # K/V held at the end of generation
+    dense_bytes: int  # K/V an uncompressed cache holds for the same tokens
+    prefill_seconds: float  # the sample's one full prefill (shared by its rows)
+    compress_seconds: float
+    decode_seconds: float
+    generated_tokens: int
+
+    @property
+    def key(self) -> tuple[str, int, bool, str, float]:
+        return (self.task, self.sample, self.query_aware, self.policy, self.ratio)
+
+
+@dataclass
+class SweepStats:
+    seconds: float = 0.0
+    prefills: int = 0
+    prefill_seconds: float = 0.0
+    rows: int = 0
+    per_row_prefill_seconds: float | None = None  # one policy prefilled on its own, measured once
+
+
+def read_rows(path: Path) -> list[EvalRow]:
+    """Rows already written; a torn last line (an interrupted write) is cut off the file."""
+    if not path.exists():
+        return []
+    rows, good_bytes = [], 0
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                rows.append(EvalRow(**json.loads(raw)))
+            except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
+                log.warning("dropping an incomplete line at the end of %s", path)
+                break
+            good_bytes += len(raw)
+    if good_bytes != path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(good_bytes)
+    return rows
+
+
+def append_row(path: Path, row: EvalRow) -> None:
+    # One write of one whole line, flushed to disk before the next row starts.
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(asdict(row)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
+    """Create or reopen `out`; refuse to mix results of another configuration unless `force`."""
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = json.dumps(asdict(cfg), indent=2, sort_keys=True)
+    config = out / CONFIG
+    if config.exists() and config.read_text() != wanted:
+        if not force:
+            raise ValueError(
+                f"{out} holds results of a different configuration ({config}); "
+                f"use another --out, or --force to discard them"
+            )
+        for name in os.listdir(out):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    write_atomic(config, wanted.encode())
+    return read_rows(out / ROWS)
+
+
+def cases(loaded: LoadedModel, cfg: EvalConfig) -> Iterator[tuple[int, Case]]:
+    """(sample index, case) for every task and sample, in a fixed order."""
+    chat = loaded.is_instruct
+    for task in cfg.tasks:
+        for sample in range(cfg.samples):
+            yield sample, make_case(loaded.tokenizer, task, cfg.length, seed=cfg.seed * 1_000_003 + sample, chat=chat, max_length=loaded.context_length)
+    if cfg.task_file:
+        for sample, case in enumerate(load_task_file(cfg.task_file)[: cfg.samples]):
+            yield sample, case
+
+
+def total_rows(cfg: EvalConfig) -> int:
+    per_sample = len(cfg.combos()) * len(cfg.settings)
+    file_cases = len(load_task_file(cfg.task_file)[: cfg.samples]) if cfg.task_file else 0
+    return per_sample * (len(cfg.tasks) * cfg.samples + file_cases)
+
+
+@torch.inference_mode()
+def run_sample(
+    loaded: LoadedModel,
+    case: Case,
+    sample: int,
+    query_aware: bool,
+    combos: list[tuple[str, float]],
+    policies: dict[tuple[str, float], Policy],
+    stats: SweepStats,
+) -> Iterator[EvalRow]:
+    """Prefill once with a full recording cache, then derive and answer every (policy, ratio)."""
+    model, tok = loaded.model, loaded.tokenizer
+    prompt = build_prompt(tok, case.context, case.question, loaded.is_instruct, case.answer_prefix)
+    check_length(len(prompt.ids), case.max_new_tokens, loaded.context_length)
+    prompt_hash = hashlib.sha256(json.dumps(prompt.ids).encode()).hexdigest()[:16]
+    prefill_ids = prompt.ids if query_aware else prompt.context_ids
+    base = KVCache(model, make_policy("full"), record_prefill=True)
+    start = time.perf_counter()
+    first_logits = forward_last(model, prefill_ids, base)
+    prefill_seconds = time.perf_counter() - start
+    stats.prefills += 1
+    stats.prefill_seconds += prefill_seconds
+    if stats.per_row_prefill_seconds is None:
+        # What the sweep saves: one policy's prefill on its own, measured on this sample.
+        name, ratio = next((c for c in combos if c[0] != "full"), combos[0])
+        start = time.perf_counter()
+        forward_last(model, prefill_ids, KVCache(model, policies[(name, ratio)]))
+        stats.per_row_prefill_seconds = time.perf_counter() - start
+    stops = stop_ids(tok)
+    for name, ratio in combos:
+        start = time.perf_counter()
+        cache = base.derive(policies[(name, ratio)])
+        compress_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        logits = first_logits if query_aware else forward_last(model, prompt.rest_ids, cache)
+        tokens = greedy(model, cache, logits, case.max_new_tokens, stops)
+        decode_seconds = time.perf_counter() - start
+        text = tok.decode(tokens, skip_special_tokens=True)
+        yield EvalRow(
+            task=case.task,
+            sample=sample,
+            query_aware=query_aware,
+            policy=name,
+            ratio=ratio,
+            prompt_hash=prompt_hash,
+            prompt_tokens=len(prompt.ids),
+            answer=text,
+            answers=case.answers,
+            score=score(text, case),
+            cache_bytes=cache.nbytes,
+            dense_bytes=cache.dense_nbytes,
+            prefill_seconds=prefill_seconds,
+            compress_seconds=compress_seconds,
+            decode_seconds=decode_seconds,
+            generated_tokens=len(tokens),
+        )
+
+
+def run_eval(
+    loaded: LoadedModel,
+    cfg: EvalConfig,
+    out: Path,
+    force: bool = False,
+    on_row: Callable[[EvalRow], None] | None = None,
+) -> tuple[list[EvalRow], SweepStats]:
+    """Run what `out` does not hold yet; return every row of the configuration and sweep stats."""
+    cfg.validate()
+    rows = prepare_out(out, cfg, force)
+    done = {r.key for r in rows}
+    combos = cfg.combos()
+    policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r in combos}
+    stats = SweepStats()
+    start = time.perf_counter()
+    for sample, case in cases(loaded, cfg):
+        for query_aware in cfg.settings:
+            todo = [c for c in combos if (case.task, sample, query_aware, *c) not in done]
+            if not todo:
+                continue
+            for row in run_sample(loaded, case, sample, query_aware, todo, policies, stats):
+                append_row(out / ROWS, row)
+                rows.append(row)
+                stats.rows += 1
+                if on_row is not None:
+                    on_row(row)
+    stats.seconds = time.perf_counter() - start
+    log.info("sweep: %d rows, %d prefills, %.1fs", stats.rows, stats.prefills, stats.seconds)
+    return rows, stats

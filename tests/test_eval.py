@@ -1,0 +1,179 @@
+"""Task generators, scoring, the resumable sweep, reports and fidelity."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from kvforge.eval.fidelity import fidelity
+from kvforge.eval.report import write_reports
+from kvforge.eval.runner import ROWS, EvalConfig, read_rows, run_eval
+from kvforge.eval.tasks import TASKS, Case, load_task_file, make_case, prompt_length, score
+from kvforge.models import default_checkpoint, load_model
+from kvforge.policies import make_policy
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(default_checkpoint())
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return load_model(str(tiny_checkpoint))
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("length", [512, 2048])
+def test_task_prompt_has_the_requested_length(tok, task, length):
+    case = make_case(tok, task, length, seed=1)
+    assert length - 10 <= prompt_length(tok, case, chat=True) <= length
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_tasks_are_deterministic_per_seed(tok, task):
+    a, b, c = (make_case(tok, task, 1024, seed=s) for s in (4, 4, 5))
+    assert a == b
+    assert a.context != c.context or a.answers != c.answers
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "cwe"])
+def test_needles_sit_at_their_depth_and_answers_are_in_the_prompt(tok, task):
+    case = make_case(tok, task, 2048, seed=2)
+    body = case.context.split("\n", 1)[1]  # the haystack, after the instruction line
+    for needle, depth in zip(case.needles, case.depths):
+        assert body.count(needle) == 1
+        assert body.index(needle) / len(body) == pytest.approx(depth, abs=0.03)
+    for answer in case.answers:
+        assert answer in case.context
+
+
+def test_vt_chain_resolves_to_the_answers(tok):
+    case = make_case(tok, "vt", 1024, seed=3)
+    assigned = dict(re.findall(r"VAR (\w+) = (VAR \w+|\d+)\.", case.context))
+    value = re.search(r"value (\d+)", case.question).group(1)
+
+    def resolve(name: str) -> str:
+        target = assigned[name]
+        return resolve(target[4:]) if target.startswith("VAR ") else target
+
+    assert sorted(n for n in assigned if resolve(n) == value) == sorted(case.answers)
+
+
+def test_cwe_answers_are_the_most_common_words(tok):
+    case = make_case(tok, "cwe", 2048, seed=3)
+    counts = Counter(re.findall(r"^\d+\. (\w+)$", case.context, flags=re.M))
+    top = [w for w, _ in counts.most_common(10)]
+    assert sorted(top) == sorted(case.answers)
+    assert counts.most_common(11)[-1][1] < counts.most_common(10)[-1][1]  # a clear margin
+
+
+def test_scoring_on_hand_made_strings():
+    case = Case("t", "", "", "", ["1234567", "7654321"])
+    assert score(" 1234567 and 7654321.", case) == 100
+    assert score(" 1234567 only", case) == 50
+    assert score(" nothing", case) == 0
+    anycase = Case("t", "", "", "", ["Paris", "paris, france"], match="any")
+    assert score("It is PARIS.", anycase) == 100
+    assert score("Rome", anycase) == 0
+
+
+def test_bad_task_and_length(tok):
+    with pytest.raises(ValueError, match="unknown task 'nope'; known tasks: niah_single"):
+        make_case(tok, "nope", 1024, seed=0)
+    with pytest.raises(ValueError, match="exceeds the model's context of 8192 tokens"):
+        make_case(tok, "niah_single", 9000, seed=0, max_length=8192)
+
+
+def test_task_file(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"context": "a b", "question": "q?", "answers": ["x", "y"]}) + "\n\n")
+    (case,) = load_task_file(path)
+    assert case.task == "mine" and case.match == "any"
+    path.write_text('{"context": "a"}\n')
+    with pytest.raises(ValueError, match="mine.jsonl:1: each line must be a JSON object with 'context'"):
+        load_task_file(path)
+
+
+def config(**kw) -> EvalConfig:
+    base = dict(model="tiny", tasks=["niah_single"], policies=["full", "knorm"], ratios=[0.5], length=256, samples=2)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_config_errors():
+    for kw, msg in [
+        (dict(tasks=["x"]), "unknown task 'x'"),
+        (dict(policies=["full", "y"]), "unknown policy 'y'; known policies: full, h2o"),
+        (dict(samples=0), "--samples 0 must be at least 1"),
+        (dict(ratios=[1.5]), "ratio 1.5 is outside [0, 1)"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            config(**kw).validate()
+
+
+def count_prefills(model, min_tokens: int) -> tuple[list[int], object]:
+    """Count forward passes of at least `min_tokens` tokens (prefills) with a forward pre-hook."""
+    calls: list[int] = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] >= min_tokens:
+            calls.append(ids.shape[1])
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_sweep_resume_and_reports(tiny, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(settings=[False, True])
+    calls, handle = count_prefills(tiny.model, 150)
+    try:
+        rows, stats = run_eval(tiny, cfg, out)
+    finally:
+        handle.remove()
+    assert len(rows) == 2 * 2 * 2  # samples x settings x (full, knorm 0.5)
+    # One prefill per sample and setting, plus one measured per-row prefill for the report.
+    assert len(calls) == 2 * 2 + 1 and stats.prefills == 4
+    lines = (out / ROWS).read_text().splitlines()
+    assert len(lines) == 8 and {json.loads(l)["query_aware"] for l in lines} == {False, True}
+    full_rows = [r for r in rows if r.policy == "full"]
+    assert all(r.cache_bytes == r.dense_bytes for r in full_rows)
+    assert all(r.cache_bytes < 0.7 * r.dense_bytes for r in rows if r.policy == "knorm")
+
+    # Resume: nothing left to do.
+    seen: list = []
+    again, stats2 = run_eval(tiny, cfg, out, on_row=seen.append)
+    assert seen == [] and len(again) == 8 and stats2.prefills == 0
+
+    # An interrupted write leaves a torn last line: it is dropped and only that row is redone.
+    text = (out / ROWS).read_text()
+    (out / ROWS).write_text(text[: len(text) - 40])
+    redone: list = []
+    final, _ = run_eval(tiny, cfg, out, on_row=redone.append)
+    assert len(redone) == 1 and len(read_rows(out / ROWS)) == 8
+
+    summary = write_reports(out, final, stats)
+    md = (out / "summary.md").read_text()
+    assert "| knorm | 0.5 |" in md and "question-agnostic" in md and "query-aware" in md
+    assert (out / "score_vs_ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "summary.json").read_text())["rows"] == 8
+    assert summary["sweep"]["estimated_prefill_seconds_per_row"] > 0
+
+    # Another configuration in the same --out is refused, unless forced.
+    with pytest.raises(ValueError, match="holds results of a different configuration"):
+        run_eval(tiny, config(samples=1), out)
+    forced, _ = run_eval(tiny, config(samples=1), out, force=True)
+    assert len(forced) == 2 and len(read_rows(out / ROWS)) == 2
+
+
+def test_fidelity_of_full_is_exact_and_compression_diverges(tiny):
+    ids = torch.randint(5, 128, (96,), generator=torch.Generator().manual_seed(0)).tolist()
+    full, knorm = fidelity(tiny, ids, 64, [make_policy("full"), make_policy("knorm", ratio=0.75)])
+    assert full.kl == 0 and full.top1_agreement == 100 and full.positions == 32
+    assert knorm.kl > 0 and knorm.cache_bytes < full.cache_bytes
