@@ -70,7 +70,8 @@ def markdown(summary: dict) -> str:
             f"Sweep: {sweep['rows']} rows in {sweep['seconds']:.0f}s with {sweep['prefills']} prefills "
             f"({sweep['prefill_seconds']:.0f}s of prefill)"
             + (f"; one prefill per row would have spent ~{est:.0f}s on prefill alone "
-               f"({sweep['per_row_prefill_seconds']:.2f}s measured on one sample)." if est else ".")
+               f"({sweep['per_row_prefill_seconds']:.2f}s measured on one sample with "
+               f"{sweep['per_row_prefill_policy']})." if est else ".")
         )
     return "\n".join(lines) + "\n"
 

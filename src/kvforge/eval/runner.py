@@ -97,6 +97,7 @@ class SweepStats:
     prefill_seconds: float = 0.0
     rows: int = 0
     per_row_prefill_seconds: float | None = None  # one policy prefilled on its own, measured once
+    per_row_prefill_policy: str | None = None
 
 
 def read_rows(path: Path) -> list[EvalRow]:
@@ -151,14 +152,16 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
 
 
 def cases(loaded: LoadedModel, cfg: EvalConfig) -> Iterator[tuple[int, Case]]:
-    """(sample index, case) for every task and sample, in a fixed order."""
+    """(sample index, case) for every task and sample, sample-major, so an interrupted run has
+    covered every task about equally."""
     chat = loaded.is_instruct
-    for task in cfg.tasks:
-        for sample in range(cfg.samples):
-            yield sample, make_case(loaded.tokenizer, task, cfg.length, seed=cfg.seed * 1_000_003 + sample, chat=chat, max_length=loaded.context_length)
-    if cfg.task_file:
-        for sample, case in enumerate(load_task_file(cfg.task_file)[: cfg.samples]):
-            yield sample, case
+    file_cases = load_task_file(cfg.task_file)[: cfg.samples] if cfg.task_file else []
+    for sample in range(cfg.samples):
+        for task in cfg.tasks:
+            seed = cfg.seed * 1_000_003 + sample
+            yield sample, make_case(loaded.tokenizer, task, cfg.length, seed=seed, chat=chat, max_length=loaded.context_length)
+        if sample < len(file_cases):
+            yield sample, file_cases[sample]
 
 
 def total_rows(cfg: EvalConfig) -> int:
@@ -195,6 +198,7 @@ def run_sample(
         start = time.perf_counter()
         forward_last(model, prefill_ids, KVCache(model, policies[(name, ratio)]))
         stats.per_row_prefill_seconds = time.perf_counter() - start
+        stats.per_row_prefill_policy = f"{name} {ratio:g}"
     stops = stop_ids(tok)
     for name, ratio in combos:
         start = time.perf_counter()

@@ -134,59 +134,57 @@ def niah_single(rng: random.Random, units: int, length: int) -> Case:
     return Case("niah_single", context, q, prefix, [value], max_new_tokens=16, needles=[n], depths=[depth])
 
 
-def niah_multikey(rng: random.Random, units: int, length: int, distractors: int = 3) -> Case:
+def distinct_keys(rng: random.Random, n: int) -> list[str]:
     keys: list[str] = []
-    while len(keys) < distractors + 1:
+    while len(keys) < n:
         k = magic_key(rng)
         if k not in keys:
             keys.append(k)
-    values = [magic_value(rng) for _ in keys]
-    depths = [rng.random() for _ in keys]
+    return keys
+
+
+def planted(rng: random.Random, units: int, keys: list[str], values: list[str]) -> tuple[str, list[str], list[float]]:
+    """(context, needles, depths): one needle per (key, value) at a random depth in noise."""
+    depths = [rng.random() for _ in values]
     needles = [needle(k, v) for k, v in zip(keys, values)]
+    return NIAH_INTRO + "\n" + plant(noise(units), needles, depths), needles, depths
+
+
+def niah_multikey(rng: random.Random, units: int, length: int, distractors: int = 3) -> Case:
+    keys = distinct_keys(rng, distractors + 1)
+    values = [magic_value(rng) for _ in keys]
+    context, needles, depths = planted(rng, units, keys, values)
     q, prefix = single_question(keys[0])
-    context = NIAH_INTRO + "\n" + plant(noise(units), needles, depths)
     return Case("niah_multikey", context, q, prefix, [values[0]], max_new_tokens=16, needles=needles, depths=depths)
+
+
+def all_numbers_case(task: str, subject: str, context: str, values: list[str], needles: list[str], depths: list[float]) -> Case:
+    """A case asking for every magic number of `subject` (one key, or a list of keys)."""
+    return Case(
+        task,
+        context,
+        f"What are all the special magic numbers for {subject} mentioned in the provided text?",
+        f"The special magic numbers for {subject} mentioned in the provided text are",
+        values,
+        max_new_tokens=48,
+        needles=needles,
+        depths=depths,
+    )
 
 
 def niah_multivalue(rng: random.Random, units: int, length: int, values: int = 4) -> Case:
     key = magic_key(rng)
     vals = list(dict.fromkeys(magic_value(rng) for _ in range(values)))
-    depths = [rng.random() for _ in vals]
-    needles = [needle(key, v) for v in vals]
-    context = NIAH_INTRO + "\n" + plant(noise(units), needles, depths)
-    return Case(
-        "niah_multivalue",
-        context,
-        f"What are all the special magic numbers for {key} mentioned in the provided text?",
-        f"The special magic numbers for {key} mentioned in the provided text are",
-        vals,
-        max_new_tokens=48,
-        needles=needles,
-        depths=depths,
-    )
+    context, needles, depths = planted(rng, units, [key] * len(vals), vals)
+    return all_numbers_case("niah_multivalue", key, context, vals, needles, depths)
 
 
 def niah_multiquery(rng: random.Random, units: int, length: int, queries: int = 4) -> Case:
-    keys: list[str] = []
-    while len(keys) < queries:
-        k = magic_key(rng)
-        if k not in keys:
-            keys.append(k)
+    keys = distinct_keys(rng, queries)
     vals = [magic_value(rng) for _ in keys]
-    depths = [rng.random() for _ in keys]
-    needles = [needle(k, v) for k, v in zip(keys, vals)]
+    context, needles, depths = planted(rng, units, keys, vals)
     listed = ", ".join(keys[:-1]) + f", and {keys[-1]}"
-    context = NIAH_INTRO + "\n" + plant(noise(units), needles, depths)
-    return Case(
-        "niah_multiquery",
-        context,
-        f"What are all the special magic numbers for {listed} mentioned in the provided text?",
-        f"The special magic numbers for {listed} mentioned in the provided text are",
-        vals,
-        max_new_tokens=48,
-        needles=needles,
-        depths=depths,
-    )
+    return all_numbers_case("niah_multiquery", listed, context, vals, needles, depths)
 
 
 def vt(rng: random.Random, units: int, length: int, hops: int = 4) -> Case:
