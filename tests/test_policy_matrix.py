@@ -159,3 +159,18 @@ def test_deriving_from_one_full_prefill_equals_compressing_during_prefill(tiny_m
     after_derived = tiny_model(input_ids=token, past_key_values=derived, use_cache=True).logits
     torch.testing.assert_close(after_direct, after_derived)
     assert base.entries() == 30 * 2 * 2  # the base is untouched and can serve the next policy
+
+
+@pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
+def test_ratios_sharing_observed_state_equal_separate_derivation(tiny_model, row):
+    ids, _ = left_padded([30], seed=6)
+    base = KVCache(tiny_model, make_policy("full"), record_prefill=True)
+    tiny_model(input_ids=ids, past_key_values=base, use_cache=True)
+    observed: dict = {}
+    for ratio in (0.25, 0.5, 0.75):
+        shared = base.derive(build(row, ratio), observed)
+        alone = base.derive(build(row, ratio))
+        for a, b in zip(shared.layers, alone.layers):
+            assert a.storage.positions.tolist() == b.storage.positions.tolist()
+            for name in a.storage.aux:
+                torch.testing.assert_close(a.storage.aux[name], b.storage.aux[name])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -121,12 +121,20 @@ class KVForgeLayer(CacheLayerMixin):
         new_valid: torch.Tensor,  # (batch, T)
         scaling: float,
         before: torch.Tensor,  # (batch, kv_heads) entries held before this chunk
+        observed: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """Let the policy observe this chunk and, when a budget applies, compress."""
+        """Let the policy observe this chunk and, when a budget applies, compress.
+
+        `observed`: per-entry policy state already computed for this very chunk (a sweep derives
+        one policy at several ratios; what it observes does not depend on the ratio)."""
         assert self.storage is not None
         start = time.perf_counter()
         ctx = StepContext(self.layer_idx, view, query, positions, new_valid, scaling)
-        self.policy.observe(ctx, self.storage)
+        if observed is None:
+            self.policy.observe(ctx, self.storage)
+        else:
+            self.storage.aux = {name: state.clone() for name, state in observed.items()}
+            view = ctx.view = self.storage.padded()
         ctx.budget = self._budget(query.shape[2], before)
         if ctx.budget is not None and bool((ctx.budget < view.lengths).any()):
             index, mask = self.policy.select(ctx)
@@ -196,13 +204,16 @@ class KVCache(Cache):
         for layer in self.layers:
             layer.record_prefill = record_prefill
 
-    def derive(self, policy: Policy) -> KVCache:
+    def derive(self, policy: Policy, observed: dict | None = None) -> KVCache:
         """A cache holding what `policy` would have kept had it compressed this cache's prefill.
 
         This cache must hold exactly one recorded, uncompressed prefill (record_prefill=True,
         policy full). Compression happens after each layer's attention, so the prefill itself
         does not depend on the policy: deriving is exact, and a sweep pays one prefill per sample.
+        `observed`, a dict kept by the caller across calls on this base, lets policies that differ
+        only in ratio share what they observed of the prefill (H2O's accumulated attention).
         """
+        state_key = (type(policy), tuple(sorted((k, v) for k, v in asdict(policy).items() if k != "ratio")))
         if self.policy.ratio != 0 or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
         derived = KVCache.__new__(KVCache)
@@ -217,7 +228,16 @@ class KVCache(Cache):
             layer.seen, layer.stored = base.seen, base.stored
             if layer._acts():
                 before = torch.zeros_like(layer.storage.lengths)
-                layer._act(layer.storage.padded(), record.query, record.positions, record.valid, record.scaling, before)
+                key = (state_key, layer.layer_idx)
+                seen = observed.get(key) if observed is not None and policy.aux_names else None
+                if observed is not None and policy.aux_names and seen is None:
+                    # Observe once without compressing, remember the state, then compress below.
+                    view = layer.storage.padded()
+                    ctx = StepContext(layer.layer_idx, view, record.query, record.positions, record.valid, record.scaling)
+                    policy.observe(ctx, layer.storage)
+                    seen = observed[key] = {n: t.clone() for n, t in layer.storage.aux.items()}
+                view = layer.storage.padded()
+                layer._act(view, record.query, record.positions, record.valid, record.scaling, before, seen)
             layer.chunks = 1
         return derived
 

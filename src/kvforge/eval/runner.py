@@ -200,9 +200,10 @@ def run_sample(
         stats.per_row_prefill_seconds = time.perf_counter() - start
         stats.per_row_prefill_policy = f"{name} {ratio:g}"
     stops = stop_ids(tok)
+    observed: dict = {}  # shared by one policy's ratios: what it observed of this prefill
     for name, ratio in combos:
         start = time.perf_counter()
-        cache = base.derive(policies[(name, ratio)])
+        cache = base.derive(policies[(name, ratio)], observed)
         compress_seconds = time.perf_counter() - start
         start = time.perf_counter()
         logits = first_logits if query_aware else forward_last(model, prompt.rest_ids, cache)
