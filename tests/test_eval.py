@@ -177,3 +177,16 @@ def test_fidelity_of_full_is_exact_and_compression_diverges(tiny):
     full, knorm = fidelity(tiny, ids, 64, [make_policy("full"), make_policy("knorm", ratio=0.75)])
     assert full.kl == 0 and full.top1_agreement == 100 and full.positions == 32
     assert knorm.kl > 0 and knorm.cache_bytes < full.cache_bytes
+
+
+def test_two_runs_never_write_one_out_dir(tiny, tmp_path):
+    from kvforge.eval.runner import lock_out
+
+    held = lock_out(tmp_path / "busy")
+    try:
+        with pytest.raises(ValueError, match="another kvforge eval is writing to"):
+            run_eval(tiny, config(samples=1), tmp_path / "busy")
+    finally:
+        held.close()
+    rows, _ = run_eval(tiny, config(samples=1), tmp_path / "busy")  # free again
+    assert len(rows) == 2

@@ -8,6 +8,7 @@ one line at a time, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -133,6 +135,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def lock_out(out: Path) -> IO[str]:
+    """Hold an exclusive lock on `out` for this process: two runs never write one directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = (out / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(f"another kvforge eval is writing to {out}; wait for it or use another --out") from None
+    return handle
+
+
 def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     """Create or reopen `out`; refuse to mix results of another configuration unless `force`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +159,8 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
                 f"use another --out, or --force to discard them"
             )
         for name in os.listdir(out):
+            if name == ".lock":
+                continue
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
     write_atomic(config, wanted.encode())
@@ -239,6 +255,16 @@ def run_eval(
 ) -> tuple[list[EvalRow], SweepStats]:
     """Run what `out` does not hold yet; return every row of the configuration and sweep stats."""
     cfg.validate()
+    lock = lock_out(out)
+    try:
+        return _run_locked(loaded, cfg, out, force, on_row)
+    finally:
+        lock.close()
+
+
+def _run_locked(
+    loaded: LoadedModel, cfg: EvalConfig, out: Path, force: bool, on_row: Callable[[EvalRow], None] | None
+) -> tuple[list[EvalRow], SweepStats]:
     rows = prepare_out(out, cfg, force)
     done = {r.key for r in rows}
     combos = cfg.combos()
