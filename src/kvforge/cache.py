@@ -12,12 +12,23 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvforge.attention import ATTN_NAME, attend, causal_allowed, tag_layer
 from kvforge.policies.base import Policy, StepContext
 from kvforge.storage.ragged import PaddedView, RaggedKV
+
+
+@dataclass
+class Phase:
+    """Shared by a cache's layers: whether the next chunks are prompt or decoding steps.
+
+    None infers it (a 1-token chunk is a decoding step), which is what `model.generate` needs;
+    kvforge's own loops say it explicitly, so a 1-token question is still a prompt chunk."""
+
+    decoding: bool | None = None
 
 
 @dataclass
@@ -37,16 +48,18 @@ class KVForgeLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, layer_idx: int, policy: Policy) -> None:
+    def __init__(self, layer_idx: int, policy: Policy, phase: Phase) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.policy = policy
+        self.phase = phase
         self.storage: RaggedKV | None = None
         self.seen = 0  # logical tokens seen, padding included
         self.chunks = 0  # forward chunks processed
         self.decode_budget: torch.Tensor | None = None  # (batch, kv_heads), set at the first decode step
         self.pending = False  # update() ran and attend() has not yet
-        self.stored = 0  # entries ever stored: what an uncompressed cache would hold now
+        # (batch,) entries ever stored per sequence: what an uncompressed cache would hold now
+        self.stored: torch.Tensor | None = None
         self.policy_seconds = 0.0  # time spent observing and compressing, for benchmarks
         self.record_prefill = False
         self.prefill_record: PrefillRecord | None = None
@@ -55,6 +68,7 @@ class KVForgeLayer(CacheLayerMixin):
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self.storage = RaggedKV(batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names)
+        self.stored = torch.zeros(batch, dtype=torch.int64, device=key_states.device)
         self.is_initialized = True
 
     def update(
@@ -88,7 +102,7 @@ class KVForgeLayer(CacheLayerMixin):
         first = self.storage.entries == 0
         before = self.storage.lengths.clone()
         self.storage.append(keys, values, positions, new_valid)
-        self.stored += int(new_valid.sum()) * keys.shape[1]
+        self.stored = self.stored + new_valid.sum(1) * keys.shape[1]
 
         # The first chunk attends over itself directly (no copy); later ones over what is held.
         if first:
@@ -156,7 +170,8 @@ class KVForgeLayer(CacheLayerMixin):
             return None
         if self.chunks == 0:
             return policy.prefill_budget(self.storage.lengths) if policy.compresses_prefill else None
-        if t == 1 and policy.holds_budget_while_decoding:
+        decoding = self.phase.decoding if self.phase.decoding is not None else t == 1
+        if decoding and policy.holds_budget_while_decoding:
             if self.decode_budget is None:
                 self.decode_budget = before.clamp(min=1)
             return self.decode_budget
@@ -177,7 +192,7 @@ class KVForgeLayer(CacheLayerMixin):
         self.seen = self.chunks = 0
         self.decode_budget = None
         self.pending = False
-        self.stored = 0
+        self.stored = None
         self.policy_seconds = 0.0
         self.prefill_record = None
 
@@ -200,7 +215,8 @@ class KVCache(Cache):
             )
         self.policy = policy
         self.num_layers = model.config.get_text_config().num_hidden_layers
-        super().__init__(layers=[KVForgeLayer(i, policy) for i in range(self.num_layers)])
+        self.phase = Phase()
+        super().__init__(layers=[KVForgeLayer(i, policy, self.phase) for i in range(self.num_layers)])
         for layer in self.layers:
             layer.record_prefill = record_prefill
 
@@ -217,7 +233,8 @@ class KVCache(Cache):
         if self.policy.ratio != 0 or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
         derived = KVCache.__new__(KVCache)
-        Cache.__init__(derived, layers=[KVForgeLayer(i, policy) for i in range(self.num_layers)])
+        derived.phase = Phase()
+        Cache.__init__(derived, layers=[KVForgeLayer(i, policy, derived.phase) for i in range(self.num_layers)])
         derived.policy, derived.num_layers = policy, self.num_layers
         for base, layer in zip(self.layers, derived.layers):
             record = base.prefill_record
@@ -254,11 +271,56 @@ class KVCache(Cache):
     @property
     def dense_nbytes(self) -> int:
         """Bytes an uncompressed cache of the same dtype would hold for the same (unpadded) tokens."""
-        return sum(
-            layer.stored * 2 * layer.storage.head_dim * layer.storage.keys.element_size()
-            for layer in self.layers
-            if layer.storage is not None
-        )
+        return int(self.seq_dense_nbytes().sum())
+
+    def _entry_bytes(self, layer: KVForgeLayer) -> int:
+        assert layer.storage is not None
+        return 2 * layer.storage.head_dim * layer.storage.keys.element_size()  # one K row + one V row
+
+    def seq_nbytes(self) -> torch.Tensor:
+        """(batch,) K/V bytes held for each sequence: its rows of the held tensors."""
+        return sum(layer.storage.lengths.sum(1) * self._entry_bytes(layer) for layer in self.layers if layer.storage is not None)
+
+    def seq_dense_nbytes(self) -> torch.Tensor:
+        """(batch,) K/V bytes an uncompressed cache would hold for each sequence."""
+        return sum(layer.stored * self._entry_bytes(layer) for layer in self.layers if layer.storage is not None)
+
+    @classmethod
+    def stack(cls, bases: list[KVCache]) -> KVCache:
+        """One batched recording cache from single-sequence recorded prefills, as if the prompts
+        had been prefilled together left-padded: positions shift right by each prompt's padding.
+
+        Prefilling one prompt at a time keeps the fast causal attention path and the memory of one
+        prompt; the stacked cache then derives and decodes every policy for the whole batch."""
+        if not bases or any(b.policy.name != "full" or len(b.kept_lengths(0)) != 1 for b in bases):
+            raise ValueError("stack() takes recorded single-sequence caches of the full policy")
+        stacked = KVCache.__new__(KVCache)
+        stacked.phase = Phase()
+        Cache.__init__(stacked, layers=[KVForgeLayer(i, bases[0].policy, stacked.phase) for i in range(bases[0].num_layers)])
+        stacked.policy, stacked.num_layers = bases[0].policy, bases[0].num_layers
+        width = max(b.get_seq_length() for b in bases)
+        for i, layer in enumerate(stacked.layers):
+            parts = [b.layers[i] for b in bases]
+            records = [p.prefill_record for p in parts]
+            if any(r is None or p.chunks != 1 for p, r in zip(parts, records)):
+                raise ValueError("stack() needs caches that ran exactly one recorded prefill chunk")
+            pads = [width - p.seen for p in parts]
+            first = parts[0].storage
+            storage = RaggedKV(len(parts), first.kv_heads, first.head_dim, first.keys.dtype, first.keys.device)
+            storage.keys = torch.cat([p.storage.keys for p in parts])
+            storage.values = torch.cat([p.storage.values for p in parts])
+            storage.positions = torch.cat([p.storage.positions + pad for p, pad in zip(parts, pads)])
+            storage.lengths = torch.cat([p.storage.lengths for p in parts])
+            layer.storage, layer.is_initialized = storage, True
+            layer.dtype, layer.device = parts[0].dtype, parts[0].device
+            layer.seen, layer.chunks = width, 1
+            layer.stored = torch.cat([p.stored for p in parts])
+            layer.record_prefill = True
+            # Queries left-padded with zeros to the common width; padding queries are marked invalid.
+            query = torch.cat([F.pad(r.query, (0, 0, pad, 0)) for r, pad in zip(records, pads)])
+            valid = torch.cat([F.pad(r.valid, (pad, 0)) for r, pad in zip(records, pads)])
+            layer.prefill_record = PrefillRecord(query, torch.arange(width, device=query.device), valid, records[0].scaling)
+        return stacked
 
     @property
     def meta_nbytes(self) -> int:

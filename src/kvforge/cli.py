@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         model=args.model, tasks=tasks, policies=policies, ratios=ratios, length=args.length or 2048,
         samples=args.samples if args.samples is not None else 20, settings=settings, seed=args.seed,
-        task_file=args.task_file,
+        task_file=args.task_file, batch=args.batch,
     )  # fmt: skip
     cfg.validate()
     with err_console.status(f"loading {args.model} ..."):
@@ -301,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--query-aware", action="store_true", help="compress with the question in the prompt")
     ev.add_argument("--both-settings", action="store_true", help="run question-agnostic and query-aware")
     ev.add_argument("--quick", action="store_true", help="a few-minute preset: 3 tasks, 1024 tokens, 3 samples, both settings")
+    ev.add_argument("--batch", type=int, default=8, help="samples decoded together (speed only)")
     ev.add_argument("--out", default="results/eval")
     ev.add_argument("--force", action="store_true", help="discard results of another configuration in --out")
     ev.set_defaults(func=cmd_eval)

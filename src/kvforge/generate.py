@@ -94,27 +94,59 @@ def check_length(prompt_tokens: int, max_new_tokens: int, context_length: int) -
         )
 
 
+def feed(
+    model: torch.nn.Module,
+    cache: KVCache,
+    rows: list[list[int]],
+    positions: torch.Tensor,  # (batch,) rotary position of each row's next token
+    decoding: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed one chunk per row (rows may differ in length; they are left-padded and the padding
+    is not stored). Returns (batch, vocab) logits of each row's last token and the next positions."""
+    device = model.device
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        if r:
+            ids[b, width - len(r) :] = torch.tensor(r, device=device)
+            valid[b, width - len(r) :] = True
+    seen = cache.get_seq_length()
+    cache.phase.decoding = decoding  # a 1-token question is a prompt chunk, not a decoding step
+    mask = torch.cat([torch.ones(len(rows), seen, dtype=torch.long, device=device), valid.long()], dim=1)
+    pos = positions.to(device)[:, None] + (valid.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], positions.to(device) + valid.sum(1)
+
+
 def greedy(
     model: torch.nn.Module,
     cache: KVCache,
-    logits: torch.Tensor,  # (vocab,) next-token logits after the prompt
+    logits: torch.Tensor,  # (batch, vocab) next-token logits after each row's prompt
+    positions: torch.Tensor,  # (batch,) rotary position of each row's next token
     max_new_tokens: int,
     stop_ids: set[int],
-) -> list[int]:
-    """Greedy decoding one token at a time on `cache`; stops after a stop token."""
-    tokens: list[int] = []
-    device = model.device
-    while True:
-        token = int(logits.argmax())
-        tokens.append(token)
-        if token in stop_ids or len(tokens) >= max_new_tokens:
+) -> list[list[int]]:
+    """Greedy decoding of a batch, one token per row per step, on `cache`.
+
+    A row that emitted a stop token is finished: it is fed no more real tokens, so its cache
+    stops growing while the others go on."""
+    tokens: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    finished = [False] * logits.shape[0]
+    for step in range(max_new_tokens):
+        chosen = logits.argmax(-1).tolist()
+        for b, token in enumerate(chosen):
+            if not finished[b]:
+                tokens[b].append(token)
+                finished[b] = token in stop_ids
+        if all(finished) or step == max_new_tokens - 1:
             return tokens
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
-        logits = out.logits[0, -1]
+        logits, positions = feed(model, cache, [[] if f else [t] for f, t in zip(finished, chosen)], positions, decoding=True)
+    return tokens
 
 
 def forward_last(model: torch.nn.Module, ids: list[int], cache: KVCache) -> torch.Tensor:
-    """Run `ids` through the model on `cache`; (vocab,) logits of the last position."""
+    """Run one sequence's `ids` through the model on `cache`; (vocab,) logits of the last position."""
     out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[0, -1]
 
@@ -142,11 +174,13 @@ def answer(
     check_length(len(prompt.ids), max_new_tokens, loaded.context_length)
     cache = KVCache(model, policy)
     start = time.perf_counter()
-    logits = forward_last(model, prompt.ids if query_aware else prompt.context_ids, cache)
+    prefill = prompt.ids if query_aware else prompt.context_ids
+    logits = forward_last(model, prefill, cache)[None]  # (1, vocab)
+    positions = torch.tensor([len(prefill)], device=model.device)
     prefill_seconds = time.perf_counter() - start
     if not query_aware:
-        logits = forward_last(model, prompt.rest_ids, cache)
-    new = greedy(model, cache, logits, max_new_tokens, stop_ids(tokenizer))
+        logits, positions = feed(model, cache, [prompt.rest_ids], positions)
+    new = greedy(model, cache, logits, positions, max_new_tokens, stop_ids(tokenizer))[0]
     seconds = time.perf_counter() - start
     text = tokenizer.decode(new, skip_special_tokens=True)
     log.info("%s ratio %.3g: %d prompt tokens, %d generated, %.2fs", policy.name, policy.ratio, len(prompt.ids), len(new), seconds)

@@ -201,7 +201,7 @@ def _measure_once(loaded: LoadedModel, ids: list[int], policy: Policy, decode_to
     # greedy() runs one forward per token after the first, so decode_tokens + 1 tokens time
     # exactly decode_tokens forwards; no stop ids, so every row decodes the same count.
     start = time.perf_counter()
-    greedy(model, cache, logits, decode_tokens + 1, stop_ids=set())
+    greedy(model, cache, logits[None], torch.tensor([len(ids)], device=model.device), decode_tokens + 1, stop_ids=set())
     _sync(meter.device)
     decode = time.perf_counter() - start
     del cache, logits

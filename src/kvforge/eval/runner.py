@@ -24,7 +24,7 @@ import torch
 
 from kvforge.cache import KVCache
 from kvforge.eval.tasks import TASKS, Case, load_task_file, make_case, score
-from kvforge.generate import build_prompt, check_length, forward_last, greedy, stop_ids
+from kvforge.generate import build_prompt, check_length, feed, forward_last, greedy, stop_ids
 from kvforge.models import LoadedModel
 from kvforge.policies import all_policies, make_policy
 from kvforge.policies.base import Policy
@@ -45,6 +45,8 @@ class EvalConfig:
     settings: list[bool] = field(default_factory=lambda: [False])  # query_aware values to run
     seed: int = 0
     task_file: str | None = None
+    # Samples decoded together. An execution detail: not part of the configuration's identity.
+    batch: int = field(default=8, compare=False)
 
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -54,6 +56,8 @@ class EvalConfig:
         bad = [p for p in self.policies if p not in known]
         if bad:
             raise ValueError(f"unknown policy {bad[0]!r}; known policies: {', '.join(known)}")
+        if self.batch < 1:
+            raise ValueError(f"--batch {self.batch} must be at least 1")
         if self.samples < 1:
             raise ValueError(f"--samples {self.samples} must be at least 1")
         for r in self.ratios:
@@ -86,6 +90,7 @@ class EvalRow:
     compress_seconds: float
     decode_seconds: float
     generated_tokens: int
+    batch: int = 1  # sequences decoded together; seconds above are per sequence
 
     @property
     def key(self) -> tuple[str, int, bool, str, float]:
@@ -150,7 +155,8 @@ def lock_out(out: Path) -> IO[str]:
 def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     """Create or reopen `out`; refuse to mix results of another configuration unless `force`."""
     out.mkdir(parents=True, exist_ok=True)
-    wanted = json.dumps(asdict(cfg), indent=2, sort_keys=True)
+    identity = {k: v for k, v in asdict(cfg).items() if k != "batch"}
+    wanted = json.dumps(identity, indent=2, sort_keys=True)
     config = out / CONFIG
     if config.exists() and config.read_text() != wanted:
         if not force:
@@ -167,17 +173,20 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     return read_rows(out / ROWS)
 
 
-def cases(loaded: LoadedModel, cfg: EvalConfig) -> Iterator[tuple[int, Case]]:
-    """(sample index, case) for every task and sample, sample-major, so an interrupted run has
-    covered every task about equally."""
+def groups(loaded: LoadedModel, cfg: EvalConfig) -> Iterator[list[tuple[int, Case]]]:
+    """Lists of (sample index, case) of one task, up to `cfg.batch` samples each, group-major
+    across tasks so an interrupted run has covered every task about equally."""
     chat = loaded.is_instruct
     file_cases = load_task_file(cfg.task_file)[: cfg.samples] if cfg.task_file else []
-    for sample in range(cfg.samples):
+    for start in range(0, cfg.samples, cfg.batch):
+        samples = range(start, min(start + cfg.batch, cfg.samples))
         for task in cfg.tasks:
-            seed = cfg.seed * 1_000_003 + sample
-            yield sample, make_case(loaded.tokenizer, task, cfg.length, seed=seed, chat=chat, max_length=loaded.context_length)
-        if sample < len(file_cases):
-            yield sample, file_cases[sample]
+            yield [
+                (s, make_case(loaded.tokenizer, task, cfg.length, seed=cfg.seed * 1_000_003 + s, chat=chat, max_length=loaded.context_length))
+                for s in samples
+            ]
+        if file_cases[start : start + cfg.batch]:
+            yield [(s, file_cases[s]) for s in samples if s < len(file_cases)]
 
 
 def total_rows(cfg: EvalConfig) -> int:
@@ -187,63 +196,82 @@ def total_rows(cfg: EvalConfig) -> int:
 
 
 @torch.inference_mode()
-def run_sample(
+def run_group(
     loaded: LoadedModel,
-    case: Case,
-    sample: int,
+    group: list[tuple[int, Case]],
     query_aware: bool,
     combos: list[tuple[str, float]],
     policies: dict[tuple[str, float], Policy],
     stats: SweepStats,
 ) -> Iterator[EvalRow]:
-    """Prefill once with a full recording cache, then derive and answer every (policy, ratio)."""
+    """Prefill each case once with a full recording cache, stack them into one batch, then derive
+    and answer every (policy, ratio) for the whole batch.
+
+    Prefills run one prompt at a time (the fast causal path, one prompt's memory); derivation and
+    decoding run batched. Per-row seconds are the batch's seconds divided by its size; prefill
+    seconds are each prompt's own."""
     model, tok = loaded.model, loaded.tokenizer
-    prompt = build_prompt(tok, case.context, case.question, loaded.is_instruct, case.answer_prefix)
-    check_length(len(prompt.ids), case.max_new_tokens, loaded.context_length)
-    prompt_hash = hashlib.sha256(json.dumps(prompt.ids).encode()).hexdigest()[:16]
-    prefill_ids = prompt.ids if query_aware else prompt.context_ids
-    base = KVCache(model, make_policy("full"), record_prefill=True)
-    start = time.perf_counter()
-    first_logits = forward_last(model, prefill_ids, base)
-    prefill_seconds = time.perf_counter() - start
-    stats.prefills += 1
-    stats.prefill_seconds += prefill_seconds
-    if stats.per_row_prefill_seconds is None:
-        # What the sweep saves: one policy's prefill on its own, measured on this sample.
-        name, ratio = next((c for c in combos if c[0] != "full"), combos[0])
+    prompts = [build_prompt(tok, c.context, c.question, loaded.is_instruct, c.answer_prefix) for _, c in group]
+    max_new = max(c.max_new_tokens for _, c in group)
+    bases, firsts, prefill_seconds = [], [], []
+    for prompt in prompts:
+        check_length(len(prompt.ids), max_new, loaded.context_length)
+        ids = prompt.ids if query_aware else prompt.context_ids
+        base = KVCache(model, make_policy("full"), record_prefill=True)
         start = time.perf_counter()
-        forward_last(model, prefill_ids, KVCache(model, policies[(name, ratio)]))
-        stats.per_row_prefill_seconds = time.perf_counter() - start
-        stats.per_row_prefill_policy = f"{name} {ratio:g}"
+        firsts.append(forward_last(model, ids, base))
+        prefill_seconds.append(time.perf_counter() - start)
+        bases.append(base)
+        stats.prefills += 1
+        stats.prefill_seconds += prefill_seconds[-1]
+        if stats.per_row_prefill_seconds is None:
+            # What the sweep saves: one policy's prefill on its own, measured on this prompt.
+            name, ratio = next((c for c in combos if c[0] != "full"), combos[0])
+            start = time.perf_counter()
+            forward_last(model, ids, KVCache(model, policies[(name, ratio)]))
+            stats.per_row_prefill_seconds = time.perf_counter() - start
+            stats.per_row_prefill_policy = f"{name} {ratio:g}"
+    stacked = KVCache.stack(bases)
+    del bases
+    first_logits = torch.stack(firsts)  # (batch, vocab)
+    prefill_len = torch.tensor([len(p.ids if query_aware else p.context_ids) for p in prompts], device=model.device)
+    hashes = [hashlib.sha256(json.dumps(p.ids).encode()).hexdigest()[:16] for p in prompts]
     stops = stop_ids(tok)
-    observed: dict = {}  # shared by one policy's ratios: what it observed of this prefill
+    observed: dict = {}  # shared by one policy's ratios: what it observed of these prefills
+    size = len(group)
     for name, ratio in combos:
         start = time.perf_counter()
-        cache = base.derive(policies[(name, ratio)], observed)
-        compress_seconds = time.perf_counter() - start
+        cache = stacked.derive(policies[(name, ratio)], observed)
+        compress_seconds = (time.perf_counter() - start) / size
         start = time.perf_counter()
-        logits = first_logits if query_aware else forward_last(model, prompt.rest_ids, cache)
-        tokens = greedy(model, cache, logits, case.max_new_tokens, stops)
-        decode_seconds = time.perf_counter() - start
-        text = tok.decode(tokens, skip_special_tokens=True)
-        yield EvalRow(
-            task=case.task,
-            sample=sample,
-            query_aware=query_aware,
-            policy=name,
-            ratio=ratio,
-            prompt_hash=prompt_hash,
-            prompt_tokens=len(prompt.ids),
-            answer=text,
-            answers=case.answers,
-            score=score(text, case),
-            cache_bytes=cache.nbytes,
-            dense_bytes=cache.dense_nbytes,
-            prefill_seconds=prefill_seconds,
-            compress_seconds=compress_seconds,
-            decode_seconds=decode_seconds,
-            generated_tokens=len(tokens),
-        )
+        logits, positions = first_logits, prefill_len
+        if not query_aware:
+            logits, positions = feed(model, cache, [p.rest_ids for p in prompts], positions)
+        outputs = greedy(model, cache, logits, positions, max_new, stops)
+        decode_seconds = (time.perf_counter() - start) / size
+        held, dense = cache.seq_nbytes().tolist(), cache.seq_dense_nbytes().tolist()
+        for b, ((sample, case), prompt, tokens) in enumerate(zip(group, prompts, outputs)):
+            tokens = tokens[: case.max_new_tokens]
+            text = tok.decode(tokens, skip_special_tokens=True)
+            yield EvalRow(
+                task=case.task,
+                sample=sample,
+                query_aware=query_aware,
+                policy=name,
+                ratio=ratio,
+                prompt_hash=hashes[b],
+                prompt_tokens=len(prompt.ids),
+                answer=text,
+                answers=case.answers,
+                score=score(text, case),
+                cache_bytes=int(held[b]),
+                dense_bytes=int(dense[b]),
+                prefill_seconds=prefill_seconds[b],
+                compress_seconds=compress_seconds,
+                decode_seconds=decode_seconds,
+                generated_tokens=len(tokens),
+                batch=size,
+            )
 
 
 def run_eval(
@@ -271,12 +299,15 @@ def _run_locked(
     policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r in combos}
     stats = SweepStats()
     start = time.perf_counter()
-    for sample, case in cases(loaded, cfg):
+    for group in groups(loaded, cfg):
         for query_aware in cfg.settings:
-            todo = [c for c in combos if (case.task, sample, query_aware, *c) not in done]
+            # A combo is redone for the whole group when any of its samples lacks it.
+            todo = [c for c in combos if any((case.task, s, query_aware, *c) not in done for s, case in group)]
             if not todo:
                 continue
-            for row in run_sample(loaded, case, sample, query_aware, todo, policies, stats):
+            for row in run_group(loaded, group, query_aware, todo, policies, stats):
+                if row.key in done:
+                    continue
                 append_row(out / ROWS, row)
                 rows.append(row)
                 stats.rows += 1

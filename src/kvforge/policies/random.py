@@ -24,6 +24,11 @@ class Random(Policy):
         check_range("seed", self.seed, 0)
 
     def score(self, ctx: StepContext) -> torch.Tensor:
-        # Seeded per layer so a run is reproducible and layers do not share one pattern.
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + ctx.layer_idx)
-        return torch.rand(ctx.view.valid.shape, generator=generator).to(ctx.view.keys.device)
+        # Seeded per layer so a run is reproducible and layers do not share one pattern; drawn
+        # per sequence at its own length so a sequence keeps the same tokens alone or in a batch.
+        batch, heads, slots = ctx.view.valid.shape
+        scores = torch.zeros(batch, heads, slots)
+        for b, n in enumerate(ctx.view.lengths.max(dim=1).values.tolist()):
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + ctx.layer_idx)
+            scores[b, :, :n] = torch.rand(heads, n, generator=generator)
+        return scores.to(ctx.view.keys.device)
