@@ -152,8 +152,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         task_file=args.task_file, batch=args.batch,
     )  # fmt: skip
     cfg.validate()
-    with err_console.status(f"loading {args.model} ..."):
-        loaded = load_model(args.model)
+    with err_console.status(f"loading {args.model} on {args.device} ..."):
+        loaded = load_model(args.model, device=args.device)
     out = Path(args.out)
     total = total_rows(cfg)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--both-settings", action="store_true", help="run question-agnostic and query-aware")
     ev.add_argument("--quick", action="store_true", help="a few-minute preset: 3 tasks, 1024 tokens, 3 samples, both settings")
     ev.add_argument("--batch", type=int, default=8, help="samples decoded together (speed only)")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
     ev.add_argument("--out", default="results/eval")
     ev.add_argument("--force", action="store_true", help="discard results of another configuration in --out")
     ev.set_defaults(func=cmd_eval)
