@@ -31,3 +31,13 @@ def test_make_run_sample_is_answered_with_the_full_cache(default_model):
     result = answer(default_model, prompt, make_policy("full"), max_new_tokens=16)
     assert score(result.text, case) == 100, result.text
     assert result.cache_bytes == result.dense_cache_bytes  # nothing evicted, nothing padded
+
+
+def test_full_scores_at_least_90_on_niah_single_at_2048_tokens(default_model, tmp_path):
+    from kvforge.eval.runner import EvalConfig, run_eval
+
+    cfg = EvalConfig(model="default", tasks=["niah_single"], policies=["full"], ratios=[], length=2048, samples=10, batch=10)
+    rows, stats = run_eval(default_model, cfg, tmp_path / "niah")
+    assert len(rows) == 10 and stats.prefills == 10
+    assert all(2038 <= r.prompt_tokens <= 2048 for r in rows)
+    assert sum(r.score for r in rows) / len(rows) >= 90, [r.answer for r in rows]

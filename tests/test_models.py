@@ -1,0 +1,33 @@
+"""Resolving what --model names, without loading weights."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvforge.models import ModelNotFoundError, cache_dir, default_gguf_path, resolve
+
+
+def test_a_gguf_file_resolves_to_its_folder_and_name(tmp_path):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve(str(gguf)) == (tmp_path, "tiny.gguf")
+
+
+def test_a_checkpoint_dir_resolves_to_itself(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve(str(tmp_path)) == (tmp_path, None)
+
+
+def test_anything_else_says_what_is_accepted(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="expected 'default', a local Hugging Face checkpoint directory"):
+        resolve(str(tmp_path))  # a folder without config.json
+
+
+def test_default_model_file_is_found_in_its_package():
+    path = default_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVFORGE_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
