@@ -106,8 +106,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             progress.advance(task)
     setting = "query-aware" if args.query_aware else "question-agnostic"
     table = Table(title=f"{loaded.name}: {len(prompt.ids)}-token needle prompt, {setting}, answer {case.answers[0]}")
-    for col in ("policy", "ratio", "answer", "correct", "cache MiB", "saved", "seconds"):
-        table.add_column(col, justify="left" if col in ("policy", "answer") else "right", no_wrap=True)
+    for col in ("policy", "ratio", "answer", "correct", "MiB held", "saved", "sec"):
+        if col == "answer":
+            table.add_column(col, no_wrap=True, max_width=18)
+        else:
+            table.add_column(col, justify="left" if col == "policy" else "right")
     for r in rows:
         saved = 1 - r.cache_bytes / max(r.dense_cache_bytes, 1)
         table.add_row(
