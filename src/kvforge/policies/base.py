@@ -17,16 +17,12 @@ from kvforge.attention import attention_probs_sum, causal_allowed
 from kvforge.storage.ragged import PaddedView, RaggedKV
 
 
-def check_range(
-    name: str, value: float, low: float, high: float | None = None, *, high_open: bool = False, low_open: bool = False
-) -> None:
-    """Raise a ValueError naming the field, its value and the allowed range."""
-    too_low = value <= low if low_open else value < low
+def check_range(name: str, value: float, low: float, high: float | None = None, *, high_open: bool = False) -> None:
+    """Raise a ValueError naming the field, its value and the allowed range [low, high] (or [low, high))."""
     too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        left = "(" if low_open else "["
+    if value < low or too_high:
         right = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
-        raise ValueError(f"{name}={value!r} is outside the allowed range {left}{low}, {right}")
+        raise ValueError(f"{name}={value!r} is outside the allowed range [{low}, {right}")
 
 
 @dataclass
