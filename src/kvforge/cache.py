@@ -135,20 +135,23 @@ class KVForgeLayer(CacheLayerMixin):
         new_valid: torch.Tensor,  # (batch, T)
         scaling: float,
         before: torch.Tensor,  # (batch, kv_heads) entries held before this chunk
-        observed: dict[str, torch.Tensor] | None = None,
+        shared: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         """Let the policy observe this chunk and, when a budget applies, compress.
 
-        `observed`: per-entry policy state already computed for this very chunk (a sweep derives
-        one policy at several ratios; what it observes does not depend on the ratio)."""
+        `shared`: a slot for the per-entry policy state observed of this very chunk. When it holds
+        the state, observing is skipped; when empty, it is filled. A sweep derives one policy at
+        several ratios, and what it observes does not depend on the ratio."""
         assert self.storage is not None
         start = time.perf_counter()
         ctx = StepContext(self.layer_idx, view, query, positions, new_valid, scaling)
-        if observed is None:
-            self.policy.observe(ctx, self.storage)
-        else:
-            self.storage.aux = {name: state.clone() for name, state in observed.items()}
+        if shared is not None and "state" in shared:
+            self.storage.aux = {name: state.clone() for name, state in shared["state"].items()}
             view = ctx.view = self.storage.padded()
+        else:
+            self.policy.observe(ctx, self.storage)
+            if shared is not None:
+                shared["state"] = {name: state.clone() for name, state in self.storage.aux.items()}
         ctx.budget = self._budget(query.shape[2], before)
         if ctx.budget is not None and bool((ctx.budget < view.lengths).any()):
             index, mask = self.policy.select(ctx)
@@ -213,12 +216,20 @@ class KVCache(Cache):
                 f"model uses attention implementation {model.config._attn_implementation!r}; "
                 f"call kvforge.enable(model) first so the cache's compression is applied"
             )
-        self.policy = policy
-        self.num_layers = model.config.get_text_config().num_hidden_layers
-        self.phase = Phase()
-        super().__init__(layers=[KVForgeLayer(i, policy, self.phase) for i in range(self.num_layers)])
+        self._setup(policy, model.config.get_text_config().num_hidden_layers)
         for layer in self.layers:
             layer.record_prefill = record_prefill
+
+    def _setup(self, policy: Policy, num_layers: int) -> None:
+        self.policy, self.num_layers, self.phase = policy, num_layers, Phase()
+        Cache.__init__(self, layers=[KVForgeLayer(i, policy, self.phase) for i in range(num_layers)])
+
+    @classmethod
+    def _empty(cls, policy: Policy, num_layers: int) -> KVCache:
+        """A cache with fresh layers, built without a model (derive and stack fill the layers)."""
+        cache = cls.__new__(cls)
+        cache._setup(policy, num_layers)
+        return cache
 
     def derive(self, policy: Policy, observed: dict | None = None) -> KVCache:
         """A cache holding what `policy` would have kept had it compressed this cache's prefill.
@@ -232,10 +243,7 @@ class KVCache(Cache):
         state_key = (type(policy), tuple(sorted((k, v) for k, v in asdict(policy).items() if k != "ratio")))
         if self.policy.ratio != 0 or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
-        derived = KVCache.__new__(KVCache)
-        derived.phase = Phase()
-        Cache.__init__(derived, layers=[KVForgeLayer(i, policy, derived.phase) for i in range(self.num_layers)])
-        derived.policy, derived.num_layers = policy, self.num_layers
+        derived = KVCache._empty(policy, self.num_layers)
         for base, layer in zip(self.layers, derived.layers):
             record = base.prefill_record
             if base.storage is None or record is None or base.chunks != 1:
@@ -245,16 +253,11 @@ class KVCache(Cache):
             layer.seen, layer.stored = base.seen, base.stored
             if layer._acts():
                 before = torch.zeros_like(layer.storage.lengths)
-                key = (state_key, layer.layer_idx)
-                seen = observed.get(key) if observed is not None and policy.aux_names else None
-                if observed is not None and policy.aux_names and seen is None:
-                    # Observe once without compressing, remember the state, then compress below.
-                    view = layer.storage.padded()
-                    ctx = StepContext(layer.layer_idx, view, record.query, record.positions, record.valid, record.scaling)
-                    policy.observe(ctx, layer.storage)
-                    seen = observed[key] = {n: t.clone() for n, t in layer.storage.aux.items()}
+                shared = None
+                if observed is not None and policy.aux_names:
+                    shared = observed.setdefault((state_key, layer.layer_idx), {})
                 view = layer.storage.padded()
-                layer._act(view, record.query, record.positions, record.valid, record.scaling, before, seen)
+                layer._act(view, record.query, record.positions, record.valid, record.scaling, before, shared)
             layer.chunks = 1
         return derived
 
@@ -294,10 +297,7 @@ class KVCache(Cache):
         prompt; the stacked cache then derives and decodes every policy for the whole batch."""
         if not bases or any(b.policy.name != "full" or len(b.kept_lengths(0)) != 1 for b in bases):
             raise ValueError("stack() takes recorded single-sequence caches of the full policy")
-        stacked = KVCache.__new__(KVCache)
-        stacked.phase = Phase()
-        Cache.__init__(stacked, layers=[KVForgeLayer(i, bases[0].policy, stacked.phase) for i in range(bases[0].num_layers)])
-        stacked.policy, stacked.num_layers = bases[0].policy, bases[0].num_layers
+        stacked = KVCache._empty(bases[0].policy, bases[0].num_layers)
         width = max(b.get_seq_length() for b in bases)
         for i, layer in enumerate(stacked.layers):
             parts = [b.layers[i] for b in bases]
