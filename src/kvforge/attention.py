@@ -108,19 +108,33 @@ def attention_probs_sum(
     """Softmax attention each key received, summed over weighted queries, averaged over each GQA group.
 
     Queries are processed `chunk` at a time so the probability matrix never exceeds
-    (batch, q_heads, chunk, L).
+    (batch, q_heads, chunk, L). Each chunk only looks at the key columns some of its queries may
+    attend to (causality leaves the later half of a prefill's columns empty on average), works
+    in place, and folds the softmax's normalisation into the query weights, so the big matrix is
+    exponentiated once and reduced by one matrix product.
     """
     batch, q_heads, t, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
     total = keys.new_zeros(batch, kv_heads, length, dtype=torch.float32)
+    keys32 = keys.float()
     for start in range(0, t, chunk):
-        q = query[:, :, start : start + chunk].float().view(batch, kv_heads, group, -1, dim)
-        logits = torch.einsum("bhgtd,bhld->bhgtl", q, keys.float()) * scaling
-        mask = allowed[:, :, None, start : start + chunk]  # (batch, kv_heads | 1, 1, c, L)
-        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
-        weight = query_weight[:, None, None, start : start + chunk, None].float()
-        total += (probs * weight).sum(3).mean(2)
+        mask = allowed[:, :, start : start + chunk]  # (batch, kv_heads | 1, c, L)
+        columns = mask.flatten(0, 2).any(0).nonzero()
+        if columns.numel() == 0:
+            continue
+        width = int(columns[-1]) + 1
+        mask = mask[..., :width]
+        q = query[:, :, start : start + chunk].float().view(batch, kv_heads, group, -1, dim) * scaling
+        logits = torch.einsum("bhgtd,bhld->bhgtl", q, keys32[:, :, :width])  # (batch, kv, group, c, width)
+        logits.masked_fill_(~mask[:, :, None], float("-inf"))
+        peak = logits.amax(-1, keepdim=True).clamp_min_(torch.finfo(logits.dtype).min)
+        logits.sub_(peak).exp_()
+        # weight / row sum: a fully masked row (padding) sums to 0 and must count 0, not NaN.
+        rowsum = logits.sum(-1)  # (batch, kv, group, c)
+        weight = query_weight[:, None, None, start : start + chunk].float()
+        scale = torch.where(rowsum > 0, weight / rowsum.clamp_min(1e-30), torch.zeros_like(rowsum))
+        total[..., :width] += torch.einsum("bhgtl,bhgt->bhl", logits, scale) / group
     return total
 
 
