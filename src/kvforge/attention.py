@@ -130,10 +130,11 @@ def attention_probs_sum(
         logits.masked_fill_(~mask[:, :, None], float("-inf"))
         peak = logits.amax(-1, keepdim=True).clamp_min_(torch.finfo(logits.dtype).min)
         logits.sub_(peak).exp_()
-        # weight / row sum: a fully masked row (padding) sums to 0 and must count 0, not NaN.
+        # weight / row sum. A row that may read nothing is all zeros after exp, so clamping its
+        # zero sum keeps it at 0 instead of NaN.
         rowsum = logits.sum(-1)  # (batch, kv, group, c)
         weight = query_weight[:, None, None, start : start + chunk].float()
-        scale = torch.where(rowsum > 0, weight / rowsum.clamp_min(1e-30), torch.zeros_like(rowsum))
+        scale = weight / rowsum.clamp_min(torch.finfo(rowsum.dtype).tiny)
         total[..., :width] += torch.einsum("bhgtl,bhgt->bhl", logits, scale) / group
     return total
 
