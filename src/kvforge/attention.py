@@ -103,7 +103,7 @@ def attention_probs_sum(
     allowed: torch.Tensor,  # (batch, kv_heads | 1, T, L) bool
     query_weight: torch.Tensor,  # (batch, T) float, 0 for queries that must not count
     scaling: float,
-    chunk: int = 256,
+    chunk: int = 128,
 ) -> torch.Tensor:  # (batch, kv_heads, L)
     """Softmax attention each key received, summed over weighted queries, averaged over each GQA group.
 
