@@ -39,12 +39,11 @@ def kept_positions(tiny_model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.
     cache = KVCache(tiny_model, kvforge.make_policy(policy, ratio=RATIO, **params))
     with torch.inference_mode():
         tiny_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    out = []
-    for layer in cache.layers:
-        view = layer.storage.padded()
-        rows = view.positions.flatten(0, 1)[view.valid.flatten(0, 1)].split(view.lengths.flatten().tolist())
-        out.append([sorted(r.tolist()) for r in rows])
-    return out
+    # The flat storage is ordered by (sequence, KV head, time): split it by the length table.
+    return [
+        [r.tolist() for r in layer.storage.positions.split(layer.storage.lengths.flatten().tolist())]
+        for layer in cache.layers
+    ]
 
 
 def group_mean(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
