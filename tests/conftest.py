@@ -81,3 +81,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: LlamaF
     tiny_model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def held_positions(storage) -> list[list[int]]:
+    """[batch * kv_heads] logical positions a storage holds per row, oldest first."""
+    view = storage.view()
+    rows = view.positions.flatten(0, 1)
+    valid = view.valid.flatten(0, 1)
+    return [r[v].tolist() for r, v in zip(rows, valid)]

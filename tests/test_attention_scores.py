@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 
 import kvforge
 from kvforge.cache import KVCache
-from conftest import left_padded
+from conftest import held_positions, left_padded
 
 LENGTHS = [60, 45]
 RATIO = 0.5
@@ -39,11 +39,7 @@ def kept_positions(tiny_model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.
     cache = KVCache(tiny_model, kvforge.make_policy(policy, ratio=RATIO, **params))
     with torch.inference_mode():
         tiny_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    # The flat storage is ordered by (sequence, KV head, time): split it by the length table.
-    return [
-        [r.tolist() for r in layer.storage.positions.split(layer.storage.lengths.flatten().tolist())]
-        for layer in cache.layers
-    ]
+    return [held_positions(layer.storage) for layer in cache.layers]
 
 
 def group_mean(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -37,7 +37,8 @@ def test_generate_json(capsys, tiny_checkpoint, doc):
     assert result["policy"] == "snapkv" and result["ratio"] == 0.5 and result["query_aware"] is False
     assert 1 <= result["generated_tokens"] <= 5
     # 200 context words are compressed to 100; the question and template tokens stay whole.
-    assert result["cache_bytes"] < 0.6 * result["dense_cache_bytes"]
+    assert result["kept_bytes"] < 0.6 * result["dense_cache_bytes"]
+    assert result["kept_bytes"] <= result["cache_bytes"] <= result["peak_cache_bytes"] <= result["dense_cache_bytes"]
 
 
 def test_generate_query_aware_compresses_the_whole_prompt(capsys, tiny_checkpoint, doc):

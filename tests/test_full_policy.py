@@ -81,11 +81,11 @@ def test_kvforge_attention_without_kvforge_cache_is_plain_attention(tiny_model, 
 
 
 def test_greedy_loop_equals_generate(tiny_model, tiny_reference):
-    from kvforge.generate import forward_last, greedy
+    from kvforge.generate import prefill, greedy
 
     ids, _ = left_padded([25], seed=9)
     cache = KVCache(tiny_model, make_policy("full"))
-    logits = forward_last(tiny_model, ids[0].tolist(), cache)[None]
+    logits = prefill(tiny_model, cache, ids[0].tolist())[None]
     (tokens,) = greedy(tiny_model, cache, logits, torch.tensor([25]), 10, stop_ids=set())
     ref = tiny_reference.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
     assert tokens == ref[0, 25:].tolist()
@@ -94,14 +94,14 @@ def test_greedy_loop_equals_generate(tiny_model, tiny_reference):
 def test_stacked_prefills_decode_like_each_prompt_alone(tiny_model):
     """Prompts prefilled one by one, stacked, then fed ragged chunks and decoded as one batch,
     give each prompt's own tokens; a row that stops early stops growing."""
-    from kvforge.generate import feed, forward_last, greedy
+    from kvforge.generate import feed, prefill, greedy
 
     prompts = [left_padded([n], seed=s)[0][0].tolist() for n, s in ((23, 1), (11, 2), (17, 3))]
     rests = [[5, 6, 7], [9], [3, 4]]
     bases, firsts = [], []
     for p in prompts:
         base = KVCache(tiny_model, make_policy("full"), record_prefill=True)
-        firsts.append(forward_last(tiny_model, p, base))
+        firsts.append(prefill(tiny_model, base, p))
         bases.append(base)
     for name in ("full", "snapkv", "h2o"):
         policy = make_policy(name) if name == "full" else make_policy(name, ratio=0.5, **({"window": 4} if name == "snapkv" else {}))
@@ -110,10 +110,10 @@ def test_stacked_prefills_decode_like_each_prompt_alone(tiny_model):
         got = greedy(tiny_model, batch, logits, pos, 6, stop_ids=set())
         for b, (p, r) in enumerate(zip(prompts, rests)):
             alone = KVCache(tiny_model, policy)
-            forward_last(tiny_model, p, alone)
+            prefill(tiny_model, alone, p)
             lg, ps = feed(tiny_model, alone, [r], torch.tensor([len(p)]))
             assert got[b] == greedy(tiny_model, alone, lg, ps, 6, stop_ids=set())[0], (name, b)
-            assert int(batch.seq_nbytes()[b]) == alone.nbytes
+            assert int(batch.seq_nbytes()[b]) == alone.kept_nbytes
             assert int(batch.seq_dense_nbytes()[b]) == alone.dense_nbytes
     # A stop token ends one row early: it emits no more tokens and stores nothing more.
     batch = KVCache.stack(bases).derive(make_policy("full"))

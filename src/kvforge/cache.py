@@ -1,4 +1,4 @@
-"""The transformers `Cache` subclass: per-layer ragged storage driven by a compression policy.
+"""The transformers `Cache` subclass: per-layer storage driven by a compression policy.
 
 Invariant: `get_seq_length()` is the *logical* number of tokens the model has seen (padding
 included, evicted tokens included), which is what transformers derives positions and mask sizes
@@ -9,26 +9,52 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvforge.attention import ATTN_NAME, attend, causal_allowed, tag_layer
-from kvforge.policies.base import Policy, StepContext
-from kvforge.storage.ragged import PaddedView, RaggedKV
+from kvforge.attention import ATTN_NAME, tag_layer
+from kvforge.policies.base import BUDGET_FIELDS, Policy, StepContext
+from kvforge.storage import DEFAULT_LAYOUT, KVStorage, check_layout, make_storage
+
+
+PREFILL, APPEND, DECODE = "prefill", "append", "decode"
+MODES = (PREFILL, APPEND, DECODE)
 
 
 @dataclass
 class Phase:
-    """Shared by a cache's layers: whether the next chunks are prompt or decoding steps.
+    """Shared by a cache's layers: what the next forward chunks are.
 
-    None infers it (a 1-token chunk is a decoding step), which is what `model.generate` needs;
-    kvforge's own loops say it explicitly, so a 1-token question is still a prompt chunk."""
+    - "prefill": prompt chunks the policy compresses (to its ratio of the tokens seen so far,
+      or its budget) right after each chunk's attention;
+    - "append": prompt chunks stored as they are (the question, in the question-agnostic setting);
+    - "decode": generated tokens; the decoding budget holds.
 
-    decoding: bool | None = None
+    None infers it from the chunk (one token: decode; more: prefill), which is what
+    `model.generate` needs, chunked prefill included. kvforge's own loops set it explicitly."""
+
+    mode: str | None = None
+
+
+@dataclass
+class HeldBytes:
+    """K/V bytes allocated by a cache's layers, and the most held at once.
+
+    Layers report after each append and each compaction, so `peak` is the largest sum over layers
+    between operations (the transient old + new buffers of one row while it grows are not seen)."""
+
+    per_layer: dict[int, int] = field(default_factory=dict)
+    total: int = 0
+    peak: int = 0
+
+    def update(self, layer_idx: int, nbytes: int) -> None:
+        self.total += nbytes - self.per_layer.get(layer_idx, 0)
+        self.per_layer[layer_idx] = nbytes
+        self.peak = max(self.peak, self.total)
 
 
 @dataclass
@@ -40,6 +66,7 @@ class PrefillRecord:
     valid: torch.Tensor  # (batch, T) bool
     scaling: float
 
+
 log = logging.getLogger(__name__)
 
 
@@ -48,18 +75,20 @@ class KVForgeLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, layer_idx: int, policy: Policy, phase: Phase) -> None:
+    def __init__(self, layer_idx: int, policy: Policy, phase: Phase, held: HeldBytes, layout: str) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.policy = policy
         self.phase = phase
-        self.storage: RaggedKV | None = None
+        self.held = held
+        self.layout = layout
+        self.storage: KVStorage | None = None
         self.seen = 0  # logical tokens seen, padding included
         self.chunks = 0  # forward chunks processed
         self.decode_budget: torch.Tensor | None = None  # (batch, kv_heads), set at the first decode step
         self.pending = False  # update() ran and attend() has not yet
-        # (batch,) entries ever stored per sequence: what an uncompressed cache would hold now
-        self.stored: torch.Tensor | None = None
+        # (batch,) real tokens ever stored per sequence: what an uncompressed cache would hold now
+        self.tokens: torch.Tensor | None = None
         self.policy_seconds = 0.0  # time spent observing and compressing, for benchmarks
         self.record_prefill = False
         self.prefill_record: PrefillRecord | None = None
@@ -67,8 +96,8 @@ class KVForgeLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.storage = RaggedKV(batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names)
-        self.stored = torch.zeros(batch, dtype=torch.int64, device=key_states.device)
+        self.storage = make_storage(self.layout, batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names)
+        self.tokens = torch.zeros(batch, dtype=torch.int64)
         self.is_initialized = True
 
     def update(
@@ -95,32 +124,20 @@ class KVForgeLayer(CacheLayerMixin):
         new_valid: torch.Tensor,  # (batch, T) bool
         scaling: float,
     ) -> torch.Tensor:  # (batch, q_heads, T, head_dim)
-        assert self.storage is not None
+        assert self.storage is not None and self.tokens is not None
         self.pending = False
         t = keys.shape[2]
+        mode = self.phase.mode or (DECODE if t == 1 else PREFILL)
         positions = torch.arange(self.seen, self.seen + t, device=keys.device)
-        first = self.storage.entries == 0
-        before = self.storage.lengths.clone()
-        self.storage.append(keys, values, positions, new_valid)
-        self.stored = self.stored + new_valid.sum(1) * keys.shape[1]
-
-        # The first chunk attends over itself directly (no copy); later ones over what is held.
-        if first:
-            allowed = None
-            if not bool(new_valid.all()):
-                allowed = causal_allowed(positions.expand(keys.shape[0], 1, -1), new_valid[:, None], positions)
-            out = attend(query, keys, values, allowed, scaling)
-        view = self.storage.padded() if (not first or self._acts()) else None
-        if not first:
-            assert view is not None
-            # One new token per row and no padding slot: every held entry is in its past, so
-            # plain unmasked attention is exact (the common decoding step).
-            dense_step = t == 1 and bool(new_valid.all()) and self.storage.uniform_length() is not None
-            allowed = None if dense_step else causal_allowed(view.positions, view.valid, positions)
-            out = attend(query, view.keys, view.values, allowed, scaling)
-
-        if view is not None:
-            self._act(view, query, positions, new_valid, scaling, before)
+        # Prompt chunks are stored without spare room (each is large, and a compression may
+        # follow at once); decoding steps grow the rows geometrically, so appends are amortized.
+        exact = mode != DECODE
+        self.storage.append(keys, values, positions, new_valid, exact=exact)
+        added = new_valid.sum(1).cpu()  # (batch,)
+        self.tokens += added
+        self.held.update(self.layer_idx, self.storage.allocated_nbytes)
+        out = self.storage.attend(query, positions, new_valid, scaling)
+        self._act(query, positions, new_valid, scaling, mode, added)
         if self.record_prefill and self.chunks == 0:
             self.prefill_record = PrefillRecord(query, positions, new_valid, scaling)
         self.seen += t
@@ -129,13 +146,13 @@ class KVForgeLayer(CacheLayerMixin):
 
     def _act(
         self,
-        view: PaddedView,
         query: torch.Tensor,  # (batch, q_heads, T, head_dim)
         positions: torch.Tensor,  # (T,)
         new_valid: torch.Tensor,  # (batch, T)
         scaling: float,
-        before: torch.Tensor,  # (batch, kv_heads) entries held before this chunk
-        shared: dict[str, dict[str, torch.Tensor]] | None = None,
+        mode: str,
+        added: torch.Tensor,  # (batch,) tokens this chunk stored per sequence
+        shared: dict[str, dict[str, object]] | None = None,
     ) -> None:
         """Let the policy observe this chunk and, when a budget applies, compress.
 
@@ -143,42 +160,49 @@ class KVForgeLayer(CacheLayerMixin):
         the state, observing is skipped; when empty, it is filled. A sweep derives one policy at
         several ratios, and what it observes does not depend on the ratio."""
         assert self.storage is not None
+        budget = self._budget(mode, added)
+        if budget is None and not self.policy.aux_names:
+            return
         start = time.perf_counter()
-        ctx = StepContext(self.layer_idx, view, query, positions, new_valid, scaling)
+        ctx = StepContext(self.layer_idx, self.storage, query, positions, new_valid, scaling)
         if shared is not None and "state" in shared:
-            self.storage.aux = {name: state.clone() for name, state in shared["state"].items()}
-            view = ctx.view = self.storage.padded()
-        else:
-            self.policy.observe(ctx, self.storage)
+            self.storage.import_aux(shared["state"])
+        elif self.policy.aux_names:
+            self.policy.observe(ctx)
             if shared is not None:
-                shared["state"] = {name: state.clone() for name, state in self.storage.aux.items()}
-        ctx.budget = self._budget(query.shape[2], before)
-        if ctx.budget is not None and bool((ctx.budget < view.lengths).any()):
+                shared["state"] = self.storage.export_aux()
+        if budget is not None:
+            ctx.budget = budget.to(query.device)
             index, mask = self.policy.select(ctx)
-            self.storage.keep(view, index, mask)
-        if self.storage.keys.is_cuda:
-            torch.cuda.synchronize(self.storage.keys.device)
+            self.storage.keep(ctx.view, index, mask, reserve=self.policy.evict_every if mode == DECODE else 0)
+            self.held.update(self.layer_idx, self.storage.allocated_nbytes)
+        if query.is_cuda:
+            torch.cuda.synchronize(query.device)
         self.policy_seconds += time.perf_counter() - start
 
-    def _acts(self) -> bool:
-        """Whether the policy may look at this layer at all (observe or compress)."""
-        p = self.policy
-        return bool(p.aux_names) or (p.ratio > 0 and (p.compresses_prefill or p.holds_budget_while_decoding))
-
-    def _budget(self, t: int, before: torch.Tensor) -> torch.Tensor | None:
-        """(batch, kv_heads) entries to keep after this chunk, or None to keep everything."""
-        policy = self.policy
-        assert self.storage is not None
-        if policy.ratio == 0:
+    def _budget(self, mode: str, added: torch.Tensor) -> torch.Tensor | None:
+        """(batch, kv_heads) entries to keep after this chunk, or None when nothing is evicted."""
+        policy, storage = self.policy, self.storage
+        assert storage is not None and self.tokens is not None
+        held = storage.lengths.cpu()
+        if mode == PREFILL:
+            budget = policy.prefill_budget(self.tokens, held)
+            return budget if budget is not None and bool((budget < held).any()) else None
+        if mode != DECODE:
             return None
-        if self.chunks == 0:
-            return policy.prefill_budget(self.storage.lengths) if policy.compresses_prefill else None
-        decoding = self.phase.decoding if self.phase.decoding is not None else t == 1
-        if decoding and policy.holds_budget_while_decoding:
-            if self.decode_budget is None:
-                self.decode_budget = before.clamp(min=1)
-            return self.decode_budget
-        return None
+        if self.decode_budget is None:
+            if policy.decode_budget is not None:
+                self.decode_budget = torch.full_like(held, policy.decode_budget)
+            elif policy.holds_budget_while_decoding and policy.compresses:
+                # What was held before this first step: the size the prompt left.
+                self.decode_budget = (held - added[:, None]).clamp(min=1)
+            else:
+                return None
+        # Rows reaching budget + evict_every go back to their budget; the others keep all.
+        due = held >= self.decode_budget + policy.evict_every
+        if not bool(due.any()):
+            return None
+        return torch.where(due, self.decode_budget, held)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -195,10 +219,10 @@ class KVForgeLayer(CacheLayerMixin):
         self.seen = self.chunks = 0
         self.decode_budget = None
         self.pending = False
-        self.stored = None
+        self.tokens = None
         self.policy_seconds = 0.0
         self.prefill_record = None
-
+        self.held.update(self.layer_idx, 0)
 
 class KVCache(Cache):
     """A KV cache that holds only what its policy keeps, at KV-head granularity, ragged per head.
@@ -207,28 +231,35 @@ class KVCache(Cache):
 
         cache = KVCache(model, make_policy("snapkv", ratio=0.5))
         model.generate(input_ids, past_key_values=cache)
-        cache.nbytes  # bytes of K/V actually held
+        cache.nbytes  # bytes of K/V actually allocated
+
+    `layout` picks how entries are held (`kvforge.storage.LAYOUTS`); the policy never knows.
     """
 
-    def __init__(self, model: PreTrainedModel, policy: Policy, record_prefill: bool = False) -> None:
+    def __init__(
+        self, model: PreTrainedModel, policy: Policy, record_prefill: bool = False, layout: str = DEFAULT_LAYOUT
+    ) -> None:
         if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
             raise ValueError(
                 f"model uses attention implementation {model.config._attn_implementation!r}; "
                 f"call kvforge.enable(model) first so the cache's compression is applied"
             )
-        self._setup(policy, model.config.get_text_config().num_hidden_layers)
+        check_layout(layout)
+        self._setup(policy, model.config.get_text_config().num_hidden_layers, layout)
         for layer in self.layers:
             layer.record_prefill = record_prefill
 
-    def _setup(self, policy: Policy, num_layers: int) -> None:
-        self.policy, self.num_layers, self.phase = policy, num_layers, Phase()
-        Cache.__init__(self, layers=[KVForgeLayer(i, policy, self.phase) for i in range(num_layers)])
+    def _setup(self, policy: Policy, num_layers: int, layout: str) -> None:
+        self.policy, self.num_layers, self.phase, self.layout = policy, num_layers, Phase(), layout
+        self.held = HeldBytes()
+        layers = [KVForgeLayer(i, policy, self.phase, self.held, layout) for i in range(num_layers)]
+        Cache.__init__(self, layers=layers)
 
     @classmethod
-    def _empty(cls, policy: Policy, num_layers: int) -> KVCache:
+    def _empty(cls, policy: Policy, num_layers: int, layout: str) -> KVCache:
         """A cache with fresh layers, built without a model (derive and stack fill the layers)."""
         cache = cls.__new__(cls)
-        cache._setup(policy, num_layers)
+        cache._setup(policy, num_layers, layout)
         return cache
 
     def derive(self, policy: Policy, observed: dict | None = None) -> KVCache:
@@ -237,27 +268,28 @@ class KVCache(Cache):
         This cache must hold exactly one recorded, uncompressed prefill (record_prefill=True,
         policy full). Compression happens after each layer's attention, so the prefill itself
         does not depend on the policy: deriving is exact, and a sweep pays one prefill per sample.
+        (A chunked prefill does depend on the policy: later chunks attend over what was kept.)
         `observed`, a dict kept by the caller across calls on this base, lets policies that differ
-        only in ratio share what they observed of the prefill (H2O's accumulated attention).
+        only in budget share what they observed of the prefill (H2O's accumulated attention).
         """
-        state_key = (type(policy), tuple(sorted((k, v) for k, v in asdict(policy).items() if k != "ratio")))
-        if self.policy.ratio != 0 or self.policy.aux_names:
+        params = tuple(sorted((k, v) for k, v in asdict(policy).items() if k not in BUDGET_FIELDS))
+        state_key = (type(policy), params)
+        if self.policy.compresses or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
-        derived = KVCache._empty(policy, self.num_layers)
+        derived = KVCache._empty(policy, self.num_layers, self.layout)
         for base, layer in zip(self.layers, derived.layers):
             record = base.prefill_record
             if base.storage is None or record is None or base.chunks != 1:
                 raise ValueError("derive() needs a cache that ran exactly one recorded prefill chunk")
             layer.storage = base.storage.share(policy.aux_names)
             layer.is_initialized, layer.dtype, layer.device = True, base.dtype, base.device
-            layer.seen, layer.stored = base.seen, base.stored
-            if layer._acts():
-                before = torch.zeros_like(layer.storage.lengths)
-                shared = None
-                if observed is not None and policy.aux_names:
-                    shared = observed.setdefault((state_key, layer.layer_idx), {})
-                view = layer.storage.padded()
-                layer._act(view, record.query, record.positions, record.valid, record.scaling, before, shared)
+            layer.seen, layer.tokens = base.seen, base.tokens.clone()
+            derived.held.update(layer.layer_idx, layer.storage.allocated_nbytes)
+            shared = None
+            if observed is not None and policy.aux_names:
+                shared = observed.setdefault((state_key, layer.layer_idx), {})
+            added = record.valid.sum(1).cpu()
+            layer._act(record.query, record.positions, record.valid, record.scaling, PREFILL, added, shared)
             layer.chunks = 1
         return derived
 
@@ -266,55 +298,68 @@ class KVCache(Cache):
         """Seconds spent in policy observation and compression, summed over layers."""
         return sum(layer.policy_seconds for layer in self.layers)
 
+    def _storages(self) -> list[KVStorage]:
+        return [layer.storage for layer in self.layers if layer.storage is not None]
+
     @property
     def nbytes(self) -> int:
-        """Bytes of the K and V tensors held, summed over layers (read from the tensors)."""
-        return sum(layer.storage.kv_nbytes for layer in self.layers if layer.storage is not None)
+        """K/V bytes allocated, spare capacity included, summed over layers (read from the tensors)."""
+        return sum(s.allocated_nbytes for s in self._storages())
+
+    @property
+    def kept_nbytes(self) -> int:
+        """K/V bytes of the entries kept: entries x (one K row + one V row)."""
+        return sum(s.kept_nbytes for s in self._storages())
+
+    @property
+    def peak_nbytes(self) -> int:
+        """The most K/V bytes allocated at once so far (see `HeldBytes`)."""
+        return self.held.peak
 
     @property
     def dense_nbytes(self) -> int:
         """Bytes an uncompressed cache of the same dtype would hold for the same (unpadded) tokens."""
         return int(self.seq_dense_nbytes().sum())
 
-    def _entry_bytes(self, layer: KVForgeLayer) -> int:
-        assert layer.storage is not None
-        return 2 * layer.storage.head_dim * layer.storage.keys.element_size()  # one K row + one V row
-
     def seq_nbytes(self) -> torch.Tensor:
-        """(batch,) K/V bytes held for each sequence: its rows of the held tensors."""
-        return sum(layer.storage.lengths.sum(1) * self._entry_bytes(layer) for layer in self.layers if layer.storage is not None)
+        """(batch,) K/V bytes kept for each sequence: its entries x entry size."""
+        return sum(s.lengths.cpu().sum(1) * s.entry_nbytes for s in self._storages())
 
     def seq_dense_nbytes(self) -> torch.Tensor:
         """(batch,) K/V bytes an uncompressed cache would hold for each sequence."""
-        return sum(layer.stored * self._entry_bytes(layer) for layer in self.layers if layer.storage is not None)
+        return sum(
+            layer.tokens * layer.storage.kv_heads * layer.storage.entry_nbytes
+            for layer in self.layers
+            if layer.storage is not None and layer.tokens is not None
+        )
 
     @classmethod
     def stack(cls, bases: list[KVCache]) -> KVCache:
-        """One batched recording cache from single-sequence recorded prefills, as if the prompts
-        had been prefilled together left-padded: positions shift right by each prompt's padding.
+        """One batched cache from single-sequence caches of one policy, as if the prompts had been
+        prefilled together left-padded: positions shift right by each prompt's padding.
 
         Prefilling one prompt at a time keeps the fast causal attention path and the memory of one
-        prompt; the stacked cache then derives and decodes every policy for the whole batch."""
-        if not bases or any(b.policy.name != "full" or len(b.kept_lengths(0)) != 1 for b in bases):
-            raise ValueError("stack() takes recorded single-sequence caches of the full policy")
-        stacked = KVCache._empty(bases[0].policy, bases[0].num_layers)
+        prompt; the stacked cache then decodes the whole batch (and, for recorded full prefills,
+        derives every policy for it)."""
+        if not bases or any(len(b.kept_lengths(0)) != 1 for b in bases):
+            raise ValueError("stack() takes single-sequence caches")
+        if any(b.policy != bases[0].policy or b.layout != bases[0].layout for b in bases):
+            raise ValueError("stack() takes caches of one policy and one layout")
+        first = bases[0]
+        stacked = KVCache._empty(first.policy, first.num_layers, first.layout)
         width = max(b.get_seq_length() for b in bases)
         for i, layer in enumerate(stacked.layers):
             parts = [b.layers[i] for b in bases]
-            records = [p.prefill_record for p in parts]
-            if any(r is None or p.chunks != 1 for p, r in zip(parts, records)):
-                raise ValueError("stack() needs caches that ran exactly one recorded prefill chunk")
             pads = [width - p.seen for p in parts]
-            first = parts[0].storage
-            storage = RaggedKV(len(parts), first.kv_heads, first.head_dim, first.keys.dtype, first.keys.device)
-            storage.keys = torch.cat([p.storage.keys for p in parts])
-            storage.values = torch.cat([p.storage.values for p in parts])
-            storage.positions = torch.cat([p.storage.positions + pad for p, pad in zip(parts, pads)])
-            storage.lengths = torch.cat([p.storage.lengths for p in parts])
-            layer.storage, layer.is_initialized = storage, True
+            layer.storage = type(parts[0].storage).stack([p.storage for p in parts], pads)
+            layer.is_initialized = True
             layer.dtype, layer.device = parts[0].dtype, parts[0].device
-            layer.seen, layer.chunks = width, 1
-            layer.stored = torch.cat([p.stored for p in parts])
+            layer.seen, layer.chunks = width, parts[0].chunks
+            layer.tokens = torch.cat([p.tokens for p in parts])
+            stacked.held.update(i, layer.storage.allocated_nbytes)
+            records = [p.prefill_record for p in parts]
+            if any(r is None for r in records) or any(p.chunks != 1 for p in parts):
+                continue
             layer.record_prefill = True
             # Queries left-padded with zeros to the common width; padding queries are marked invalid.
             query = torch.cat([F.pad(r.query, (0, 0, pad, 0)) for r, pad in zip(records, pads)])
@@ -325,7 +370,7 @@ class KVCache(Cache):
     @property
     def meta_nbytes(self) -> int:
         """Bytes held beside K/V: positions, lengths, policy state."""
-        return sum(layer.storage.meta_nbytes for layer in self.layers if layer.storage is not None)
+        return sum(s.meta_nbytes for s in self._storages())
 
     def kept_lengths(self, layer_idx: int = 0) -> torch.Tensor:
         """(batch, kv_heads) entries held by one layer."""
@@ -336,4 +381,4 @@ class KVCache(Cache):
 
     def entries(self) -> int:
         """Total entries held over layers, sequences and KV heads."""
-        return sum(layer.storage.entries for layer in self.layers if layer.storage is not None)
+        return sum(s.entries for s in self._storages())

@@ -200,7 +200,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     for col in ("policy", "ratio", "KL (nats)", "top-1 agree %", "cache MiB", "kept"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for r in results:
-        table.add_row(r.policy, f"{r.ratio:g}", f"{r.kl:.4f}", f"{r.top1_agreement:.1f}", f"{r.cache_bytes / 2**20:.2f}", f"{r.cache_bytes / max(r.dense_bytes, 1):.0%}")
+        table.add_row(r.policy, f"{r.ratio:g}", f"{r.kl:.4f}", f"{r.top1_agreement:.1f}", f"{r.cache_bytes / 2**20:.2f}", f"{r.kept_bytes / max(r.dense_bytes, 1):.0%}")
     console.print(table)
     if args.json:
         print(json.dumps([r.__dict__ for r in results]))

@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kvforge.cache import KVCache
+from kvforge.cache import APPEND, DECODE, PREFILL, KVCache
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
+from kvforge.storage import DEFAULT_LAYOUT
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class GenerationResult:
     policy: str
     ratio: float
     query_aware: bool
-    cache_bytes: int  # K/V bytes held at the end, read from the stored tensors
+    cache_bytes: int  # K/V bytes allocated at the end (spare capacity included), read from the tensors
+    kept_bytes: int  # K/V bytes of the entries kept at the end: entries x entry size
+    peak_cache_bytes: int  # the most K/V bytes allocated at once during the run
     dense_cache_bytes: int  # K/V bytes an uncompressed cache holds for the same tokens
     cache_meta_bytes: int  # positions, lengths, policy state held beside K/V
     prefill_seconds: float
@@ -94,15 +97,14 @@ def check_length(prompt_tokens: int, max_new_tokens: int, context_length: int) -
         )
 
 
-def feed(
-    model: torch.nn.Module,
-    cache: KVCache,
-    rows: list[list[int]],
-    positions: torch.Tensor,  # (batch,) rotary position of each row's next token
-    decoding: bool = False,
+def check_chunk(chunk: int | None) -> None:
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"prefill_chunk={chunk} must be at least 1 token (--prefill-chunk), or unset for one-shot prefill")
+
+
+def _feed_once(
+    model: torch.nn.Module, cache: KVCache, rows: list[list[int]], positions: torch.Tensor, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feed one chunk per row (rows may differ in length; they are left-padded and the padding
-    is not stored). Returns (batch, vocab) logits of each row's last token and the next positions."""
     device = model.device
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
@@ -112,11 +114,44 @@ def feed(
             ids[b, width - len(r) :] = torch.tensor(r, device=device)
             valid[b, width - len(r) :] = True
     seen = cache.get_seq_length()
-    cache.phase.decoding = decoding  # a 1-token question is a prompt chunk, not a decoding step
+    cache.phase.mode = mode
     mask = torch.cat([torch.ones(len(rows), seen, dtype=torch.long, device=device), valid.long()], dim=1)
     pos = positions.to(device)[:, None] + (valid.cumsum(1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], positions.to(device) + valid.sum(1)
+
+
+def feed(
+    model: torch.nn.Module,
+    cache: KVCache,
+    rows: list[list[int]],
+    positions: torch.Tensor,  # (batch,) rotary position of each row's next token
+    mode: str = APPEND,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed token rows (they may differ in length; each chunk is left-padded and the padding is
+    not stored), `chunk` tokens per row at a time (None: all at once). `mode` says what the
+    cache does with them (`Phase`). Returns (batch, vocab) logits of each row's last token and
+    the next positions."""
+    check_chunk(chunk)
+    longest = max(len(r) for r in rows)
+    step = chunk or max(longest, 1)
+    logits: torch.Tensor | None = None
+    for start in range(0, max(longest, 1), step):
+        part = [r[start : start + step] for r in rows]
+        out, positions = _feed_once(model, cache, part, positions, mode)
+        # A row that ran out of tokens keeps the logits of its own last chunk.
+        fed = torch.tensor([bool(p) for p in part], device=out.device)[:, None]
+        logits = out if logits is None else torch.where(fed, out, logits)
+    assert logits is not None
+    return logits, positions
+
+
+def prefill(model: torch.nn.Module, cache: KVCache, ids: list[int], chunk: int | None = None) -> torch.Tensor:
+    """Prefill one sequence's `ids`, compressing after every chunk of `chunk` tokens (None: one
+    shot), so the cache never holds more than its budget plus one chunk. (vocab,) next-token logits."""
+    logits, _ = feed(model, cache, [ids], torch.tensor([cache.get_seq_length()]), PREFILL, chunk)
+    return logits[0]
 
 
 def greedy(
@@ -141,14 +176,8 @@ def greedy(
                 finished[b] = token in stop_ids
         if all(finished) or step == max_new_tokens - 1:
             return tokens
-        logits, positions = feed(model, cache, [[] if f else [t] for f, t in zip(finished, chosen)], positions, decoding=True)
+        logits, positions = feed(model, cache, [[] if f else [t] for f, t in zip(finished, chosen)], positions, DECODE)
     return tokens
-
-
-def forward_last(model: torch.nn.Module, ids: list[int], cache: KVCache) -> torch.Tensor:
-    """Run one sequence's `ids` through the model on `cache`; (vocab,) logits of the last position."""
-    out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]
 
 
 def stop_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -163,20 +192,24 @@ def answer(
     policy: Policy,
     max_new_tokens: int = 64,
     query_aware: bool = False,
+    prefill_chunk: int | None = None,
+    layout: str = DEFAULT_LAYOUT,
 ) -> GenerationResult:
     """Generate greedily from `prompt` with a cache compressed by `policy`.
 
     Question-agnostic: the context is prefilled and compressed, then the rest is fed. Query-aware:
     the whole prompt is prefilled and compressed. Either way the first new token comes from the
-    prefill's own logits, as compression happens after each layer's attention.
+    prefill's own logits, as compression happens after each layer's attention. `prefill_chunk`
+    prefills (and compresses) that many tokens at a time.
     """
     model, tokenizer = loaded.model, loaded.tokenizer
     check_length(len(prompt.ids), max_new_tokens, loaded.context_length)
-    cache = KVCache(model, policy)
+    check_chunk(prefill_chunk)
+    cache = KVCache(model, policy, layout=layout)
     start = time.perf_counter()
-    prefill = prompt.ids if query_aware else prompt.context_ids
-    logits = forward_last(model, prefill, cache)[None]  # (1, vocab)
-    positions = torch.tensor([len(prefill)], device=model.device)
+    compressed = prompt.ids if query_aware else prompt.context_ids
+    logits = prefill(model, cache, compressed, prefill_chunk)[None]  # (1, vocab)
+    positions = torch.tensor([len(compressed)], device=model.device)
     prefill_seconds = time.perf_counter() - start
     if not query_aware:
         logits, positions = feed(model, cache, [prompt.rest_ids], positions)
@@ -192,6 +225,8 @@ def answer(
         ratio=policy.ratio,
         query_aware=query_aware,
         cache_bytes=cache.nbytes,
+        kept_bytes=cache.kept_nbytes,
+        peak_cache_bytes=cache.peak_nbytes,
         dense_cache_bytes=cache.dense_nbytes,
         cache_meta_bytes=cache.meta_nbytes,
         prefill_seconds=prefill_seconds,

@@ -28,7 +28,7 @@ import torch
 
 from kvforge.cache import KVCache
 from kvforge.eval.tasks import make_case
-from kvforge.generate import build_prompt, check_length, forward_last, greedy
+from kvforge.generate import build_prompt, check_length, prefill, greedy
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
 from kvforge.policies.registry import make_policy
@@ -191,9 +191,9 @@ def _measure_once(loaded: LoadedModel, ids: list[int], policy: Policy, decode_to
     cache = KVCache(model, policy)
     meter.start()
     start = time.perf_counter()
-    logits = forward_last(model, ids, cache)
+    logits = prefill(model, cache, ids)
     _sync(meter.device)
-    prefill = time.perf_counter() - start
+    prefill_seconds = time.perf_counter() - start
     peak = meter.stop()
     # Read the sizes before decoding grows the cache.
     cache_bytes, dense_bytes, compress = cache.nbytes, cache.dense_nbytes, cache.policy_seconds
@@ -205,7 +205,7 @@ def _measure_once(loaded: LoadedModel, ids: list[int], policy: Policy, decode_to
     _sync(meter.device)
     decode = time.perf_counter() - start
     del cache, logits
-    return _Measure(prefill, compress, decode, cache_bytes, dense_bytes, peak)
+    return _Measure(prefill_seconds, compress, decode, cache_bytes, dense_bytes, peak)
 
 
 def _with_full_first(policies: list[Policy]) -> list[Policy]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.cache import KVCache
-from kvforge.generate import forward_last
+from kvforge.generate import prefill
 from kvforge.models import LoadedModel
 from kvforge.policies import make_policy
 from kvforge.policies.base import Policy
@@ -25,7 +25,8 @@ class Fidelity:
     kl: float  # mean KL(full || compressed) of the next-token distribution, nats
     top1_agreement: float  # share of positions where both caches predict the same token, 0-100
     positions: int
-    cache_bytes: int
+    cache_bytes: int  # K/V bytes allocated at the end
+    kept_bytes: int  # K/V bytes of the entries kept at the end
     dense_bytes: int
 
 
@@ -45,7 +46,7 @@ def fidelity(loaded: LoadedModel, ids: list[int], context_tokens: int, policies:
         raise ValueError(f"context of {context_tokens} tokens must be shorter than the text ({len(ids)} tokens)")
     model = loaded.model
     base = KVCache(model, make_policy("full"), record_prefill=True)
-    first = forward_last(model, ids[:context_tokens], base)
+    first = prefill(model, base, ids[:context_tokens])
     continuation = ids[context_tokens:]
     reference = teacher_forced_logprobs(model, base.derive(make_policy("full")), first, continuation)
     results = []
@@ -57,7 +58,7 @@ def fidelity(loaded: LoadedModel, ids: list[int], context_tokens: int, policies:
         results.append(
             Fidelity(
                 policy.name, policy.ratio, float(kl.mean()), 100 * float(agree.mean()), len(continuation),
-                cache.nbytes, cache.dense_nbytes,
+                cache.nbytes, cache.kept_nbytes, cache.dense_nbytes,
             )  # fmt: skip
         )
     return results

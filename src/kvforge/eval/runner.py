@@ -24,7 +24,7 @@ import torch
 
 from kvforge.cache import KVCache
 from kvforge.eval.tasks import TASKS, Case, load_task_file, make_case, score
-from kvforge.generate import build_prompt, check_length, feed, forward_last, greedy, stop_ids
+from kvforge.generate import build_prompt, check_length, feed, prefill, greedy, stop_ids
 from kvforge.models import LoadedModel
 from kvforge.policies import all_policies, make_policy
 from kvforge.policies.base import Policy
@@ -219,7 +219,7 @@ def run_group(
         ids = prompt.ids if query_aware else prompt.context_ids
         base = KVCache(model, make_policy("full"), record_prefill=True)
         start = time.perf_counter()
-        firsts.append(forward_last(model, ids, base))
+        firsts.append(prefill(model, base, ids))
         prefill_seconds.append(time.perf_counter() - start)
         bases.append(base)
         stats.prefills += 1
@@ -228,7 +228,7 @@ def run_group(
             # What the sweep saves: one policy's prefill on its own, measured on this prompt.
             name, ratio = next((c for c in combos if c[0] != "full"), combos[0])
             start = time.perf_counter()
-            forward_last(model, ids, KVCache(model, policies[(name, ratio)]))
+            prefill(model, KVCache(model, policies[(name, ratio)]), ids)
             stats.per_row_prefill_seconds = time.perf_counter() - start
             stats.per_row_prefill_policy = f"{name} {ratio:g}"
     stacked = KVCache.stack(bases)

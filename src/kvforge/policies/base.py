@@ -14,7 +14,11 @@ from typing import ClassVar
 import torch
 
 from kvforge.attention import attention_probs_sum, causal_allowed
-from kvforge.storage.ragged import PaddedView, RaggedKV
+from kvforge.storage.base import KVStorage, PaddedView
+
+# Fields of every policy that say how much is kept, not how entries are scored: policies that
+# differ only in these observe the same state (a sweep shares it).
+BUDGET_FIELDS = ("ratio", "budget", "decode_budget", "evict_every")
 
 
 def check_range(name: str, value: float, low: float, high: float | None = None, *, high_open: bool = False) -> None:
@@ -29,18 +33,23 @@ def check_range(name: str, value: float, low: float, high: float | None = None, 
 class StepContext:
     """What a policy may look at after one forward chunk of one layer.
 
-    The view holds every entry the layer keeps *including* the chunk just stored; queries are
-    the chunk's. `budget` is set when the step compresses.
+    The storage holds every entry the layer keeps *including* the chunk just stored; queries are
+    the chunk's. `view` is built on first use (a decoding step that only observes needs none).
+    `budget` is set when the step compresses.
     """
 
     layer_idx: int
-    view: PaddedView
+    storage: KVStorage
     query: torch.Tensor  # (batch, q_heads, T, head_dim)
     query_positions: torch.Tensor  # (T,) logical index of each query
     query_valid: torch.Tensor  # (batch, T) bool, False for padding queries
     scaling: float
     budget: torch.Tensor | None = None  # (batch, kv_heads) entries to keep
     _cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @cached_property
+    def view(self) -> PaddedView:
+        return self.storage.view()
 
     @cached_property
     def allowed(self) -> torch.Tensor:
@@ -67,16 +76,26 @@ class StepContext:
 class Policy:
     """Base of every compression policy.
 
-    ratio: fraction of the cached tokens removed (0 keeps all, 0.75 keeps a quarter), the
-    convention of the most used press library.
+    ratio: fraction of the prompt's tokens removed (0 keeps all, 0.75 keeps a quarter), the
+        convention of the most used press library. With a chunked prefill the ratio holds after
+        every chunk: each compression keeps (1 - ratio) of the tokens seen so far.
+    budget: instead of a ratio, at most this many entries per sequence and KV head after the
+        prompt (None: use the ratio).
+    decode_budget: entries per sequence and KV head held while decoding. None: policies that
+        hold their budget while decoding (streaming, h2o) keep the size they had when decoding
+        started; the others grow with the generation.
+    evict_every: while decoding, a row is compressed back to its budget when it holds
+        budget + evict_every entries, so it never holds more than budget + evict_every - 1 and
+        the compression cost is shared by evict_every steps (1 evicts at every step).
     """
 
     ratio: float = 0.5
+    budget: int | None = None
+    decode_budget: int | None = None
+    evict_every: int = 16
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    # Compress at the end of the first forward chunk (the prefill).
-    compresses_prefill: ClassVar[bool] = True
     # While decoding, keep the cache at the size it had when decoding started.
     holds_budget_while_decoding: ClassVar[bool] = False
     # Per-entry state the storage carries for this policy (float32, one value per entry).
@@ -84,8 +103,33 @@ class Policy:
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
+        check_range("evict_every", self.evict_every, 1)
+        for name in ("budget", "decode_budget"):
+            value = getattr(self, name)
+            if value is not None and value < self.min_budget():
+                raise ValueError(
+                    f"{name}={value} is below policy {self.name!r}'s minimum of {self.min_budget()} entries "
+                    f"({self.min_budget_reason()}); give --{name.replace('_', '-')} >= {self.min_budget()}"
+                )
 
-    def observe(self, ctx: StepContext, storage: RaggedKV) -> None:
+    def min_budget(self) -> int:
+        """The fewest entries per row this policy can keep and still work as designed."""
+        return 1
+
+    def min_budget_reason(self) -> str:
+        return "at least one entry"
+
+    @property
+    def compresses(self) -> bool:
+        """Whether this policy ever evicts (a ratio, a budget or a decoding budget is set)."""
+        return self.ratio > 0 or self.budget is not None or self.decode_budget is not None
+
+    @property
+    def setting(self) -> str:
+        """How much this policy keeps, for reports: `ratio 0.5`, `budget 512`."""
+        return f"budget {self.budget}" if self.budget is not None else f"ratio {self.ratio:g}"
+
+    def observe(self, ctx: StepContext) -> None:
         """Update per-entry state after every chunk (H2O accumulates attention here)."""
 
     def score(self, ctx: StepContext) -> torch.Tensor:
@@ -101,9 +145,17 @@ class Policy:
         mask = torch.arange(k, device=index.device) < ctx.budget[..., None]
         return index, mask & ctx.view.valid.gather(-1, index)
 
-    def prefill_budget(self, lengths: torch.Tensor) -> torch.Tensor:
-        """(batch, kv_heads) entries to keep out of `lengths` after the prefill."""
-        return torch.floor(lengths.double() * (1.0 - self.ratio)).long().clamp(min=1).minimum(lengths)
+    def prefill_budget(self, tokens: torch.Tensor, held: torch.Tensor) -> torch.Tensor | None:
+        """(batch, kv_heads) entries to keep after a prompt chunk, or None to keep everything.
+
+        tokens: (batch,) prompt tokens seen so far per sequence; held: (batch, kv_heads) entries
+        held now, the chunk included."""
+        if self.budget is not None:
+            return held.clamp(max=self.budget)
+        if self.ratio == 0:
+            return None
+        keep = torch.floor(tokens.double() * (1.0 - self.ratio)).long().clamp(min=1)
+        return keep[:, None].minimum(held)
 
     @classmethod
     def parameters(cls) -> list[tuple[str, str, object]]:

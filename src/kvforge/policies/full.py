@@ -16,7 +16,9 @@ class Full(Policy):
 
     name: ClassVar[str] = "full"
     description: ClassVar[str] = "keep every token (no compression); the reference"
-    compresses_prefill: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 0.0)
+        for name in ("budget", "decode_budget"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}={getattr(self, name)} does not apply to policy 'full', which keeps every token")

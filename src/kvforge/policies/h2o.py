@@ -14,7 +14,6 @@ import torch
 
 from kvforge.policies.base import Policy, StepContext, check_range
 from kvforge.policies.registry import register
-from kvforge.storage.ragged import RaggedKV
 
 
 @register
@@ -31,8 +30,9 @@ class H2O(Policy):
         super().__post_init__()
         check_range("recent_fraction", self.recent_fraction, 0.0, 1.0)
 
-    def observe(self, ctx: StepContext, storage: RaggedKV) -> None:
-        storage.add_aux("h2o_attention", ctx.view, ctx.attention())
+    def observe(self, ctx: StepContext) -> None:
+        # The storage adds each entry's attention row by row: a decoding step needs no view.
+        ctx.storage.accumulate_attention("h2o_attention", ctx.query, ctx.query_positions, ctx.query_valid, ctx.scaling)
 
     def score(self, ctx: StepContext) -> torch.Tensor:
         assert ctx.budget is not None

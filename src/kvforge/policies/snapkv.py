@@ -36,6 +36,12 @@ class SnapKV(Policy):
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"pooling={self.pooling!r} is not one of 'avg', 'max'")
 
+    def min_budget(self) -> int:
+        return self.window
+
+    def min_budget_reason(self) -> str:
+        return f"its observation window={self.window} is always kept"
+
     def score(self, ctx: StepContext) -> torch.Tensor:
         attn = ctx.attention(last=self.window)  # (batch, kv_heads, slots)
         batch, heads, slots = attn.shape

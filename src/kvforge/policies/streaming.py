@@ -28,6 +28,12 @@ class Streaming(Policy):
         super().__post_init__()
         check_range("sinks", self.sinks, 0)
 
+    def min_budget(self) -> int:
+        return self.sinks + 1
+
+    def min_budget_reason(self) -> str:
+        return f"sinks={self.sinks} plus one recent token"
+
     def score(self, ctx: StepContext) -> torch.Tensor:
         # Slots are in time order, so the slot index is recency; sinks outrank everything.
         slots = ctx.view.valid.shape[-1]

@@ -1,1 +1,33 @@
-"""How kept K/V live in memory."""
+"""How kept K/V entries are held in memory: one contract (`base.KVStorage`), several layouts."""
+
+from __future__ import annotations
+
+import torch
+
+from kvforge.storage.base import KVStorage, PaddedView
+from kvforge.storage.inplace import InPlaceKV
+from kvforge.storage.ragged import RaggedKV
+
+LAYOUTS: dict[str, type[KVStorage]] = {"inplace": InPlaceKV, "ragged": RaggedKV}
+DEFAULT_LAYOUT = "inplace"
+
+
+def check_layout(name: str) -> type[KVStorage]:
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown storage layout {name!r}; known layouts: {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
+
+
+def make_storage(
+    layout: str,
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    aux_names: tuple[str, ...] = (),
+) -> KVStorage:
+    return check_layout(layout)(batch, kv_heads, head_dim, dtype, device, aux_names)
+
+
+__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "KVStorage", "PaddedView", "check_layout", "make_storage"]

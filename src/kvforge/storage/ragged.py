@@ -6,43 +6,21 @@ Entries live in one flat tensor per layer, ordered by sequence, then KV head, th
 
 so nothing is stored for padding or for evicted tokens, and heads of one sequence may keep
 different counts (head-wise budgets). Attention reads a padded copy built per call
-(`padded()`); that copy is transient working memory, the flat tensors are what is held.
+(`view()`); that copy is transient working memory, the flat tensors are what is held. Every
+append rebuilds the flat tensors: exact bytes, but O(held) copies per step. The in-place layout
+(`inplace.py`) is the default; this one is the reference it is tested against.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-
-@dataclass
-class PaddedView:
-    """A dense, left-aligned copy of ragged storage, for attention and scoring.
-
-    Slot j of row (b, h) is the j-th oldest kept entry; slots past lengths[b, h] are padding.
-    """
-
-    keys: torch.Tensor  # (batch, kv_heads, slots, head_dim)
-    values: torch.Tensor  # (batch, kv_heads, slots, head_dim)
-    positions: torch.Tensor  # (batch, kv_heads, slots) int64, logical index of the token
-    valid: torch.Tensor  # (batch, kv_heads, slots) bool, False on padding slots
-    rows: torch.Tensor  # (batch, kv_heads, slots) int64, row of the flat storage each slot copies
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (batch, kv_heads, slots)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """(batch, kv_heads) number of real entries per row."""
-        return self.valid.sum(-1)
+from kvforge.attention import attend, attention_probs_sum, causal_allowed
+from kvforge.storage.base import KVStorage, PaddedView, exclusive_cumsum, gather_slots, time_ordered
 
 
-def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
-    """Start offset of each segment: (S,) counts -> (S,) offsets, offsets[0] == 0."""
-    return torch.cumsum(counts, 0) - counts
-
-
-class RaggedKV:
-    """The K/V entries one attention layer holds, ragged over (sequence, KV head)."""
+class RaggedKV(KVStorage):
+    """The K/V entries one attention layer holds, ragged over (sequence, KV head), in one flat tensor."""
 
     def __init__(
         self,
@@ -54,21 +32,30 @@ class RaggedKV:
         aux_names: tuple[str, ...] = (),
     ) -> None:
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.dtype, self.device, self.aux_names = dtype, torch.device(device), aux_names
         self.keys = torch.empty(0, head_dim, dtype=dtype, device=device)  # (entries, head_dim)
         self.values = torch.empty(0, head_dim, dtype=dtype, device=device)  # (entries, head_dim)
         # int32 is enough for any context length a model has and halves the index overhead.
         self.positions = torch.empty(0, dtype=torch.int32, device=device)  # (entries,)
-        self.lengths = torch.zeros(batch, kv_heads, dtype=torch.int64, device=device)
+        self._lengths = torch.zeros(batch, kv_heads, dtype=torch.int64, device=device)
         # Per-entry policy state (e.g. accumulated attention for H2O), float32: (entries,)
         self.aux = {name: torch.empty(0, dtype=torch.float32, device=device) for name in aux_names}
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        self._lengths = value
 
     @property
     def entries(self) -> int:
         return self.keys.shape[0]
 
     @property
-    def kv_nbytes(self) -> int:
-        """Bytes of the K and V tensors held."""
+    def allocated_nbytes(self) -> int:
+        """Bytes of the K and V tensors held (no spare capacity in this layout)."""
         return self.keys.nbytes + self.values.nbytes
 
     @property
@@ -82,6 +69,7 @@ class RaggedKV:
         values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
         positions: torch.Tensor,  # (T,) logical index of each new token
         valid: torch.Tensor,  # (batch, T) bool; padding tokens are not stored
+        exact: bool = False,  # no spare capacity in this layout: always exact
     ) -> None:
         batch, heads, t, dim = keys.shape
         device = self.keys.device
@@ -124,6 +112,7 @@ class RaggedKV:
         never written in place: append and keep build new tensors."""
         other = RaggedKV.__new__(RaggedKV)
         other.batch, other.kv_heads, other.head_dim = self.batch, self.kv_heads, self.head_dim
+        other.dtype, other.device, other.aux_names = self.dtype, self.device, aux_names
         other.keys, other.values, other.positions, other.lengths = self.keys, self.values, self.positions, self.lengths
         other.aux = {name: torch.zeros(self.entries, dtype=torch.float32, device=self.keys.device) for name in aux_names}
         return other
@@ -152,32 +141,31 @@ class RaggedKV:
             self.aux[name] = cat(state, state.new_zeros(batch, heads, t))
         self.lengths = self.lengths + t
 
-    def padded(self) -> PaddedView:
+    def _slot_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, heads, slots) row of the flat storage behind each padded slot, and its validity.
+        Padding slots point at row 0 (any real row): they are masked, and must not be NaN."""
+        batch, heads = self.lengths.shape
+        slots = int(self.lengths.max()) if self.lengths.numel() and self.entries else 0
+        offsets = exclusive_cumsum(self.lengths.flatten()).view(batch, heads)
+        ar = torch.arange(slots, device=self.keys.device)
+        valid = ar < self.lengths[..., None]  # (batch, heads, slots)
+        return torch.where(valid, offsets[..., None] + ar, 0), valid
+
+    def view(self) -> PaddedView:
         """What is held as (batch, kv_heads, slots, ...) tensors, padded to the longest row.
 
         When every row has the same length this is a view of the storage (no copy)."""
         batch, heads = self.lengths.shape
         length = self.uniform_length()
         if length is not None and self.entries:
-            rows = torch.arange(self.entries, device=self.keys.device).view(batch, heads, length)
             return PaddedView(
                 keys=self.keys.view(batch, heads, length, -1),
                 values=self.values.view(batch, heads, length, -1),
                 positions=self.positions.view(batch, heads, length).long(),
                 valid=torch.ones(batch, heads, length, dtype=torch.bool, device=self.keys.device),
-                rows=rows,
                 aux={name: state.view(batch, heads, length) for name, state in self.aux.items()},
             )
-        slots = int(self.lengths.max()) if self.lengths.numel() else 0
-        device = self.keys.device
-        offsets = exclusive_cumsum(self.lengths.flatten()).view(batch, heads)
-        ar = torch.arange(slots, device=device)
-        valid = ar < self.lengths[..., None]  # (batch, heads, slots)
-        # Padding slots read row 0 (any real row): they are masked, and must not be NaN.
-        idx = torch.where(valid, offsets[..., None] + ar, 0)  # (batch, heads, slots)
-        if self.entries == 0:
-            idx = idx[..., :0]
-            valid = valid[..., :0]
+        idx, valid = self._slot_rows()
 
         def take(t: torch.Tensor) -> torch.Tensor:  # (entries, *rest) -> (batch, heads, slots, *rest)
             # index_select rather than `t[idx]`: the same copy, about 3x faster on CPU.
@@ -188,35 +176,58 @@ class RaggedKV:
             values=take(self.values),
             positions=take(self.positions).long(),
             valid=valid,
-            rows=idx,
             aux={name: take(state) for name, state in self.aux.items()},
         )
 
+    def attend(self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+        view = self.view()
+        # One new token per row and no padding slot: every held entry is in its past, so
+        # plain unmasked attention is exact (the common decoding step).
+        dense_step = query.shape[2] == 1 and bool(valid.all()) and self.uniform_length() is not None
+        allowed = None if dense_step else causal_allowed(view.positions, view.valid, positions)
+        out = attend(query, view.keys, view.values, allowed, scaling)
+        return out.masked_fill(~valid[:, None, :, None], 0.0)
+
+    def accumulate_attention(
+        self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
+    ) -> None:
+        view = self.view()
+        allowed = causal_allowed(view.positions, view.valid, positions)
+        self.add_aux(name, view, attention_probs_sum(query, view.keys, allowed, valid, scaling))
+
     def add_aux(self, name: str, view: PaddedView, delta: torch.Tensor) -> None:
-        """Add (batch, kv_heads, slots) `delta` to policy state `name`, held and in `view` alike."""
         delta = delta.float().masked_fill(~view.valid, 0.0)
         view.aux[name] = view.aux[name] + delta
-        self.aux[name].index_add_(0, view.rows[view.valid], delta[view.valid])
+        rows, valid = self._slot_rows()
+        self.aux[name].index_add_(0, rows[valid], delta[valid])
 
-    def keep(
-        self,
-        view: PaddedView,
-        index: torch.Tensor,  # (batch, kv_heads, K) slots of `view` to keep
-        keep_mask: torch.Tensor,  # (batch, kv_heads, K) bool, False for unused index columns
-    ) -> None:
-        """Replace what is held by the chosen slots of `view`, keeping time order within each row."""
-        slots = view.valid.shape[-1]
-        # Unused columns sort to the end; used ones come out in time (slot) order.
-        index, _ = torch.where(keep_mask, index, slots).sort(dim=-1)
-        keep_mask = index < slots
-        index = index.clamp(max=max(slots - 1, 0))
+    def keep(self, view: PaddedView, index: torch.Tensor, keep_mask: torch.Tensor, reserve: int = 0) -> None:
+        index, keep_mask = time_ordered(index, keep_mask, view.valid.shape[-1])
 
         def take(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, slots, *rest) -> (kept, *rest)
-            gather_idx = index.view(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
-            return torch.gather(t, 2, gather_idx)[keep_mask]
+            return gather_slots(t, index)[keep_mask]
 
         self.keys = take(view.keys)
         self.values = take(view.values)
         self.positions = take(view.positions).to(torch.int32)
         self.aux = {name: take(state) for name, state in view.aux.items()}
         self.lengths = keep_mask.sum(-1)
+
+    def export_aux(self) -> dict[str, object]:
+        return {name: state.clone() for name, state in self.aux.items()}
+
+    def import_aux(self, state: dict[str, object]) -> None:
+        self.aux = {name: t.clone() for name, t in state.items()}  # type: ignore[union-attr]
+
+    @classmethod
+    def stack(cls, parts: list[KVStorage], shifts: list[int]) -> RaggedKV:
+        if not all(isinstance(p, RaggedKV) and p.batch == 1 for p in parts):
+            raise ValueError("RaggedKV.stack takes single-sequence RaggedKV storages")
+        first = parts[0]
+        out = RaggedKV(len(parts), first.kv_heads, first.head_dim, first.dtype, first.device, first.aux_names)
+        out.keys = torch.cat([p.keys for p in parts])  # type: ignore[attr-defined]
+        out.values = torch.cat([p.values for p in parts])  # type: ignore[attr-defined]
+        out.positions = torch.cat([p.positions + shift for p, shift in zip(parts, shifts)])  # type: ignore[attr-defined]
+        out.lengths = torch.cat([p.lengths for p in parts])
+        out.aux = {name: torch.cat([p.aux[name] for p in parts]) for name in first.aux_names}  # type: ignore[attr-defined]
+        return out

@@ -1,0 +1,170 @@
+"""The storage contract: how one attention layer's kept K/V entries are held.
+
+A policy decides *what* to keep; a storage decides *how* it is held. The cache and the policies
+only use what this contract declares, so a layout can change without either knowing:
+
+- `append(keys, values, positions, valid)`: store a chunk (padding excluded);
+- `attend(query, positions, valid, scaling)`: attention of the chunk's queries over everything
+  held, causal by each entry's logical position (the layout decides how it reads itself);
+- `accumulate_attention(name, ...)`: add the attention each held entry receives to policy state;
+- `view()`: a dense (batch, kv_heads, slots, ...) picture of what is held, for scoring;
+- `keep(view, index, mask, reserve)`: keep only the chosen slots of that view, in time order;
+- `allocated_nbytes` (spare capacity included) and `kept_nbytes` (entries x entry size).
+
+Rows are (sequence, KV head) pairs; each holds its own number of entries, oldest first.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PaddedView:
+    """A dense, left-aligned picture of what a storage holds, for attention and scoring.
+
+    Slot j of row (b, h) is the j-th oldest kept entry; slots past lengths[b, h] are padding.
+    """
+
+    keys: torch.Tensor  # (batch, kv_heads, slots, head_dim)
+    values: torch.Tensor  # (batch, kv_heads, slots, head_dim)
+    positions: torch.Tensor  # (batch, kv_heads, slots) int64, logical index of the token
+    valid: torch.Tensor  # (batch, kv_heads, slots) bool, False on padding slots
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (batch, kv_heads, slots)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(batch, kv_heads) number of real entries per row."""
+        return self.valid.sum(-1)
+
+
+def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
+    """Start offset of each segment: (S,) counts -> (S,) offsets, offsets[0] == 0."""
+    return torch.cumsum(counts, 0) - counts
+
+
+def time_ordered(index: torch.Tensor, keep_mask: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort chosen slots into time order; unused columns go to the end.
+
+    index, keep_mask: (batch, kv_heads, K). Returns (index clamped to a real slot, mask), same shapes."""
+    index, _ = torch.where(keep_mask, index, slots).sort(dim=-1)
+    keep_mask = index < slots
+    return index.clamp(max=max(slots - 1, 0)), keep_mask
+
+
+def gather_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, slots, *rest) gathered along slots by (batch, heads, K) -> (batch, heads, K, *rest)."""
+    gather_idx = index.view(*index.shape, *([1] * (t.dim() - 3))).expand(*index.shape, *t.shape[3:])
+    return torch.gather(t, 2, gather_idx)
+
+
+class KVStorage(ABC):
+    """What every K/V layout implements. Entries of a row are kept oldest first."""
+
+    batch: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    aux_names: tuple[str, ...]
+
+    @property
+    @abstractmethod
+    def lengths(self) -> torch.Tensor:
+        """(batch, kv_heads) int64 entries held per row."""
+
+    @property
+    def entries(self) -> int:
+        """Entries held over all rows."""
+        return int(self.lengths.sum())
+
+    @property
+    def entry_nbytes(self) -> int:
+        """Bytes of one kept entry: one K row and one V row."""
+        return 2 * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    @property
+    def kept_nbytes(self) -> int:
+        """K/V bytes of the entries kept: entries x entry size."""
+        return self.entries * self.entry_nbytes
+
+    @property
+    @abstractmethod
+    def allocated_nbytes(self) -> int:
+        """K/V bytes allocated, spare capacity included, read from the tensors held."""
+
+    @property
+    @abstractmethod
+    def meta_nbytes(self) -> int:
+        """Bytes held beside K/V: positions, lengths, policy state."""
+
+    @abstractmethod
+    def append(
+        self,
+        keys: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+        values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+        positions: torch.Tensor,  # (T,) logical index of each new token
+        valid: torch.Tensor,  # (batch, T) bool; padding tokens are not stored
+        exact: bool = False,  # grow to exactly what is needed (a compaction follows at once)
+    ) -> None: ...
+
+    @abstractmethod
+    def attend(
+        self,
+        query: torch.Tensor,  # (batch, q_heads, T, head_dim): the chunk just appended
+        positions: torch.Tensor,  # (T,)
+        valid: torch.Tensor,  # (batch, T) bool
+        scaling: float,
+    ) -> torch.Tensor:  # (batch, q_heads, T, head_dim); rows of padding queries are zero
+        ...
+
+    @abstractmethod
+    def accumulate_attention(
+        self,
+        name: str,
+        query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+        positions: torch.Tensor,  # (T,)
+        valid: torch.Tensor,  # (batch, T) bool
+        scaling: float,
+    ) -> None:
+        """Add to aux[name] the softmax attention each held entry received from the valid
+        queries, summed over queries and averaged over the query heads of its GQA group."""
+
+    @abstractmethod
+    def view(self) -> PaddedView:
+        """Everything held as a PaddedView (a copy, or a view where the layout allows)."""
+
+    @abstractmethod
+    def keep(
+        self,
+        view: PaddedView,
+        index: torch.Tensor,  # (batch, kv_heads, K) slots of `view` to keep
+        keep_mask: torch.Tensor,  # (batch, kv_heads, K) bool, False for unused index columns
+        reserve: int = 0,  # spare entries worth keeping allocated per row (more appends follow)
+    ) -> None:
+        """Replace what is held by the chosen slots of `view`, in time order within each row."""
+
+    @abstractmethod
+    def add_aux(self, name: str, view: PaddedView, delta: torch.Tensor) -> None:
+        """Add (batch, kv_heads, slots) `delta` to policy state `name`, held and in `view` alike."""
+
+    @abstractmethod
+    def export_aux(self) -> dict[str, object]:
+        """A copy of the policy state, to import into another storage over the same entries."""
+
+    @abstractmethod
+    def import_aux(self, state: dict[str, object]) -> None: ...
+
+    @abstractmethod
+    def share(self, aux_names: tuple[str, ...]) -> KVStorage:
+        """A storage over the same entries with fresh policy state; writing to either never
+        changes the other (copy on write), so one recorded prefill can seed many policies."""
+
+    @classmethod
+    @abstractmethod
+    def stack(cls, parts: list[KVStorage], shifts: list[int]) -> KVStorage:
+        """One batched storage from single-sequence ones; sequence i's positions move right by
+        shifts[i] (the left padding it would have had in a batch)."""

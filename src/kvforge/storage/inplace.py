@@ -1,0 +1,308 @@
+"""In-place row storage: each (sequence, KV head) row owns a buffer with spare capacity.
+
+    keys[r]: (capacity_r, head_dim)   entries 0 .. length_r - 1 are held, oldest first
+
+Appends write into the spare capacity (growth amortized: 1.25x or GROWTH_MIN entries, whichever
+is more), attention reads each row's `[:length_r]` slice directly (no copy of what is held, for
+rows of any length), and eviction compacts a row in place, reallocating only when more than a
+quarter of its buffer would sit idle. Invariant after every operation, per row:
+
+    capacity_r <= 1.25 * (length_r + reserve) + GROWTH_MIN
+
+where `reserve` is the room the last compaction was asked to leave (the decoding eviction
+interval). Rows are separate tensors so heads and sequences may hold very different counts
+(head-wise budgets) with the bytes to show it, and a row can join or leave a batch without
+touching the others: a paged block pool is the same idea with fixed-size pieces.
+
+Rows may be borrowed from another storage (`share`, `stack`): a borrowed row is copied before its
+first write, so a recorded prefill serves any number of derived caches unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kvforge.attention import attention_probs_sum
+from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
+
+GROWTH = 1.25
+GROWTH_MIN = 16
+
+
+def valid_index(valid: torch.Tensor) -> list[slice | torch.Tensor]:
+    """Per sequence, which of the chunk's T tokens are real: a slice when they are contiguous
+    (left or right padding, the usual case), else an index tensor. valid: (batch, T) bool."""
+    batch, t = valid.shape
+    if bool(valid.all()):
+        return [slice(0, t)] * batch
+    out: list[slice | torch.Tensor] = []
+    for row in valid:
+        idx = row.nonzero().flatten()
+        n = idx.numel()
+        first = int(idx[0]) if n else 0
+        out.append(slice(first, first + n) if n == 0 or int(idx[-1]) - first + 1 == n else idx)
+    return out
+
+
+def count(sel: slice | torch.Tensor) -> int:
+    return sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
+
+
+def chunk_mask(n: int, held: int, device: torch.device) -> torch.Tensor:
+    """(n, held + n) bool: the last n entries of a row are the chunk's own tokens (causal among
+    themselves); everything held before them is older than every query and fully visible."""
+    new = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(n, held, dtype=torch.bool, device=device), new], dim=1)
+
+
+class InPlaceKV(KVStorage):
+    """The K/V entries one attention layer holds, one growable buffer per (sequence, KV head)."""
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        aux_names: tuple[str, ...] = (),
+    ) -> None:
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.dtype, self.device, self.aux_names = dtype, torch.device(device), aux_names
+        rows = batch * kv_heads
+        empty = torch.empty(0, head_dim, dtype=dtype, device=self.device)
+        self.k: list[torch.Tensor] = [empty] * rows  # (capacity, head_dim) each
+        self.v: list[torch.Tensor] = [empty] * rows
+        self.pos: list[torch.Tensor] = [torch.empty(0, dtype=torch.int32, device=self.device)] * rows  # (capacity,)
+        self.aux: dict[str, list[torch.Tensor]] = {
+            name: [torch.empty(0, dtype=torch.float32, device=self.device)] * rows for name in aux_names
+        }
+        self.len: list[int] = [0] * rows
+        # False: K, V and positions may be shared with another storage; copy before writing.
+        # Policy state (aux) is always this storage's own.
+        self.owned: list[bool] = [False] * rows
+
+    # --- sizes -------------------------------------------------------------------------------
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor(self.len, dtype=torch.int64).view(self.batch, self.kv_heads)
+
+    @property
+    def entries(self) -> int:
+        return sum(self.len)
+
+    def capacity(self, r: int) -> int:
+        return self.k[r].shape[0]
+
+    @property
+    def allocated_nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
+
+    @property
+    def meta_nbytes(self) -> int:
+        state = sum(t.nbytes for rows in self.aux.values() for t in rows)
+        return sum(p.nbytes for p in self.pos) + state + 8 * len(self.len)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def _resize(self, r: int, capacity: int) -> None:
+        """Give row r buffers of `capacity` entries holding its current entries (a copy)."""
+        n = self.len[r]
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_empty((capacity, *t.shape[1:]))
+            out[:n] = t[:n]
+            return out
+
+        self.k[r], self.v[r], self.pos[r] = moved(self.k[r]), moved(self.v[r]), moved(self.pos[r])
+        for rows in self.aux.values():
+            rows[r] = moved(rows[r])
+        self.owned[r] = True
+
+    def _make_room(self, r: int, extra: int, exact: bool) -> None:
+        need = self.len[r] + extra
+        if need <= self.capacity(r) and self.owned[r]:
+            return
+        if need <= self.capacity(r):  # borrowed: copy at the same capacity
+            self._resize(r, self.capacity(r))
+            return
+        grown = need if exact else max(math.ceil(GROWTH * need), need + GROWTH_MIN)
+        self._resize(r, grown)
+
+    def append(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        exact: bool = False,
+    ) -> None:
+        positions = positions.to(device=self.device, dtype=torch.int32)
+        for b, sel in enumerate(valid_index(valid)):
+            n = count(sel)
+            if n == 0:
+                continue
+            kb, vb, pb = keys[b][:, sel], values[b][:, sel], positions[sel]  # (heads, n, dim), (n,)
+            for h in range(self.kv_heads):
+                r = b * self.kv_heads + h
+                self._make_room(r, n, exact)
+                start = self.len[r]
+                self.k[r][start : start + n] = kb[h]
+                self.v[r][start : start + n] = vb[h]
+                self.pos[r][start : start + n] = pb
+                for rows in self.aux.values():
+                    rows[r][start : start + n] = 0.0
+                self.len[r] = start + n
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def _row_queries(self, query: torch.Tensor, b: int, h: int, sel: slice | torch.Tensor) -> torch.Tensor:
+        """(group, n, head_dim): the valid queries of sequence b that read KV head h."""
+        group = query.shape[1] // self.kv_heads
+        return query[b, h * group : (h + 1) * group][:, sel]
+
+    def attend(self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+        batch, q_heads, t, dim = query.shape
+        group = q_heads // self.kv_heads
+        out = query.new_zeros(batch, q_heads, t, dim)
+        for b, sel in enumerate(valid_index(valid)):
+            n = count(sel)
+            if n == 0:
+                continue
+            for h in range(self.kv_heads):
+                r = b * self.kv_heads + h
+                length = self.len[r]
+                k = self.k[r][:length][None, None]  # (1, 1, length, dim): a view, no copy
+                v = self.v[r][:length][None, None]
+                q = self._row_queries(query, b, h, sel)  # (group, n, dim)
+                if n == 1:
+                    # One query: every held entry is in its past. Fold the group into the query
+                    # axis so one unmasked call serves all query heads of this KV head.
+                    o = F.scaled_dot_product_attention(q.reshape(1, 1, group, dim), k, v, scale=scaling)
+                elif length == n:
+                    o = F.scaled_dot_product_attention(q[None], k, v, is_causal=True, scale=scaling, enable_gqa=True)
+                else:
+                    mask = chunk_mask(n, length - n, query.device)
+                    o = F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+                out[b, h * group : (h + 1) * group, sel] = o.view(group, n, dim)
+        return out
+
+    def accumulate_attention(
+        self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
+    ) -> None:
+        for b, sel in enumerate(valid_index(valid)):
+            n = count(sel)
+            if n == 0:
+                continue
+            for h in range(self.kv_heads):
+                r = b * self.kv_heads + h
+                length = self.len[r]
+                q = self._row_queries(query, b, h, sel)[None]  # (1, group, n, dim)
+                allowed = chunk_mask(n, length - n, query.device)[None, None]  # (1, 1, n, length)
+                weight = torch.ones(1, n, device=query.device)
+                received = attention_probs_sum(q, self.k[r][:length][None, None], allowed, weight, scaling)
+                self.aux[name][r][:length] += received.view(length)
+
+    def view(self) -> PaddedView:
+        slots = max(self.len, default=0)
+        shape = (self.batch, self.kv_heads, slots)
+        keys = torch.zeros(*shape, self.head_dim, dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        positions = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        aux = {name: torch.zeros(shape, dtype=torch.float32, device=self.device) for name in self.aux}
+        for r, n in enumerate(self.len):
+            b, h = divmod(r, self.kv_heads)
+            keys[b, h, :n] = self.k[r][:n]
+            values[b, h, :n] = self.v[r][:n]
+            positions[b, h, :n] = self.pos[r][:n]
+            for name, rows in self.aux.items():
+                aux[name][b, h, :n] = rows[r][:n]
+        valid = torch.arange(slots, device=self.device) < self.lengths.to(self.device)[..., None]
+        return PaddedView(keys, values, positions, valid, aux)
+
+    def add_aux(self, name: str, view: PaddedView, delta: torch.Tensor) -> None:
+        delta = delta.float().masked_fill(~view.valid, 0.0)
+        view.aux[name] = view.aux[name] + delta
+        for r, n in enumerate(self.len):
+            self.aux[name][r][:n] += delta[r // self.kv_heads, r % self.kv_heads, :n]
+
+    def keep(self, view: PaddedView, index: torch.Tensor, keep_mask: torch.Tensor, reserve: int = 0) -> None:
+        index, keep_mask = time_ordered(index, keep_mask, view.valid.shape[-1])
+        kept = keep_mask.sum(-1).flatten().tolist()  # (rows,)
+        keys, values = gather_slots(view.keys, index), gather_slots(view.values, index)  # (batch, heads, K, dim)
+        positions = gather_slots(view.positions, index).to(torch.int32)
+        aux = {name: gather_slots(state, index) for name, state in view.aux.items()}
+        for r, n in enumerate(kept):
+            if n == self.len[r]:
+                continue  # nothing evicted from this row
+            b, h = divmod(r, self.kv_heads)
+            target = n + reserve
+            if self.owned[r] and self.capacity(r) <= GROWTH * target:
+                # Compact in place: the gathered copy above is the only temporary.
+                self.k[r][:n], self.v[r][:n], self.pos[r][:n] = keys[b, h, :n], values[b, h, :n], positions[b, h, :n]
+                for name, rows in self.aux.items():
+                    rows[r][:n] = aux[name][b, h, :n]
+            else:
+                # Free what would sit idle: new buffers of exactly the kept entries + reserve.
+                def fresh(t: torch.Tensor) -> torch.Tensor:
+                    out = t.new_empty((target, *t.shape[1:]))
+                    out[:n] = t[:n]
+                    return out
+
+                self.k[r], self.v[r], self.pos[r] = fresh(keys[b, h]), fresh(values[b, h]), fresh(positions[b, h])
+                for name, rows in self.aux.items():
+                    rows[r] = fresh(aux[name][b, h])
+                self.owned[r] = True
+            self.len[r] = n
+
+    # --- policy state and sharing ------------------------------------------------------------
+
+    def export_aux(self) -> dict[str, object]:
+        return {name: [t[:n].clone() for t, n in zip(rows, self.len)] for name, rows in self.aux.items()}
+
+    def import_aux(self, state: dict[str, object]) -> None:
+        for name, rows in state.items():
+            assert isinstance(rows, list)
+            for r, t in enumerate(rows):
+                self.aux[name][r][: t.shape[0]] = t
+
+    def _borrowing(self, aux_names: tuple[str, ...]) -> InPlaceKV:
+        other = InPlaceKV.__new__(InPlaceKV)
+        other.batch, other.kv_heads, other.head_dim = self.batch, self.kv_heads, self.head_dim
+        other.dtype, other.device, other.aux_names = self.dtype, self.device, aux_names
+        other.k, other.v, other.pos, other.len = list(self.k), list(self.v), list(self.pos), list(self.len)
+        other.owned = [False] * len(self.len)
+        return other
+
+    def share(self, aux_names: tuple[str, ...]) -> InPlaceKV:
+        other = self._borrowing(aux_names)
+        other.aux = {
+            name: [torch.zeros(k.shape[0], dtype=torch.float32, device=self.device) for k in self.k] for name in aux_names
+        }
+        return other
+
+    @classmethod
+    def stack(cls, parts: list[KVStorage], shifts: list[int]) -> InPlaceKV:
+        if not all(isinstance(p, InPlaceKV) and p.batch == 1 for p in parts):
+            raise ValueError("InPlaceKV.stack takes single-sequence InPlaceKV storages")
+        first = parts[0]
+        assert isinstance(first, InPlaceKV)
+        out = first._borrowing(first.aux_names)
+        out.batch = len(parts)
+        out.k, out.v, out.pos, out.len = [], [], [], []
+        out.aux = {name: [] for name in first.aux}
+        for part, shift in zip(parts, shifts):
+            assert isinstance(part, InPlaceKV)
+            out.k += part.k
+            out.v += part.v
+            out.len += part.len
+            # Positions are rewritten (a small int32 copy); K/V stay borrowed.
+            out.pos += [p + shift if shift else p for p in part.pos]
+            for name in out.aux:
+                out.aux[name] += [t.clone() for t in part.aux[name]]
+        out.owned = [False] * len(out.len)
+        return out
