@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from kvforge.eval.bench import BenchRow, format_table, ratios_to_full, run_bench
+from kvforge.eval.bench import (
+    DYNAMIC,
+    BenchRow,
+    batch_lengths,
+    format_batch_table,
+    format_table,
+    ratios_to_full,
+    run_batch_bench,
+    run_bench,
+)
 from kvforge.models import load_model
 from kvforge.policies.registry import make_policy
 
@@ -15,26 +24,44 @@ LENGTHS = [64, 128]
 def rows(tiny_checkpoint) -> list[BenchRow]:
     loaded = load_model(str(tiny_checkpoint))
     policies = [make_policy("full"), make_policy("snapkv", ratio=0.5, window=8)]
-    return run_bench(loaded, LENGTHS, policies, decode_tokens=4)
+    return run_bench(loaded, LENGTHS, policies, decode_tokens=4, prefill_chunk=32)
 
 
 def by_key(rows: list[dict[str, object]]) -> dict[tuple[object, object], dict[str, object]]:
-    return {(r["length"], r["policy"]): r for r in rows}
+    return {(r["length"], r["policy"]): r for r in rows if r["prefill_chunk"] is None}
 
 
-def test_one_row_per_length_and_policy(rows):
-    keys = [(r.length, r.policy) for r in rows]
-    assert sorted(keys) == sorted((n, p) for n in LENGTHS for p in ("full", "snapkv"))
-    # full is measured first at each length: it is the reference.
-    assert [r.policy for r in rows if r.length == 64][0] == "full"
+def test_one_row_per_length_policy_and_chunking(rows):
+    keys = [(r.length, r.policy, r.prefill_chunk) for r in rows]
+    policies = [(DYNAMIC, None), ("full", None), ("snapkv", None), ("full", 32), ("snapkv", 32)]
+    assert sorted(keys, key=str) == sorted(((n, p, c) for n in LENGTHS for p, c in policies), key=str)
+    # The plain transformers baseline, then the one-shot full cache, lead each length.
+    assert [r.policy for r in rows if r.length == 64][:2] == [DYNAMIC, "full"]
 
 
 def test_full_is_its_own_reference(rows):
     for (_, policy), d in by_key(ratios_to_full(rows)).items():
         if policy == "full":
             vs_full = {k: v for k, v in d.items() if k.endswith("_vs_full")}
-            assert len(vs_full) == 4
+            assert len(vs_full) == 5
             assert all(v == 1.0 for v in vs_full.values()), vs_full
+
+
+def test_dynamic_cache_baseline_holds_the_same_bytes_as_full(rows):
+    table = by_key(ratios_to_full(rows))
+    for n in LENGTHS:
+        assert table[(n, DYNAMIC)]["cache_bytes"] == table[(n, "full")]["cache_bytes"]
+        assert table[(n, DYNAMIC)]["decode_tokens_per_s"] > 0
+
+
+def test_chunked_rows_never_hold_more_than_budget_plus_a_chunk(rows):
+    entry = 2 * 16 * 4 * 2 * 2  # K+V rows of head_dim 16, float32, 2 KV heads, 2 layers
+    for r in rows:
+        if r.policy == "snapkv" and r.prefill_chunk == 32:
+            kept_tokens = r.kept_bytes // entry
+            assert kept_tokens == r.length // 2  # the ratio holds at the end
+            assert r.peak_cache_bytes <= (kept_tokens + 32) * entry
+            assert r.kept_bytes <= r.cache_bytes <= 1.25 * r.kept_bytes  # compaction frees what would sit idle
 
 
 def test_snapkv_holds_about_half(rows):
@@ -75,3 +102,19 @@ def test_rejects_lengths_past_the_context(tiny_checkpoint):
     loaded = load_model(str(tiny_checkpoint))
     with pytest.raises(ValueError, match="context"):
         run_bench(loaded, [510], [make_policy("full")], decode_tokens=4)
+
+
+def test_batch_lengths_keep_the_total():
+    equal, spread = batch_lengths(100, 8)
+    assert equal == [100] * 8 and sum(spread) == 800
+    assert min(spread) == 50 and len(set(spread)) == 8
+
+
+def test_batch_bench_times_equal_and_unequal_batches(tiny_checkpoint):
+    loaded = load_model(str(tiny_checkpoint))
+    rows = run_batch_bench(loaded, 40, 4, make_policy("knorm", ratio=0.5), decode_tokens=3)
+    assert [len(set(r.lengths)) for r in rows] == [1, 4]
+    assert all(r.step_seconds > 0 for r in rows)
+    # The same total of prompt tokens, compressed per sequence: the kept entries match closely.
+    assert abs(rows[0].kept_bytes - rows[1].kept_bytes) <= 0.05 * rows[0].kept_bytes
+    assert "unequal" in format_batch_table(rows)

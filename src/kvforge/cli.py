@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,55 @@ def parse_param(text: str) -> tuple[str, Any]:
         return name.strip(), raw
 
 
-def build_policy(name: str, ratio: float | None, params: list[str]) -> Any:
+def build_policy(name: str, ratio: float | None, params: list[str], args: argparse.Namespace | None = None) -> Any:
+    """A policy from the command line: its name, --ratio, --param NAME=VALUE and the budget
+    options (--budget, --decode-budget, --evict-every) where the command has them."""
     from kvforge.policies import make_policy
 
     kwargs = dict(parse_param(p) for p in params)
     if ratio is not None:
         kwargs["ratio"] = ratio
+    if args is not None and name != "full":
+        if getattr(args, "budget", None) is not None:
+            if ratio is not None:
+                raise ValueError("give either --ratio or --budget, not both")
+            kwargs["budget"], kwargs["ratio"] = args.budget, 0.0  # the budget replaces the ratio
+        for option in ("decode_budget", "evict_every"):
+            if getattr(args, option, None) is not None:
+                kwargs[option] = getattr(args, option)
     return make_policy(name, **kwargs)
+
+
+def add_budget_args(parser: argparse.ArgumentParser, chunk_help: str) -> None:
+    """The options that bound memory, shared by generate and bench."""
+    parser.add_argument("--budget", type=positive_int("--budget"), default=None, metavar="TOKENS",
+                        help="instead of --ratio: keep at most TOKENS entries per sequence and KV head")
+    parser.add_argument("--decode-budget", type=positive_int("--decode-budget"), default=None, metavar="TOKENS",
+                        help="entries per sequence and KV head held while decoding (default: streaming and h2o "
+                             "hold the prompt's size, the others grow)")
+    parser.add_argument("--evict-every", type=positive_int("--evict-every"), default=None, metavar="K",
+                        help="while decoding, compress when a row exceeds its budget by K (default 16; 1 = every step)")
+    parser.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N", help=chunk_help)
+
+
+def positive_int(option: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{option} {text!r} is not an integer; give a whole number >= 1") from err
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{option} {value} is outside the allowed range [1, inf); give a whole number >= 1")
+        return value
+
+    return parse
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvforge.generate import answer, build_prompt
     from kvforge.models import load_model
 
-    policy = build_policy(args.policy, args.ratio, args.param)
+    policy = build_policy(args.policy, args.ratio, args.param, args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
     try:
@@ -55,15 +91,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     chat = loaded.is_instruct if args.chat is None else args.chat
     prompt = build_prompt(loaded.tokenizer, context, args.question, chat)
     with err_console.status(f"prefill {len(prompt.ids)} tokens and generate ..."):
-        result = answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware)
+        result = answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware, args.prefill_chunk, args.layout)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         console.print(result.text)
         saved = 1 - result.cache_bytes / max(result.dense_cache_bytes, 1)
         err_console.print(
-            f"[dim]{result.policy} ratio {result.ratio}: {result.prompt_tokens} prompt tokens, "
-            f"{result.generated_tokens} generated, cache {result.cache_bytes / 2**20:.2f} MiB held "
+            f"[dim]{result.policy} {policy.setting}: {result.prompt_tokens} prompt tokens, "
+            f"{result.generated_tokens} generated, cache {result.cache_bytes / 2**20:.2f} MiB allocated "
+            f"({result.kept_bytes / 2**20:.2f} MiB kept, peak {result.peak_cache_bytes / 2**20:.2f} MiB) "
             f"of {result.dense_cache_bytes / 2**20:.2f} MiB dense ({saved:.0%} saved), {result.seconds:.2f}s[/dim]"
         )
     return 0
@@ -152,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         model=args.model, tasks=tasks, policies=policies, ratios=ratios, length=args.length or 2048,
         samples=args.samples if args.samples is not None else 20, settings=settings, seed=args.seed,
-        task_file=args.task_file, batch=args.batch,
+        task_file=args.task_file, batch=args.batch, prefill_chunk=args.prefill_chunk,
     )  # fmt: skip
     cfg.validate()
     with err_console.status(f"loading {args.model} on {args.device} ..."):
@@ -210,7 +247,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from kvforge.eval.bench import format_table, ratios_to_full, run_bench
+    from kvforge.eval.bench import format_batch_table, format_table, ratios_to_full, run_batch_bench, run_bench
     from kvforge.models import load_model
     from kvforge.policies import all_policies, make_policy
 
@@ -222,20 +259,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
     names = split_list(args.policies) if args.policies else list(all_policies())
-    policies = [make_policy(n) if n == "full" else make_policy(n, ratio=args.ratio) for n in names]
+    ratio = None if args.budget is not None else args.ratio
+    policies = [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
     with err_console.status(f"loading {args.model} on {device} ..."):
         loaded = load_model(args.model, device=device)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    per_length = len(set(names) | {"full"}) * (2 if args.prefill_chunk else 1) + (0 if args.no_baseline else 1)
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
-        bar = progress.add_task("bench", total=len(lengths) * len(set(names) | {"full"}))
+        bar = progress.add_task("bench", total=len(lengths) * per_length)
         rows = run_bench(
             loaded, lengths, policies, decode_tokens=args.decode_tokens, repeats=args.repeats,
-            on_row=lambda row: progress.advance(bar),
+            prefill_chunk=args.prefill_chunk, baseline=not args.no_baseline, on_row=lambda row: progress.advance(bar),
         )  # fmt: skip
+        batch_rows = []
+        if args.batch_compare:
+            compare = [p for p in policies if p.name != "full"][:1] or policies
+            for policy in [make_policy("full")] + compare:
+                progress.update(bar, description=f"batch of {args.batch_compare}, {policy.name}")
+                batch_rows += run_batch_bench(loaded, lengths[0], args.batch_compare, policy, args.decode_tokens, args.repeats)
     print(f"kvforge bench on {device}, {loaded.name}:")
     print(format_table(rows))
+    if batch_rows:
+        print(f"\nDecoding {args.batch_compare} prompts of equal and of unequal lengths (same total), {lengths[0]} tokens on average:")
+        for i in range(0, len(batch_rows), 2):
+            print(format_batch_table(batch_rows[i : i + 2]))
     if args.json:
-        data = json.dumps({"device": device, "model": loaded.name, "rows": ratios_to_full(rows)}, indent=2)
+        batch = [asdict(r) for r in batch_rows]
+        data = json.dumps({"device": device, "model": loaded.name, "rows": ratios_to_full(rows), "batch": batch}, indent=2)
         path = Path(args.json)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(data)
@@ -276,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help="apply the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--query-aware", action="store_true", help="compress after the question (SnapKV setting)")
+    add_budget_args(gen, "prefill the compressed part N tokens at a time, compressing after each chunk")
+    gen.add_argument("--layout", default="inplace", help="K/V storage layout: inplace (default) or ragged (the reference)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 
@@ -305,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--both-settings", action="store_true", help="run question-agnostic and query-aware")
     ev.add_argument("--quick", action="store_true", help="a few-minute preset: 3 tasks, 1024 tokens, 3 samples, both settings")
     ev.add_argument("--batch", type=int, default=8, help="samples decoded together (speed only)")
+    ev.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N",
+                    help="prefill N tokens at a time, compressing after each chunk (each policy prefills itself)")
     ev.add_argument("--device", default="cpu", help="cpu or cuda")
     ev.add_argument("--out", default="results/eval")
     ev.add_argument("--force", action="store_true", help="discard results of another configuration in --out")
@@ -315,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--lengths", default="1024,4096", help="prompt lengths in tokens, comma-separated")
     ben.add_argument("--policies", default=None, help="comma list (default: every registered policy)")
     ben.add_argument("--ratio", type=ratio_arg, default=0.5)
+    add_budget_args(ben, "also measure every policy prefilled N tokens at a time (compressing after each chunk)")
+    ben.add_argument("--batch-compare", type=positive_int("--batch-compare"), default=None, metavar="B",
+                     help="also time decoding B equal prompts against B unequal ones (first length, full + first policy)")
+    ben.add_argument("--no-baseline", action="store_true", help="skip the plain transformers DynamicCache row")
     ben.add_argument("--decode-tokens", type=int, default=32)
     ben.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
     ben.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

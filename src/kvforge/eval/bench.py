@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from kvforge.cache import KVCache
 from kvforge.eval.tasks import make_case
-from kvforge.generate import build_prompt, check_length, prefill, greedy
+from kvforge.attention import enable
+from kvforge.generate import build_prompt, check_chunk, check_length, greedy, prefill
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
 from kvforge.policies.registry import make_policy
@@ -36,6 +38,7 @@ from kvforge.policies.registry import make_policy
 log = logging.getLogger(__name__)
 
 FULL = "full"
+DYNAMIC = "transformers DynamicCache"
 WARMUP_TOKENS = 32  # long enough that compressing policies actually compress during warm-up
 MIB = 1024 * 1024
 
@@ -48,24 +51,31 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
 
 # The ratios to the full row of the same length that ratios_to_full adds, as `<field>_vs_full`.
-VS_FULL_FIELDS = ("prefill_seconds", "decode_tokens_per_s", "cache_bytes", "peak_bytes")
+VS_FULL_FIELDS = ("prefill_seconds", "decode_tokens_per_s", "cache_bytes", "peak_cache_bytes", "peak_bytes")
 
 
 @dataclass
 class BenchRow:
-    """One policy at one prompt length."""
+    """One policy (or the plain transformers baseline) at one prompt length."""
 
     length: int  # prompt tokens actually prefilled
-    policy: str
+    policy: str  # a kvforge policy, or DYNAMIC for plain transformers
     ratio: float
-    prefill_seconds: float  # the prefill forward, compression inside it included
+    prefill_chunk: int | None  # tokens per prefill chunk; None: the prompt in one forward
+    prefill_seconds: float  # the prefill forward(s), compression inside them included
     compress_seconds: float  # of which spent in the policy (observe + select + keep)
     decode_tokens_per_s: float  # greedy single-token forwards after the prefill
-    cache_bytes: int  # K/V bytes held after the prefill
+    cache_bytes: int  # K/V bytes allocated after the prefill (spare capacity included)
+    kept_bytes: int  # K/V bytes of the entries kept after the prefill
+    peak_cache_bytes: int  # the most K/V bytes allocated at once during the prefill
     dense_bytes: int  # K/V bytes an uncompressed cache would hold for the same tokens
-    peak_bytes: int  # peak memory growth during prefill + compression
+    peak_bytes: int  # peak process memory growth during prefill + compression
     peak_source: str  # how peak_bytes was measured (see PEAK_*)
     device: str
+
+    @property
+    def label(self) -> str:
+        return self.policy if self.prefill_chunk is None else f"{self.policy} chunk {self.prefill_chunk}"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -182,21 +192,26 @@ class _Measure:
     compress_seconds: float
     decode_seconds: float
     cache_bytes: int
+    kept_bytes: int
+    peak_cache_bytes: int
     dense_bytes: int
     peak_bytes: int
 
 
-def _measure_once(loaded: LoadedModel, ids: list[int], policy: Policy, decode_tokens: int, meter: PeakMeter) -> _Measure:
+def _measure_once(
+    loaded: LoadedModel, ids: list[int], policy: Policy, decode_tokens: int, meter: PeakMeter, chunk: int | None
+) -> _Measure:
     model = loaded.model
     cache = KVCache(model, policy)
     meter.start()
     start = time.perf_counter()
-    logits = prefill(model, cache, ids)
+    logits = prefill(model, cache, ids, chunk)
     _sync(meter.device)
     prefill_seconds = time.perf_counter() - start
     peak = meter.stop()
     # Read the sizes before decoding grows the cache.
-    cache_bytes, dense_bytes, compress = cache.nbytes, cache.dense_nbytes, cache.policy_seconds
+    sizes = (cache.nbytes, cache.kept_nbytes, cache.peak_nbytes, cache.dense_nbytes)
+    compress = cache.policy_seconds
 
     # greedy() runs one forward per token after the first, so decode_tokens + 1 tokens time
     # exactly decode_tokens forwards; no stop ids, so every row decodes the same count.
@@ -205,7 +220,31 @@ def _measure_once(loaded: LoadedModel, ids: list[int], policy: Policy, decode_to
     _sync(meter.device)
     decode = time.perf_counter() - start
     del cache, logits
-    return _Measure(prefill_seconds, compress, decode, cache_bytes, dense_bytes, peak)
+    return _Measure(prefill_seconds, compress, decode, *sizes, peak)
+
+
+def _measure_dynamic(loaded: LoadedModel, ids: list[int], decode_tokens: int, meter: PeakMeter) -> _Measure:
+    """Plain transformers: `DynamicCache` with its SDPA attention, kvforge switched off."""
+    model = loaded.model
+    model.set_attn_implementation("sdpa")
+    try:
+        cache = DynamicCache(config=model.config)
+        meter.start()
+        start = time.perf_counter()
+        out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        _sync(meter.device)
+        prefill_seconds = time.perf_counter() - start
+        peak = meter.stop()
+        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        _sync(meter.device)
+        decode = time.perf_counter() - start
+    finally:
+        enable(model)
+    return _Measure(prefill_seconds, 0.0, decode, held, held, held, held, peak)
 
 
 def _with_full_first(policies: list[Policy]) -> list[Policy]:
@@ -222,10 +261,14 @@ def run_bench(
     policies: list[Policy],
     decode_tokens: int = 32,
     repeats: int = 1,
+    prefill_chunk: int | None = None,
+    baseline: bool = True,
     on_row: Callable[[BenchRow], None] | None = None,
 ) -> list[BenchRow]:
     """Benchmark every policy at every prompt length against the full cache.
 
+    Per length: transformers' own DynamicCache (`baseline`), then every policy with a one-shot
+    prefill, then (with `prefill_chunk`) every policy again prefilled chunk by chunk.
     Times are the minimum over `repeats` (the least disturbed run); peak memory is the maximum
     (on CPU, pages still resident from earlier runs can only hide growth, never add it).
     `on_row` is called with each row as soon as it is measured.
@@ -236,33 +279,47 @@ def run_bench(
         raise ValueError(f"decode_tokens={decode_tokens} must be at least 1")
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be at least 1")
+    check_chunk(prefill_chunk)
     for n in lengths:
         check_length(n, decode_tokens, loaded.context_length)
     policies = _with_full_first(policies)
-    model = loaded.model
-    device = model.device
+    chunks: list[int | None] = [None] if prefill_chunk is None else [None, prefill_chunk]
+    device = loaded.model.device
     meter = PeakMeter(device)
 
     # Untimed warm-up on a short prompt: first-call costs (kernel selection, lazy allocations,
     # each policy's code paths) would otherwise land in whichever row runs first.
     warm = bench_ids(loaded, WARMUP_TOKENS)
+    if baseline:
+        _measure_dynamic(loaded, warm, 1, meter)
     for policy in policies:
-        _measure_once(loaded, warm, policy, 1, meter)
+        for chunk in chunks:
+            _measure_once(loaded, warm, policy, 1, meter, chunk and min(chunk, WARMUP_TOKENS // 2))
 
     rows: list[BenchRow] = []
     for length in lengths:
         ids = bench_ids(loaded, length)
-        for policy in policies:
-            runs = [_measure_once(loaded, ids, policy, decode_tokens, meter) for _ in range(repeats)]
+        jobs: list[tuple[str, float, int | None, Callable[[], _Measure]]] = []
+        if baseline:
+            jobs.append((DYNAMIC, 0.0, None, lambda: _measure_dynamic(loaded, ids, decode_tokens, meter)))
+        for chunk in chunks:
+            for policy in policies:
+                run = lambda p=policy, c=chunk: _measure_once(loaded, ids, p, decode_tokens, meter, c)  # noqa: E731
+                jobs.append((policy.name, policy.ratio, chunk, run))
+        for name, ratio, chunk, run in jobs:
+            runs = [run() for _ in range(repeats)]
             decode = min(r.decode_seconds for r in runs)
             row = BenchRow(
                 length=len(ids),
-                policy=policy.name,
-                ratio=policy.ratio,
+                policy=name,
+                ratio=ratio,
+                prefill_chunk=chunk,
                 prefill_seconds=min(r.prefill_seconds for r in runs),
                 compress_seconds=min(r.compress_seconds for r in runs),
                 decode_tokens_per_s=decode_tokens / decode if decode > 0 else float("inf"),
                 cache_bytes=runs[0].cache_bytes,
+                kept_bytes=runs[0].kept_bytes,
+                peak_cache_bytes=runs[0].peak_cache_bytes,
                 dense_bytes=runs[0].dense_bytes,
                 peak_bytes=max(r.peak_bytes for r in runs),
                 peak_source=meter.source,
@@ -270,12 +327,83 @@ def run_bench(
             )
             log.info(
                 "%d tokens, %s ratio %.3g: prefill %.4fs, %.1f tok/s, cache %d B, peak %d B",
-                row.length, row.policy, row.ratio, row.prefill_seconds, row.decode_tokens_per_s, row.cache_bytes, row.peak_bytes,
+                row.length, row.label, row.ratio, row.prefill_seconds, row.decode_tokens_per_s, row.cache_bytes, row.peak_bytes,
             )  # fmt: skip
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return rows
+
+
+@dataclass
+class BatchRow:
+    """Decoding a batch of prompts: equal lengths, or unequal ones with the same total."""
+
+    policy: str
+    ratio: float
+    lengths: list[int]  # prompt tokens of each sequence
+    step_seconds: float  # one decoding step of the whole batch (min over repeats)
+    cache_bytes: int  # K/V bytes allocated when decoding starts
+    kept_bytes: int
+
+
+def batch_lengths(length: int, batch: int) -> tuple[list[int], list[int]]:
+    """Equal lengths, and lengths spread evenly over [length / 2, 3 * length / 2] with the same
+    total (so both batches hold the same number of tokens)."""
+    equal = [length] * batch
+    if batch == 1:
+        return equal, equal
+    spread = [round(length / 2 + i * length / (batch - 1)) for i in range(batch)]
+    spread[-1] += length * batch - sum(spread)
+    return equal, spread
+
+
+@torch.inference_mode()
+def run_batch_bench(
+    loaded: LoadedModel, length: int, batch: int, policy: Policy, decode_tokens: int = 16, repeats: int = 1
+) -> list[BatchRow]:
+    """Per-step decode time of `batch` equal prompts against `batch` unequal ones (same total).
+
+    Each prompt is prefilled alone (compressed by `policy`), the caches are stacked into one
+    batch, and the batch decodes greedily; only decoding is timed."""
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be at least 1")
+    model = loaded.model
+    equal, spread = batch_lengths(length, batch)
+    check_length(max(spread), decode_tokens, loaded.context_length)
+    full_ids = bench_ids(loaded, max(spread))
+    out = []
+    for lengths in (equal, spread):
+        times = []
+        for _ in range(repeats):
+            caches, firsts = [], []
+            for n in lengths:
+                cache = KVCache(model, policy)
+                firsts.append(prefill(model, cache, full_ids[:n]))
+                caches.append(cache)
+            cache = KVCache.stack(caches)
+            del caches
+            sizes = (cache.nbytes, cache.kept_nbytes)
+            positions = torch.tensor([max(lengths)] * batch, device=model.device)
+            start = time.perf_counter()
+            greedy(model, cache, torch.stack(firsts), positions, decode_tokens + 1, stop_ids=set())
+            _sync(model.device)
+            times.append((time.perf_counter() - start) / decode_tokens)
+        out.append(BatchRow(policy.name, policy.ratio, lengths, min(times), *sizes))
+    return out
+
+
+def format_batch_table(rows: list[BatchRow]) -> str:
+    lines = ["| batch | lengths | policy | ratio | decode ms / step (vs equal) | cache MiB | kept MiB |", "|---|---|---|---|---|---|---|"]
+    equal = rows[0].step_seconds
+    for row in rows:
+        kind = "equal" if len(set(row.lengths)) == 1 else "unequal"
+        lengths = f"{kind} {min(row.lengths)}-{max(row.lengths)}"
+        lines.append(
+            f"| {len(row.lengths)} | {lengths} | {row.policy} | {row.ratio:g} | {row.step_seconds * 1000:.1f} "
+            f"({row.step_seconds / equal:.2f}x) | {row.cache_bytes / MIB:.2f} | {row.kept_bytes / MIB:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 # --- reporting ---------------------------------------------------------------------------
@@ -298,7 +426,7 @@ def ratios_to_full(rows: list[BenchRow]) -> list[dict[str, object]]:
     since the full cache spends no time compressing. Ratios are None where a length has no full
     row or the full value is 0.
     """
-    full = {row.length: row for row in rows if row.policy == FULL}
+    full = {row.length: row for row in rows if row.policy == FULL and row.prefill_chunk is None}
     out: list[dict[str, object]] = []
     for row in rows:
         d = row.to_dict()
@@ -317,22 +445,25 @@ def _cell(value: float, ratio: object, digits: int) -> str:
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    """A markdown table, one line per (length, policy), each measure with its ratio to full."""
+    """A markdown table, one line per (length, policy, chunking), each measure with its ratio to
+    the one-shot full cache of the same length."""
     header = [
         "length", "policy", "ratio", "prefill s", "compress s (vs full prefill)",
-        "decode tok/s", "cache MiB", "peak MiB",
+        "decode tok/s", "cache MiB", "kept MiB", "peak cache MiB", "peak process MiB",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row, d in zip(rows, ratios_to_full(rows)):
         cells = [
             str(row.length),
-            row.policy,
+            row.label,
             f"{row.ratio:g}",
             _cell(row.prefill_seconds, d["prefill_seconds_vs_full"], 4),
             _cell(row.compress_seconds, d["compress_seconds_vs_full_prefill"], 4),
             _cell(row.decode_tokens_per_s, d["decode_tokens_per_s_vs_full"], 1),
-            _cell(row.cache_bytes / MIB, d["cache_bytes_vs_full"], 3),
-            _cell(row.peak_bytes / MIB, d["peak_bytes_vs_full"], 3),
+            _cell(row.cache_bytes / MIB, d["cache_bytes_vs_full"], 2),
+            f"{row.kept_bytes / MIB:.2f}",
+            _cell(row.peak_cache_bytes / MIB, d["peak_cache_bytes_vs_full"], 2),
+            _cell(row.peak_bytes / MIB, d["peak_bytes_vs_full"], 1),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

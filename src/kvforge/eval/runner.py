@@ -45,6 +45,7 @@ class EvalConfig:
     settings: list[bool] = field(default_factory=lambda: [False])  # query_aware values to run
     seed: int = 0
     task_file: str | None = None
+    prefill_chunk: int | None = None  # None: one-shot prefill, every policy derived from it
     # Samples decoded together. An execution detail: not part of the configuration's identity.
     batch: int = field(default=8, compare=False)
 
@@ -58,6 +59,8 @@ class EvalConfig:
             raise ValueError(f"unknown policy {bad[0]!r}; known policies: {', '.join(known)}")
         if self.batch < 1:
             raise ValueError(f"--batch {self.batch} must be at least 1")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk {self.prefill_chunk} must be at least 1 (or left out for one-shot prefill)")
         if self.samples < 1:
             raise ValueError(f"--samples {self.samples} must be at least 1")
         for r in self.ratios:
@@ -203,9 +206,11 @@ def run_group(
     combos: list[tuple[str, float]],
     policies: dict[tuple[str, float], Policy],
     stats: SweepStats,
+    prefill_chunk: int | None = None,
 ) -> Iterator[EvalRow]:
     """Prefill each case once with a full recording cache, stack them into one batch, then derive
-    and answer every (policy, ratio) for the whole batch.
+    and answer every (policy, ratio) for the whole batch. With `prefill_chunk`, every (policy,
+    ratio) prefills each case itself, chunk by chunk, compressing as it goes.
 
     Prefills run one prompt at a time (the fast causal path, one prompt's memory); derivation and
     decoding run batched. Per-row seconds are the batch's seconds divided by its size; prefill
@@ -213,38 +218,51 @@ def run_group(
     model, tok = loaded.model, loaded.tokenizer
     prompts = [build_prompt(tok, c.context, c.question, loaded.is_instruct, c.answer_prefix) for _, c in group]
     max_new = max(c.max_new_tokens for _, c in group)
-    bases, firsts, prefill_seconds = [], [], []
     for prompt in prompts:
         check_length(len(prompt.ids), max_new, loaded.context_length)
-        ids = prompt.ids if query_aware else prompt.context_ids
-        base = KVCache(model, make_policy("full"), record_prefill=True)
-        start = time.perf_counter()
-        firsts.append(prefill(model, base, ids))
-        prefill_seconds.append(time.perf_counter() - start)
-        bases.append(base)
-        stats.prefills += 1
-        stats.prefill_seconds += prefill_seconds[-1]
+    compressed = [p.ids if query_aware else p.context_ids for p in prompts]
+    size = len(group)
+
+    def prefill_each(policy: Policy, record: bool, chunk: int | None) -> tuple[KVCache, torch.Tensor, list[float]]:
+        """Prefill every prompt alone with `policy`, then stack them into one batch."""
+        caches, firsts, seconds = [], [], []
+        for ids in compressed:
+            cache = KVCache(model, policy, record_prefill=record)
+            start = time.perf_counter()
+            firsts.append(prefill(model, cache, ids, chunk))
+            seconds.append(time.perf_counter() - start)
+            caches.append(cache)
+            stats.prefills += 1
+            stats.prefill_seconds += seconds[-1]
+        return KVCache.stack(caches), torch.stack(firsts), seconds  # firsts: (batch, vocab)
+
+    if prefill_chunk is None:
+        stacked, first_logits, prefill_seconds = prefill_each(make_policy("full"), True, None)
         if stats.per_row_prefill_seconds is None:
-            # What the sweep saves: one policy's prefill on its own, measured on this prompt.
+            # What the sweep saves: one policy's prefill on its own, measured on one prompt.
             name, ratio = next((c for c in combos if c[0] != "full"), combos[0])
             start = time.perf_counter()
-            prefill(model, KVCache(model, policies[(name, ratio)]), ids)
+            prefill(model, KVCache(model, policies[(name, ratio)]), compressed[0])
             stats.per_row_prefill_seconds = time.perf_counter() - start
             stats.per_row_prefill_policy = f"{name} {ratio:g}"
-    stacked = KVCache.stack(bases)
-    del bases
-    first_logits = torch.stack(firsts)  # (batch, vocab)
-    prefill_len = torch.tensor([len(p.ids if query_aware else p.context_ids) for p in prompts], device=model.device)
+    prefill_len = torch.tensor([len(ids) for ids in compressed], device=model.device)
     hashes = [hashlib.sha256(json.dumps(p.ids).encode()).hexdigest()[:16] for p in prompts]
     stops = stop_ids(tok)
     observed: dict = {}  # shared by one policy's ratios: what it observed of these prefills
-    size = len(group)
     for name, ratio in combos:
+        policy = policies[(name, ratio)]
+        if prefill_chunk is None:
+            start = time.perf_counter()
+            cache = stacked.derive(policy, observed)
+            compress_seconds = (time.perf_counter() - start) / size
+            logits = first_logits
+        else:
+            # A chunked prefill depends on the policy (later chunks attend over what was kept):
+            # each (policy, ratio) prefills every prompt itself.
+            cache, logits, prefill_seconds = prefill_each(policy, False, prefill_chunk)
+            compress_seconds = cache.policy_seconds / size
         start = time.perf_counter()
-        cache = stacked.derive(policies[(name, ratio)], observed)
-        compress_seconds = (time.perf_counter() - start) / size
-        start = time.perf_counter()
-        logits, positions = first_logits, prefill_len
+        positions = prefill_len
         if not query_aware:
             logits, positions = feed(model, cache, [p.rest_ids for p in prompts], positions)
         outputs = greedy(model, cache, logits, positions, max_new, stops)
@@ -305,7 +323,7 @@ def _run_locked(
             todo = [c for c in combos if any((case.task, s, query_aware, *c) not in done for s, case in group)]
             if not todo:
                 continue
-            for row in run_group(loaded, group, query_aware, todo, policies, stats):
+            for row in run_group(loaded, group, query_aware, todo, policies, stats, cfg.prefill_chunk):
                 if row.key in done:
                     continue
                 append_row(out / ROWS, row)
