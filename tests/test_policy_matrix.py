@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from conftest import held_positions, left_padded
 from kvforge import KVCache, all_policies, make_policy
+from kvforge.generate import feed
 
 
 @dataclass(frozen=True)
@@ -177,3 +178,20 @@ def test_ratios_sharing_observed_state_equal_separate_derivation(tiny_model, row
             assert held_positions(a.storage) == held_positions(b.storage)
             for name, state in a.storage.view().aux.items():
                 torch.testing.assert_close(state, b.storage.view().aux[name])
+
+
+@pytest.mark.parametrize("budget", [None, 7])
+@pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
+def test_chunked_prefill_holds_the_budget_after_every_chunk(tiny_model, row, budget):
+    # A padded batch fed 5 tokens per row at a time; each chunk is compressed at once.
+    rows = [left_padded([n], seed=n)[0][0].tolist() for n in LENGTHS]
+    policy = build(row, 0.5) if budget is None else build(row, 0.0, budget=budget)
+    cache = KVCache(tiny_model, policy)
+    positions = torch.zeros(len(rows), dtype=torch.long)
+    for start in range(0, max(LENGTHS), 5):
+        _, positions = feed(tiny_model, cache, [r[start : start + 5] for r in rows], positions, "prefill")
+        seen = [min(n, start + 5) for n in LENGTHS]
+        want = [min(s, budget) if budget else max(1, math.floor(s * 0.5)) for s in seen]
+        for layer in range(len(cache.layers)):
+            assert cache.kept_lengths(layer).tolist() == [[w] * 2 for w in want]
+    assert cache.get_seq_length() == 24  # chunks of width 5, 5, 5, 5 and 4

@@ -108,7 +108,7 @@ class Policy:
             value = getattr(self, name)
             if value is not None and value < self.min_budget():
                 raise ValueError(
-                    f"{name}={value} is below policy {self.name!r}'s minimum of {self.min_budget()} entries "
+                    f"{name}={value} is below the minimum of {self.min_budget()} entries for policy {self.name!r} "
                     f"({self.min_budget_reason()}); give --{name.replace('_', '-')} >= {self.min_budget()}"
                 )
 

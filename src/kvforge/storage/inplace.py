@@ -180,9 +180,9 @@ class InPlaceKV(KVStorage):
                 v = self.v[r][:length][None, None]
                 q = self._row_queries(query, b, h, sel)  # (group, n, dim)
                 if n == 1:
-                    # One query: every held entry is in its past. Fold the group into the query
-                    # axis so one unmasked call serves all query heads of this KV head.
-                    o = F.scaled_dot_product_attention(q.reshape(1, 1, group, dim), k, v, scale=scaling)
+                    # One query: every held entry is in its past, no mask. The group's query heads
+                    # share the one KV head (GQA), which keeps the heads parallel inside the call.
+                    o = F.scaled_dot_product_attention(q[None], k, v, scale=scaling, enable_gqa=True)
                 elif length == n:
                     o = F.scaled_dot_product_attention(q[None], k, v, is_causal=True, scale=scaling, enable_gqa=True)
                 else:
@@ -201,10 +201,15 @@ class InPlaceKV(KVStorage):
             for h in range(self.kv_heads):
                 r = b * self.kv_heads + h
                 length = self.len[r]
-                q = self._row_queries(query, b, h, sel)[None]  # (1, group, n, dim)
+                q = self._row_queries(query, b, h, sel)  # (group, n, dim)
+                keys = self.k[r][:length]  # (length, dim)
+                if n == 1:  # a decoding step: one softmax row per query head, nothing masked
+                    probs = torch.softmax((q[:, 0].float() @ keys.float().T) * scaling, dim=-1)  # (group, length)
+                    self.aux[name][r][:length] += probs.mean(0)
+                    continue
                 allowed = chunk_mask(n, length - n, query.device)[None, None]  # (1, 1, n, length)
                 weight = torch.ones(1, n, device=query.device)
-                received = attention_probs_sum(q, self.k[r][:length][None, None], allowed, weight, scaling)
+                received = attention_probs_sum(q[None], keys[None, None], allowed, weight, scaling)
                 self.aux[name][r][:length] += received.view(length)
 
     def view(self) -> PaddedView:
