@@ -190,3 +190,21 @@ def test_two_runs_never_write_one_out_dir(tiny, tmp_path):
         held.close()
     rows, _ = run_eval(tiny, config(samples=1), tmp_path / "busy")  # free again
     assert len(rows) == 2
+
+
+def test_chunked_sweep_prefills_every_policy_itself(tiny, tmp_path):
+    cfg = config(prefill_chunk=64)
+    calls, handle = count_prefills(tiny.model, 64)
+    try:
+        rows, stats = run_eval(tiny, cfg, tmp_path / "chunked")
+    finally:
+        handle.remove()
+    # Each (policy, ratio) prefills each sample itself, 64 tokens at a time.
+    assert stats.prefills == 2 * 2 and len(calls) >= 2 * 2 * 2 and max(calls) == 64
+    one_shot, _ = run_eval(tiny, config(), tmp_path / "one-shot")
+    key = lambda r: (r.sample, r.policy)  # noqa: E731
+    for a, b in zip(sorted(rows, key=key), sorted(one_shot, key=key)):
+        if a.policy == "full":
+            assert a.answer == b.answer  # ratio 0: chunking changes nothing
+        else:
+            assert a.cache_bytes == b.cache_bytes  # the same ratio of the same prompt is kept
