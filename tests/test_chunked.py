@@ -10,7 +10,7 @@ import torch
 from conftest import held_positions, left_padded
 from kvforge import KVCache, make_policy
 from kvforge.cli import main
-from kvforge.generate import DECODE, feed, greedy, prefill
+from kvforge.generate import feed, greedy, prefill
 
 ENTRY = 2 * 16 * 4  # one K row + one V row: head_dim 16, float32
 
@@ -117,18 +117,3 @@ def test_cli_generate_chunked_reports_peak_cache_bytes(capsys, tiny_checkpoint, 
     # The whole prompt is compressed chunk by chunk and nothing is decoded after it.
     assert result["peak_cache_bytes"] <= (20 + 16) * layers_heads * ENTRY
     assert result["kept_bytes"] < result["dense_cache_bytes"] / 2
-
-
-@pytest.mark.parametrize("name", ["knorm", "snapkv", "h2o", "streaming", "random"])
-def test_decode_budget_holds_for_every_scoring_policy(tiny_model, name):
-    params = {"snapkv": {"window": 4}, "streaming": {"sinks": 2}}.get(name, {})
-    policy = make_policy(name, ratio=0.5, decode_budget=6, evict_every=3, **params)
-    cache = KVCache(tiny_model, policy)
-    ids = left_padded([30], seed=15)[0][0].tolist()
-    logits = prefill(tiny_model, cache, ids)[None]  # (1, vocab)
-    positions = torch.tensor([30])
-    for _ in range(20):
-        logits, positions = feed(tiny_model, cache, [[int(logits[0].argmax())]], positions, DECODE)
-        for layer in range(2):
-            assert int(cache.kept_lengths(layer).max()) <= 6 + 3 - 1
-    assert cache.get_seq_length() == 50

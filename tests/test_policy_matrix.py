@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 from conftest import held_positions, left_padded
 from kvforge import KVCache, all_policies, make_policy
-from kvforge.generate import feed
+from kvforge.generate import DECODE, feed
+from kvforge.generate import prefill as prefill_ids
 
 
 @dataclass(frozen=True)
@@ -195,3 +196,34 @@ def test_chunked_prefill_holds_the_budget_after_every_chunk(tiny_model, row, bud
         for layer in range(len(cache.layers)):
             assert cache.kept_lengths(layer).tolist() == [[w] * 2 for w in want]
     assert cache.get_seq_length() == 24  # chunks of width 5, 5, 5, 5 and 4
+
+
+@pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
+def test_decode_budget_holds_after_every_step(tiny_model, row):
+    cache = KVCache(tiny_model, build(row, 0.5, decode_budget=6, evict_every=3))
+    logits = prefill_ids(tiny_model, cache, left_padded([30], seed=15)[0][0].tolist())[None]  # (1, vocab)
+    positions = torch.tensor([30])
+    for _ in range(20):
+        logits, positions = feed(tiny_model, cache, [[int(logits[0].argmax())]], positions, DECODE)
+        for layer in range(len(cache.layers)):
+            assert int(cache.kept_lengths(layer).max()) <= 6 + 3 - 1
+    assert cache.get_seq_length() == 50
+
+
+@pytest.mark.parametrize("row", MATRIX, ids=lambda r: r.name)
+def test_inplace_layout_keeps_and_predicts_what_the_ragged_one_does(tiny_model, row):
+    ids, mask = left_padded(LENGTHS)
+    policy = build(row, 0.5) if row.name == "full" else build(row, 0.5, evict_every=2)
+    results = []
+    for layout in ("inplace", "ragged"):
+        cache = KVCache(tiny_model, policy, layout=layout)
+        out = tiny_model.generate(
+            ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False, eos_token_id=None,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        results.append((out, [held_positions(layer.storage) for layer in cache.layers], cache.kept_nbytes))
+    (a, pos_a, kept_a), (b, pos_b, kept_b) = results
+    assert pos_a == pos_b and kept_a == kept_b
+    assert a.sequences.tolist() == b.sequences.tolist()
+    for la, lb in zip(a.logits, b.logits):
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)

@@ -91,30 +91,6 @@ def test_shared_rows_are_copied_before_writing():
     assert held_positions(other) == [list(range(6)) + [12]] * HEADS
 
 
-def row_params(name: str) -> dict:
-    return {"snapkv": {"window": 4}, "streaming": {"sinks": 2}}.get(name, {})
-
-
-@pytest.mark.parametrize("name", ["full", "knorm", "snapkv", "streaming", "h2o", "random"])
-def test_inplace_layout_keeps_and_predicts_what_the_ragged_one_does(tiny_model, name):
-    ids, mask = left_padded([26, 19])
-    kw = row_params(name)
-    policy = make_policy(name, **kw) if name == "full" else make_policy(name, ratio=0.5, evict_every=2, **kw)
-    results = []
-    for layout in ("inplace", "ragged"):
-        cache = KVCache(tiny_model, policy, layout=layout)
-        out = tiny_model.generate(
-            ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False, eos_token_id=None,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
-        results.append((out, [held_positions(layer.storage) for layer in cache.layers], cache.kept_nbytes))
-    (a, pos_a, kept_a), (b, pos_b, kept_b) = results
-    assert pos_a == pos_b and kept_a == kept_b
-    assert a.sequences.tolist() == b.sequences.tolist()
-    for la, lb in zip(a.logits, b.logits):
-        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
-
-
 def test_allocation_stays_within_a_quarter_of_kept_plus_one_growth_step(tiny_model):
     ids, _ = left_padded([40], seed=7)
     policy = make_policy("streaming", ratio=0.5, sinks=2, evict_every=4)

@@ -86,6 +86,7 @@ class KVForgeLayer(CacheLayerMixin):
         self.seen = 0  # logical tokens seen, padding included
         self.chunks = 0  # forward chunks processed
         self.decode_budget: torch.Tensor | None = None  # (batch, kv_heads), set at the first decode step
+        self.quiet_steps = 0  # decoding steps before any row can reach its eviction point
         self.pending = False  # update() ran and attend() has not yet
         # (batch,) real tokens ever stored per sequence: what an uncompressed cache would hold now
         self.tokens: torch.Tensor | None = None
@@ -129,9 +130,9 @@ class KVForgeLayer(CacheLayerMixin):
         t = keys.shape[2]
         mode = self.phase.mode or (DECODE if t == 1 else PREFILL)
         positions = torch.arange(self.seen, self.seen + t, device=keys.device)
-        # Prompt chunks are stored without spare room (each is large, and a compression may
-        # follow at once); decoding steps grow the rows geometrically, so appends are amortized.
-        exact = mode != DECODE
+        # A chunk compressed at once is stored without spare room; otherwise rows grow
+        # geometrically, so appends (decoding steps, uncompressed prompt chunks) are amortized.
+        exact = mode == PREFILL and self.policy.compresses
         self.storage.append(keys, values, positions, new_valid, exact=exact)
         added = new_valid.sum(1).cpu()  # (batch,)
         self.tokens += added
@@ -184,22 +185,31 @@ class KVForgeLayer(CacheLayerMixin):
         """(batch, kv_heads) entries to keep after this chunk, or None when nothing is evicted."""
         policy, storage = self.policy, self.storage
         assert storage is not None and self.tokens is not None
-        held = storage.lengths.cpu()
+        if mode == APPEND:
+            return None
+        if mode == DECODE:
+            if self.decode_budget is None and (policy.decode_budget is None) and not (
+                policy.holds_budget_while_decoding and policy.compresses
+            ):
+                return None  # this policy lets decoding grow the cache
+            if self.quiet_steps > 0:  # no row can have reached its eviction point yet
+                self.quiet_steps -= 1
+                return None
+        held = storage.lengths
         if mode == PREFILL:
             budget = policy.prefill_budget(self.tokens, held)
             return budget if budget is not None and bool((budget < held).any()) else None
-        if mode != DECODE:
-            return None
         if self.decode_budget is None:
             if policy.decode_budget is not None:
                 self.decode_budget = torch.full_like(held, policy.decode_budget)
-            elif policy.holds_budget_while_decoding and policy.compresses:
+            else:
                 # What was held before this first step: the size the prompt left.
                 self.decode_budget = (held - added[:, None]).clamp(min=1)
-            else:
-                return None
         # Rows reaching budget + evict_every go back to their budget; the others keep all.
-        due = held >= self.decode_budget + policy.evict_every
+        limit = self.decode_budget + policy.evict_every
+        due = held >= limit
+        # A row grows by at most one entry per step: skip the checks until one could be due.
+        self.quiet_steps = int((limit - held).clamp(min=1).min()) - 1
         if not bool(due.any()):
             return None
         return torch.where(due, self.decode_budget, held)
@@ -218,6 +228,7 @@ class KVForgeLayer(CacheLayerMixin):
         self.is_initialized = False
         self.seen = self.chunks = 0
         self.decode_budget = None
+        self.quiet_steps = 0
         self.pending = False
         self.tokens = None
         self.policy_seconds = 0.0

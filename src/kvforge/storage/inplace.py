@@ -51,11 +51,21 @@ def count(sel: slice | torch.Tensor) -> int:
     return sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
 
 
-def chunk_mask(n: int, held: int, device: torch.device) -> torch.Tensor:
-    """(n, held + n) bool: the last n entries of a row are the chunk's own tokens (causal among
-    themselves); everything held before them is older than every query and fully visible."""
-    new = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    return torch.cat([torch.ones(n, held, dtype=torch.bool, device=device), new], dim=1)
+class ChunkMasks:
+    """(n, held + n) bool masks, built once per (n, held) and shared by the rows of one call: the
+    last n entries of a row are the chunk's own tokens (causal among themselves); everything held
+    before them is older than every query and fully visible."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.built: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, n: int, held: int) -> torch.Tensor:
+        if (n, held) not in self.built:
+            mask = torch.ones(n, held + n, dtype=torch.bool, device=self.device)
+            mask[:, held:] = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+            self.built[(n, held)] = mask
+        return self.built[(n, held)]
 
 
 class InPlaceKV(KVStorage):
@@ -130,6 +140,8 @@ class InPlaceKV(KVStorage):
         if need <= self.capacity(r):  # borrowed: copy at the same capacity
             self._resize(r, self.capacity(r))
             return
+        # An empty row takes exactly its first chunk (a one-shot prompt allocates what it holds).
+        exact = exact or self.len[r] == 0
         grown = need if exact else max(math.ceil(GROWTH * need), need + GROWTH_MIN)
         self._resize(r, grown)
 
@@ -169,6 +181,7 @@ class InPlaceKV(KVStorage):
         batch, q_heads, t, dim = query.shape
         group = q_heads // self.kv_heads
         out = query.new_zeros(batch, q_heads, t, dim)
+        masks = ChunkMasks(query.device)
         for b, sel in enumerate(valid_index(valid)):
             n = count(sel)
             if n == 0:
@@ -186,14 +199,14 @@ class InPlaceKV(KVStorage):
                 elif length == n:
                     o = F.scaled_dot_product_attention(q[None], k, v, is_causal=True, scale=scaling, enable_gqa=True)
                 else:
-                    mask = chunk_mask(n, length - n, query.device)
-                    o = F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+                    o = F.scaled_dot_product_attention(q[None], k, v, attn_mask=masks(n, length - n), scale=scaling, enable_gqa=True)
                 out[b, h * group : (h + 1) * group, sel] = o.view(group, n, dim)
         return out
 
     def accumulate_attention(
         self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
     ) -> None:
+        masks = ChunkMasks(query.device)
         for b, sel in enumerate(valid_index(valid)):
             n = count(sel)
             if n == 0:
@@ -207,7 +220,7 @@ class InPlaceKV(KVStorage):
                     probs = torch.softmax((q[:, 0].float() @ keys.float().T) * scaling, dim=-1)  # (group, length)
                     self.aux[name][r][:length] += probs.mean(0)
                     continue
-                allowed = chunk_mask(n, length - n, query.device)[None, None]  # (1, 1, n, length)
+                allowed = masks(n, length - n)[None, None]  # (1, 1, n, length)
                 weight = torch.ones(1, n, device=query.device)
                 received = attention_probs_sum(q[None], keys[None, None], allowed, weight, scaling)
                 self.aux[name][r][:length] += received.view(length)
