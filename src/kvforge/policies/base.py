@@ -51,10 +51,9 @@ class StepContext:
     def view(self) -> PaddedView:
         return self.storage.view()
 
-    @cached_property
-    def allowed(self) -> torch.Tensor:
-        """(batch, kv_heads, T, slots) bool: which entries each query may attend to."""
-        return causal_allowed(self.view.positions, self.view.valid, self.query_positions)
+    def allowed(self, start: int = 0) -> torch.Tensor:
+        """(batch, kv_heads, T - start, slots) bool: which entries queries start.. may attend to."""
+        return causal_allowed(self.view.positions, self.view.valid, self.query_positions[start:])
 
     def attention(self, last: int | None = None) -> torch.Tensor:
         """(batch, kv_heads, slots) attention each entry got, summed over the last `last` queries
@@ -65,7 +64,7 @@ class StepContext:
             self._cache[key] = attention_probs_sum(
                 self.query[:, :, start:],
                 self.view.keys,
-                self.allowed[:, :, start:],
+                self.allowed(start),
                 self.query_valid[:, start:],
                 self.scaling,
             )

@@ -17,23 +17,42 @@ Rows are (sequence, KV head) pairs; each holds its own number of entries, oldest
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 
 
-@dataclass
 class PaddedView:
     """A dense, left-aligned picture of what a storage holds, for attention and scoring.
 
     Slot j of row (b, h) is the j-th oldest kept entry; slots past lengths[b, h] are padding.
+    `keys` and `values` may be given as zero-argument functions: they are built on first use, so
+    a policy that scores by position or by its own state never pays for a copy of K/V.
     """
 
-    keys: torch.Tensor  # (batch, kv_heads, slots, head_dim)
-    values: torch.Tensor  # (batch, kv_heads, slots, head_dim)
-    positions: torch.Tensor  # (batch, kv_heads, slots) int64, logical index of the token
-    valid: torch.Tensor  # (batch, kv_heads, slots) bool, False on padding slots
-    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (batch, kv_heads, slots)
+    def __init__(
+        self,
+        keys: torch.Tensor | Callable[[], torch.Tensor],  # (batch, kv_heads, slots, head_dim)
+        values: torch.Tensor | Callable[[], torch.Tensor],  # (batch, kv_heads, slots, head_dim)
+        positions: torch.Tensor,  # (batch, kv_heads, slots) int64, logical index of the token
+        valid: torch.Tensor,  # (batch, kv_heads, slots) bool, False on padding slots
+        aux: dict[str, torch.Tensor] | None = None,  # name -> (batch, kv_heads, slots)
+    ) -> None:
+        self._keys, self._values = keys, values
+        self.positions, self.valid = positions, valid
+        self.aux = aux if aux is not None else {}
+
+    @property
+    def keys(self) -> torch.Tensor:
+        if not isinstance(self._keys, torch.Tensor):
+            self._keys = self._keys()
+        return self._keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        if not isinstance(self._values, torch.Tensor):
+            self._values = self._values()
+        return self._values
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge.attention import attention_probs_sum
-from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
+from kvforge.storage.base import KVStorage, PaddedView, time_ordered
 
 GROWTH = 1.25
 GROWTH_MIN = 16
@@ -225,22 +225,23 @@ class InPlaceKV(KVStorage):
                 received = attention_probs_sum(q[None], keys[None, None], allowed, weight, scaling)
                 self.aux[name][r][:length] += received.view(length)
 
+    def _padded(self, rows: list[torch.Tensor], slots: int, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, kv_heads, slots, *rest): each row's held entries, zeros past its length."""
+        out = torch.zeros(self.batch, self.kv_heads, slots, *rows[0].shape[1:], dtype=dtype, device=self.device)
+        for r, n in enumerate(self.len):
+            out[r // self.kv_heads, r % self.kv_heads, :n] = rows[r][:n]
+        return out
+
     def view(self) -> PaddedView:
         slots = max(self.len, default=0)
-        shape = (self.batch, self.kv_heads, slots)
-        keys = torch.zeros(*shape, self.head_dim, dtype=self.dtype, device=self.device)
-        values = torch.zeros_like(keys)
-        positions = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        aux = {name: torch.zeros(shape, dtype=torch.float32, device=self.device) for name in self.aux}
-        for r, n in enumerate(self.len):
-            b, h = divmod(r, self.kv_heads)
-            keys[b, h, :n] = self.k[r][:n]
-            values[b, h, :n] = self.v[r][:n]
-            positions[b, h, :n] = self.pos[r][:n]
-            for name, rows in self.aux.items():
-                aux[name][b, h, :n] = rows[r][:n]
         valid = torch.arange(slots, device=self.device) < self.lengths.to(self.device)[..., None]
-        return PaddedView(keys, values, positions, valid, aux)
+        return PaddedView(
+            keys=lambda: self._padded(self.k, slots, self.dtype),  # built only if a policy reads them
+            values=lambda: self._padded(self.v, slots, self.dtype),
+            positions=self._padded(self.pos, slots, torch.int64),
+            valid=valid,
+            aux={name: self._padded(rows, slots, torch.float32) for name, rows in self.aux.items()},
+        )
 
     def add_aux(self, name: str, view: PaddedView, delta: torch.Tensor) -> None:
         delta = delta.float().masked_fill(~view.valid, 0.0)
@@ -249,31 +250,25 @@ class InPlaceKV(KVStorage):
             self.aux[name][r][:n] += delta[r // self.kv_heads, r % self.kv_heads, :n]
 
     def keep(self, view: PaddedView, index: torch.Tensor, keep_mask: torch.Tensor, reserve: int = 0) -> None:
+        # Slot j of a row of the view is entry j of that row here, so the kept entries are read
+        # from the rows themselves: the view's K/V are never needed for this.
         index, keep_mask = time_ordered(index, keep_mask, view.valid.shape[-1])
         kept = keep_mask.sum(-1).flatten().tolist()  # (rows,)
-        keys, values = gather_slots(view.keys, index), gather_slots(view.values, index)  # (batch, heads, K, dim)
-        positions = gather_slots(view.positions, index).to(torch.int32)
-        aux = {name: gather_slots(state, index) for name, state in view.aux.items()}
+        index = index.flatten(0, 1)  # (rows, K)
         for r, n in enumerate(kept):
             if n == self.len[r]:
                 continue  # nothing evicted from this row
-            b, h = divmod(r, self.kv_heads)
+            idx = index[r, :n]
+            rows = [self.k, self.v, self.pos, *self.aux.values()]
+            picked = [t[r].index_select(0, idx) for t in rows]  # the only temporaries
             target = n + reserve
             if self.owned[r] and self.capacity(r) <= GROWTH * target:
-                # Compact in place: the gathered copy above is the only temporary.
-                self.k[r][:n], self.v[r][:n], self.pos[r][:n] = keys[b, h, :n], values[b, h, :n], positions[b, h, :n]
-                for name, rows in self.aux.items():
-                    rows[r][:n] = aux[name][b, h, :n]
+                for t, new in zip(rows, picked):
+                    t[r][:n] = new  # compact in place
             else:
                 # Free what would sit idle: new buffers of exactly the kept entries + reserve.
-                def fresh(t: torch.Tensor) -> torch.Tensor:
-                    out = t.new_empty((target, *t.shape[1:]))
-                    out[:n] = t[:n]
-                    return out
-
-                self.k[r], self.v[r], self.pos[r] = fresh(keys[b, h]), fresh(values[b, h]), fresh(positions[b, h])
-                for name, rows in self.aux.items():
-                    rows[r] = fresh(aux[name][b, h])
+                for t, new in zip(rows, picked):
+                    t[r] = torch.cat([new, new.new_empty((reserve, *new.shape[1:]))]) if reserve else new
                 self.owned[r] = True
             self.len[r] = n
 
