@@ -21,6 +21,7 @@ first write, so a recorded prefill serves any number of derived caches unchanged
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -172,58 +173,54 @@ class InPlaceKV(KVStorage):
 
     # --- reading -----------------------------------------------------------------------------
 
-    def _row_queries(self, query: torch.Tensor, b: int, h: int, sel: slice | torch.Tensor) -> torch.Tensor:
-        """(group, n, head_dim): the valid queries of sequence b that read KV head h."""
+    def _reading_rows(
+        self, query: torch.Tensor, valid: torch.Tensor
+    ) -> Iterator[tuple[int, int, slice | torch.Tensor, torch.Tensor]]:
+        """(row, sequence, which chunk tokens, queries) for every row with real queries; the
+        queries, (group, n, head_dim), are the valid ones of that sequence that read that row."""
         group = query.shape[1] // self.kv_heads
-        return query[b, h * group : (h + 1) * group][:, sel]
+        for b, sel in enumerate(valid_index(valid)):
+            if count(sel) == 0:
+                continue
+            for h in range(self.kv_heads):
+                yield b * self.kv_heads + h, b, sel, query[b, h * group : (h + 1) * group][:, sel]
 
     def attend(self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
         batch, q_heads, t, dim = query.shape
         group = q_heads // self.kv_heads
         out = query.new_zeros(batch, q_heads, t, dim)
         masks = ChunkMasks(query.device)
-        for b, sel in enumerate(valid_index(valid)):
-            n = count(sel)
-            if n == 0:
-                continue
-            for h in range(self.kv_heads):
-                r = b * self.kv_heads + h
-                length = self.len[r]
-                k = self.k[r][:length][None, None]  # (1, 1, length, dim): a view, no copy
-                v = self.v[r][:length][None, None]
-                q = self._row_queries(query, b, h, sel)  # (group, n, dim)
-                if n == 1:
-                    # One query: every held entry is in its past, no mask. The group's query heads
-                    # share the one KV head (GQA), which keeps the heads parallel inside the call.
-                    o = F.scaled_dot_product_attention(q[None], k, v, scale=scaling, enable_gqa=True)
-                elif length == n:
-                    o = F.scaled_dot_product_attention(q[None], k, v, is_causal=True, scale=scaling, enable_gqa=True)
-                else:
-                    o = F.scaled_dot_product_attention(q[None], k, v, attn_mask=masks(n, length - n), scale=scaling, enable_gqa=True)
-                out[b, h * group : (h + 1) * group, sel] = o.view(group, n, dim)
+        for r, b, sel, q in self._reading_rows(query, valid):
+            n, length = q.shape[1], self.len[r]
+            k = self.k[r][:length][None, None]  # (1, 1, length, dim): a view, no copy
+            v = self.v[r][:length][None, None]
+            if n == 1:
+                # One query: every held entry is in its past, no mask. The group's query heads
+                # share the one KV head (GQA), which keeps the heads parallel inside the call.
+                o = F.scaled_dot_product_attention(q[None], k, v, scale=scaling, enable_gqa=True)
+            elif length == n:
+                o = F.scaled_dot_product_attention(q[None], k, v, is_causal=True, scale=scaling, enable_gqa=True)
+            else:
+                o = F.scaled_dot_product_attention(q[None], k, v, attn_mask=masks(n, length - n), scale=scaling, enable_gqa=True)
+            h = r % self.kv_heads
+            out[b, h * group : (h + 1) * group, sel] = o.view(group, n, dim)
         return out
 
     def accumulate_attention(
         self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
     ) -> None:
         masks = ChunkMasks(query.device)
-        for b, sel in enumerate(valid_index(valid)):
-            n = count(sel)
-            if n == 0:
+        for r, _, _, q in self._reading_rows(query, valid):
+            n, length = q.shape[1], self.len[r]
+            keys = self.k[r][:length]  # (length, dim)
+            if n == 1:  # a decoding step: one softmax row per query head, nothing masked
+                probs = torch.softmax((q[:, 0].float() @ keys.float().T) * scaling, dim=-1)  # (group, length)
+                self.aux[name][r][:length] += probs.mean(0)
                 continue
-            for h in range(self.kv_heads):
-                r = b * self.kv_heads + h
-                length = self.len[r]
-                q = self._row_queries(query, b, h, sel)  # (group, n, dim)
-                keys = self.k[r][:length]  # (length, dim)
-                if n == 1:  # a decoding step: one softmax row per query head, nothing masked
-                    probs = torch.softmax((q[:, 0].float() @ keys.float().T) * scaling, dim=-1)  # (group, length)
-                    self.aux[name][r][:length] += probs.mean(0)
-                    continue
-                allowed = masks(n, length - n)[None, None]  # (1, 1, n, length)
-                weight = torch.ones(1, n, device=query.device)
-                received = attention_probs_sum(q[None], keys[None, None], allowed, weight, scaling)
-                self.aux[name][r][:length] += received.view(length)
+            allowed = masks(n, length - n)[None, None]  # (1, 1, n, length)
+            weight = torch.ones(1, n, device=query.device)
+            received = attention_probs_sum(q[None], keys[None, None], allowed, weight, scaling)
+            self.aux[name][r][:length] += received.view(length)
 
     def _padded(self, rows: list[torch.Tensor], slots: int, dtype: torch.dtype) -> torch.Tensor:
         """(batch, kv_heads, slots, *rest): each row's held entries, zeros past its length."""
