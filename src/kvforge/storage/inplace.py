@@ -95,6 +95,8 @@ class InPlaceKV(KVStorage):
         # False: K, V and positions may be shared with another storage; copy before writing.
         # Policy state (aux) is always this storage's own.
         self.owned: list[bool] = [False] * rows
+        self._last_valid: torch.Tensor | None = None
+        self._last_index: list[slice | torch.Tensor] = []
 
     # --- sizes -------------------------------------------------------------------------------
 
@@ -155,7 +157,7 @@ class InPlaceKV(KVStorage):
         exact: bool = False,
     ) -> None:
         positions = positions.to(device=self.device, dtype=torch.int32)
-        for b, sel in enumerate(valid_index(valid)):
+        for b, sel in enumerate(self._valid_index(valid)):
             n = count(sel)
             if n == 0:
                 continue
@@ -171,6 +173,12 @@ class InPlaceKV(KVStorage):
                     rows[r][start : start + n] = 0.0
                 self.len[r] = start + n
 
+    def _valid_index(self, valid: torch.Tensor) -> list[slice | torch.Tensor]:
+        # append() and attend() of one chunk get the same mask: work it out once.
+        if self._last_valid is not valid:
+            self._last_valid, self._last_index = valid, valid_index(valid)
+        return self._last_index
+
     # --- reading -----------------------------------------------------------------------------
 
     def _reading_rows(
@@ -179,7 +187,7 @@ class InPlaceKV(KVStorage):
         """(row, sequence, which chunk tokens, queries) for every row with real queries; the
         queries, (group, n, head_dim), are the valid ones of that sequence that read that row."""
         group = query.shape[1] // self.kv_heads
-        for b, sel in enumerate(valid_index(valid)):
+        for b, sel in enumerate(self._valid_index(valid)):
             if count(sel) == 0:
                 continue
             for h in range(self.kv_heads):
@@ -286,6 +294,7 @@ class InPlaceKV(KVStorage):
         other.dtype, other.device, other.aux_names = self.dtype, self.device, aux_names
         other.k, other.v, other.pos, other.len = list(self.k), list(self.v), list(self.pos), list(self.len)
         other.owned = [False] * len(self.len)
+        other._last_valid, other._last_index = None, []
         return other
 
     def share(self, aux_names: tuple[str, ...]) -> InPlaceKV:
