@@ -109,11 +109,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_policies(args: argparse.Namespace) -> int:
     from kvforge.policies import all_policies
 
-    table = Table(title="kvforge policies")
+    from kvforge.policies.base import BUDGET_FIELDS
+
+    shared = ", ".join(f for f in BUDGET_FIELDS if f != "ratio")
+    table = Table(title="kvforge policies", caption=f"every compressing policy also takes {shared} (see `kvforge generate --help`)")
     for col in ("name", "parameters (default)", "description"):
         table.add_column(col)
     for name, cls in all_policies().items():
-        params = ", ".join(f"{p}={d!r}" for p, _, d in cls.parameters())
+        own = [(p, d) for p, _, d in cls.parameters() if p == "ratio" or p not in BUDGET_FIELDS]
+        params = ", ".join(f"{p}={d!r}" for p, d in own)
         table.add_row(name, params, cls.description)
     console.print(table)
     return 0
