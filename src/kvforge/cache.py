@@ -137,8 +137,11 @@ class KVForgeLayer(CacheLayerMixin):
         added = new_valid.sum(1).cpu()  # (batch,)
         self.tokens += added
         self.held.update(self.layer_idx, self.storage.allocated_nbytes)
-        out = self.storage.attend(query, positions, new_valid, scaling)
-        self._act(query, positions, new_valid, scaling, mode, added)
+        # A decoding step takes the attention policy state out of the attention itself; a prompt
+        # chunk observes it apart (timed as the policy's).
+        fused = self.policy.attention_state if t == 1 else None
+        out = self.storage.attend(query, positions, new_valid, scaling, accumulate=fused)
+        self._act(query, positions, new_valid, scaling, mode, added, attended=fused is not None)
         if self.record_prefill and self.chunks == 0:
             self.prefill_record = PrefillRecord(query, positions, new_valid, scaling)
         self.seen += t
@@ -154,6 +157,7 @@ class KVForgeLayer(CacheLayerMixin):
         mode: str,
         added: torch.Tensor,  # (batch,) tokens this chunk stored per sequence
         shared: dict[str, dict[str, object]] | None = None,
+        attended: bool = False,  # the storage already added the attention to policy state
     ) -> None:
         """Let the policy observe this chunk and, when a budget applies, compress.
 
@@ -169,6 +173,9 @@ class KVForgeLayer(CacheLayerMixin):
         if shared is not None and "state" in shared:
             self.storage.import_aux(shared["state"])
         elif self.policy.aux_names:
+            name = self.policy.attention_state
+            if name is not None and not attended:
+                self.storage.accumulate_attention(name, query, positions, new_valid, scaling)
             self.policy.observe(ctx)
             if shared is not None:
                 shared["state"] = self.storage.export_aux()

@@ -99,6 +99,9 @@ class Policy:
     holds_budget_while_decoding: ClassVar[bool] = False
     # Per-entry state the storage carries for this policy (float32, one value per entry).
     aux_names: ClassVar[tuple[str, ...]] = ()
+    # One of aux_names to which the storage adds the attention each held entry receives, in every
+    # chunk; in a decoding step it comes out of the attention itself (H2O's accumulated attention).
+    attention_state: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)

@@ -25,14 +25,11 @@ class H2O(Policy):
     description: ClassVar[str] = "keep heavy hitters by accumulated attention plus recent tokens (H2O)"
     holds_budget_while_decoding: ClassVar[bool] = True
     aux_names: ClassVar[tuple[str, ...]] = ("h2o_attention",)
+    attention_state: ClassVar[str | None] = "h2o_attention"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("recent_fraction", self.recent_fraction, 0.0, 1.0)
-
-    def observe(self, ctx: StepContext) -> None:
-        # The storage adds each entry's attention row by row: a decoding step needs no view.
-        ctx.storage.accumulate_attention("h2o_attention", ctx.query, ctx.query_positions, ctx.query_valid, ctx.scaling)
 
     def score(self, ctx: StepContext) -> torch.Tensor:
         assert ctx.budget is not None

@@ -137,8 +137,10 @@ class KVStorage(ABC):
         positions: torch.Tensor,  # (T,)
         valid: torch.Tensor,  # (batch, T) bool
         scaling: float,
+        accumulate: str | None = None,
     ) -> torch.Tensor:  # (batch, q_heads, T, head_dim); rows of padding queries are zero
-        ...
+        """With `accumulate`, also do what `accumulate_attention(accumulate, ...)` does, reusing
+        the attention computed here where the layout can."""
 
     @abstractmethod
     def accumulate_attention(

@@ -193,7 +193,9 @@ class InPlaceKV(KVStorage):
             for h in range(self.kv_heads):
                 yield b * self.kv_heads + h, b, sel, query[b, h * group : (h + 1) * group][:, sel]
 
-    def attend(self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
+    ) -> torch.Tensor:
         batch, q_heads, t, dim = query.shape
         group = q_heads // self.kv_heads
         out = query.new_zeros(batch, q_heads, t, dim)
@@ -202,7 +204,13 @@ class InPlaceKV(KVStorage):
             n, length = q.shape[1], self.len[r]
             k = self.k[r][:length][None, None]  # (1, 1, length, dim): a view, no copy
             v = self.v[r][:length][None, None]
-            if n == 1:
+            if n == 1 and accumulate is not None:
+                # A decoding step whose attention is also policy state: compute the softmax
+                # once, for the output and for the state.
+                probs = torch.softmax((q[:, 0] @ k[0, 0].T).float() * scaling, dim=-1)  # (group, length)
+                self.aux[accumulate][r][:length] += probs.mean(0)
+                o = probs.to(v.dtype) @ v[0, 0]  # (group, dim)
+            elif n == 1:
                 # One query: every held entry is in its past, no mask. The group's query heads
                 # share the one KV head (GQA), which keeps the heads parallel inside the call.
                 o = F.scaled_dot_product_attention(q[None], k, v, scale=scaling, enable_gqa=True)
@@ -212,6 +220,8 @@ class InPlaceKV(KVStorage):
                 o = F.scaled_dot_product_attention(q[None], k, v, attn_mask=masks(n, length - n), scale=scaling, enable_gqa=True)
             h = r % self.kv_heads
             out[b, h * group : (h + 1) * group, sel] = o.view(group, n, dim)
+            if n > 1 and accumulate is not None:
+                self._accumulate_row(accumulate, r, q, masks, scaling)
         return out
 
     def accumulate_attention(
@@ -219,16 +229,20 @@ class InPlaceKV(KVStorage):
     ) -> None:
         masks = ChunkMasks(query.device)
         for r, _, _, q in self._reading_rows(query, valid):
-            n, length = q.shape[1], self.len[r]
-            keys = self.k[r][:length]  # (length, dim)
-            if n == 1:  # a decoding step: one softmax row per query head, nothing masked
-                probs = torch.softmax((q[:, 0].float() @ keys.float().T) * scaling, dim=-1)  # (group, length)
-                self.aux[name][r][:length] += probs.mean(0)
-                continue
-            allowed = masks(n, length - n)[None, None]  # (1, 1, n, length)
-            weight = torch.ones(1, n, device=query.device)
-            received = attention_probs_sum(q[None], keys[None, None], allowed, weight, scaling)
-            self.aux[name][r][:length] += received.view(length)
+            self._accumulate_row(name, r, q, masks, scaling)
+
+    def _accumulate_row(self, name: str, r: int, q: torch.Tensor, masks: ChunkMasks, scaling: float) -> None:
+        """Add the attention row r's entries receive from q, (group, n, dim), to aux[name]."""
+        n, length = q.shape[1], self.len[r]
+        keys = self.k[r][:length]  # (length, dim)
+        if n == 1:  # one softmax row per query head, nothing masked
+            probs = torch.softmax((q[:, 0].float() @ keys.float().T) * scaling, dim=-1)  # (group, length)
+            self.aux[name][r][:length] += probs.mean(0)
+            return
+        allowed = masks(n, length - n)[None, None]  # (1, 1, n, length)
+        weight = torch.ones(1, n, device=q.device)
+        received = attention_probs_sum(q[None], keys[None, None], allowed, weight, scaling)
+        self.aux[name][r][:length] += received.view(length)
 
     def _padded(self, rows: list[torch.Tensor], slots: int, dtype: torch.dtype) -> torch.Tensor:
         """(batch, kv_heads, slots, *rest): each row's held entries, zeros past its length."""

@@ -179,7 +179,11 @@ class RaggedKV(KVStorage):
             aux={name: take(state) for name, state in self.aux.items()},
         )
 
-    def attend(self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
+    ) -> torch.Tensor:
+        if accumulate is not None:
+            self.accumulate_attention(accumulate, query, positions, valid, scaling)
         view = self.view()
         # One new token per row and no padding slot: every held entry is in its past, so
         # plain unmasked attention is exact (the common decoding step).
