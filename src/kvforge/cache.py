@@ -132,7 +132,7 @@ class KVForgeLayer(CacheLayerMixin):
         positions = torch.arange(self.seen, self.seen + t, device=keys.device)
         # A chunk compressed at once is stored without spare room; otherwise rows grow
         # geometrically, so appends (decoding steps, uncompressed prompt chunks) are amortized.
-        exact = mode == PREFILL and self.policy.compresses
+        exact = mode == PREFILL and self.policy.compresses_prompt
         self.storage.append(keys, values, positions, new_valid, exact=exact)
         added = new_valid.sum(1).cpu()  # (batch,)
         self.tokens += added

@@ -124,7 +124,12 @@ class Policy:
     @property
     def compresses(self) -> bool:
         """Whether this policy ever evicts (a ratio, a budget or a decoding budget is set)."""
-        return self.ratio > 0 or self.budget is not None or self.decode_budget is not None
+        return self.compresses_prompt or self.decode_budget is not None
+
+    @property
+    def compresses_prompt(self) -> bool:
+        """Whether prompt chunks are compressed (a ratio or a budget is set)."""
+        return self.ratio > 0 or self.budget is not None
 
     @property
     def setting(self) -> str:
