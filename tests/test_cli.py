@@ -104,3 +104,15 @@ def test_unreadable_prompt_file(capsys, tiny_checkpoint, tmp_path):
     code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt-file", str(tmp_path / "x"), "q")
     assert code == 2 and "cannot read --prompt-file" in err
 
+
+
+def test_demo_runs_every_policy_and_reports_kept_bytes(capsys, tiny_checkpoint):
+    from kvforge import all_policies
+
+    code, out, _ = run(capsys, "demo", "--model", str(tiny_checkpoint), "--length", "300", "--max-new-tokens", "2", "--json")
+    assert code == 0
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert [r["policy"] for r in rows] == ["full"] + [n for n in all_policies() if n != "full"]
+    full = rows[0]
+    assert full["kept_bytes"] == full["dense_cache_bytes"] <= full["cache_bytes"]
+    assert all(r["kept_bytes"] < 0.7 * r["dense_cache_bytes"] for r in rows[1:])

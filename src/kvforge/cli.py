@@ -96,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict()))
     else:
         console.print(result.text)
-        saved = 1 - result.cache_bytes / max(result.dense_cache_bytes, 1)
+        saved = 1 - result.kept_bytes / max(result.dense_cache_bytes, 1)
         err_console.print(
             f"[dim]{result.policy} {policy.setting}: {result.prompt_tokens} prompt tokens, "
             f"{result.generated_tokens} generated, cache {result.cache_bytes / 2**20:.2f} MiB allocated "
@@ -147,19 +147,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             progress.advance(task)
     setting = "query-aware" if args.query_aware else "question-agnostic"
     table = Table(title=f"{loaded.name}: {len(prompt.ids)}-token needle prompt, {setting}, answer {case.answers[0]}")
-    for col in ("policy", "ratio", "answer", "correct", "MiB held", "saved", "sec"):
+    for col in ("policy", "ratio", "answer", "correct", "MiB kept", "saved", "sec"):
         if col == "answer":
             table.add_column(col, no_wrap=True, max_width=18)
         else:
             table.add_column(col, justify="left" if col == "policy" else "right")
     for r in rows:
-        saved = 1 - r.cache_bytes / max(r.dense_cache_bytes, 1)
+        saved = 1 - r.kept_bytes / max(r.dense_cache_bytes, 1)
         table.add_row(
             r.policy,
             f"{r.ratio:g}",
             r.text.strip().replace("\n", " ")[:24],
             "yes" if score(r.text, case) == 100 else "no",
-            f"{r.cache_bytes / 2**20:.2f}",
+            f"{r.kept_bytes / 2**20:.2f}",
             f"{saved:.0%}",
             f"{r.seconds:.1f}",
         )
