@@ -123,3 +123,26 @@ def test_stacked_batch_decodes_unequal_rows_like_each_alone(tiny_model):
         first = prefill(tiny_model, alone, p)
         assert got[b] == greedy(tiny_model, alone, first[None], torch.tensor([len(p)]), 9, stop_ids=set())[0]
     assert batch.kept_lengths(0).max() <= 8 + 3 - 1
+
+
+def test_heads_of_different_lengths_hold_exactly_their_bytes_and_attend_like_ragged():
+    storages = [make_storage(layout, 2, HEADS, DIM, torch.float32, torch.device("cpu")) for layout in ("inplace", "ragged")]
+    k, v = chunk(2, 30, 8)
+    counts = torch.tensor([[20, 7], [30, 12]])  # (batch, heads): kept per head, all different
+    for storage in storages:
+        storage.append(k, v, torch.arange(30), torch.ones(2, 30, dtype=torch.bool))
+        view = storage.view()
+        index = torch.arange(30).expand(2, HEADS, 30).flip(-1)  # the most recent first
+        storage.keep(view, index[..., :30], torch.arange(30) < counts[..., None])
+    inplace, ragged = storages
+    assert inplace.allocated_nbytes == inplace.kept_nbytes == int(counts.sum()) * 2 * DIM * 4
+    assert held_positions(inplace) == held_positions(ragged)
+    k1, v1 = chunk(2, 1, 9)
+    gen = torch.Generator().manual_seed(10)
+    query = torch.randn(2, 2 * HEADS, 1, DIM, generator=gen)
+    outs = []
+    for storage in storages:
+        storage.append(k1, v1, torch.tensor([30]), torch.ones(2, 1, dtype=torch.bool))
+        outs.append(storage.attend(query, torch.tensor([30]), torch.ones(2, 1, dtype=torch.bool), 0.25))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert inplace.lengths.tolist() == (counts + 1).tolist()

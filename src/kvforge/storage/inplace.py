@@ -10,8 +10,10 @@ quarter of its buffer would sit idle. Invariant after every operation, per row:
     capacity_r <= 1.25 * (length_r + reserve) + GROWTH_MIN
 
 where `reserve` is the room the last compaction was asked to leave (the decoding eviction
-interval). Rows are separate tensors so heads and sequences may hold very different counts
-(head-wise budgets) with the bytes to show it, and a row can join or leave a batch without
+interval). While the heads of a sequence hold the same count (every policy but head-wise
+budgets), their rows are views of one (kv_heads, capacity, head_dim) slab, so attention reads
+the sequence in one call; once the heads differ, each row gets a buffer of its own size, so
+heads of different lengths hold exactly their bytes. A sequence joins or leaves a batch without
 touching the others: a paged block pool is the same idea with fixed-size pieces.
 
 Rows may be borrowed from another storage (`share`, `stack`): a borrowed row is copied before its
@@ -95,6 +97,9 @@ class InPlaceKV(KVStorage):
         # False: K, V and positions may be shared with another storage; copy before writing.
         # Policy state (aux) is always this storage's own.
         self.owned: list[bool] = [False] * rows
+        # Per sequence: (keys, values), each (kv_heads, capacity, head_dim), when the sequence's
+        # K and V rows are views of one buffer each (its heads then hold the same count).
+        self.slab: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * batch
         self._last_valid: torch.Tensor | None = None
         self._last_index: list[slice | torch.Tensor] = []
 
@@ -113,7 +118,17 @@ class InPlaceKV(KVStorage):
 
     @property
     def allocated_nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
+        # Counted by buffer, not by row: rows of one slab share it, borrowed rows their lender's.
+        buffers = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*self.k, *self.v)}
+        return sum(buffers.values())
+
+    def _rows(self, b: int) -> range:
+        return range(b * self.kv_heads, (b + 1) * self.kv_heads)
+
+    def uniform(self, b: int) -> int | None:
+        """The count every head of sequence b holds, or None when the heads differ."""
+        counts = self.len[b * self.kv_heads : (b + 1) * self.kv_heads]
+        return counts[0] if counts.count(counts[0]) == len(counts) else None
 
     @property
     def meta_nbytes(self) -> int:
@@ -123,18 +138,46 @@ class InPlaceKV(KVStorage):
     # --- writing -----------------------------------------------------------------------------
 
     def _resize(self, r: int, capacity: int) -> None:
-        """Give row r buffers of `capacity` entries holding its current entries (a copy)."""
+        """Give row r buffers of its own of `capacity` entries holding its entries (a copy)."""
         n = self.len[r]
-
-        def moved(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_empty((capacity, *t.shape[1:]))
-            out[:n] = t[:n]
-            return out
-
-        self.k[r], self.v[r], self.pos[r] = moved(self.k[r]), moved(self.v[r]), moved(self.pos[r])
+        self.k[r], self.v[r], self.pos[r] = (self._moved(t[r], n, capacity) for t in (self.k, self.v, self.pos))
         for rows in self.aux.values():
-            rows[r] = moved(rows[r])
+            rows[r] = self._moved(rows[r], n, capacity)
         self.owned[r] = True
+
+    def _resize_seq(self, b: int, capacity: int) -> None:
+        """Give sequence b (heads of equal count) one K and one V slab of `capacity` entries per
+        head, holding its current entries (a copy); its rows become views of them."""
+        n = self.uniform(b)
+        assert n is not None
+        keys = self.k[0].new_empty((self.kv_heads, capacity, self.head_dim))
+        values = torch.empty_like(keys)
+        for h, r in enumerate(self._rows(b)):
+            keys[h, :n], values[h, :n] = self.k[r][:n], self.v[r][:n]
+            self.k[r], self.v[r] = keys[h], values[h]
+            self.pos[r] = self._moved(self.pos[r], n, capacity)
+            for rows in self.aux.values():
+                rows[r] = self._moved(rows[r], n, capacity)
+            self.owned[r] = True
+        self.slab[b] = (keys, values)
+
+    @staticmethod
+    def _moved(t: torch.Tensor, n: int, capacity: int) -> torch.Tensor:
+        out = t.new_empty((capacity, *t.shape[1:]))
+        out[:n] = t[:n]
+        return out
+
+    def _unslab(self, b: int) -> None:
+        """Give every row of sequence b a buffer of its own (its heads are about to differ)."""
+        if self.slab[b] is None:
+            return
+        for r in self._rows(b):
+            self._resize(r, self.capacity(r))
+        self.slab[b] = None
+
+    def _grown(self, held: int, need: int, exact: bool) -> int:
+        # An empty row takes exactly its first chunk (a one-shot prompt allocates what it holds).
+        return need if exact or held == 0 else max(math.ceil(GROWTH * need), need + GROWTH_MIN)
 
     def _make_room(self, r: int, extra: int, exact: bool) -> None:
         need = self.len[r] + extra
@@ -143,10 +186,7 @@ class InPlaceKV(KVStorage):
         if need <= self.capacity(r):  # borrowed: copy at the same capacity
             self._resize(r, self.capacity(r))
             return
-        # An empty row takes exactly its first chunk (a one-shot prompt allocates what it holds).
-        exact = exact or self.len[r] == 0
-        grown = need if exact else max(math.ceil(GROWTH * need), need + GROWTH_MIN)
-        self._resize(r, grown)
+        self._resize(r, self._grown(self.len[r], need, exact))
 
     def append(
         self,
@@ -162,12 +202,23 @@ class InPlaceKV(KVStorage):
             if n == 0:
                 continue
             kb, vb, pb = keys[b][:, sel], values[b][:, sel], positions[sel]  # (heads, n, dim), (n,)
-            for h in range(self.kv_heads):
-                r = b * self.kv_heads + h
-                self._make_room(r, n, exact)
+            held = self.uniform(b)
+            if held is not None:
+                slab = self.slab[b]
+                if slab is None or held + n > slab[0].shape[1] or not all(self.owned[r] for r in self._rows(b)):
+                    self._resize_seq(b, self._grown(held, held + n, exact))
+                    slab = self.slab[b]
+                assert slab is not None
+                slab[0][:, held : held + n] = kb  # one write for all heads
+                slab[1][:, held : held + n] = vb
+            else:
+                self._unslab(b)
+            for h, r in enumerate(self._rows(b)):
+                if held is None:
+                    self._make_room(r, n, exact)
+                    self.k[r][self.len[r] : self.len[r] + n] = kb[h]
+                    self.v[r][self.len[r] : self.len[r] + n] = vb[h]
                 start = self.len[r]
-                self.k[r][start : start + n] = kb[h]
-                self.v[r][start : start + n] = vb[h]
                 self.pos[r][start : start + n] = pb
                 for rows in self.aux.values():
                     rows[r][start : start + n] = 0.0
@@ -197,32 +248,62 @@ class InPlaceKV(KVStorage):
         self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
     ) -> torch.Tensor:
         batch, q_heads, t, dim = query.shape
-        group = q_heads // self.kv_heads
         out = query.new_zeros(batch, q_heads, t, dim)
         masks = ChunkMasks(query.device)
-        for r, b, sel, q in self._reading_rows(query, valid):
-            n, length = q.shape[1], self.len[r]
-            k = self.k[r][:length][None, None]  # (1, 1, length, dim): a view, no copy
-            v = self.v[r][:length][None, None]
-            if n == 1 and accumulate is not None:
-                # A decoding step whose attention is also policy state: compute the softmax
-                # once, for the output and for the state.
-                probs = torch.softmax((q[:, 0] @ k[0, 0].T).float() * scaling, dim=-1)  # (group, length)
-                self.aux[accumulate][r][:length] += probs.mean(0)
-                o = probs.to(v.dtype) @ v[0, 0]  # (group, dim)
-            elif n == 1:
-                # One query: every held entry is in its past, no mask. The group's query heads
-                # share the one KV head (GQA), which keeps the heads parallel inside the call.
-                o = F.scaled_dot_product_attention(q[None], k, v, scale=scaling, enable_gqa=True)
-            elif length == n:
-                o = F.scaled_dot_product_attention(q[None], k, v, is_causal=True, scale=scaling, enable_gqa=True)
-            else:
-                o = F.scaled_dot_product_attention(q[None], k, v, attn_mask=masks(n, length - n), scale=scaling, enable_gqa=True)
-            h = r % self.kv_heads
-            out[b, h * group : (h + 1) * group, sel] = o.view(group, n, dim)
-            if n > 1 and accumulate is not None:
-                self._accumulate_row(accumulate, r, q, masks, scaling)
+        for b, sel in enumerate(self._valid_index(valid)):
+            if count(sel) == 0:
+                continue
+            held, slab = self.uniform(b), self.slab[b]
+            if held is not None and slab is not None:
+                # Every head holds `held` entries of one slab: one call for the whole sequence.
+                keys, values = slab[0][:, :held], slab[1][:, :held]  # (kv_heads, held, dim): views
+                out[b, :, sel] = self._attend_rows(b, query[b][:, sel], keys, values, masks, scaling, accumulate)
+                continue
+            group = q_heads // self.kv_heads
+            for h, r in enumerate(self._rows(b)):
+                n = self.len[r]
+                q = query[b, h * group : (h + 1) * group][:, sel]  # (group, n_new, dim)
+                keys, values = self.k[r][:n][None], self.v[r][:n][None]  # (1, n, dim)
+                o = self._attend_rows(b, q, keys, values, masks, scaling, accumulate, first=h)
+                out[b, h * group : (h + 1) * group, sel] = o
         return out
+
+    def _attend_rows(
+        self,
+        b: int,
+        q: torch.Tensor,  # (heads * group, n, dim): the valid queries that read these rows
+        keys: torch.Tensor,  # (heads, held, dim): rows first .. first + heads - 1 of sequence b
+        values: torch.Tensor,  # (heads, held, dim)
+        masks: ChunkMasks,
+        scaling: float,
+        accumulate: str | None,
+        first: int = 0,
+    ) -> torch.Tensor:  # (heads * group, n, dim)
+        heads, held, dim = keys.shape
+        group, n = q.shape[0] // heads, q.shape[1]
+        rows = range(b * self.kv_heads + first, b * self.kv_heads + first + heads)
+        if n == 1 and accumulate is not None:
+            # A decoding step whose attention is also policy state: the softmax is computed once,
+            # for the output and for the state.
+            logits = torch.bmm(q.view(heads, group, dim), keys.transpose(1, 2))  # (heads, group, held)
+            probs = torch.softmax(logits.float() * scaling, dim=-1)
+            received = probs.mean(1)  # (heads, held)
+            for h, r in enumerate(rows):
+                self.aux[accumulate][r][:held] += received[h]
+            return torch.bmm(probs.to(values.dtype), values).view(heads * group, 1, dim)
+        # One query: every held entry is in its past, no mask; the chunk alone: causal; a chunk
+        # after held entries: the chunk mask. GQA: each KV head serves its group of query heads.
+        if n == 1:
+            o = F.scaled_dot_product_attention(q[None], keys[None], values[None], scale=scaling, enable_gqa=True)
+        elif held == n:
+            o = F.scaled_dot_product_attention(q[None], keys[None], values[None], is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            mask = masks(n, held - n)
+            o = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True)
+        if n > 1 and accumulate is not None:
+            for h, r in enumerate(rows):
+                self._accumulate_row(accumulate, r, q[h * group : (h + 1) * group], masks, scaling)
+        return o[0]
 
     def accumulate_attention(
         self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
@@ -272,24 +353,36 @@ class InPlaceKV(KVStorage):
         # Slot j of a row of the view is entry j of that row here, so the kept entries are read
         # from the rows themselves: the view's K/V are never needed for this.
         index, keep_mask = time_ordered(index, keep_mask, view.valid.shape[-1])
-        kept = keep_mask.sum(-1).flatten().tolist()  # (rows,)
+        kept = keep_mask.sum(-1).tolist()  # (batch, heads)
         index = index.flatten(0, 1)  # (rows, K)
-        for r, n in enumerate(kept):
-            if n == self.len[r]:
-                continue  # nothing evicted from this row
-            idx = index[r, :n]
-            rows = [self.k, self.v, self.pos, *self.aux.values()]
-            picked = [t[r].index_select(0, idx) for t in rows]  # the only temporaries
-            target = n + reserve
-            if self.owned[r] and self.capacity(r) <= GROWTH * target:
-                for t, new in zip(rows, picked):
-                    t[r][:n] = new  # compact in place
-            else:
-                # Free what would sit idle: new buffers of exactly the kept entries + reserve.
-                for t, new in zip(rows, picked):
-                    t[r] = torch.cat([new, new.new_empty((reserve, *new.shape[1:]))]) if reserve else new
+        for b, counts in enumerate(kept):
+            rows = self._rows(b)
+            if all(n == self.len[r] for n, r in zip(counts, rows)):
+                continue  # nothing evicted from this sequence
+            n = counts[0] if counts.count(counts[0]) == len(counts) else None
+            slab = self.slab[b]
+            in_place = (
+                slab is not None
+                and n is not None
+                and all(self.owned[r] for r in rows)
+                and slab[0].shape[1] <= GROWTH * (n + reserve)
+            )
+            if n is None:
+                self._unslab(b)  # the heads are about to differ: each row its own exact buffer
+            for r, count_r in zip(rows, counts):
+                idx = index[r, :count_r]
+                picked = [t[r].index_select(0, idx) for t in (self.k, self.v, self.pos, *self.aux.values())]
+                for t, new in zip((self.k, self.v, self.pos, *self.aux.values()), picked):
+                    if in_place:
+                        t[r][:count_r] = new  # compact in place
+                    else:
+                        t[r] = new  # exactly the kept entries (regrouped into a slab below)
+                self.len[r] = count_r
                 self.owned[r] = True
-            self.len[r] = n
+            if n is not None and not in_place:
+                # Free what would sit idle: one slab of exactly the kept entries + reserve.
+                self.slab[b] = None
+                self._resize_seq(b, n + reserve)
 
     # --- policy state and sharing ------------------------------------------------------------
 
@@ -307,6 +400,7 @@ class InPlaceKV(KVStorage):
         other.batch, other.kv_heads, other.head_dim = self.batch, self.kv_heads, self.head_dim
         other.dtype, other.device, other.aux_names = self.dtype, self.device, aux_names
         other.k, other.v, other.pos, other.len = list(self.k), list(self.v), list(self.pos), list(self.len)
+        other.slab = list(self.slab)
         other.owned = [False] * len(self.len)
         other._last_valid, other._last_index = None, []
         return other
@@ -326,10 +420,11 @@ class InPlaceKV(KVStorage):
         assert isinstance(first, InPlaceKV)
         out = first._borrowing(first.aux_names)
         out.batch = len(parts)
-        out.k, out.v, out.pos, out.len = [], [], [], []
+        out.k, out.v, out.pos, out.len, out.slab = [], [], [], [], []
         out.aux = {name: [] for name in first.aux}
         for part, shift in zip(parts, shifts):
             assert isinstance(part, InPlaceKV)
+            out.slab += part.slab
             out.k += part.k
             out.v += part.v
             out.len += part.len
