@@ -208,3 +208,4 @@ def test_chunked_sweep_prefills_every_policy_itself(tiny, tmp_path):
             assert a.answer == b.answer  # ratio 0: chunking changes nothing
         else:
             assert a.cache_bytes == b.cache_bytes  # the same ratio of the same prompt is kept
+            assert a.compress_seconds > 0  # the compressions inside the chunked prefills

@@ -223,8 +223,9 @@ def run_group(
     compressed = [p.ids if query_aware else p.context_ids for p in prompts]
     size = len(group)
 
-    def prefill_each(policy: Policy, record: bool, chunk: int | None) -> tuple[KVCache, torch.Tensor, list[float]]:
-        """Prefill every prompt alone with `policy`, then stack them into one batch."""
+    def prefill_each(policy: Policy, record: bool, chunk: int | None) -> tuple[KVCache, torch.Tensor, list[float], float]:
+        """Prefill every prompt alone with `policy`, then stack them into one batch; also the
+        seconds the policy spent compressing during those prefills."""
         caches, firsts, seconds = [], [], []
         for ids in compressed:
             cache = KVCache(model, policy, record_prefill=record)
@@ -234,10 +235,11 @@ def run_group(
             caches.append(cache)
             stats.prefills += 1
             stats.prefill_seconds += seconds[-1]
-        return KVCache.stack(caches), torch.stack(firsts), seconds  # firsts: (batch, vocab)
+        policy_seconds = sum(c.policy_seconds for c in caches)
+        return KVCache.stack(caches), torch.stack(firsts), seconds, policy_seconds  # firsts: (batch, vocab)
 
     if prefill_chunk is None:
-        stacked, first_logits, prefill_seconds = prefill_each(make_policy("full"), True, None)
+        stacked, first_logits, prefill_seconds, _ = prefill_each(make_policy("full"), True, None)
         if stats.per_row_prefill_seconds is None:
             # What the sweep saves: one policy's prefill on its own, measured on one prompt.
             name, ratio = next((c for c in combos if c[0] != "full"), combos[0])
@@ -259,8 +261,8 @@ def run_group(
         else:
             # A chunked prefill depends on the policy (later chunks attend over what was kept):
             # each (policy, ratio) prefills every prompt itself.
-            cache, logits, prefill_seconds = prefill_each(policy, False, prefill_chunk)
-            compress_seconds = cache.policy_seconds / size
+            cache, logits, prefill_seconds, policy_seconds = prefill_each(policy, False, prefill_chunk)
+            compress_seconds = policy_seconds / size
         start = time.perf_counter()
         positions = prefill_len
         if not query_aware:
