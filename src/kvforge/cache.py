@@ -22,7 +22,6 @@ from kvforge.storage import DEFAULT_LAYOUT, KVStorage, check_layout, make_storag
 
 
 PREFILL, APPEND, DECODE = "prefill", "append", "decode"
-MODES = (PREFILL, APPEND, DECODE)
 
 
 @dataclass

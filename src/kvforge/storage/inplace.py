@@ -54,6 +54,11 @@ def count(sel: slice | torch.Tensor) -> int:
     return sel.stop - sel.start if isinstance(sel, slice) else sel.numel()
 
 
+def common(counts: list[int]) -> int | None:
+    """The one value all of `counts` share, or None when they differ."""
+    return counts[0] if counts.count(counts[0]) == len(counts) else None
+
+
 class ChunkMasks:
     """(n, held + n) bool masks, built once per (n, held) and shared by the rows of one call: the
     last n entries of a row are the chunk's own tokens (causal among themselves); everything held
@@ -98,7 +103,8 @@ class InPlaceKV(KVStorage):
         # Policy state (aux) is always this storage's own.
         self.owned: list[bool] = [False] * rows
         # Per sequence: (keys, values), each (kv_heads, capacity, head_dim), when the sequence's
-        # K and V rows are views of one buffer each (its heads then hold the same count).
+        # K and V rows are views of one buffer each. Invariant: a slab is only ever set while the
+        # sequence's heads hold the same count (keep() drops it before they differ).
         self.slab: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * batch
         self._last_valid: torch.Tensor | None = None
         self._last_index: list[slice | torch.Tensor] = []
@@ -127,8 +133,7 @@ class InPlaceKV(KVStorage):
 
     def uniform(self, b: int) -> int | None:
         """The count every head of sequence b holds, or None when the heads differ."""
-        counts = self.len[b * self.kv_heads : (b + 1) * self.kv_heads]
-        return counts[0] if counts.count(counts[0]) == len(counts) else None
+        return common(self.len[b * self.kv_heads : (b + 1) * self.kv_heads])
 
     @property
     def meta_nbytes(self) -> int:
@@ -167,14 +172,6 @@ class InPlaceKV(KVStorage):
         out[:n] = t[:n]
         return out
 
-    def _unslab(self, b: int) -> None:
-        """Give every row of sequence b a buffer of its own (its heads are about to differ)."""
-        if self.slab[b] is None:
-            return
-        for r in self._rows(b):
-            self._resize(r, self.capacity(r))
-        self.slab[b] = None
-
     def _grown(self, held: int, need: int, exact: bool) -> int:
         # An empty row takes exactly its first chunk (a one-shot prompt allocates what it holds).
         return need if exact or held == 0 else max(math.ceil(GROWTH * need), need + GROWTH_MIN)
@@ -211,8 +208,6 @@ class InPlaceKV(KVStorage):
                 assert slab is not None
                 slab[0][:, held : held + n] = kb  # one write for all heads
                 slab[1][:, held : held + n] = vb
-            else:
-                self._unslab(b)
             for h, r in enumerate(self._rows(b)):
                 if held is None:
                     self._make_room(r, n, exact)
@@ -237,12 +232,16 @@ class InPlaceKV(KVStorage):
     ) -> Iterator[tuple[int, int, slice | torch.Tensor, torch.Tensor]]:
         """(row, sequence, which chunk tokens, queries) for every row with real queries; the
         queries, (group, n, head_dim), are the valid ones of that sequence that read that row."""
-        group = query.shape[1] // self.kv_heads
         for b, sel in enumerate(self._valid_index(valid)):
             if count(sel) == 0:
                 continue
-            for h in range(self.kv_heads):
-                yield b * self.kv_heads + h, b, sel, query[b, h * group : (h + 1) * group][:, sel]
+            for h, r in enumerate(self._rows(b)):
+                yield r, b, sel, self._group_queries(query, b, h, sel)
+
+    def _group_queries(self, query: torch.Tensor, b: int, h: int, sel: slice | torch.Tensor) -> torch.Tensor:
+        """(group, n, head_dim): the valid queries of sequence b whose heads read KV head h."""
+        group = query.shape[1] // self.kv_heads
+        return query[b, h * group : (h + 1) * group][:, sel]
 
     def attend(
         self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
@@ -262,10 +261,9 @@ class InPlaceKV(KVStorage):
             group = q_heads // self.kv_heads
             for h, r in enumerate(self._rows(b)):
                 n = self.len[r]
-                q = query[b, h * group : (h + 1) * group][:, sel]  # (group, n_new, dim)
                 keys, values = self.k[r][:n][None], self.v[r][:n][None]  # (1, n, dim)
-                o = self._attend_rows(b, q, keys, values, masks, scaling, accumulate, first=h)
-                out[b, h * group : (h + 1) * group, sel] = o
+                q = self._group_queries(query, b, h, sel)
+                out[b, h * group : (h + 1) * group, sel] = self._attend_rows(b, q, keys, values, masks, scaling, accumulate, first=h)
         return out
 
     def _attend_rows(
@@ -359,7 +357,7 @@ class InPlaceKV(KVStorage):
             rows = self._rows(b)
             if all(n == self.len[r] for n, r in zip(counts, rows)):
                 continue  # nothing evicted from this sequence
-            n = counts[0] if counts.count(counts[0]) == len(counts) else None
+            n = common(counts)
             slab = self.slab[b]
             in_place = (
                 slab is not None
@@ -368,7 +366,8 @@ class InPlaceKV(KVStorage):
                 and slab[0].shape[1] <= GROWTH * (n + reserve)
             )
             if n is None:
-                self._unslab(b)  # the heads are about to differ: each row its own exact buffer
+                # The heads are about to differ: every row gets its own exact buffer below.
+                self.slab[b] = None
             for r, count_r in zip(rows, counts):
                 idx = index[r, :count_r]
                 picked = [t[r].index_select(0, idx) for t in (self.k, self.v, self.pos, *self.aux.values())]
