@@ -63,7 +63,7 @@ def test_policies_lists_every_policy_with_parameters(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--policy", "nope"], "unknown policy 'nope'; known policies: full, h2o"),
+        (["--policy", "nope"], "unknown policy 'nope'; known policies: adakv, chunk"),
         (["--ratio", "1.0"], "outside [0, 1)"),
         (["--ratio", "-0.1"], "outside [0, 1)"),
         (["--max-new-tokens", "0"], "--max-new-tokens=0 must be at least 1"),
@@ -107,12 +107,12 @@ def test_unreadable_prompt_file(capsys, tiny_checkpoint, tmp_path):
 
 
 def test_demo_runs_every_policy_and_reports_kept_bytes(capsys, tiny_checkpoint):
-    from kvforge import all_policies
+    from kvforge.policies import methods
 
     code, out, _ = run(capsys, "demo", "--model", str(tiny_checkpoint), "--length", "300", "--max-new-tokens", "2", "--json")
     assert code == 0
     rows = json.loads(out.strip().splitlines()[-1])
-    assert [r["policy"] for r in rows] == ["full"] + [n for n in all_policies() if n != "full"]
+    assert [r["policy"] for r in rows] == methods()
     full = rows[0]
     assert full["kept_bytes"] == full["dense_cache_bytes"] <= full["cache_bytes"]
     assert all(r["kept_bytes"] < 0.7 * r["dense_cache_bytes"] for r in rows[1:])

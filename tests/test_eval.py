@@ -109,7 +109,7 @@ def config(**kw) -> EvalConfig:
 def test_config_errors():
     for kw, msg in [
         (dict(tasks=["x"]), "unknown task 'x'"),
-        (dict(policies=["full", "y"]), "unknown policy 'y'; known policies: full, h2o"),
+        (dict(policies=["full", "y"]), "unknown policy 'y'; known policies: adakv, chunk"),
         (dict(samples=0), "--samples 0 must be at least 1"),
         (dict(ratios=[1.5]), "ratio 1.5 is outside [0, 1)"),
     ]:

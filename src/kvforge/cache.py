@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvforge.attention import ATTN_NAME, tag_layer
-from kvforge.policies.base import BUDGET_FIELDS, Policy, StepContext
+from kvforge.policies.base import Policy, StepContext
 from kvforge.storage import DEFAULT_LAYOUT, KVStorage, check_layout, make_storage
 
 
@@ -74,9 +74,9 @@ class KVForgeLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, layer_idx: int, policy: Policy, phase: Phase, held: HeldBytes, layout: str) -> None:
+    def __init__(self, layer_idx: int, num_layers: int, policy: Policy, phase: Phase, held: HeldBytes, layout: str) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx, self.num_layers = layer_idx, num_layers
         self.policy = policy
         self.phase = phase
         self.held = held
@@ -164,11 +164,14 @@ class KVForgeLayer(CacheLayerMixin):
         the state, observing is skipped; when empty, it is filled. A sweep derives one policy at
         several ratios, and what it observes does not depend on the ratio."""
         assert self.storage is not None
-        budget = self._budget(mode, added)
-        if budget is None and not self.policy.aux_names:
+        budgets = self._budget(mode, added)
+        if budgets is None and not self.policy.aux_names:
             return
         start = time.perf_counter()
-        ctx = StepContext(self.layer_idx, self.storage, query, positions, new_valid, scaling)
+        ctx = StepContext(
+            self.layer_idx, self.storage, query, positions, new_valid, scaling,
+            num_layers=self.num_layers, decoding=mode == DECODE,
+        )  # fmt: skip
         if shared is not None and "state" in shared:
             self.storage.import_aux(shared["state"])
         elif self.policy.aux_names:
@@ -178,8 +181,8 @@ class KVForgeLayer(CacheLayerMixin):
             self.policy.observe(ctx)
             if shared is not None:
                 shared["state"] = self.storage.export_aux()
-        if budget is not None:
-            ctx.budget = budget.to(query.device)
+        if budgets is not None:
+            ctx.budget, ctx.target = (b.to(query.device) for b in budgets)
             index, mask = self.policy.select(ctx)
             self.storage.keep(ctx.view, index, mask, reserve=self.policy.evict_every if mode == DECODE else 0)
             self.held.update(self.layer_idx, self.storage.allocated_nbytes)
@@ -187,8 +190,10 @@ class KVForgeLayer(CacheLayerMixin):
             torch.cuda.synchronize(query.device)
         self.policy_seconds += time.perf_counter() - start
 
-    def _budget(self, mode: str, added: torch.Tensor) -> torch.Tensor | None:
-        """(batch, kv_heads) entries to keep after this chunk, or None when nothing is evicted."""
+    def _budget(self, mode: str, added: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(budget, target), each (batch, kv_heads): entries to keep after this chunk, and what
+        the budget asks of each row before it is capped by what the row holds (StepContext);
+        None when nothing is evicted."""
         policy, storage = self.policy, self.storage
         assert storage is not None and self.tokens is not None
         if mode == APPEND:
@@ -203,8 +208,10 @@ class KVForgeLayer(CacheLayerMixin):
                 return None
         held = storage.lengths
         if mode == PREFILL:
-            budget = policy.prefill_budget(self.tokens, held)
-            return budget if budget is not None and bool((budget < held).any()) else None
+            target = policy.prefill_budget(self.tokens, held)
+            if target is None or not bool((target < held).any()):
+                return None
+            return target.minimum(held), target
         if self.decode_budget is None:
             if policy.decode_budget is not None:
                 self.decode_budget = torch.full_like(held, policy.decode_budget)
@@ -218,7 +225,8 @@ class KVForgeLayer(CacheLayerMixin):
         self.quiet_steps = int((limit - held).clamp(min=1).min()) - 1
         if not bool(due.any()):
             return None
-        return torch.where(due, self.decode_budget, held)
+        budget = torch.where(due, self.decode_budget, held)
+        return budget, budget
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -269,7 +277,7 @@ class KVCache(Cache):
     def _setup(self, policy: Policy, num_layers: int, layout: str) -> None:
         self.policy, self.num_layers, self.phase, self.layout = policy, num_layers, Phase(), layout
         self.held = HeldBytes()
-        layers = [KVForgeLayer(i, policy, self.phase, self.held, layout) for i in range(num_layers)]
+        layers = [KVForgeLayer(i, num_layers, policy, self.phase, self.held, layout) for i in range(num_layers)]
         Cache.__init__(self, layers=layers)
 
     @classmethod
@@ -289,8 +297,7 @@ class KVCache(Cache):
         `observed`, a dict kept by the caller across calls on this base, lets policies that differ
         only in budget share what they observed of the prefill (H2O's accumulated attention).
         """
-        params = tuple(sorted((k, v) for k, v in asdict(policy).items() if k not in BUDGET_FIELDS))
-        state_key = (type(policy), params)
+        state_key = policy.state_key()
         if self.policy.compresses or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
         derived = KVCache._empty(policy, self.num_layers, self.layout)

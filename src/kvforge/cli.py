@@ -118,7 +118,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
     for name, cls in all_policies().items():
         own = [(p, d) for p, _, d in cls.parameters() if p == "ratio" or p not in BUDGET_FIELDS]
         params = ", ".join(f"{p}={d!r}" for p, d in own)
-        table.add_row(name, params, cls.description)
+        table.add_row(f"{name}:<policy>" if cls.wraps else name, params, cls.description)
     console.print(table)
     return 0
 
@@ -129,13 +129,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kvforge.generate import build_prompt
     from kvforge.generate import answer as run_answer
     from kvforge.models import load_model
-    from kvforge.policies import all_policies, make_policy
+    from kvforge.policies import make_policy, methods
 
     with err_console.status(f"loading {args.model} (the first run converts the default model once) ..."):
         loaded = load_model(args.model)
     case = make_case(loaded.tokenizer, "niah_single", args.length, seed=args.seed, chat=loaded.is_instruct, max_length=loaded.context_length)
     prompt = build_prompt(loaded.tokenizer, case.context, case.question, loaded.is_instruct, case.answer_prefix)
-    names = ["full"] + [n for n in all_policies() if n != "full"]
+    names = methods()
     rows = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
@@ -180,14 +180,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvforge.eval.report import write_reports
     from kvforge.eval.runner import EvalConfig, run_eval, total_rows
     from kvforge.models import load_model
-    from kvforge.policies import all_policies
+    from kvforge.policies import methods
 
     if args.quick:
         for key, value in QUICK.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
     tasks = split_list(args.tasks or ("" if args.task_file else "niah_single"))
-    policies = split_list(args.policies) if args.policies else list(all_policies())
+    policies = split_list(args.policies) if args.policies else methods()
     ratios = [ratio_arg(r) for r in split_list(args.ratios or "0.5")]
     settings = [False, True] if (args.quick or args.both_settings) else [args.query_aware]
     cfg = EvalConfig(
@@ -220,9 +220,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     from kvforge.eval import corpus
     from kvforge.eval.fidelity import fidelity
     from kvforge.models import load_model
-    from kvforge.policies import all_policies, make_policy
+    from kvforge.policies import make_policy, methods
 
-    names = split_list(args.policies) if args.policies else [n for n in all_policies() if n != "full"]
+    names = split_list(args.policies) if args.policies else [n for n in methods() if n != "full"]
     ratios = [ratio_arg(r) for r in split_list(args.ratios)]
     policies = [make_policy(n) if n == "full" else make_policy(n, ratio=r) for n in names for r in ([0.0] if n == "full" else ratios)]
     if args.text_file:
@@ -253,7 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from kvforge.eval.bench import format_batch_table, format_table, ratios_to_full, run_batch_bench, run_bench
     from kvforge.models import load_model
-    from kvforge.policies import all_policies, make_policy
+    from kvforge.policies import make_policy, methods
 
     try:
         lengths = [int(x) for x in split_list(args.lengths)]
@@ -262,7 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
-    names = split_list(args.policies) if args.policies else list(all_policies())
+    names = split_list(args.policies) if args.policies else methods()
     ratio = None if args.budget is not None else args.ratio
     policies = [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
     with err_console.status(f"loading {args.model} on {device} ..."):
@@ -279,7 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.batch_compare:
             compare = [p for p in policies if p.name != "full"][:1] or policies
             for policy in [make_policy("full")] + compare:
-                progress.update(bar, description=f"batch of {args.batch_compare}, {policy.name}")
+                progress.update(bar, description=f"batch of {args.batch_compare}, {policy.full_name}")
                 batch_rows += run_batch_bench(loaded, lengths[0], args.batch_compare, policy, args.decode_tokens, args.repeats)
     print(f"kvforge bench on {device}, {loaded.name}:")
     print(format_table(rows))

@@ -305,7 +305,7 @@ def run_bench(
         for chunk in chunks:
             for policy in policies:
                 run = lambda p=policy, c=chunk: _measure_once(loaded, ids, p, decode_tokens, meter, c)  # noqa: E731
-                jobs.append((policy.name, policy.ratio, chunk, run))
+                jobs.append((policy.full_name, policy.ratio, chunk, run))
         for name, ratio, chunk, run in jobs:
             runs = [run() for _ in range(repeats)]
             decode = min(r.decode_seconds for r in runs)
@@ -389,7 +389,7 @@ def run_batch_bench(
             greedy(model, cache, torch.stack(firsts), positions, decode_tokens + 1, stop_ids=set())
             _sync(model.device)
             times.append((time.perf_counter() - start) / decode_tokens)
-        out.append(BatchRow(policy.name, policy.ratio, lengths, min(times), *sizes))
+        out.append(BatchRow(policy.full_name, policy.ratio, lengths, min(times), *sizes))
     return out
 
 

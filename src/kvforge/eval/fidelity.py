@@ -57,7 +57,7 @@ def fidelity(loaded: LoadedModel, ids: list[int], context_tokens: int, policies:
         agree = (reference.argmax(-1) == logprobs.argmax(-1)).float()
         results.append(
             Fidelity(
-                policy.name, policy.ratio, float(kl.mean()), 100 * float(agree.mean()), len(continuation),
+                policy.full_name, policy.ratio, float(kl.mean()), 100 * float(agree.mean()), len(continuation),
                 cache.nbytes, cache.kept_nbytes, cache.dense_nbytes,
             )  # fmt: skip
         )

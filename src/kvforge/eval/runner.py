@@ -26,7 +26,7 @@ from kvforge.cache import KVCache
 from kvforge.eval.tasks import TASKS, Case, load_task_file, make_case, score
 from kvforge.generate import build_prompt, check_length, feed, prefill, greedy, stop_ids
 from kvforge.models import LoadedModel
-from kvforge.policies import all_policies, make_policy
+from kvforge.policies import check_policy_name, make_policy
 from kvforge.policies.base import Policy
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,8 @@ class EvalConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(TASKS)}")
-        known = all_policies()
-        bad = [p for p in self.policies if p not in known]
-        if bad:
-            raise ValueError(f"unknown policy {bad[0]!r}; known policies: {', '.join(known)}")
+        for name in self.policies:
+            check_policy_name(name)
         if self.batch < 1:
             raise ValueError(f"--batch {self.batch} must be at least 1")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:

@@ -44,7 +44,12 @@ class StepContext:
     query_positions: torch.Tensor  # (T,) logical index of each query
     query_valid: torch.Tensor  # (batch, T) bool, False for padding queries
     scaling: float
-    budget: torch.Tensor | None = None  # (batch, kv_heads) entries to keep
+    budget: torch.Tensor | None = None  # (batch, kv_heads) entries to keep, at most what each row holds
+    # (batch, kv_heads) what the budget asks of each row before it is capped by what the row holds:
+    # a policy that moves budget between rows (adakv) spends the sum of this
+    target: torch.Tensor | None = None
+    num_layers: int = 1  # layers of the model (per-layer budgets scale by depth)
+    decoding: bool = False  # the chunk is a generated token, not prompt
     _cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -102,6 +107,8 @@ class Policy:
     # One of aux_names to which the storage adds the attention each held entry receives, in every
     # chunk; in a decoding step it comes out of the attention itself (H2O's accumulated attention).
     attention_state: ClassVar[str | None] = None
+    # Whether the policy wraps another (`adakv:snapkv`); see policies/wrapper.py.
+    wraps: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
@@ -132,6 +139,11 @@ class Policy:
         return self.ratio > 0 or self.budget is not None
 
     @property
+    def full_name(self) -> str:
+        """The name the policy is made from, wrapped policies included (`adakv:snapkv`)."""
+        return self.name
+
+    @property
     def setting(self) -> str:
         """How much this policy keeps, for reports: `ratio 0.5`, `budget 512`."""
         return f"budget {self.budget}" if self.budget is not None else f"ratio {self.ratio:g}"
@@ -153,16 +165,22 @@ class Policy:
         return index, mask & ctx.view.valid.gather(-1, index)
 
     def prefill_budget(self, tokens: torch.Tensor, held: torch.Tensor) -> torch.Tensor | None:
-        """(batch, kv_heads) entries to keep after a prompt chunk, or None to keep everything.
+        """(batch, kv_heads) entries each row should keep after a prompt chunk (it may be more than
+        a row holds), or None to keep everything.
 
         tokens: (batch,) prompt tokens seen so far per sequence; held: (batch, kv_heads) entries
         held now, the chunk included."""
         if self.budget is not None:
-            return held.clamp(max=self.budget)
+            return torch.full_like(held, self.budget)
         if self.ratio == 0:
             return None
         keep = torch.floor(tokens.double() * (1.0 - self.ratio)).long().clamp(min=1)
-        return keep[:, None].minimum(held)
+        return keep[:, None].expand_as(held).to(held.device)
+
+    def state_key(self) -> tuple:
+        """What the per-entry state this policy observes depends on: its type and every field
+        that is not a budget (policies equal in this key can share observed state)."""
+        return (type(self), tuple((f.name, getattr(self, f.name)) for f in fields(self) if f.name not in BUDGET_FIELDS))
 
     @classmethod
     def parameters(cls) -> list[tuple[str, str, object]]:

@@ -1,0 +1,106 @@
+"""What each method promises beyond the shared matrix: its own selection rule, checked directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_padded
+from kvforge import KVCache, make_policy
+from kvforge.policies.base import StepContext
+from kvforge.storage import make_storage
+
+
+def storage_with(keys: torch.Tensor, positions: torch.Tensor | None = None):
+    """An in-place storage holding `keys` (batch, heads, n, dim) as K and V, one chunk."""
+    batch, heads, n, dim = keys.shape
+    store = make_storage("inplace", batch, heads, dim, keys.dtype, keys.device, ())
+    pos = torch.arange(n) if positions is None else positions
+    store.append(keys, keys, pos, torch.ones(batch, n, dtype=torch.bool))
+    return store
+
+
+def context(store, budget: int, query: torch.Tensor | None = None) -> StepContext:
+    batch, heads = store.lengths.shape
+    n = int(store.lengths.max())
+    q = query if query is not None else torch.zeros(batch, heads, 1, store.head_dim)
+    ctx = StepContext(0, store, q, torch.tensor([n - 1]), torch.ones(batch, 1, dtype=torch.bool), 1.0)
+    ctx.budget = ctx.target = torch.full((batch, heads), budget)
+    return ctx
+
+
+def test_adakv_heads_hold_different_counts_and_the_bytes_are_the_entries(tiny_model):
+    ids, mask = left_padded([40, 33], seed=11)
+    cache = KVCache(tiny_model, make_policy("adakv:snapkv", ratio=0.75, window=2, floor=0.0))
+    tiny_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    lengths = torch.stack([cache.kept_lengths(i) for i in range(2)])  # (layers, batch, heads)
+    assert lengths.sum(-1)[:, :].tolist() == [[20, 16], [20, 16]]  # 2 heads x 10 and x 8 per layer
+    assert bool((lengths[..., 0] != lengths[..., 1]).any()), "every head kept the same count"
+    assert cache.nbytes == cache.kept_nbytes == cache.entries() * 2 * 16 * 4
+
+
+def test_adakv_spends_the_layer_budget_on_the_highest_scores():
+    # Head 0's keys have small norms (knorm keeps them), head 1's large: with no floor head 0
+    # takes the whole layer budget, with floor 0.5 head 1 keeps half of its even share.
+    keys = torch.cat([torch.full((1, 1, 8, 4), 0.1), torch.full((1, 1, 8, 4), 5.0)], 1)
+    for floor, want in ((0.0, [8, 0]), (0.5, [6, 2])):
+        store = storage_with(keys)
+        ctx = context(store, 4)
+        index, mask = make_policy("adakv:knorm", floor=floor).select(ctx)
+        assert mask.sum(-1).tolist() == [want]
+
+
+def test_chunk_keeps_whole_spans():
+    # One high-scoring token in span 1 (positions 3..5): its whole span is kept, not its neighbours.
+    keys = torch.full((1, 1, 12, 4), 3.0)
+    keys[0, 0, 4] = 0.1  # knorm: the lowest norm scores highest
+    store = storage_with(keys)
+    index, mask = make_policy("chunk:knorm", size=3).select(context(store, 3))
+    assert sorted(index[mask].tolist()) == [3, 4, 5]
+
+
+def test_compactor_sketch_approximates_exact_leverage():
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 1, 200, 8, generator=gen) * torch.linspace(0.1, 3, 8)
+    keys[0, 0, 17] = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0.0]) + 4.0 * torch.eye(8)[0]  # a rare direction
+    ctx = context(storage_with(keys), 10)
+    approx = make_policy("compactor", oversample=8).score(ctx)[0, 0]
+    k = keys[0, 0].double()
+    exact = ((k @ torch.linalg.inv(k.T @ k)) * k).sum(-1).float()
+    assert int(approx.argmax()) == int(exact.argmax()) == 17
+    assert torch.corrcoef(torch.stack([approx, exact]))[0, 1] > 0.9
+    again = make_policy("compactor", oversample=8).score(ctx)[0, 0]
+    assert torch.equal(approx, again)  # seeded: the same scores every time
+
+
+def test_keydiff_keeps_the_key_least_like_the_others():
+    keys = torch.ones(1, 1, 6, 4)
+    keys[0, 0, 2] = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    score = make_policy("keydiff").score(context(storage_with(keys), 1))
+    assert int(score[0, 0].argmax()) == 2
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("adakv", {}, "'adakv' wraps another policy"),
+        ("knorm:snapkv", {}, "does not wrap another policy"),
+        ("adakv:nope", {}, "unknown policy 'nope'"),
+        ("adakv:snapkv", {"floor": 1.5}, "floor=1.5 is outside the allowed range"),
+        ("chunk:snapkv", {"size": 0}, "size=0 is outside the allowed range"),
+        ("pyramidkv:knorm", {"beta": 0.5}, "beta=0.5 is outside the allowed range"),
+        ("adakv:chunk:snapkv", {"zzz": 1}, "has no parameter 'zzz'"),
+        ("expected_attention", {"budget": 3}, "below the minimum of 64 entries"),
+    ],
+)
+def test_bad_names_and_hyperparameters_give_one_line_errors(name, params, message):
+    with pytest.raises(ValueError, match=message) as err:
+        make_policy(name, **params)
+    assert "\n" not in str(err.value)
+
+
+def test_composed_parameters_reach_the_policy_that_has_them():
+    policy = make_policy("adakv:chunk:snapkv", ratio=0.6, floor=0.3, size=7, window=9)
+    assert (policy.ratio, policy.floor, policy.wrapped.size, policy.wrapped.wrapped.window) == (0.6, 0.3, 7, 9)
+    assert policy.full_name == "adakv:chunk:snapkv"
+    assert policy.min_budget() == 9  # snapkv's window, whoever wraps it
