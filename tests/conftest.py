@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -62,9 +63,9 @@ def left_padded(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: LlamaForCausalLM):
-    """A local HF checkpoint dir: the tiny model (context 512) and a word-level tokenizer with a chat template."""
+@functools.cache
+def word_tokenizer():
+    """A word-level tokenizer over the tiny model's vocabulary (w0, w1, ...), with a chat template."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
@@ -77,9 +78,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: LlamaF
     tokenizer.chat_template = (
         "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}"
     )
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: LlamaForCausalLM):
+    """A local HF checkpoint dir: the tiny model (context 512) and the word-level tokenizer."""
     path = tmp_path_factory.mktemp("tiny-checkpoint")
     tiny_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
     return path
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from conftest import left_padded
+from conftest import left_padded, word_tokenizer
 from kvforge import KVCache, make_policy
+from kvforge.generate import greedy
+from kvforge.generate import prefill as prefill_ids
+from kvforge.reconstruct import passes
 from kvforge.policies.base import StepContext
 from kvforge.storage import make_storage
 
@@ -104,3 +109,57 @@ def test_composed_parameters_reach_the_policy_that_has_them():
     assert (policy.ratio, policy.floor, policy.wrapped.size, policy.wrapped.wrapped.window) == (0.6, 0.3, 7, 9)
     assert policy.full_name == "adakv:chunk:snapkv"
     assert policy.min_budget() == 9  # snapkv's window, whoever wraps it
+
+
+@pytest.mark.parametrize("chunk", [40, 16])
+def test_kvzip_scores_are_the_reconstruction_attention(tiny_model, chunk):
+    """Each context entry's score is the most attention any query of the pass repeating its
+    piece pays it (max over queries and the GQA group's heads), the softmax taken over the
+    sinks, the piece and the pass's own tokens: re-derived from transformers' eager attention."""
+    n, sinks = 36, 2
+    ids = left_padded([n], seed=21)[0][0].tolist()
+    policy = make_policy("kvzip", ratio=0.0, chunk=chunk, sinks=sinks)
+    cache = KVCache(tiny_model, policy, tokenizer=word_tokenizer())
+    with torch.inference_mode():
+        prefill_ids(tiny_model, cache, ids)
+    got = [layer.storage.view().aux["kvzip"][0] for layer in cache.layers]  # (kv_heads, n) per layer
+    eager = copy.deepcopy(tiny_model)
+    eager.set_attn_implementation("eager")
+    kv_heads = tiny_model.config.num_key_value_heads
+    for piece in passes(word_tokenizer(), policy.reconstruction(), [ids]):
+        start, end, probe = piece.starts[0], piece.ends[0], piece.rows[0]
+        with torch.inference_mode():
+            probs = eager(input_ids=torch.tensor([ids + probe]), output_attentions=True).attentions
+        columns = torch.zeros(n + len(probe), dtype=torch.bool)
+        columns[:sinks] = columns[start:end] = columns[n:] = True
+        for layer, p in enumerate(probs):
+            rows = p[0, :, n:][..., columns]  # (q_heads, probe, in the softmax)
+            rows = rows / rows.sum(-1, keepdim=True)
+            lo = max(start, sinks)  # selected columns: the sinks, then the rest of the piece, then the pass
+            span = rows[..., sinks : sinks + end - lo]
+            want = span.amax(1).view(kv_heads, -1, span.shape[-1]).amax(1)  # (kv_heads, piece)
+            torch.testing.assert_close(got[layer][:, lo:end], want, rtol=1e-4, atol=1e-6)
+
+
+def test_kvzip_keeps_the_budget_and_answers_from_the_compressed_cache(tiny_model):
+    ids = left_padded([40], seed=22)[0][0].tolist()
+    cache = KVCache(tiny_model, make_policy("kvzip", ratio=0.75, chunk=16), tokenizer=word_tokenizer())
+    with torch.inference_mode():
+        logits = prefill_ids(tiny_model, cache, ids)
+        assert cache.get_seq_length() == 40  # the passes stored nothing
+        assert [int(cache.kept_lengths(i).sum()) for i in range(2)] == [20, 20]  # 10 per head, spent unevenly
+        tokens = greedy(tiny_model, cache, logits[None], torch.tensor([40]), 4, set())
+    assert len(tokens[0]) == 4 and cache.get_seq_length() == 43
+
+
+def test_kvzip_needs_kvforge_prefill_not_generate(tiny_model):
+    ids, mask = left_padded([20])
+    cache = KVCache(tiny_model, make_policy("kvzip"), tokenizer=word_tokenizer())
+    with pytest.raises(ValueError, match="kvforge.prefill"):
+        tiny_model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2)
+
+
+def test_kvzip_without_a_tokenizer_says_how_to_give_one(tiny_model):
+    cache = KVCache(tiny_model, make_policy("kvzip"))
+    with pytest.raises(ValueError, match="tokenizer=tokenizer"):
+        prefill_ids(tiny_model, cache, list(range(1, 20)))

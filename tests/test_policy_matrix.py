@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import held_positions, left_padded
+from conftest import held_positions, left_padded, word_tokenizer
 from kvforge.policies.pyramidkv import depth_factor
 from kvforge import KVCache, all_policies, make_policy
-from kvforge.generate import DECODE, feed
+from kvforge.generate import DECODE, PREFILL, feed, settle
 from kvforge.generate import prefill as prefill_ids
 
 
@@ -40,6 +40,8 @@ MATRIX = [
     Row("adakv:snapkv", {"window": 4}, spread="layer"),
     Row("adakv:chunk:knorm", {"size": 3}, spread="layer"),
     Row("pyramidkv:knorm", spread="depth"),
+    Row("kvzip", {"chunk": 8, "overlap": 2, "sinks": 1}, spread="layer"),
+    Row("kvzip", {"chunk": 8, "head_budgets": False}),
 ]
 COMPRESSING = [r for r in MATRIX if r.name != "full"]
 RATIOS = [0.5, 0.75]
@@ -52,11 +54,36 @@ def build(row: Row, ratio: float, **budgets: object):
     return make_policy(row.name, ratio=ratio, **row.params, **budgets)
 
 
+def prefill_batch(model, policy, ids: torch.Tensor, mask: torch.Tensor, layout: str = "inplace") -> KVCache:
+    """One forward over a left-padded batch (positions counted from the padding, as transformers
+    places them), then whatever the policy runs after the prompt (kvzip's reconstruction)."""
+    return prefill_logits(model, policy, ids, mask, layout)[0]
+
+
+def prefill_logits(model, policy, ids, mask, layout: str = "inplace") -> tuple[KVCache, torch.Tensor]:
+    """prefill_batch, and the (batch, vocab) logits of each row's next token."""
+    cache = KVCache(model, policy, tokenizer=word_tokenizer(), layout=layout)
+    cache.phase.mode = PREFILL
+    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    cache.phase.mode = None
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    settle(model, cache, rows, torch.full((len(rows),), ids.shape[1]))
+    return cache, logits
+
+
+def decode(model, cache: KVCache, logits: torch.Tensor, width: int, steps: int) -> list[torch.Tensor]:
+    """Greedy decoding of `steps` tokens per row after a padded prefill of `width`; the logits of each step."""
+    positions = torch.full((logits.shape[0],), width)
+    out = []
+    for _ in range(steps):
+        logits, positions = feed(model, cache, [[int(t)] for t in logits.argmax(-1)], positions, DECODE)
+        out.append(logits)
+    return out
+
+
 def prefill(model, row: Row, ratio: float, lengths: list[int]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
     ids, mask = left_padded(lengths)
-    cache = KVCache(model, build(row, ratio))
-    model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    return cache, ids, mask
+    return prefill_batch(model, build(row, ratio), ids, mask), ids, mask
 
 
 def test_every_registered_policy_has_a_row():
@@ -152,19 +179,16 @@ def test_decoding_after_eviction_attends_over_exactly_the_kept_tokens(tiny_model
 def test_decoding_budget(tiny_model, row, evict_every):
     ids, mask = left_padded(LENGTHS)
     policy = build(row, 0.5) if row.name == "full" else build(row, 0.5, evict_every=evict_every)
-    cache = KVCache(tiny_model, policy)
+    cache, logits = prefill_logits(tiny_model, policy, ids, mask)
+    after_prompt = cache.kept_lengths(1).clone()
     new = 6
-    tiny_model.generate(
-        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new, do_sample=False, eos_token_id=None
-    )
-    after_prompt = KVCache(tiny_model, policy)
-    tiny_model(input_ids=ids, attention_mask=mask, past_key_values=after_prompt, use_cache=True)
-    # generate() feeds back new - 1 = 5 tokens. Policies that hold their budget evict back to it
+    decode(tiny_model, cache, logits, ids.shape[1], new - 1)
+    # Like generate(), feed back new - 1 = 5 tokens. Policies that hold their budget evict back to it
     # whenever a row reaches budget + evict_every: with 4, after the 4th token, so one is left over.
     grown = new - 1
     if policy.holds_budget_while_decoding:
         grown = (new - 1) % evict_every
-    assert cache.kept_lengths(1).tolist() == (after_prompt.kept_lengths(1) + grown).tolist()
+    assert cache.kept_lengths(1).tolist() == (after_prompt + grown).tolist()
     assert cache.get_seq_length() == max(LENGTHS) + new - 1
 
 
@@ -174,8 +198,7 @@ def test_each_sequence_of_a_batch_is_compressed_on_its_own(tiny_model, row):
     width = max(LENGTHS)
     for b, n in enumerate(LENGTHS):
         ids, mask = left_padded(LENGTHS)
-        alone = KVCache(tiny_model, build(row, 0.5))
-        tiny_model(input_ids=ids[b : b + 1, -n:], past_key_values=alone, use_cache=True)
+        alone = prefill_batch(tiny_model, build(row, 0.5), ids[b : b + 1, -n:], mask[b : b + 1, -n:])
         for layer_idx in range(len(batch.layers)):
             in_batch = batch.layers[layer_idx].storage.view()
             solo = alone.layers[layer_idx].storage.view()
@@ -185,12 +208,12 @@ def test_each_sequence_of_a_batch_is_compressed_on_its_own(tiny_model, row):
 
 @pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
 def test_deriving_from_one_full_prefill_equals_compressing_during_prefill(tiny_model, row):
-    ids, _ = left_padded([30], seed=4)
-    direct = KVCache(tiny_model, build(row, 0.5))
-    tiny_model(input_ids=ids, past_key_values=direct, use_cache=True)
-    base = KVCache(tiny_model, make_policy("full"), record_prefill=True)
+    ids, mask = left_padded([30], seed=4)
+    direct = prefill_batch(tiny_model, build(row, 0.5), ids, mask)
+    base = KVCache(tiny_model, make_policy("full"), record_prefill=True, tokenizer=word_tokenizer())
     tiny_model(input_ids=ids, past_key_values=base, use_cache=True)
     derived = base.derive(build(row, 0.5))
+    settle(tiny_model, derived, ids.tolist(), torch.tensor([30]))
     for a, b in zip(direct.layers, derived.layers):
         torch.testing.assert_close(a.storage.view().keys, b.storage.view().keys)
         assert held_positions(a.storage) == held_positions(b.storage)
@@ -204,12 +227,15 @@ def test_deriving_from_one_full_prefill_equals_compressing_during_prefill(tiny_m
 @pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
 def test_ratios_sharing_observed_state_equal_separate_derivation(tiny_model, row):
     ids, _ = left_padded([30], seed=6)
-    base = KVCache(tiny_model, make_policy("full"), record_prefill=True)
+    base = KVCache(tiny_model, make_policy("full"), record_prefill=True, tokenizer=word_tokenizer())
     tiny_model(input_ids=ids, past_key_values=base, use_cache=True)
     observed: dict = {}
+    positions = torch.tensor([30])
     for ratio in (0.25, 0.5, 0.75):
         shared = base.derive(build(row, ratio), observed)
+        settle(tiny_model, shared, ids.tolist(), positions, observed)
         alone = base.derive(build(row, ratio))
+        settle(tiny_model, alone, ids.tolist(), positions)
         for a, b in zip(shared.layers, alone.layers):
             assert held_positions(a.storage) == held_positions(b.storage)
             for name, state in a.storage.view().aux.items():
@@ -222,11 +248,13 @@ def test_chunked_prefill_holds_the_budget_after_every_chunk(tiny_model, row, bud
     # A padded batch fed 5 tokens per row at a time; each chunk is compressed at once.
     rows = [left_padded([n], seed=n)[0][0].tolist() for n in LENGTHS]
     policy = build(row, 0.5) if budget is None else build(row, 0.0, budget=budget)
-    cache = KVCache(tiny_model, policy)
+    cache = KVCache(tiny_model, policy, tokenizer=word_tokenizer())
     positions = torch.zeros(len(rows), dtype=torch.long)
     kept = [[0] * len(rows) for _ in cache.layers]  # per layer and sequence, for spread "depth"
     for start in range(0, max(LENGTHS), 5):
-        _, positions = feed(tiny_model, cache, [r[start : start + 5] for r in rows], positions, "prefill")
+        parts = [r[start : start + 5] for r in rows]
+        _, positions = feed(tiny_model, cache, parts, positions, "prefill")
+        settle(tiny_model, cache, parts, positions)
         seen = [min(n, start + 5) for n in LENGTHS]
         target = [budget if budget else max(1, math.floor(s * 0.5)) for s in seen]
         for layer in range(len(cache.layers)):
@@ -245,7 +273,7 @@ def test_chunked_prefill_holds_the_budget_after_every_chunk(tiny_model, row, bud
 
 @pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
 def test_decode_budget_holds_after_every_step(tiny_model, row):
-    cache = KVCache(tiny_model, build(row, 0.5, decode_budget=6, evict_every=3))
+    cache = KVCache(tiny_model, build(row, 0.5, decode_budget=6, evict_every=3), tokenizer=word_tokenizer())
     logits = prefill_ids(tiny_model, cache, left_padded([30], seed=15)[0][0].tolist())[None]  # (1, vocab)
     positions = torch.tensor([30])
     for _ in range(20):
@@ -261,14 +289,10 @@ def test_inplace_layout_keeps_and_predicts_what_the_ragged_one_does(tiny_model, 
     policy = build(row, 0.5) if row.name == "full" else build(row, 0.5, evict_every=2)
     results = []
     for layout in ("inplace", "ragged"):
-        cache = KVCache(tiny_model, policy, layout=layout)
-        out = tiny_model.generate(
-            ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False, eos_token_id=None,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
-        results.append((out, [held_positions(layer.storage) for layer in cache.layers], cache.kept_nbytes))
+        cache, logits = prefill_logits(tiny_model, policy, ids, mask, layout)
+        steps = [logits] + decode(tiny_model, cache, logits, ids.shape[1], 5)
+        results.append((steps, [held_positions(layer.storage) for layer in cache.layers], cache.kept_nbytes))
     (a, pos_a, kept_a), (b, pos_b, kept_b) = results
     assert pos_a == pos_b and kept_a == kept_b
-    assert a.sequences.tolist() == b.sequences.tolist()
-    for la, lb in zip(a.logits, b.logits):
+    for la, lb in zip(a, b):
         torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)

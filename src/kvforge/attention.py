@@ -188,3 +188,53 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
     model.set_attn_implementation(ATTN_NAME)
     log.debug("attention implementation of %s set to %r", type(model).__name__, ATTN_NAME)
     return model
+
+
+def probe_attention(
+    query: torch.Tensor,  # (batch, q_heads, T, head_dim): a reconstruction chunk's queries
+    held_keys: torch.Tensor,  # (batch, kv_heads, S, head_dim): what the layer holds
+    held_values: torch.Tensor,  # (batch, kv_heads, S, head_dim)
+    held_valid: torch.Tensor,  # (batch, kv_heads, S) bool
+    scored: torch.Tensor,  # (batch, kv_heads, S) bool: held entries in the scoring softmax
+    new_keys: torch.Tensor,  # (batch, kv_heads, T, head_dim): the chunk's own keys, not stored
+    new_values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+    new_valid: torch.Tensor,  # (batch, T) bool
+    scaling: float,
+    chunk: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (batch, q_heads, T, head_dim), (batch, kv_heads, S)
+    """Attention of a chunk that reads everything held plus itself (causally) without being
+    stored, and the most attention each held entry got from any of its queries and query heads.
+
+    The output uses the full softmax (the next layer needs the true hidden states); the score
+    renormalises over the `scored` entries and the chunk's own keys only, so an entry's score
+    is measured against the part of the context the chunk repeats (KVzip's scoring). Queries
+    run `chunk` at a time so the logits never exceed (batch, q_heads, chunk, S + T).
+    """
+    batch, q_heads, t, dim = query.shape
+    kv_heads, slots = held_keys.shape[1], held_keys.shape[2]
+    group = q_heads // kv_heads
+    out = query.new_zeros(batch, kv_heads, group, t, dim, dtype=torch.float32)
+    best = held_keys.new_zeros(batch, kv_heads, slots, dtype=torch.float32)
+    k_held, v_held = held_keys.float(), held_values.float()
+    k_new, v_new = new_keys.float(), new_values.float()
+    steps = torch.arange(t, device=query.device)
+    for start in range(0, t, chunk):
+        stop = min(start + chunk, t)
+        q = query[:, :, start:stop].float().view(batch, kv_heads, group, -1, dim) * scaling
+        held = torch.einsum("bhgtd,bhld->bhgtl", q, k_held)  # (batch, kv, group, c, S)
+        own = torch.einsum("bhgtd,bhld->bhgtl", q, k_new)  # (batch, kv, group, c, T)
+        own_ok = (steps[None, :] <= steps[start:stop, None])[None] & new_valid[:, None, :]  # (batch, c, T)
+        held.masked_fill_(~held_valid[:, :, None, None], float("-inf"))
+        own.masked_fill_(~own_ok[:, None, None], float("-inf"))
+        peak = torch.maximum(held.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
+        held.sub_(peak).exp_()
+        own.sub_(peak).exp_()
+        own_sum = own.sum(-1, keepdim=True)
+        total = held.sum(-1, keepdim=True) + own_sum
+        out[:, :, :, start:stop] = (held @ v_held[:, :, None] + own @ v_new[:, :, None]) / total
+        partial = (held * scored[:, :, None, None]).sum(-1, keepdim=True) + own_sum
+        probs = held / partial  # (batch, kv, group, c, S)
+        probs.masked_fill_(~new_valid[:, None, None, start:stop, None], 0.0)
+        best = torch.maximum(best, probs.amax(dim=(2, 3)) * scored)
+    out = out.view(batch, q_heads, t, dim).masked_fill(~new_valid[:, None, :, None], 0.0)
+    return out.to(query.dtype), best

@@ -13,15 +13,25 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvforge.attention import ATTN_NAME, tag_layer
+from kvforge.attention import ATTN_NAME, probe_attention, tag_layer
 from kvforge.policies.base import Policy, StepContext
 from kvforge.storage import DEFAULT_LAYOUT, KVStorage, check_layout, make_storage
 
 
-PREFILL, APPEND, DECODE = "prefill", "append", "decode"
+PREFILL, APPEND, DECODE, PROBE = "prefill", "append", "decode", "probe"
+
+
+@dataclass
+class Probe:
+    """What a reconstruction pass (mode "probe") scores: the context span it repeats, per sequence."""
+
+    start: torch.Tensor  # (batch,) first logical position of the span
+    end: torch.Tensor  # (batch,) one past its last position
+    sinks: int  # each sequence's first `sinks` held entries are in every score's softmax
+    name: str  # policy state (aux) that keeps the most attention each entry got
 
 
 @dataclass
@@ -31,12 +41,15 @@ class Phase:
     - "prefill": prompt chunks the policy compresses (to its ratio of the tokens seen so far,
       or its budget) right after each chunk's attention;
     - "append": prompt chunks stored as they are (the question, in the question-agnostic setting);
-    - "decode": generated tokens; the decoding budget holds.
+    - "decode": generated tokens; the decoding budget holds;
+    - "probe": a pass that reads the cache and is not stored, scoring what is held (`probe`
+      says what; KVzip's reconstruction of the context).
 
     None infers it from the chunk (one token: decode; more: prefill), which is what
     `model.generate` needs, chunked prefill included. kvforge's own loops set it explicitly."""
 
     mode: str | None = None
+    probe: Probe | None = None
 
 
 @dataclass
@@ -128,6 +141,14 @@ class KVForgeLayer(CacheLayerMixin):
         self.pending = False
         t = keys.shape[2]
         mode = self.phase.mode or (DECODE if t == 1 else PREFILL)
+        if mode == PROBE:
+            return self._probe(query, keys, values, new_valid, scaling)
+        if mode == PREFILL and self.policy.defers and self.phase.mode is None:
+            raise ValueError(
+                f"policy {self.policy.full_name!r} compresses after extra passes over the prompt, which "
+                f"model.generate() cannot run: prefill with kvforge.prefill(model, cache, ids) first, then "
+                f"generate from that cache"
+            )
         positions = torch.arange(self.seen, self.seen + t, device=keys.device)
         # A chunk compressed at once is stored without spare room; otherwise rows grow
         # geometrically, so appends (decoding steps, uncompressed prompt chunks) are amortized.
@@ -146,6 +167,54 @@ class KVForgeLayer(CacheLayerMixin):
         self.seen += t
         self.chunks += 1
         return out
+
+    def _probe(
+        self,
+        query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+        keys: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+        values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+        new_valid: torch.Tensor,  # (batch, T)
+        scaling: float,
+    ) -> torch.Tensor:
+        """A probe chunk: attend over what is held plus the chunk, store nothing, and raise each
+        scored entry's policy state to the most attention it got (see `Probe`)."""
+        assert self.storage is not None and self.phase.probe is not None
+        start = time.perf_counter()
+        probe = self.phase.probe
+        view = self.storage.view()
+        pos = view.positions
+        span = (pos >= probe.start[:, None, None]) & (pos < probe.end[:, None, None])
+        first = pos.masked_fill(~view.valid, torch.iinfo(pos.dtype).max).amin(dim=(1, 2))  # (batch,)
+        scored = view.valid & (span | (pos < (first + probe.sinks)[:, None, None]))
+        out, best = probe_attention(
+            query, view.keys, view.values, view.valid, scored, keys, values, new_valid, scaling
+        )
+        old = view.aux[probe.name]
+        # Scored entries stay above 0 (an entry at 0 was never scored; see kvzip).
+        self.storage.add_aux(probe.name, view, (best.clamp_min(1e-30) - old).clamp(min=0) * span)
+        self.policy_seconds += time.perf_counter() - start
+        return out
+
+    def compress(self) -> None:
+        """Compress what is held to the prompt budget now, by the policy state gathered so far
+        (for policies that defer compression until their extra passes have run)."""
+        if self.storage is None or self.tokens is None:
+            return
+        start = time.perf_counter()
+        held = self.storage.lengths
+        target = self.policy.prefill_budget(self.tokens, held)
+        if target is not None and bool((target < held).any()):
+            device = self.storage.device
+            empty = torch.zeros(held.shape[0], 0, dtype=torch.bool, device=device)
+            ctx = StepContext(
+                self.layer_idx, self.storage, None, torch.zeros(0, dtype=torch.long, device=device), empty, 1.0,
+                num_layers=self.num_layers,
+            )  # fmt: skip
+            ctx.budget, ctx.target = target.minimum(held).to(device), target.to(device)
+            index, mask = self.policy.select(ctx)
+            self.storage.keep(ctx.view, index, mask)
+            self.held.update(self.layer_idx, self.storage.allocated_nbytes)
+        self.policy_seconds += time.perf_counter() - start
 
     def _act(
         self,
@@ -208,6 +277,8 @@ class KVForgeLayer(CacheLayerMixin):
                 return None
         held = storage.lengths
         if mode == PREFILL:
+            if policy.defers:
+                return None  # compress() runs once the policy's extra passes have scored the chunk
             target = policy.prefill_budget(self.tokens, held)
             if target is None or not bool((target < held).any()):
                 return None
@@ -262,7 +333,12 @@ class KVCache(Cache):
     """
 
     def __init__(
-        self, model: PreTrainedModel, policy: Policy, record_prefill: bool = False, layout: str = DEFAULT_LAYOUT
+        self,
+        model: PreTrainedModel,
+        policy: Policy,
+        record_prefill: bool = False,
+        layout: str = DEFAULT_LAYOUT,
+        tokenizer: PreTrainedTokenizerBase | None = None,  # for policies that prompt the model (kvzip)
     ) -> None:
         if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
             raise ValueError(
@@ -271,6 +347,7 @@ class KVCache(Cache):
             )
         check_layout(layout)
         self._setup(policy, model.config.get_text_config().num_hidden_layers, layout)
+        self.tokenizer = tokenizer
         for layer in self.layers:
             layer.record_prefill = record_prefill
 
@@ -285,6 +362,7 @@ class KVCache(Cache):
         """A cache with fresh layers, built without a model (derive and stack fill the layers)."""
         cache = cls.__new__(cls)
         cache._setup(policy, num_layers, layout)
+        cache.tokenizer = None
         return cache
 
     def derive(self, policy: Policy, observed: dict | None = None) -> KVCache:
@@ -301,6 +379,7 @@ class KVCache(Cache):
         if self.policy.compresses or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
         derived = KVCache._empty(policy, self.num_layers, self.layout)
+        derived.tokenizer = self.tokenizer
         for base, layer in zip(self.layers, derived.layers):
             record = base.prefill_record
             if base.storage is None or record is None or base.chunks != 1:
@@ -316,6 +395,11 @@ class KVCache(Cache):
             layer._act(record.query, record.positions, record.valid, record.scaling, PREFILL, added, shared)
             layer.chunks = 1
         return derived
+
+    def compress(self) -> None:
+        """Compress every layer to the prompt budget now (see `KVForgeLayer.compress`)."""
+        for layer in self.layers:
+            layer.compress()
 
     @property
     def policy_seconds(self) -> float:
@@ -371,6 +455,7 @@ class KVCache(Cache):
             raise ValueError("stack() takes caches of one policy and one layout")
         first = bases[0]
         stacked = KVCache._empty(first.policy, first.num_layers, first.layout)
+        stacked.tokenizer = first.tokenizer
         width = max(b.get_seq_length() for b in bases)
         for i, layer in enumerate(stacked.layers):
             parts = [b.layers[i] for b in bases]

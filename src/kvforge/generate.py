@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kvforge.cache import APPEND, DECODE, PREFILL, KVCache
+from kvforge.cache import APPEND, DECODE, PREFILL, PROBE, KVCache, Probe
 from kvforge.models import LoadedModel
-from kvforge.policies.base import Policy
+from kvforge.policies.base import Policy, Reconstruction
+from kvforge.reconstruct import passes
 from kvforge.storage import DEFAULT_LAYOUT
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,65 @@ def feed(
 def prefill(model: torch.nn.Module, cache: KVCache, ids: list[int], chunk: int | None = None) -> torch.Tensor:
     """Prefill one sequence's `ids`, compressing after every chunk of `chunk` tokens (None: one
     shot), so the cache never holds more than its budget plus one chunk. (vocab,) next-token logits."""
-    logits, _ = feed(model, cache, [ids], torch.tensor([cache.get_seq_length()]), PREFILL, chunk)
+    check_chunk(chunk)
+    step = chunk or max(len(ids), 1)
+    logits: torch.Tensor | None = None
+    for start in range(0, max(len(ids), 1), step):
+        part = ids[start : start + step]
+        logits, positions = feed(model, cache, [part], torch.tensor([cache.get_seq_length()]), PREFILL)
+        settle(model, cache, [part], positions)
+    assert logits is not None
     return logits[0]
+
+
+def settle(
+    model: torch.nn.Module,
+    cache: KVCache,
+    rows: list[list[int]],  # per sequence, the prompt ids just stored (they end at the cache's end)
+    positions: torch.Tensor,  # (batch,) rotary position of each row's next token
+    observed: dict | None = None,
+) -> None:
+    """Finish compressing prompt rows for a policy that defers it (nothing to do for the others):
+    run its reconstruction passes, which store nothing, then compress every layer.
+
+    `observed`, kept by the caller across policies derived from one base, lets policies that
+    differ only in budget share the passes' scores (a sweep over ratios pays for them once)."""
+    policy = cache.policy
+    if not policy.defers:
+        return
+    spec = policy.reconstruction()
+    if spec is not None:
+        key = (policy.state_key(), "reconstruction")
+        if observed is not None and key in observed:
+            for layer, state in zip(cache.layers, observed[key]):
+                layer.storage.import_aux(state)
+        else:
+            reconstruct(model, cache, rows, positions, spec)
+            if observed is not None:
+                observed[key] = [layer.storage.export_aux() for layer in cache.layers]
+    cache.compress()
+
+
+def reconstruct(
+    model: torch.nn.Module, cache: KVCache, rows: list[list[int]], positions: torch.Tensor, spec: Reconstruction
+) -> None:
+    """Run the passes that ask the model to repeat `rows` (KVzip); each raises the policy state
+    of the entries of the piece it repeats. Nothing is stored: the cache is as long after."""
+    if cache.tokenizer is None:
+        raise ValueError(
+            f"policy {cache.policy.full_name!r} asks the model to repeat the context and needs the tokenizer: "
+            f"KVCache(model, policy, tokenizer=tokenizer)"
+        )
+    end = cache.get_seq_length()
+    row_start = torch.tensor([end - len(r) for r in rows], device=model.device)
+    for piece in passes(cache.tokenizer, spec, rows):
+        start = row_start + torch.tensor(piece.starts, device=model.device)
+        stop = row_start + torch.tensor(piece.ends, device=model.device)
+        cache.phase.probe = Probe(start, stop, spec.sinks, spec.state)
+        try:
+            feed(model, cache, piece.rows, positions, PROBE)
+        finally:
+            cache.phase.probe, cache.phase.mode = None, None
 
 
 def greedy(
@@ -205,7 +263,7 @@ def answer(
     model, tokenizer = loaded.model, loaded.tokenizer
     check_length(len(prompt.ids), max_new_tokens, loaded.context_length)
     check_chunk(prefill_chunk)
-    cache = KVCache(model, policy, layout=layout)
+    cache = KVCache(model, policy, layout=layout, tokenizer=tokenizer)
     start = time.perf_counter()
     compressed = prompt.ids if query_aware else prompt.context_ids
     logits = prefill(model, cache, compressed, prefill_chunk)[None]  # (1, vocab)

@@ -202,7 +202,7 @@ def _measure_once(
     loaded: LoadedModel, ids: list[int], policy: Policy, decode_tokens: int, meter: PeakMeter, chunk: int | None
 ) -> _Measure:
     model = loaded.model
-    cache = KVCache(model, policy)
+    cache = KVCache(model, policy, tokenizer=loaded.tokenizer)
     meter.start()
     start = time.perf_counter()
     logits = prefill(model, cache, ids, chunk)
@@ -378,7 +378,7 @@ def run_batch_bench(
         for _ in range(repeats):
             caches, firsts = [], []
             for n in lengths:
-                cache = KVCache(model, policy)
+                cache = KVCache(model, policy, tokenizer=loaded.tokenizer)
                 firsts.append(prefill(model, cache, full_ids[:n]))
                 caches.append(cache)
             cache = KVCache.stack(caches)

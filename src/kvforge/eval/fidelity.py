@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.cache import KVCache
-from kvforge.generate import prefill
+from kvforge.generate import prefill, settle
 from kvforge.models import LoadedModel
 from kvforge.policies import make_policy
 from kvforge.policies.base import Policy
@@ -45,13 +45,14 @@ def fidelity(loaded: LoadedModel, ids: list[int], context_tokens: int, policies:
     if not 0 < context_tokens < len(ids):
         raise ValueError(f"context of {context_tokens} tokens must be shorter than the text ({len(ids)} tokens)")
     model = loaded.model
-    base = KVCache(model, make_policy("full"), record_prefill=True)
+    base = KVCache(model, make_policy("full"), record_prefill=True, tokenizer=loaded.tokenizer)
     first = prefill(model, base, ids[:context_tokens])
     continuation = ids[context_tokens:]
     reference = teacher_forced_logprobs(model, base.derive(make_policy("full")), first, continuation)
     results = []
     for policy in policies:
         cache = base.derive(policy)
+        settle(model, cache, [ids[:context_tokens]], torch.tensor([context_tokens]))
         logprobs = teacher_forced_logprobs(model, cache, first, continuation)
         kl = (reference.exp() * (reference - logprobs)).sum(-1).clamp(min=0)  # (positions,)
         agree = (reference.argmax(-1) == logprobs.argmax(-1)).float()

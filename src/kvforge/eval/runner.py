@@ -24,7 +24,7 @@ import torch
 
 from kvforge.cache import KVCache
 from kvforge.eval.tasks import TASKS, Case, load_task_file, make_case, score
-from kvforge.generate import build_prompt, check_length, feed, prefill, greedy, stop_ids
+from kvforge.generate import build_prompt, check_length, feed, greedy, prefill, settle, stop_ids
 from kvforge.models import LoadedModel
 from kvforge.policies import check_policy_name, make_policy
 from kvforge.policies.base import Policy
@@ -226,7 +226,7 @@ def run_group(
         seconds the policy spent compressing during those prefills."""
         caches, firsts, seconds = [], [], []
         for ids in compressed:
-            cache = KVCache(model, policy, record_prefill=record)
+            cache = KVCache(model, policy, record_prefill=record, tokenizer=tok)
             start = time.perf_counter()
             firsts.append(prefill(model, cache, ids, chunk))
             seconds.append(time.perf_counter() - start)
@@ -242,7 +242,7 @@ def run_group(
             # What the sweep saves: one policy's prefill on its own, measured on one prompt.
             name, ratio = next((c for c in combos if c[0] != "full"), combos[0])
             start = time.perf_counter()
-            prefill(model, KVCache(model, policies[(name, ratio)]), compressed[0])
+            prefill(model, KVCache(model, policies[(name, ratio)], tokenizer=tok), compressed[0])
             stats.per_row_prefill_seconds = time.perf_counter() - start
             stats.per_row_prefill_policy = f"{name} {ratio:g}"
     prefill_len = torch.tensor([len(ids) for ids in compressed], device=model.device)
@@ -254,6 +254,7 @@ def run_group(
         if prefill_chunk is None:
             start = time.perf_counter()
             cache = stacked.derive(policy, observed)
+            settle(model, cache, compressed, prefill_len, observed)  # policies that compress after extra passes
             compress_seconds = (time.perf_counter() - start) / size
             logits = first_logits
         else:

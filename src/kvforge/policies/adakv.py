@@ -21,7 +21,7 @@ import torch
 
 from kvforge.policies.base import StepContext, check_range
 from kvforge.policies.registry import register
-from kvforge.policies.wrapper import Wrapper, lexsort_desc, rows_from_chosen
+from kvforge.policies.wrapper import Wrapper, spend_across_heads
 
 
 @register
@@ -39,22 +39,4 @@ class AdaKV(Wrapper):
     def select(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx.decoding:
             return self.wrapped.select(ctx)
-        assert ctx.budget is not None
-        valid = ctx.view.valid  # (batch, kv_heads, slots)
-        scores = self.score(ctx).float().masked_fill(~valid, float("-inf"))
-        batch, heads, slots = scores.shape
-        # The floor: each head's own best entries, ahead of every other entry of the layer.
-        floor = torch.ceil(ctx.budget.double() * self.floor).long().minimum(ctx.budget)  # (batch, kv_heads)
-        rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = the head's best
-        protected = (rank < floor[..., None]) & valid
-        # Protected first, then by score; a flat top-k over the layer's heads spends the rest.
-        order = torch.stack([protected.float(), scores], -1).view(batch, heads * slots, 2)
-        # The layer's budget: what it asks of every head together, at most what they hold.
-        target = ctx.target if ctx.target is not None else ctx.budget
-        total = target.sum(-1).minimum(ctx.view.lengths.sum(-1))  # (batch,)
-        flat = lexsort_desc(order)[:, : int(total.max())]  # (batch, k)
-        chosen = torch.zeros(batch, heads * slots, dtype=torch.bool, device=scores.device)
-        take = torch.arange(flat.shape[1], device=scores.device) < total[:, None]
-        chosen.scatter_(1, flat, take)
-        return rows_from_chosen(chosen.view(batch, heads, slots) & valid)
-
+        return spend_across_heads(self.score(ctx), ctx, self.floor)

@@ -29,6 +29,22 @@ def check_range(name: str, value: float, low: float, high: float | None = None, 
         raise ValueError(f"{name}={value!r} is outside the allowed range [{low}, {right}")
 
 
+@dataclass(frozen=True)
+class Reconstruction:
+    """How a policy that scores by reconstruction (KVzip) wants each prompt chunk repeated:
+    `first` (then `later`, followed by the last `overlap` tokens of the previous piece) ask the
+    model to repeat the context; `chunk` tokens are repeated per pass, so one pass's cost is
+    bounded; the first `sinks` tokens of each sequence are in every score's softmax.
+    Prompts are text: the tokenizer of the cache turns them into ids."""
+
+    first: str
+    later: str
+    chunk: int
+    overlap: int
+    sinks: int
+    state: str  # the policy state (aux) the scores go to
+
+
 @dataclass
 class StepContext:
     """What a policy may look at after one forward chunk of one layer.
@@ -40,7 +56,7 @@ class StepContext:
 
     layer_idx: int
     storage: KVStorage
-    query: torch.Tensor  # (batch, q_heads, T, head_dim)
+    query: torch.Tensor | None  # (batch, q_heads, T, head_dim); None when compressing after the fact
     query_positions: torch.Tensor  # (T,) logical index of each query
     query_valid: torch.Tensor  # (batch, T) bool, False for padding queries
     scaling: float
@@ -64,6 +80,8 @@ class StepContext:
         """(batch, kv_heads, slots) attention each entry got, summed over the last `last` queries
         of the chunk (all if None), averaged over the query heads of its GQA group."""
         key = -1 if last is None else last
+        if self.query is None:
+            raise ValueError("this policy needs the chunk's queries, and a deferred compression has none")
         if key not in self._cache:
             start = 0 if last is None else max(0, self.query.shape[2] - last)
             self._cache[key] = attention_probs_sum(
@@ -109,6 +127,9 @@ class Policy:
     attention_state: ClassVar[str | None] = None
     # Whether the policy wraps another (`adakv:snapkv`); see policies/wrapper.py.
     wraps: ClassVar[bool] = False
+    # Whether prompt chunks are stored whole and compressed only once extra passes over them have
+    # run (`reconstruction()`, KVzip): `kvforge.prefill` runs them, `model.generate` cannot.
+    defers: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
@@ -147,6 +168,10 @@ class Policy:
     def setting(self) -> str:
         """How much this policy keeps, for reports: `ratio 0.5`, `budget 512`."""
         return f"budget {self.budget}" if self.budget is not None else f"ratio {self.ratio:g}"
+
+    def reconstruction(self) -> Reconstruction | None:
+        """The extra passes this policy scores a prompt chunk with (None: none)."""
+        return None
 
     def observe(self, ctx: StepContext) -> None:
         """Update per-entry state after every chunk (H2O accumulates attention here)."""

@@ -1,0 +1,75 @@
+"""Keep what the model reads when it is asked to repeat the context.
+
+Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", NeurIPS
+2025: after the context is stored, the model is prompted to repeat it, and each entry's score is
+the most attention any query of that reconstruction (any head of its GQA group) pays it, with
+the softmax taken over the repeated span, the first `sinks` entries and the reconstruction's own
+tokens. An entry the model needs to reproduce the context is one any later question may need,
+so one compressed cache serves every question.
+
+The reconstruction runs `chunk` context tokens per pass (bounded memory and cost, the paper's
+chunked scoring; 2048 there); each later pass is prompted with the `overlap` tokens before its
+piece, as in the reference code. The prompt chunks are stored whole and compressed once their
+passes have run (`defers`), so the cache holds at most the budget plus one chunk. The budget of
+each layer is spent across its heads by score, as the paper's head-wise non-uniform budgets
+(within a layer; the paper can also share one threshold across layers). Entries no pass has
+scored yet (the question, generated tokens) are kept ahead of the others if a decoding budget
+applies. The passes cost about one more prefill of the context; eval and bench report them in
+the policy's seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvforge.policies.base import Policy, Reconstruction, StepContext, check_range
+from kvforge.policies.registry import register
+from kvforge.policies.wrapper import spend_across_heads
+
+STATE = "kvzip"
+
+
+@register
+@dataclass
+class KVzip(Policy):
+    chunk: int = 2048
+    overlap: int = 8
+    sinks: int = 4
+    head_budgets: bool = True  # spend each layer's budget across its heads by score
+
+    name: ClassVar[str] = "kvzip"
+    description: ClassVar[str] = "keep what the model attends to while repeating the context (KVzip); ~1 extra prefill"
+    aux_names: ClassVar[tuple[str, ...]] = (STATE,)
+    defers: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("chunk", self.chunk, 1)
+        check_range("overlap", self.overlap, 0)
+        check_range("sinks", self.sinks, 0)
+
+    def reconstruction(self) -> Reconstruction:
+        return Reconstruction(
+            first="\n\nRepeat the previous context exactly.",
+            later="\n\nRepeat the part of the previous context exactly, starting with",
+            chunk=self.chunk,
+            overlap=self.overlap,
+            sinks=self.sinks,
+            state=STATE,
+        )
+
+    def score(self, ctx: StepContext) -> torch.Tensor:
+        view = ctx.view
+        state = view.aux[STATE]  # (batch, kv_heads, slots)
+        slot = torch.arange(state.shape[-1], device=state.device)
+        # A pass scores every entry of its piece above 0; an entry still at 0 was never scored.
+        keep = (slot < self.sinks) | (state == 0)
+        return torch.where(keep & view.valid, float("inf"), state)
+
+    def select(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.head_budgets or ctx.decoding:
+            return super().select(ctx)
+        return spend_across_heads(self.score(ctx), ctx, floor=0.0)
