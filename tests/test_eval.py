@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from kvforge.eval.fidelity import fidelity
-from kvforge.eval.report import write_reports
+from kvforge.eval.report import retention, write_reports
 from kvforge.eval.runner import ROWS, EvalConfig, read_rows, run_eval
 from kvforge.eval.tasks import TASKS, Case, load_task_file, make_case, prompt_length, score
 from kvforge.models import default_checkpoint, load_model
@@ -98,6 +98,31 @@ def test_task_file(tmp_path):
     path.write_text('{"context": "a"}\n')
     with pytest.raises(ValueError, match="mine.jsonl:1: each line must be a JSON object with 'context'"):
         load_task_file(path)
+
+
+def test_task_file_cases_carry_answer_prefix_and_max_new_tokens(tmp_path):
+    path = tmp_path / "ruler.jsonl"
+    lines = [
+        {"context": "a", "question": "q", "answers": ["x"]},  # before any file default: 64 tokens, no prefix
+        {"answer_prefix": " The answer is", "max_new_tokens": 16},  # file default for the cases after it
+        {"context": "b", "question": "q", "answers": ["x"]},
+        {"context": "c", "question": "q", "answers": ["x"], "max_new_tokens": 8, "answer_prefix": ""},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    cases = load_task_file(path)
+    assert [(c.answer_prefix, c.max_new_tokens) for c in cases] == [("", 64), (" The answer is", 16), ("", 8)]
+    path.write_text(json.dumps({"context": "a", "question": "q", "answers": ["x"], "max_new_tokens": 0}))
+    with pytest.raises(ValueError, match=r"ruler.jsonl:1: max_new_tokens=0 is outside the allowed range \[1, 4096\]"):
+        load_task_file(path)
+    path.write_text(json.dumps({"answer_prefix": 3}))
+    with pytest.raises(ValueError, match="'answer_prefix' must be a str, got 3"):
+        load_task_file(path)
+
+
+def test_retention_counts_only_tasks_the_full_cache_can_do():
+    full = {"a": 80.0, "b": 40.0, "c": 100.0}
+    assert retention({"a": 40.0, "b": 40.0, "c": 100.0}, full) == pytest.approx((0.5 + 1.0) / 2)
+    assert retention({"b": 10.0}, full) is None
 
 
 def config(**kw) -> EvalConfig:

@@ -205,36 +205,47 @@ def probe_attention(
     """Attention of a chunk that reads everything held plus itself (causally) without being
     stored, and the most attention each held entry got from any of its queries and query heads.
 
-    The output uses the full softmax (the next layer needs the true hidden states); the score
-    renormalises over the `scored` entries and the chunk's own keys only, so an entry's score
-    is measured against the part of the context the chunk repeats (KVzip's scoring). Queries
-    run `chunk` at a time so the logits never exceed (batch, q_heads, chunk, S + T).
+    The output is the full softmax (the next layer needs the true hidden states), computed by the
+    fused kernel. The score renormalises over the `scored` entries and the chunk's own keys only,
+    so an entry is measured against the part of the context the chunk repeats (KVzip's scoring);
+    it is computed apart, on the scored entries gathered, `chunk` queries at a time.
     """
     batch, q_heads, t, dim = query.shape
     kv_heads, slots = held_keys.shape[1], held_keys.shape[2]
-    group = q_heads // kv_heads
-    out = query.new_zeros(batch, kv_heads, group, t, dim, dtype=torch.float32)
-    best = held_keys.new_zeros(batch, kv_heads, slots, dtype=torch.float32)
-    k_held, v_held = held_keys.float(), held_values.float()
-    k_new, v_new = new_keys.float(), new_values.float()
     steps = torch.arange(t, device=query.device)
+    own_ok = (steps[None, :] <= steps[:, None])[None] & new_valid[:, None, :]  # (batch, T, T)
+    # One mask for all heads when they hold the same slots (the usual case), else one per KV head.
+    heads = 1 if bool((held_valid == held_valid[:, :1]).all()) else kv_heads
+    allowed = torch.cat(
+        [held_valid[:, :heads, None, :].expand(-1, -1, t, -1), own_ok[:, None].expand(-1, heads, -1, -1)], -1
+    )
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # a padding query reads everything; it is zeroed below
+    keys = torch.cat([held_keys, new_keys], 2)
+    values = torch.cat([held_values, new_values], 2)
+    out = attend(query, keys, values, allowed, scaling).masked_fill(~new_valid[:, None, :, None], 0.0)
+
+    # The scored entries of each row, gathered to the front: (batch, kv_heads, M).
+    counts = scored.sum(-1)
+    width = max(int(counts.max()), 1)
+    index = scored.float().topk(width, dim=-1, sorted=False).indices
+    sub_valid = torch.gather(scored, -1, index)
+    sub_keys = torch.gather(held_keys, 2, index[..., None].expand(-1, -1, -1, dim)).float()
+    group = q_heads // kv_heads
+    best = held_keys.new_zeros(batch, kv_heads, width, dtype=torch.float32)
+    k_new = new_keys.float()
     for start in range(0, t, chunk):
         stop = min(start + chunk, t)
         q = query[:, :, start:stop].float().view(batch, kv_heads, group, -1, dim) * scaling
-        held = torch.einsum("bhgtd,bhld->bhgtl", q, k_held)  # (batch, kv, group, c, S)
+        held = torch.einsum("bhgtd,bhld->bhgtl", q, sub_keys)  # (batch, kv, group, c, M)
         own = torch.einsum("bhgtd,bhld->bhgtl", q, k_new)  # (batch, kv, group, c, T)
-        own_ok = (steps[None, :] <= steps[start:stop, None])[None] & new_valid[:, None, :]  # (batch, c, T)
-        held.masked_fill_(~held_valid[:, :, None, None], float("-inf"))
-        own.masked_fill_(~own_ok[:, None, None], float("-inf"))
-        peak = torch.maximum(held.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
+        held.masked_fill_(~sub_valid[:, :, None, None], float("-inf"))
+        own.masked_fill_(~own_ok[:, None, None, start:stop], float("-inf"))
+        peak = torch.maximum(held.amax(-1, keepdim=True), own.amax(-1, keepdim=True)).clamp_min_(torch.finfo(held.dtype).min)
         held.sub_(peak).exp_()
-        own.sub_(peak).exp_()
-        own_sum = own.sum(-1, keepdim=True)
-        total = held.sum(-1, keepdim=True) + own_sum
-        out[:, :, :, start:stop] = (held @ v_held[:, :, None] + own @ v_new[:, :, None]) / total
-        partial = (held * scored[:, :, None, None]).sum(-1, keepdim=True) + own_sum
-        probs = held / partial  # (batch, kv, group, c, S)
+        total = held.sum(-1, keepdim=True) + own.sub_(peak).exp_().sum(-1, keepdim=True)
+        probs = held.div_(total.clamp_min_(torch.finfo(total.dtype).tiny))
         probs.masked_fill_(~new_valid[:, None, None, start:stop, None], 0.0)
-        best = torch.maximum(best, probs.amax(dim=(2, 3)) * scored)
-    out = out.view(batch, q_heads, t, dim).masked_fill(~new_valid[:, None, :, None], 0.0)
-    return out.to(query.dtype), best
+        best = torch.maximum(best, probs.amax(dim=(2, 3)))
+    scores = held_keys.new_zeros(batch, kv_heads, slots, dtype=torch.float32)
+    scores.scatter_(-1, index, best * sub_valid)
+    return out, scores

@@ -12,6 +12,18 @@ from statistics import mean
 from kvforge.eval.runner import SUMMARY, EvalRow, SweepStats, write_atomic
 
 
+# A task counts towards retention where the full cache scores at least this: a task the model
+# cannot do uncompressed says nothing about what compression keeps, and would dilute the mean.
+INFORMATIVE = 50.0
+
+
+def retention(scores: dict[str, float], full: dict[str, float]) -> float | None:
+    """The policy's score over the full cache's, averaged over the tasks where the full cache
+    scores at least INFORMATIVE (None if there is none)."""
+    ratios = [scores[t] / full[t] for t in scores if t in full and full[t] >= INFORMATIVE]
+    return mean(ratios) if ratios else None
+
+
 def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
     """Per setting, per (policy, ratio): score per task, mean, relative to full, bytes held."""
     tasks = sorted({r.task for r in rows})
@@ -31,12 +43,19 @@ def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
                 "samples": len(members),
                 "cache_bytes": mean(r.cache_bytes for r in members),
                 "kept_fraction": mean(r.cache_bytes / max(r.dense_bytes, 1) for r in members),
+                "prefill_seconds": mean(r.prefill_seconds for r in members),
+                "compress_seconds": mean(r.compress_seconds for r in members),
+                "decode_seconds": mean(r.decode_seconds for r in members),
             }
         )
     for entry in table:
         full = next((e for e in table if e["setting"] == entry["setting"] and e["policy"] == "full"), None)
         entry["relative_to_full"] = entry["mean"] / full["mean"] if full and full["mean"] > 0 else None
-    out: dict = {"tasks": tasks, "rows": len(rows), "table": table}
+        entry["retention"] = retention(entry["scores"], full["scores"]) if full else None
+    informative = {
+        e["setting"]: [t for t, v in e["scores"].items() if v >= INFORMATIVE] for e in table if e["policy"] == "full"
+    }
+    out: dict = {"tasks": tasks, "rows": len(rows), "table": table, "informative_tasks": informative}
     if stats is not None:
         out["sweep"] = asdict(stats)
         if stats.per_row_prefill_seconds is not None:
@@ -53,14 +72,23 @@ def markdown(summary: dict) -> str:
         if not entries:
             continue
         lines += [f"### {setting}", ""]
-        lines.append("| policy | ratio | " + " | ".join(tasks) + " | mean | vs full | cache MiB | kept |")
-        lines.append("|---|---|" + "---|" * len(tasks) + "---|---|---|---|")
+        kept_tasks = summary.get("informative_tasks", {}).get(setting, [])
+        lines.append(
+            f"Retention: the score over the full cache's, averaged over the tasks where the full cache scores "
+            f"at least {INFORMATIVE:g} ({', '.join(kept_tasks) or 'none'}). Seconds per sample: prefill, "
+            f"the policy's own work (reconstruction passes included), decoding."
+        )
+        lines.append("")
+        lines.append("| policy | ratio | " + " | ".join(tasks) + " | mean | vs full | retention | cache MiB | kept | s prefill | s policy | s decode |")
+        lines.append("|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|---|---|---|")
         for e in entries:
             scores = " | ".join(f"{e['scores'][t]:.1f}" if t in e["scores"] else "-" for t in tasks)
             rel = "-" if e["relative_to_full"] is None else f"{e['relative_to_full']:.2f}"
+            ret = "-" if e["retention"] is None else f"{e['retention']:.2f}"
             lines.append(
-                f"| {e['policy']} | {e['ratio']:g} | {scores} | {e['mean']:.1f} | {rel} | "
-                f"{e['cache_bytes'] / 2**20:.1f} | {e['kept_fraction']:.0%} |"
+                f"| {e['policy']} | {e['ratio']:g} | {scores} | {e['mean']:.1f} | {rel} | {ret} | "
+                f"{e['cache_bytes'] / 2**20:.1f} | {e['kept_fraction']:.0%} | {e['prefill_seconds']:.2f} | "
+                f"{e['compress_seconds']:.2f} | {e['decode_seconds']:.2f} |"
             )
         lines.append("")
     sweep = summary.get("sweep")

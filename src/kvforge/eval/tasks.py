@@ -291,10 +291,33 @@ def make_case(
         units, case, n = units + 1, bigger, m
 
 
+# What a task file may set for all its cases (a line without "context") or per case.
+CASE_OPTIONS = {"answer_prefix": str, "max_new_tokens": int}
+FILE_DEFAULTS = {"answer_prefix": "", "max_new_tokens": 64}
+
+
+def case_options(obj: dict, where: str, defaults: dict[str, object]) -> dict[str, object]:
+    """The options of one line over `defaults`, each checked: a clear error names the bad one."""
+    out = dict(defaults)
+    for name, kind in CASE_OPTIONS.items():
+        if name not in obj:
+            continue
+        value = obj[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{where}: {name!r} must be a {kind.__name__}, got {value!r}")
+        if name == "max_new_tokens" and not 1 <= value <= 4096:
+            raise ValueError(f"{where}: max_new_tokens={value} is outside the allowed range [1, 4096]")
+        out[name] = value
+    return out
+
+
 def load_task_file(path: str | Path) -> list[Case]:
-    """Cases from a JSON-lines file: one object per line with `context`, `question`, `answers`."""
+    """Cases from a JSON-lines file: one object per line with `context`, `question`, `answers`,
+    and optionally `answer_prefix` (appended after the question, as RULER's cases carry it) and
+    `max_new_tokens`. A line without `context` sets those two for the cases after it."""
     path = Path(path)
     cases = []
+    defaults: dict[str, object] = dict(FILE_DEFAULTS)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -302,8 +325,12 @@ def load_task_file(path: str | Path) -> list[Case]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             obj = json.loads(line)
+            if isinstance(obj, dict) and "context" not in obj and set(obj) <= set(CASE_OPTIONS):
+                defaults = case_options(obj, where, defaults)
+                continue
             context, question, answers = obj["context"], obj["question"], obj["answers"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(
@@ -311,7 +338,13 @@ def load_task_file(path: str | Path) -> list[Case]:
             ) from err
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{path}:{number}: 'answers' must be a non-empty list of strings")
-        cases.append(Case(path.stem, str(context), str(question), "", answers, match="any", max_new_tokens=64))
+        options = case_options(obj, where, defaults)
+        cases.append(
+            Case(
+                path.stem, str(context), str(question), str(options["answer_prefix"]), answers, match="any",
+                max_new_tokens=int(options["max_new_tokens"]),  # type: ignore[arg-type]
+            )  # fmt: skip
+        )
     if not cases:
         raise ValueError(f"--task-file {str(path)!r} holds no cases")
     return cases
