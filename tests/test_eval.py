@@ -234,3 +234,25 @@ def test_chunked_sweep_prefills_every_policy_itself(tiny, tmp_path):
         else:
             assert a.cache_bytes == b.cache_bytes  # the same ratio of the same prompt is kept
             assert a.compress_seconds > 0  # the compressions inside the chunked prefills
+
+
+def test_questions_per_context_answer_from_one_compression(tiny, tmp_path):
+    cfg = config(tasks=["niah_multikey"], policies=["full", "kvzip"], questions=3, samples=2, length=300)
+    calls, handle = count_prefills(tiny.model, 200)
+    try:
+        rows, stats = run_eval(tiny, cfg, tmp_path / "multi")
+    finally:
+        handle.remove()
+    assert len(rows) == 2 * 2 * 3  # samples x (full, kvzip 0.5) x questions
+    assert stats.prefills == 2  # one prefill per context serves every policy and every question
+    by_question = {q: [r for r in rows if r.question == q and r.policy == "kvzip"] for q in range(3)}
+    assert all(r.cache_bytes < 0.7 * r.dense_bytes for q in by_question.values() for r in q)
+    answers = {(r.sample, r.question): r.answers for r in rows if r.policy == "full"}
+    assert answers[(0, 0)] != answers[(0, 1)] != answers[(0, 2)]
+    summary = write_reports(tmp_path / "multi", rows, stats)
+    assert [e["policy"] for e in summary["questions"]] == ["full", "kvzip"]
+    assert "retention q3" in (tmp_path / "multi" / "summary.md").read_text()
+    with pytest.raises(ValueError, match="needs tasks with several keyed needles"):
+        config(tasks=["niah_single"], questions=2).validate()
+    with pytest.raises(ValueError, match=r"--questions-per-context 5 is outside the allowed range \[1, 4\]"):
+        config(tasks=["niah_multikey"], questions=5).validate()

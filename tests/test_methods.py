@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from conftest import left_padded, word_tokenizer
+from conftest import held_positions, left_padded, word_tokenizer
 from kvforge import KVCache, make_policy
-from kvforge.generate import greedy
+from kvforge.generate import feed, greedy
 from kvforge.generate import prefill as prefill_ids
 from kvforge.reconstruct import passes
 from kvforge.policies.base import StepContext
@@ -163,3 +163,27 @@ def test_kvzip_without_a_tokenizer_says_how_to_give_one(tiny_model):
     cache = KVCache(tiny_model, make_policy("kvzip"))
     with pytest.raises(ValueError, match="tokenizer=tokenizer"):
         prefill_ids(tiny_model, cache, list(range(1, 20)))
+
+
+@pytest.mark.parametrize("name", ["h2o", "kvzip", "adakv:snapkv"])
+def test_answering_on_a_fork_leaves_the_compressed_cache_as_it_was(tiny_model, name):
+    ids = left_padded([40], seed=23)[0][0].tolist()
+    params = {"window": 4} if "snapkv" in name else {}
+    cache = KVCache(tiny_model, make_policy(name, ratio=0.5, decode_budget=12, evict_every=2, **params), tokenizer=word_tokenizer())
+    with torch.inference_mode():
+        logits = prefill_ids(tiny_model, cache, ids)
+        before = [(layer.storage.view().keys.clone(), held_positions(layer.storage), layer.storage.export_aux()) for layer in cache.layers]
+        answers = []
+        for question in ([5, 6, 7], [9, 10], [5, 6, 7]):
+            fork = cache.fork()
+            out, positions = feed(tiny_model, fork, [question], torch.tensor([40]))
+            answers.append(greedy(tiny_model, fork, out, positions, 12, set())[0])
+            assert fork.get_seq_length() == 40 + len(question) + 11
+    assert answers[0] == answers[2]  # the same question on a fresh fork answers the same
+    for (keys, positions, aux), layer in zip(before, cache.layers):
+        torch.testing.assert_close(layer.storage.view().keys, keys)
+        assert held_positions(layer.storage) == positions
+        for k, v in layer.storage.export_aux().items():
+            for a, b in zip(v, aux[k]):
+                torch.testing.assert_close(a, b)
+    assert cache.get_seq_length() == 40

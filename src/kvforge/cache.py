@@ -396,6 +396,23 @@ class KVCache(Cache):
             layer.chunks = 1
         return derived
 
+    def fork(self) -> KVCache:
+        """A cache over the same entries and policy state that can be written without changing
+        this one (copy on write): one compressed context answers many questions, each on a fork."""
+        forked = KVCache._empty(self.policy, self.num_layers, self.layout)
+        forked.tokenizer = self.tokenizer
+        for base, layer in zip(self.layers, forked.layers):
+            if base.storage is None or base.tokens is None:
+                continue
+            layer.storage = base.storage.share(self.policy.aux_names)
+            layer.storage.import_aux(base.storage.export_aux())
+            layer.is_initialized, layer.dtype, layer.device = True, base.dtype, base.device
+            layer.seen, layer.chunks, layer.tokens = base.seen, base.chunks, base.tokens.clone()
+            if base.decode_budget is not None:
+                layer.decode_budget = base.decode_budget.clone()
+            forked.held.update(layer.layer_idx, layer.storage.allocated_nbytes)
+        return forked
+
     def compress(self) -> None:
         """Compress every layer to the prompt budget now (see `KVForgeLayer.compress`)."""
         for layer in self.layers:

@@ -124,48 +124,53 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: one built-in long-context question, full cache vs every policy."""
-    from kvforge.eval.tasks import make_case, score
-    from kvforge.generate import build_prompt
-    from kvforge.generate import answer as run_answer
+    """The main job: one built-in long-context question, full cache vs every method, all derived
+    from one prefill of the sample (as the eval does)."""
+    from dataclasses import asdict
+
+    from kvforge.eval.runner import SweepStats, run_group
+    from kvforge.eval.tasks import make_case
     from kvforge.models import load_model
     from kvforge.policies import make_policy, methods
 
     with err_console.status(f"loading {args.model} (the first run converts the default model once) ..."):
         loaded = load_model(args.model)
     case = make_case(loaded.tokenizer, "niah_single", args.length, seed=args.seed, chat=loaded.is_instruct, max_length=loaded.context_length)
-    prompt = build_prompt(loaded.tokenizer, case.context, case.question, loaded.is_instruct, case.answer_prefix)
-    names = methods()
+    case.max_new_tokens = args.max_new_tokens
+    combos = [(name, 0.0 if name == "full" else args.ratio) for name in methods()]
+    policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r in combos}
     rows = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
-        task = progress.add_task("policies", total=len(names))
-        for name in names:
-            progress.update(task, description=f"{name:<10}")
-            policy = make_policy(name) if name == "full" else make_policy(name, ratio=args.ratio)
-            rows.append(run_answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware))
-            progress.advance(task)
+        task = progress.add_task("one prefill, then every method", total=len(combos))
+        for row in run_group(loaded, [(0, case)], args.query_aware, combos, policies, SweepStats()):
+            rows.append(row)
+            progress.update(task, description=f"{row.policy:<20}", advance=1)
     setting = "query-aware" if args.query_aware else "question-agnostic"
-    table = Table(title=f"{loaded.name}: {len(prompt.ids)}-token needle prompt, {setting}, answer {case.answers[0]}")
-    for col in ("policy", "ratio", "answer", "correct", "MiB kept", "saved", "sec"):
+    table = Table(
+        title=f"{loaded.name}: {rows[0].prompt_tokens}-token needle prompt, {setting}, answer {case.answers[0]}",
+        caption=f"one prefill ({rows[0].prefill_seconds:.1f}s) serves every method; s policy: scoring and "
+        f"compressing (kvzip's reconstruction passes included); s answer: the question and the answer",
+    )
+    for col in ("method", "ratio", "answer", "correct", "MiB kept", "saved", "s policy", "s answer"):
         if col == "answer":
             table.add_column(col, no_wrap=True, max_width=18)
         else:
-            table.add_column(col, justify="left" if col == "policy" else "right")
+            table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        saved = 1 - r.kept_bytes / max(r.dense_cache_bytes, 1)
         table.add_row(
             r.policy,
             f"{r.ratio:g}",
-            r.text.strip().replace("\n", " ")[:24],
-            "yes" if score(r.text, case) == 100 else "no",
-            f"{r.kept_bytes / 2**20:.2f}",
-            f"{saved:.0%}",
-            f"{r.seconds:.1f}",
+            r.answer.strip().replace("\n", " ")[:24],
+            "yes" if r.score == 100 else "no",
+            f"{r.cache_bytes / 2**20:.2f}",
+            f"{1 - r.cache_bytes / max(r.dense_bytes, 1):.0%}",
+            f"{r.compress_seconds:.2f}",
+            f"{r.decode_seconds:.1f}",
         )
     console.print(table)
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows]))
+        print(json.dumps([asdict(r) for r in rows]))
     return 0
 
 
@@ -194,6 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=args.model, tasks=tasks, policies=policies, ratios=ratios, length=args.length or 2048,
         samples=args.samples if args.samples is not None else 20, settings=settings, seed=args.seed,
         task_file=args.task_file, batch=args.batch, prefill_chunk=args.prefill_chunk,
+        questions=args.questions_per_context,
     )  # fmt: skip
     cfg.validate()
     with err_console.status(f"loading {args.model} on {args.device} ..."):
@@ -338,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policies", help="list every policy with its parameters")
     pol.set_defaults(func=cmd_policies)
 
-    demo = sub.add_parser("demo", help="answer a built-in long-context question with every policy")
+    demo = sub.add_parser("demo", help="answer a built-in long-context question with every method, from one prefill")
     demo.add_argument("--model", default=DEFAULT_MODEL)
     demo.add_argument("--length", type=int, default=3000, help="prompt tokens of the sample")
     demo.add_argument("--ratio", type=ratio_arg, default=0.5)
@@ -361,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--both-settings", action="store_true", help="run question-agnostic and query-aware")
     ev.add_argument("--quick", action="store_true", help="a few-minute preset: 3 tasks, 1024 tokens, 3 samples, both settings")
     ev.add_argument("--batch", type=int, default=8, help="samples decoded together (speed only)")
+    ev.add_argument("--questions-per-context", type=positive_int("--questions-per-context"), default=1, metavar="N",
+                    help="compress each context once, then answer N of its questions, each from a fork of the "
+                         "compressed cache (niah_multikey, niah_multiquery; N <= 4)")
     ev.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N",
                     help="prefill N tokens at a time, compressing after each chunk (each policy prefills itself)")
     ev.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -24,6 +24,21 @@ def retention(scores: dict[str, float], full: dict[str, float]) -> float | None:
     return mean(ratios) if ratios else None
 
 
+def per_question(rows: list[EvalRow]) -> list[dict]:
+    """Per (policy, ratio): the mean score on question i of each context, and its retention
+    (over the full cache's score on the same question), i = 0, 1, ..."""
+    scores: dict[tuple[str, float], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        scores[(r.policy, r.ratio)][r.question].append(r.score)
+    full = {q: mean(v) for q, v in scores.get(("full", 0.0), {}).items()}
+    out = []
+    for (policy, ratio), by_q in sorted(scores.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
+        means = {q: mean(v) for q, v in sorted(by_q.items())}
+        kept = {q: m / full[q] if full.get(q) else None for q, m in means.items()}
+        out.append({"policy": policy, "ratio": ratio, "scores": means, "retention": kept})
+    return out
+
+
 def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
     """Per setting, per (policy, ratio): score per task, mean, relative to full, bytes held."""
     tasks = sorted({r.task for r in rows})
@@ -56,6 +71,8 @@ def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
         e["setting"]: [t for t, v in e["scores"].items() if v >= INFORMATIVE] for e in table if e["policy"] == "full"
     }
     out: dict = {"tasks": tasks, "rows": len(rows), "table": table, "informative_tasks": informative}
+    if any(r.question > 0 for r in rows):
+        out["questions"] = per_question(rows)
     if stats is not None:
         out["sweep"] = asdict(stats)
         if stats.per_row_prefill_seconds is not None:
@@ -90,6 +107,24 @@ def markdown(summary: dict) -> str:
                 f"{e['cache_bytes'] / 2**20:.1f} | {e['kept_fraction']:.0%} | {e['prefill_seconds']:.2f} | "
                 f"{e['compress_seconds']:.2f} | {e['decode_seconds']:.2f} |"
             )
+        lines.append("")
+    questions = summary.get("questions")
+    if questions:
+        count = max(len(e["scores"]) for e in questions)
+        lines += [
+            "### questions per context",
+            "",
+            "Each context compressed once; question i answered from its own fork of the compressed cache. "
+            "Retention on question i: the score over the full cache's on the same question.",
+            "",
+            "| policy | ratio | " + " | ".join(f"q{i + 1}" for i in range(count)) + " | "
+            + " | ".join(f"retention q{i + 1}" for i in range(count)) + " |",
+            "|---|---|" + "---|" * (2 * count),
+        ]
+        for e in questions:
+            scores = " | ".join(f"{e['scores'].get(i, float('nan')):.1f}" for i in range(count))
+            kept = " | ".join("-" if e["retention"].get(i) is None else f"{e['retention'][i]:.2f}" for i in range(count))
+            lines.append(f"| {e['policy']} | {e['ratio']:g} | {scores} | {kept} |")
         lines.append("")
     sweep = summary.get("sweep")
     if sweep:

@@ -23,8 +23,8 @@ from typing import IO
 import torch
 
 from kvforge.cache import KVCache
-from kvforge.eval.tasks import TASKS, Case, load_task_file, make_case, score
-from kvforge.generate import build_prompt, check_length, feed, greedy, prefill, settle, stop_ids
+from kvforge.eval.tasks import TASKS, Case, followups, load_task_file, make_case, score
+from kvforge.generate import Prompt, build_prompt, check_length, feed, greedy, prefill, settle, stop_ids
 from kvforge.models import LoadedModel
 from kvforge.policies import check_policy_name, make_policy
 from kvforge.policies.base import Policy
@@ -46,6 +46,7 @@ class EvalConfig:
     seed: int = 0
     task_file: str | None = None
     prefill_chunk: int | None = None  # None: one-shot prefill, every policy derived from it
+    questions: int = 1  # questions answered from each compressed context (each on a fork of it)
     # Samples decoded together. An execution detail: not part of the configuration's identity.
     batch: int = field(default=8, compare=False)
 
@@ -66,6 +67,16 @@ class EvalConfig:
                 raise ValueError(f"ratio {r} is outside [0, 1): 0 keeps all, 0.75 keeps a quarter")
         if not self.tasks and not self.task_file:
             raise ValueError("no task given: name --tasks or a --task-file")
+        if not 1 <= self.questions <= 4:
+            raise ValueError(f"--questions-per-context {self.questions} is outside the allowed range [1, 4]")
+        if self.questions > 1:
+            if any(self.settings):
+                raise ValueError("--questions-per-context needs the question-agnostic setting (the question is not compressed)")
+            if self.task_file or any(t not in ("niah_multikey", "niah_multiquery") for t in self.tasks):
+                raise ValueError(
+                    f"--questions-per-context {self.questions} needs tasks with several keyed needles: "
+                    f"niah_multikey, niah_multiquery (got {', '.join(self.tasks) or self.task_file})"
+                )
 
     def combos(self) -> list[tuple[str, float]]:
         """(policy, ratio) rows of one sample: `full` once, every other policy at every ratio."""
@@ -92,10 +103,11 @@ class EvalRow:
     decode_seconds: float
     generated_tokens: int
     batch: int = 1  # sequences decoded together; seconds above are per sequence
+    question: int = 0  # which question of the context (--questions-per-context)
 
     @property
-    def key(self) -> tuple[str, int, bool, str, float]:
-        return (self.task, self.sample, self.query_aware, self.policy, self.ratio)
+    def key(self) -> tuple[str, int, bool, str, float, int]:
+        return (self.task, self.sample, self.query_aware, self.policy, self.ratio, self.question)
 
 
 @dataclass
@@ -157,6 +169,8 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     """Create or reopen `out`; refuse to mix results of another configuration unless `force`."""
     out.mkdir(parents=True, exist_ok=True)
     identity = {k: v for k, v in asdict(cfg).items() if k != "batch"}
+    if cfg.questions == 1:
+        del identity["questions"]  # so runs from before the option existed resume
     wanted = json.dumps(identity, indent=2, sort_keys=True)
     config = out / CONFIG
     if config.exists() and config.read_text() != wanted:
@@ -191,7 +205,7 @@ def groups(loaded: LoadedModel, cfg: EvalConfig) -> Iterator[list[tuple[int, Cas
 
 
 def total_rows(cfg: EvalConfig) -> int:
-    per_sample = len(cfg.combos()) * len(cfg.settings)
+    per_sample = len(cfg.combos()) * len(cfg.settings) * cfg.questions
     file_cases = len(load_task_file(cfg.task_file)[: cfg.samples]) if cfg.task_file else 0
     return per_sample * (len(cfg.tasks) * cfg.samples + file_cases)
 
@@ -205,6 +219,7 @@ def run_group(
     policies: dict[tuple[str, float], Policy],
     stats: SweepStats,
     prefill_chunk: int | None = None,
+    questions: int = 1,
 ) -> Iterator[EvalRow]:
     """Prefill each case once with a full recording cache, stack them into one batch, then derive
     and answer every (policy, ratio) for the whole batch. With `prefill_chunk`, every (policy,
@@ -212,11 +227,14 @@ def run_group(
 
     Prefills run one prompt at a time (the fast causal path, one prompt's memory); derivation and
     decoding run batched. Per-row seconds are the batch's seconds divided by its size; prefill
-    seconds are each prompt's own."""
+    seconds are each prompt's own. With `questions` > 1 each compressed context answers that
+    many questions (`followups`), each on its own fork of the compressed cache."""
     model, tok = loaded.model, loaded.tokenizer
-    prompts = [build_prompt(tok, c.context, c.question, loaded.is_instruct, c.answer_prefix) for _, c in group]
-    max_new = max(c.max_new_tokens for _, c in group)
-    for prompt in prompts:
+    asked = [[(s, followups(c, questions)[q]) for s, c in group] for q in range(questions)]
+    per_question = [[build_prompt(tok, c.context, c.question, loaded.is_instruct, c.answer_prefix) for _, c in g] for g in asked]
+    prompts = per_question[0]
+    max_new = max(c.max_new_tokens for g in asked for _, c in g)
+    for prompt in (p for ps in per_question for p in ps):
         check_length(len(prompt.ids), max_new, loaded.context_length)
     compressed = [p.ids if query_aware else p.context_ids for p in prompts]
     size = len(group)
@@ -246,8 +264,6 @@ def run_group(
             stats.per_row_prefill_seconds = time.perf_counter() - start
             stats.per_row_prefill_policy = f"{name} {ratio:g}"
     prefill_len = torch.tensor([len(ids) for ids in compressed], device=model.device)
-    hashes = [hashlib.sha256(json.dumps(p.ids).encode()).hexdigest()[:16] for p in prompts]
-    stops = stop_ids(tok)
     observed: dict = {}  # shared by one policy's ratios: what it observed of these prefills
     for name, ratio in combos:
         policy = policies[(name, ratio)]
@@ -262,35 +278,61 @@ def run_group(
             # each (policy, ratio) prefills every prompt itself.
             cache, logits, prefill_seconds, policy_seconds = prefill_each(policy, False, prefill_chunk)
             compress_seconds = policy_seconds / size
-        start = time.perf_counter()
-        positions = prefill_len
-        if not query_aware:
-            logits, positions = feed(model, cache, [p.rest_ids for p in prompts], positions)
-        outputs = greedy(model, cache, logits, positions, max_new, stops)
-        decode_seconds = (time.perf_counter() - start) / size
-        held, dense = cache.seq_nbytes().tolist(), cache.seq_dense_nbytes().tolist()
-        for b, ((sample, case), prompt, tokens) in enumerate(zip(group, prompts, outputs)):
-            tokens = tokens[: case.max_new_tokens]
-            text = tok.decode(tokens, skip_special_tokens=True)
-            yield EvalRow(
-                task=case.task,
-                sample=sample,
-                query_aware=query_aware,
-                policy=name,
-                ratio=ratio,
-                prompt_hash=hashes[b],
-                prompt_tokens=len(prompt.ids),
-                answer=text,
-                answers=case.answers,
-                score=score(text, case),
-                cache_bytes=int(held[b]),
-                dense_bytes=int(dense[b]),
-                prefill_seconds=prefill_seconds[b],
-                compress_seconds=compress_seconds,
-                decode_seconds=decode_seconds,
-                generated_tokens=len(tokens),
-                batch=size,
-            )
+        for question, (asked_q, prompts_q) in enumerate(zip(asked, per_question)):
+            # With several questions each answers on a fork: the compressed cache stays as it was.
+            answering = cache if questions == 1 else cache.fork()
+            yield from answer_group(
+                loaded, answering, asked_q, prompts_q, query_aware, (name, ratio), logits, prefill_len,
+                max_new, (prefill_seconds, compress_seconds), question,
+            )  # fmt: skip
+
+
+def answer_group(
+    loaded: LoadedModel,
+    cache: KVCache,
+    group: list[tuple[int, Case]],
+    prompts: list[Prompt],
+    query_aware: bool,
+    combo: tuple[str, float],
+    logits: torch.Tensor,  # (batch, vocab) after each row's compressed part
+    prefill_len: torch.Tensor,  # (batch,) rotary position after it
+    max_new: int,
+    seconds: tuple[list[float], float],  # per-row prefill seconds, compress seconds per row
+    question: int,
+) -> Iterator[EvalRow]:
+    """Feed each row's question (question-agnostic), decode greedily, score: one row per sample."""
+    model, tok = loaded.model, loaded.tokenizer
+    size = len(group)
+    start = time.perf_counter()
+    positions = prefill_len
+    if not query_aware:
+        logits, positions = feed(model, cache, [p.rest_ids for p in prompts], positions)
+    outputs = greedy(model, cache, logits, positions, max_new, stop_ids(tok))
+    decode_seconds = (time.perf_counter() - start) / size
+    held, dense = cache.seq_nbytes().tolist(), cache.seq_dense_nbytes().tolist()
+    for b, ((sample, case), prompt, tokens) in enumerate(zip(group, prompts, outputs)):
+        tokens = tokens[: case.max_new_tokens]
+        text = tok.decode(tokens, skip_special_tokens=True)
+        yield EvalRow(
+            task=case.task,
+            sample=sample,
+            query_aware=query_aware,
+            policy=combo[0],
+            ratio=combo[1],
+            prompt_hash=hashlib.sha256(json.dumps(prompt.ids).encode()).hexdigest()[:16],
+            prompt_tokens=len(prompt.ids),
+            answer=text,
+            answers=case.answers,
+            score=score(text, case),
+            cache_bytes=int(held[b]),
+            dense_bytes=int(dense[b]),
+            prefill_seconds=seconds[0][b],
+            compress_seconds=seconds[1],
+            decode_seconds=decode_seconds,
+            generated_tokens=len(tokens),
+            batch=size,
+            question=question,
+        )
 
 
 def run_eval(
@@ -321,10 +363,13 @@ def _run_locked(
     for group in groups(loaded, cfg):
         for query_aware in cfg.settings:
             # A combo is redone for the whole group when any of its samples lacks it.
-            todo = [c for c in combos if any((case.task, s, query_aware, *c) not in done for s, case in group)]
+            todo = [
+                c for c in combos
+                if any((case.task, s, query_aware, *c, q) not in done for s, case in group for q in range(cfg.questions))
+            ]  # fmt: skip
             if not todo:
                 continue
-            for row in run_group(loaded, group, query_aware, todo, policies, stats, cfg.prefill_chunk):
+            for row in run_group(loaded, group, query_aware, todo, policies, stats, cfg.prefill_chunk, cfg.questions):
                 if row.key in done:
                     continue
                 append_row(out / ROWS, row)

@@ -38,6 +38,7 @@ class Case:
     max_new_tokens: int = 32
     needles: list[str] = field(default_factory=list)  # sentences planted in the context
     depths: list[float] = field(default_factory=list)  # where each needle sits, 0 = start, 1 = end
+    keyed: list[tuple[str, str]] = field(default_factory=list)  # (key, value) of each keyed needle
 
 
 Builder = Callable[[random.Random, int, int], Case]  # (rng seeded per sample, filler units, target length)
@@ -155,7 +156,8 @@ def niah_multikey(rng: random.Random, units: int, length: int, distractors: int 
     values = [magic_value(rng) for _ in keys]
     context, needles, depths = planted(rng, units, keys, values)
     q, prefix = single_question(keys[0])
-    return Case("niah_multikey", context, q, prefix, [values[0]], max_new_tokens=16, needles=needles, depths=depths)
+    keyed = list(zip(keys, values))
+    return Case("niah_multikey", context, q, prefix, [values[0]], max_new_tokens=16, needles=needles, depths=depths, keyed=keyed)
 
 
 def all_numbers_case(task: str, subject: str, context: str, values: list[str], needles: list[str], depths: list[float]) -> Case:
@@ -184,7 +186,27 @@ def niah_multiquery(rng: random.Random, units: int, length: int, queries: int = 
     vals = [magic_value(rng) for _ in keys]
     context, needles, depths = planted(rng, units, keys, vals)
     listed = ", ".join(keys[:-1]) + f", and {keys[-1]}"
-    return all_numbers_case("niah_multiquery", listed, context, vals, needles, depths)
+    case = all_numbers_case("niah_multiquery", listed, context, vals, needles, depths)
+    case.keyed = list(zip(keys, vals))
+    return case
+
+
+def followups(case: Case, n: int) -> list[Case]:
+    """`n` cases on `case`'s context, question i asking for the value of keyed needle i (the
+    first is `case` itself when it asks for one key). For --questions-per-context."""
+    if n == 1:
+        return [case]
+    if len(case.keyed) < n:
+        with_keys = "niah_multikey and niah_multiquery (4 keys each)"
+        raise ValueError(
+            f"task {case.task!r} has {max(1, len(case.keyed))} question(s) per context, --questions-per-context "
+            f"asks {n}; tasks with several: {with_keys}"
+        )
+    out = []
+    for key, value in case.keyed[:n]:
+        q, prefix = single_question(key)
+        out.append(Case(case.task, case.context, q, prefix, [value], max_new_tokens=16, needles=case.needles, depths=case.depths, keyed=case.keyed))
+    return out
 
 
 def vt(rng: random.Random, units: int, length: int, hops: int = 4) -> Case:

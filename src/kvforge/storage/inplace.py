@@ -406,6 +406,8 @@ class InPlaceKV(KVStorage):
 
     def share(self, aux_names: tuple[str, ...]) -> InPlaceKV:
         other = self._borrowing(aux_names)
+        # Both sides now read the same buffers: either copies a row before writing to it.
+        self.owned = [False] * len(self.len)
         other.aux = {
             name: [torch.zeros(k.shape[0], dtype=torch.float32, device=self.device) for k in self.k] for name in aux_names
         }
