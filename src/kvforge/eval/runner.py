@@ -166,14 +166,22 @@ def lock_out(out: Path) -> IO[str]:
 
 
 def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
-    """Create or reopen `out`; refuse to mix results of another configuration unless `force`."""
+    """Create or reopen `out`; refuse to mix results of another configuration unless `force`.
+
+    The sample count is not part of a configuration: a run with more samples extends one with
+    fewer (rows are per sample), and a run with fewer reports only its own samples."""
     out.mkdir(parents=True, exist_ok=True)
     identity = {k: v for k, v in asdict(cfg).items() if k != "batch"}
     if cfg.questions == 1:
         del identity["questions"]  # so runs from before the option existed resume
+
+    def same(text: str) -> bool:
+        stored = json.loads(text)
+        return {k: v for k, v in stored.items() if k != "samples"} == {k: v for k, v in identity.items() if k != "samples"}
+
     wanted = json.dumps(identity, indent=2, sort_keys=True)
     config = out / CONFIG
-    if config.exists() and config.read_text() != wanted:
+    if config.exists() and not same(config.read_text()):
         if not force:
             raise ValueError(
                 f"{out} holds results of a different configuration ({config}); "
@@ -186,6 +194,11 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
             shutil.rmtree(target) if target.is_dir() else target.unlink()
     write_atomic(config, wanted.encode())
     return read_rows(out / ROWS)
+
+
+def own_rows(rows: list[EvalRow], cfg: EvalConfig) -> list[EvalRow]:
+    """The rows of `cfg`'s samples (a directory may hold more, from a run with more samples)."""
+    return [r for r in rows if r.sample < cfg.samples]
 
 
 def groups(loaded: LoadedModel, cfg: EvalConfig) -> Iterator[list[tuple[int, Case]]]:
@@ -379,4 +392,4 @@ def _run_locked(
                     on_row(row)
     stats.seconds = time.perf_counter() - start
     log.info("sweep: %d rows, %d prefills, %.1fs", stats.rows, stats.prefills, stats.seconds)
-    return rows, stats
+    return own_rows(rows, cfg), stats
