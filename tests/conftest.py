@@ -38,6 +38,21 @@ def tiny_model() -> LlamaForCausalLM:
     return kvforge.enable(model)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tiny_calibration(tiny_model: LlamaForCausalLM, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model's calibration, measured once per session (in a temporary cache directory)
+    and remembered in-process, so policies that need one (razor, qfilters, kvzap) find it."""
+    from kvforge.calibrate import calibrate
+    from kvforge.models import LoadedModel
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVFORGE_CACHE", str(tmp_path_factory.mktemp("calibration")))
+    try:
+        return calibrate(LoadedModel(tiny_model, word_tokenizer(), "tiny"))
+    finally:
+        mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_model: LlamaForCausalLM) -> LlamaForCausalLM:
     """The same weights on transformers' own SDPA attention."""

@@ -63,7 +63,7 @@ def test_policies_lists_every_policy_with_parameters(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--policy", "nope"], "unknown policy 'nope'; known policies: adakv, chunk"),
+        (["--policy", "nope"], "unknown policy 'nope'; known policies: adakv, cake, chunk"),
         (["--ratio", "1.0"], "outside [0, 1)"),
         (["--ratio", "-0.1"], "outside [0, 1)"),
         (["--max-new-tokens", "0"], "--max-new-tokens=0 must be at least 1"),

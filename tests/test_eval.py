@@ -134,7 +134,7 @@ def config(**kw) -> EvalConfig:
 def test_config_errors():
     for kw, msg in [
         (dict(tasks=["x"]), "unknown task 'x'"),
-        (dict(policies=["full", "y"]), "unknown policy 'y'; known policies: adakv, chunk"),
+        (dict(policies=["full", "y"]), "unknown policy 'y'; known policies: adakv, cake, chunk"),
         (dict(samples=0), "--samples 0 must be at least 1"),
         (dict(ratios=[1.5]), "ratio 1.5 is outside [0, 1)"),
     ]:
@@ -190,15 +190,18 @@ def test_sweep_resume_and_reports(tiny, tmp_path):
     assert json.loads((out / "summary.json").read_text())["rows"] == 8
     assert summary["sweep"]["estimated_prefill_seconds_per_row"] > 0
 
-    # Fewer samples report only theirs, computing nothing; more samples extend the run.
+    # Fewer samples report only theirs, computing nothing; more samples (or policies) extend the run.
     fewer, stats3 = run_eval(tiny, config(samples=1, settings=[False, True]), out)
     assert len(fewer) == 4 and stats3.prefills == 0
     more, stats4 = run_eval(tiny, config(samples=3, settings=[False, True], batch=1), out)
     assert len(more) == 12 and stats4.prefills == 2  # sample 2, both settings
+    wider, _ = run_eval(tiny, config(samples=3, settings=[False, True], batch=1, policies=["full", "knorm", "streaming"]), out)
+    assert len(wider) == 18 and len(read_rows(out / ROWS)) == 18
+    assert len(run_eval(tiny, config(settings=[False, True]), out)[0]) == 8  # asks for full and knorm only
 
     # Another configuration in the same --out is refused, unless forced.
     with pytest.raises(ValueError, match="holds results of a different configuration"):
-        run_eval(tiny, config(ratios=[0.75]), out)
+        run_eval(tiny, config(length=300), out)
     forced, _ = run_eval(tiny, config(samples=1), out, force=True)
     assert len(forced) == 2 and len(read_rows(out / ROWS)) == 2
 

@@ -171,7 +171,7 @@ def test_answering_on_a_fork_leaves_the_compressed_cache_as_it_was(tiny_model, n
     params = {"window": 4} if "snapkv" in name else {}
     cache = KVCache(tiny_model, make_policy(name, ratio=0.5, decode_budget=12, evict_every=2, **params), tokenizer=word_tokenizer())
     with torch.inference_mode():
-        logits = prefill_ids(tiny_model, cache, ids)
+        prefill_ids(tiny_model, cache, ids)
         before = [(layer.storage.view().keys.clone(), held_positions(layer.storage), layer.storage.export_aux()) for layer in cache.layers]
         answers = []
         for question in ([5, 6, 7], [9, 10], [5, 6, 7]):

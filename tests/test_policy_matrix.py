@@ -21,7 +21,8 @@ class Row:
     name: str
     params: dict = field(default_factory=dict)
     # How the budget is spread: "head" (every head keeps it), "layer" (a layer's heads share it,
-    # unevenly), "depth" (each layer keeps its own share, its heads alike).
+    # unevenly), "depth" (each layer keeps its own share, its heads alike), "model" (all heads
+    # of all layers share it; checked on the whole cache only).
     spread: str = "head"
 
 
@@ -42,6 +43,10 @@ MATRIX = [
     Row("pyramidkv:knorm", spread="depth"),
     Row("kvzip", {"chunk": 8, "overlap": 2, "sinks": 1}, spread="layer"),
     Row("kvzip", {"chunk": 8, "head_budgets": False}),
+    Row("kvzap", {"sinks": 2}, spread="layer"),
+    Row("qfilters"),
+    Row("razor", {"fraction": 0.5, "sinks": 2}, spread="model"),
+    Row("cake:snapkv", {"window": 4}, spread="model"),
 ]
 COMPRESSING = [r for r in MATRIX if r.name != "full"]
 RATIOS = [0.5, 0.75]
@@ -100,6 +105,8 @@ def expected_kept(row: Row, budget: int, layer: int, num_layers: int = 2) -> int
 
 def assert_kept(row: Row, lengths: torch.Tensor, budgets: list[int], layer: int, held: list[int] | None = None) -> None:
     """lengths: (batch, kv_heads) held by one layer; budgets: per sequence and head."""
+    if row.spread == "model":
+        return
     want = [expected_kept(row, b, layer) for b in budgets]
     if held is not None:
         want = [min(w, h) for w, h in zip(want, held)]
@@ -113,8 +120,12 @@ def assert_kept(row: Row, lengths: torch.Tensor, budgets: list[int], layer: int,
 @pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
 def test_keeps_exactly_the_budget_per_sequence_and_head(tiny_model, row, ratio):
     cache, _, _ = prefill(tiny_model, row, ratio, LENGTHS)
+    budgets = [math.floor(n * (1 - ratio)) for n in LENGTHS]
     for layer in range(len(cache.layers)):
-        assert_kept(row, cache.kept_lengths(layer), [math.floor(n * (1 - ratio)) for n in LENGTHS], layer, LENGTHS)
+        assert_kept(row, cache.kept_lengths(layer), budgets, layer, LENGTHS)
+    if row.spread == "model":  # 2 layers x 2 heads share 4 x the per-head budget (rounded down per head)
+        total = sum(cache.kept_lengths(layer) for layer in range(len(cache.layers))).sum(1)
+        assert all(4 * b - 4 <= t <= 4 * b for t, b in zip(total.tolist(), budgets))
     assert cache.get_seq_length() == max(LENGTHS)  # logical length: what transformers places tokens by
 
 
@@ -125,7 +136,7 @@ def test_bytes_shrink_in_proportion(tiny_model, row, ratio):
     per_entry = 2 * 16 * 4  # K and V, head_dim 16, float32
     assert cache.kept_nbytes == cache.entries() * per_entry
     assert cache.dense_nbytes == sum(LENGTHS) * 2 * 2 * per_entry  # 2 KV heads, 2 layers
-    if row.spread != "depth":  # (a layer keeping nearly all it held compacts in place, spare room kept)
+    if row.spread in ("head", "layer"):  # (a layer keeping nearly all it held compacts in place, spare room kept)
         kept = sum(math.floor(n * (1 - ratio)) for n in LENGTHS)
         assert cache.nbytes == kept * 2 * 2 * per_entry
     assert cache.kept_nbytes / cache.dense_nbytes == pytest.approx(1 - ratio, abs=0.05)
@@ -151,7 +162,7 @@ def test_kept_entries_are_the_full_cache_entries_at_their_positions(tiny_model, 
 def test_decoding_after_eviction_attends_over_exactly_the_kept_tokens(tiny_model, tiny_reference, row):
     # Reference: a plain cache filled with just the kept K/V (same count per head at batch 1),
     # the new token at its true position. Matching logits means positions and masks are right.
-    if row.spread == "layer":
+    if row.spread in ("layer", "model"):
         pytest.skip("heads hold different counts, which a DynamicCache cannot; test_storage checks ragged attention")
     n = 26
     cache, ids, mask = prefill(tiny_model, row, 0.5, [n])

@@ -6,9 +6,10 @@ one model to kvforge attention explicitly.
 
 from kvforge.attention import enable
 from kvforge.cache import KVCache
+from kvforge.calibrate import calibrate
 from kvforge.generate import prefill
 from kvforge.models import load_model
 from kvforge.policies import Policy, all_policies, make_policy
 
-__all__ = ["KVCache", "Policy", "enable", "load_model", "all_policies", "make_policy", "prefill"]
+__all__ = ["KVCache", "Policy", "calibrate", "enable", "load_model", "all_policies", "make_policy", "prefill"]
 __version__ = "0.1.0"

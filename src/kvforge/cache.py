@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvforge.attention import ATTN_NAME, probe_attention, tag_layer
+from kvforge.calibration import Calibration, fingerprint, require_calibration
 from kvforge.policies.base import Policy, StepContext
 from kvforge.storage import DEFAULT_LAYOUT, KVStorage, check_layout, make_storage
 
@@ -105,6 +106,8 @@ class KVForgeLayer(CacheLayerMixin):
         self.policy_seconds = 0.0  # time spent observing and compressing, for benchmarks
         self.record_prefill = False
         self.prefill_record: PrefillRecord | None = None
+        self.calibration: Calibration | None = None  # the model's, when the policy needs it
+        self.policy_state: dict[str, torch.Tensor] = {}  # per-layer values a policy keeps (StepContext.state)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -195,20 +198,26 @@ class KVForgeLayer(CacheLayerMixin):
         self.policy_seconds += time.perf_counter() - start
         return out
 
-    def compress(self) -> None:
-        """Compress what is held to the prompt budget now, by the policy state gathered so far
-        (for policies that defer compression until their extra passes have run)."""
+    def prompt_target(self) -> torch.Tensor | None:
+        """(batch, kv_heads) what the prompt budget asks of each row now, or None."""
         if self.storage is None or self.tokens is None:
+            return None
+        return self.policy.prefill_budget(self.tokens, self.storage.lengths)
+
+    def compress(self, target: torch.Tensor | None) -> None:
+        """Compress what is held to `target` entries per row now (`prompt_target`, possibly moved
+        between layers by the policy), by the policy state gathered so far: for policies that
+        defer compression until the whole chunk, or their extra passes, have run."""
+        if self.storage is None:
             return
         start = time.perf_counter()
         held = self.storage.lengths
-        target = self.policy.prefill_budget(self.tokens, held)
         if target is not None and bool((target < held).any()):
             device = self.storage.device
             empty = torch.zeros(held.shape[0], 0, dtype=torch.bool, device=device)
             ctx = StepContext(
                 self.layer_idx, self.storage, None, torch.zeros(0, dtype=torch.long, device=device), empty, 1.0,
-                num_layers=self.num_layers,
+                num_layers=self.num_layers, calibration=self.calibration, state=self.policy_state,
             )  # fmt: skip
             ctx.budget, ctx.target = target.minimum(held).to(device), target.to(device)
             index, mask = self.policy.select(ctx)
@@ -239,10 +248,12 @@ class KVForgeLayer(CacheLayerMixin):
         start = time.perf_counter()
         ctx = StepContext(
             self.layer_idx, self.storage, query, positions, new_valid, scaling,
-            num_layers=self.num_layers, decoding=mode == DECODE,
+            num_layers=self.num_layers, decoding=mode == DECODE, calibration=self.calibration,
+            state=self.policy_state,
         )  # fmt: skip
         if shared is not None and "state" in shared:
             self.storage.import_aux(shared["state"])
+            self.policy_state = dict(shared["layer"])  # type: ignore[arg-type]
         elif self.policy.aux_names:
             name = self.policy.attention_state
             if name is not None and not attended:
@@ -250,6 +261,7 @@ class KVForgeLayer(CacheLayerMixin):
             self.policy.observe(ctx)
             if shared is not None:
                 shared["state"] = self.storage.export_aux()
+                shared["layer"] = dict(self.policy_state)
         if budgets is not None:
             ctx.budget, ctx.target = (b.to(query.device) for b in budgets)
             index, mask = self.policy.select(ctx)
@@ -346,22 +358,27 @@ class KVCache(Cache):
                 f"call kvforge.enable(model) first so the cache's compression is applied"
             )
         check_layout(layout)
-        self._setup(policy, model.config.get_text_config().num_hidden_layers, layout)
+        self._setup(policy, model.config.get_text_config().num_hidden_layers, layout, fingerprint(model))
         self.tokenizer = tokenizer
         for layer in self.layers:
             layer.record_prefill = record_prefill
 
-    def _setup(self, policy: Policy, num_layers: int, layout: str) -> None:
+    def _setup(self, policy: Policy, num_layers: int, layout: str, model: str) -> None:
         self.policy, self.num_layers, self.phase, self.layout = policy, num_layers, Phase(), layout
+        self.model_fingerprint = model  # which model's calibration applies (`calibration.py`)
         self.held = HeldBytes()
         layers = [KVForgeLayer(i, num_layers, policy, self.phase, self.held, layout) for i in range(num_layers)]
+        if policy.needs_calibration:
+            calibration = require_calibration(model, policy.full_name)
+            for layer in layers:
+                layer.calibration = calibration
         Cache.__init__(self, layers=layers)
 
     @classmethod
-    def _empty(cls, policy: Policy, num_layers: int, layout: str) -> KVCache:
+    def _empty(cls, policy: Policy, num_layers: int, layout: str, model: str) -> KVCache:
         """A cache with fresh layers, built without a model (derive and stack fill the layers)."""
         cache = cls.__new__(cls)
-        cache._setup(policy, num_layers, layout)
+        cache._setup(policy, num_layers, layout, model)
         cache.tokenizer = None
         return cache
 
@@ -378,7 +395,7 @@ class KVCache(Cache):
         state_key = policy.state_key()
         if self.policy.compresses or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
-        derived = KVCache._empty(policy, self.num_layers, self.layout)
+        derived = KVCache._empty(policy, self.num_layers, self.layout, self.model_fingerprint)
         derived.tokenizer = self.tokenizer
         for base, layer in zip(self.layers, derived.layers):
             record = base.prefill_record
@@ -399,7 +416,7 @@ class KVCache(Cache):
     def fork(self) -> KVCache:
         """A cache over the same entries and policy state that can be written without changing
         this one (copy on write): one compressed context answers many questions, each on a fork."""
-        forked = KVCache._empty(self.policy, self.num_layers, self.layout)
+        forked = KVCache._empty(self.policy, self.num_layers, self.layout, self.model_fingerprint)
         forked.tokenizer = self.tokenizer
         for base, layer in zip(self.layers, forked.layers):
             if base.storage is None or base.tokens is None:
@@ -410,13 +427,17 @@ class KVCache(Cache):
             layer.seen, layer.chunks, layer.tokens = base.seen, base.chunks, base.tokens.clone()
             if base.decode_budget is not None:
                 layer.decode_budget = base.decode_budget.clone()
+            layer.policy_state = {k: v.clone() for k, v in base.policy_state.items()}
             forked.held.update(layer.layer_idx, layer.storage.allocated_nbytes)
         return forked
 
     def compress(self) -> None:
-        """Compress every layer to the prompt budget now (see `KVForgeLayer.compress`)."""
-        for layer in self.layers:
-            layer.compress()
+        """Compress every layer to the prompt budget now (see `KVForgeLayer.compress`); the
+        policy may first move budget between layers (`Policy.layer_budgets`)."""
+        targets = [layer.prompt_target() for layer in self.layers]
+        targets = self.policy.layer_budgets(targets, [layer.policy_state for layer in self.layers])
+        for layer, target in zip(self.layers, targets):
+            layer.compress(target)
 
     @property
     def policy_seconds(self) -> float:
@@ -471,7 +492,7 @@ class KVCache(Cache):
         if any(b.policy != bases[0].policy or b.layout != bases[0].layout for b in bases):
             raise ValueError("stack() takes caches of one policy and one layout")
         first = bases[0]
-        stacked = KVCache._empty(first.policy, first.num_layers, first.layout)
+        stacked = KVCache._empty(first.policy, first.num_layers, first.layout, first.model_fingerprint)
         stacked.tokenizer = first.tokenizer
         width = max(b.get_seq_length() for b in bases)
         for i, layer in enumerate(stacked.layers):
@@ -482,6 +503,8 @@ class KVCache(Cache):
             layer.dtype, layer.device = parts[0].dtype, parts[0].device
             layer.seen, layer.chunks = width, parts[0].chunks
             layer.tokens = torch.cat([p.tokens for p in parts])
+            # Per-sequence policy values (first dimension: batch) are stacked like the sequences.
+            layer.policy_state = {k: torch.cat([p.policy_state[k] for p in parts]) for k in parts[0].policy_state}
             stacked.held.update(i, layer.storage.allocated_nbytes)
             records = [p.prefill_record for p in parts]
             if any(r is None for r in records) or any(p.chunks != 1 for p in parts):

@@ -62,6 +62,42 @@ def add_budget_args(parser: argparse.ArgumentParser, chunk_help: str) -> None:
     parser.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N", help=chunk_help)
 
 
+def ensure_calibration(loaded: Any, policies: list[Any]) -> None:
+    """Measure the model's calibration once (kept on disk) when one of `policies` needs it."""
+    from kvforge.calibrate import calibrate
+    from kvforge.calibration import find_calibration, fingerprint
+
+    if not any(p.needs_calibration for p in policies) or find_calibration(fingerprint(loaded.model)):
+        return
+    with err_console.status(f"calibrating {loaded.name} once (retrieval heads, query directions, kvzap surrogate) ..."):
+        calibration = calibrate(loaded)
+    err_console.print(f"[dim]calibrated {loaded.name} in {sum(calibration.seconds.values()):.0f}s (once per model)[/dim]")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvforge.calibrate import calibrate
+    from kvforge.calibration import calibration_path
+    from kvforge.models import load_model
+    from kvforge.policies.razor import retrieval_heads
+
+    with err_console.status(f"loading {args.model} ..."):
+        loaded = load_model(args.model)
+    with err_console.status(f"calibrating {loaded.name} (retrieval heads, query directions, kvzap surrogate) ..."):
+        cal = calibrate(loaded, force=args.force)
+    table = Table(title=f"calibration of {loaded.name} ({cal.model})", caption=str(calibration_path(cal.model)))
+    table.add_column("measurement")
+    table.add_column("seconds", justify="right")
+    table.add_column("result")
+    heads = retrieval_heads(cal.retrieval, 0.15).nonzero().tolist()
+    table.add_row("retrieval heads", f"{cal.seconds.get('retrieval heads', 0):.1f}",
+                  f"top 15%: {len(heads)} of {cal.retrieval.numel()} KV heads, (layer, head) " + " ".join(f"{l}.{h}" for l, h in heads))
+    table.add_row("query directions", f"{cal.seconds.get('query directions', 0):.1f}", f"{tuple(cal.query_direction.shape)}")
+    table.add_row("kvzap surrogate", f"{cal.seconds.get('kvzap surrogate', 0):.1f}",
+                  f"Spearman on a held-out context: mean {cal.kvzap_fit.mean():.2f}, min {cal.kvzap_fit.min():.2f} over layers")
+    console.print(table)
+    return 0
+
+
 def positive_int(option: str) -> Any:
     def parse(text: str) -> int:
         try:
@@ -88,6 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"cannot read --prompt-file {args.prompt_file!r}: {err}") from err
     with err_console.status(f"loading {args.model} ..."):
         loaded = load_model(args.model)
+    ensure_calibration(loaded, [policy])
     chat = loaded.is_instruct if args.chat is None else args.chat
     prompt = build_prompt(loaded.tokenizer, context, args.question, chat)
     with err_console.status(f"prefill {len(prompt.ids)} tokens and generate ..."):
@@ -139,6 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     case.max_new_tokens = args.max_new_tokens
     combos = [(name, 0.0 if name == "full" else args.ratio) for name in methods()]
     policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r in combos}
+    ensure_calibration(loaded, list(policies.values()))
     rows = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
@@ -185,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvforge.eval.report import write_reports
     from kvforge.eval.runner import EvalConfig, run_eval, total_rows
     from kvforge.models import load_model
-    from kvforge.policies import methods
+    from kvforge.policies import make_policy, methods
 
     if args.quick:
         for key, value in QUICK.items():
@@ -204,6 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg.validate()
     with err_console.status(f"loading {args.model} on {args.device} ..."):
         loaded = load_model(args.model, device=args.device)
+    ensure_calibration(loaded, [make_policy(n) for n in cfg.policies])
     out = Path(args.out)
     total = total_rows(cfg)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
@@ -240,6 +279,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         text = " ".join(corpus.paragraphs())
     with err_console.status(f"loading {args.model} ..."):
         loaded = load_model(args.model)
+    ensure_calibration(loaded, policies)
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context + args.continuation]
     with err_console.status(f"teacher-forcing {args.continuation} tokens for {len(policies)} policies ..."):
         results = fidelity(loaded, ids, args.context, policies)
@@ -273,6 +313,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     policies = [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
     with err_console.status(f"loading {args.model} on {device} ..."):
         loaded = load_model(args.model, device=device)
+    ensure_calibration(loaded, policies)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     per_length = len(set(names) | {"full"}) * (2 if args.prefill_chunk else 1) + (0 if args.no_baseline else 1)
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
@@ -341,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 
+    cal = sub.add_parser("calibrate", help="measure once per model what razor, qfilters and kvzap need (cached on disk)")
+    cal.add_argument("--model", default=DEFAULT_MODEL)
+    cal.add_argument("--force", action="store_true", help="measure again even if the cache holds a calibration")
+    cal.set_defaults(func=cmd_calibrate)
     pol = sub.add_parser("policies", help="list every policy with its parameters")
     pol.set_defaults(func=cmd_policies)
 

@@ -32,6 +32,8 @@ from kvforge.policies.base import Policy
 log = logging.getLogger(__name__)
 
 ROWS, CONFIG, SUMMARY = "rows.jsonl", "config.json", "summary.json"
+# Fields a later run may change in the same --out: rows are per sample, policy and ratio.
+EXTENSIBLE = ("samples", "policies", "ratios")
 
 
 @dataclass
@@ -168,8 +170,9 @@ def lock_out(out: Path) -> IO[str]:
 def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     """Create or reopen `out`; refuse to mix results of another configuration unless `force`.
 
-    The sample count is not part of a configuration: a run with more samples extends one with
-    fewer (rows are per sample), and a run with fewer reports only its own samples."""
+    Samples, policies and ratios are not part of a configuration: rows are per (sample, policy,
+    ratio), so a run asking for more extends the directory and one asking for fewer reports only
+    its own rows."""
     out.mkdir(parents=True, exist_ok=True)
     identity = {k: v for k, v in asdict(cfg).items() if k != "batch"}
     if cfg.questions == 1:
@@ -177,7 +180,7 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
 
     def same(text: str) -> bool:
         stored = json.loads(text)
-        return {k: v for k, v in stored.items() if k != "samples"} == {k: v for k, v in identity.items() if k != "samples"}
+        return {k: v for k, v in stored.items() if k not in EXTENSIBLE} == {k: v for k, v in identity.items() if k not in EXTENSIBLE}
 
     wanted = json.dumps(identity, indent=2, sort_keys=True)
     config = out / CONFIG
@@ -197,8 +200,9 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
 
 
 def own_rows(rows: list[EvalRow], cfg: EvalConfig) -> list[EvalRow]:
-    """The rows of `cfg`'s samples (a directory may hold more, from a run with more samples)."""
-    return [r for r in rows if r.sample < cfg.samples]
+    """The rows `cfg` asks for (a directory may hold more, from runs that asked for more)."""
+    combos = set(cfg.combos())
+    return [r for r in rows if r.sample < cfg.samples and (r.policy, r.ratio) in combos]
 
 
 def groups(loaded: LoadedModel, cfg: EvalConfig) -> Iterator[list[tuple[int, Case]]]:

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from kvforge.attention import attention_probs_sum, causal_allowed
+from kvforge.calibration import Calibration
 from kvforge.storage.base import KVStorage, PaddedView
 
 # Fields of every policy that say how much is kept, not how entries are scored: policies that
@@ -65,6 +66,9 @@ class StepContext:
     # a policy that moves budget between rows (adakv) spends the sum of this
     target: torch.Tensor | None = None
     num_layers: int = 1  # layers of the model (per-layer budgets scale by depth)
+    calibration: Calibration | None = None  # the model's, for policies that need one
+    # Values the policy keeps per layer between chunks, first dimension batch (the layer owns it).
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
     decoding: bool = False  # the chunk is a generated token, not prompt
     _cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -125,6 +129,8 @@ class Policy:
     # One of aux_names to which the storage adds the attention each held entry receives, in every
     # chunk; in a decoding step it comes out of the attention itself (H2O's accumulated attention).
     attention_state: ClassVar[str | None] = None
+    # Whether the policy needs the model's calibration (`kvforge calibrate`) to score.
+    needs_calibration: ClassVar[bool] = False
     # Whether the policy wraps another (`adakv:snapkv`); see policies/wrapper.py.
     wraps: ClassVar[bool] = False
     # Whether prompt chunks are stored whole and compressed only once extra passes over them have
@@ -168,6 +174,13 @@ class Policy:
     def setting(self) -> str:
         """How much this policy keeps, for reports: `ratio 0.5`, `budget 512`."""
         return f"budget {self.budget}" if self.budget is not None else f"ratio {self.ratio:g}"
+
+    def layer_budgets(
+        self, targets: list[torch.Tensor | None], states: list[dict[str, torch.Tensor]]
+    ) -> list[torch.Tensor | None]:
+        """For a deferred compression: move the per-layer targets ((batch, kv_heads) entries per
+        row, or None) between layers, from what each layer's `state` holds. Default: unchanged."""
+        return targets
 
     def reconstruction(self) -> Reconstruction | None:
         """The extra passes this policy scores a prompt chunk with (None: none)."""

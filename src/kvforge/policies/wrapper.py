@@ -50,11 +50,20 @@ class Wrapper(Policy):
         return self.wrapped.holds_budget_while_decoding
 
     @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.wrapped.needs_calibration
+
+    @property
     def defers(self) -> bool:  # type: ignore[override]
         return self.wrapped.defers
 
     def reconstruction(self) -> Reconstruction | None:
         return self.wrapped.reconstruction()
+
+    def layer_budgets(
+        self, targets: list[torch.Tensor | None], states: list[dict[str, torch.Tensor]]
+    ) -> list[torch.Tensor | None]:
+        return self.wrapped.layer_budgets(targets, states)
 
     def min_budget(self) -> int:
         return self.wrapped.min_budget() if self.inner is not None else 1

@@ -173,6 +173,10 @@ class KVStorage(ABC):
         """Add (batch, kv_heads, slots) `delta` to policy state `name`, held and in `view` alike."""
 
     @abstractmethod
+    def set_aux(self, name: str, view: PaddedView, values: torch.Tensor) -> None:
+        """Replace policy state `name` by (batch, kv_heads, slots) `values`, held and in `view` alike."""
+
+    @abstractmethod
     def export_aux(self) -> dict[str, object]:
         """A copy of the policy state, to import into another storage over the same entries."""
 

@@ -347,6 +347,12 @@ class InPlaceKV(KVStorage):
         for r, n in enumerate(self.len):
             self.aux[name][r][:n] += delta[r // self.kv_heads, r % self.kv_heads, :n]
 
+    def set_aux(self, name: str, view: PaddedView, values: torch.Tensor) -> None:
+        values = values.float().masked_fill(~view.valid, 0.0)
+        view.aux[name] = values
+        for r, n in enumerate(self.len):
+            self.aux[name][r][:n] = values[r // self.kv_heads, r % self.kv_heads, :n]
+
     def keep(self, view: PaddedView, index: torch.Tensor, keep_mask: torch.Tensor, reserve: int = 0) -> None:
         # Slot j of a row of the view is entry j of that row here, so the kept entries are read
         # from the rows themselves: the view's K/V are never needed for this.

@@ -205,6 +205,12 @@ class RaggedKV(KVStorage):
         rows, valid = self._slot_rows()
         self.aux[name].index_add_(0, rows[valid], delta[valid])
 
+    def set_aux(self, name: str, view: PaddedView, values: torch.Tensor) -> None:
+        values = values.float().masked_fill(~view.valid, 0.0)
+        view.aux[name] = values
+        rows, valid = self._slot_rows()
+        self.aux[name][rows[valid]] = values[valid]
+
     def keep(self, view: PaddedView, index: torch.Tensor, keep_mask: torch.Tensor, reserve: int = 0) -> None:
         index, keep_mask = time_ordered(index, keep_mask, view.valid.shape[-1])
 
