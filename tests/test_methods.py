@@ -187,3 +187,33 @@ def test_answering_on_a_fork_leaves_the_compressed_cache_as_it_was(tiny_model, n
             for a, b in zip(v, aux[k]):
                 torch.testing.assert_close(a, b)
     assert cache.get_seq_length() == 40
+
+
+def test_merge_folds_evicted_values_into_the_nearest_kept_entry():
+    # Keys: entries 0 and 1 point the same way, 2 elsewhere; knorm keeps the two smallest norms.
+    keys = torch.tensor([[1.0, 0, 0, 0], [2.0, 0.1, 0, 0], [0, 0.5, 0, 0], [0, 0, 0, 9.0]])[None, None]
+    values = torch.arange(16.0).view(1, 1, 4, 4)
+    store = make_storage("inplace", 1, 1, 4, torch.float32, "cpu", ())
+    store.append(keys, values, torch.arange(4), torch.ones(1, 4, dtype=torch.bool))
+    ctx = context(store, 2)
+    index, mask = make_policy("merge:knorm", threshold=0.5).select(ctx)
+    store.keep(ctx.view, index, mask)
+    view = store.view()
+    assert view.positions[0, 0].tolist() == [0, 2]  # knorm kept the smallest norms
+    # Entry 1 (cosine ~1 with entry 0) was folded into entry 0 with weight ~1; entry 3 (orthogonal
+    # to both) was dropped; entry 2 kept its value.
+    w = float(torch.nn.functional.cosine_similarity(keys[0, 0, 1], keys[0, 0, 0], dim=0))
+    torch.testing.assert_close(view.values[0, 0, 0], (values[0, 0, 0] + w * values[0, 0, 1]) / (1 + w))
+    torch.testing.assert_close(view.values[0, 0, 1], values[0, 0, 2])
+
+
+def test_merging_a_derived_cache_leaves_the_base_untouched(tiny_model):
+    ids = left_padded([30], seed=31)[0]
+    base = KVCache(tiny_model, make_policy("full"), record_prefill=True)
+    with torch.inference_mode():
+        tiny_model(input_ids=ids, past_key_values=base, use_cache=True)
+        before = [layer.storage.view().values.clone() for layer in base.layers]
+        for layout_policy in ("merge:knorm", "merge:snapkv"):
+            base.derive(make_policy(layout_policy, ratio=0.5, threshold=-1.0))
+    for layer, values in zip(base.layers, before):
+        torch.testing.assert_close(layer.storage.view().values, values)

@@ -54,6 +54,10 @@ class PaddedView:
             self._values = self._values()
         return self._values
 
+    def replace_values(self, values: torch.Tensor, changed: torch.Tensor) -> None:
+        """Where (batch, kv_heads, slots) `changed`, take (..., head_dim) `values` instead."""
+        self._values = torch.where(changed[..., None], values.to(self.values.dtype), self.values)
+
     @property
     def lengths(self) -> torch.Tensor:
         """(batch, kv_heads) number of real entries per row."""
@@ -171,6 +175,12 @@ class KVStorage(ABC):
     @abstractmethod
     def add_aux(self, name: str, view: PaddedView, delta: torch.Tensor) -> None:
         """Add (batch, kv_heads, slots) `delta` to policy state `name`, held and in `view` alike."""
+
+    @abstractmethod
+    def set_values(self, view: PaddedView, values: torch.Tensor, changed: torch.Tensor) -> None:
+        """Overwrite the value of the entries where (batch, kv_heads, slots) `changed` is True by
+        (batch, kv_heads, slots, head_dim) `values`, held and in `view` alike (merging policies).
+        Copies first what is shared with another storage."""
 
     @abstractmethod
     def set_aux(self, name: str, view: PaddedView, values: torch.Tensor) -> None:

@@ -347,6 +347,19 @@ class InPlaceKV(KVStorage):
         for r, n in enumerate(self.len):
             self.aux[name][r][:n] += delta[r // self.kv_heads, r % self.kv_heads, :n]
 
+    def set_values(self, view: PaddedView, values: torch.Tensor, changed: torch.Tensor) -> None:
+        changed = changed & view.valid
+        view.replace_values(values, changed)
+        for b in range(self.batch):
+            for h, r in enumerate(self._rows(b)):
+                slots = changed[b, h].nonzero()[:, 0]
+                if slots.numel() == 0:
+                    continue
+                if not self.owned[r]:  # shared with another storage: copy the row first
+                    self._resize(r, self.capacity(r))
+                    self.slab[b] = None  # this row no longer views the sequence's slab
+                self.v[r][slots] = values[b, h, slots].to(self.dtype)
+
     def set_aux(self, name: str, view: PaddedView, values: torch.Tensor) -> None:
         values = values.float().masked_fill(~view.valid, 0.0)
         view.aux[name] = values

@@ -205,6 +205,13 @@ class RaggedKV(KVStorage):
         rows, valid = self._slot_rows()
         self.aux[name].index_add_(0, rows[valid], delta[valid])
 
+    def set_values(self, view: PaddedView, values: torch.Tensor, changed: torch.Tensor) -> None:
+        changed = changed & view.valid
+        view.replace_values(values, changed)
+        rows, _ = self._slot_rows()
+        self.values = self.values.clone()  # K/V tensors may be shared with another storage (share())
+        self.values[rows[changed]] = values[changed].to(self.values.dtype)
+
     def set_aux(self, name: str, view: PaddedView, values: torch.Tensor) -> None:
         values = values.float().masked_fill(~view.valid, 0.0)
         view.aux[name] = values
