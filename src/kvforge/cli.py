@@ -222,6 +222,7 @@ def split_list(text: str) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from kvforge.eval.report import write_reports
     from kvforge.eval.runner import EvalConfig, run_eval, total_rows
+    from kvforge.calibration import find_calibration, fingerprint
     from kvforge.models import load_model
     from kvforge.policies import make_policy, methods
 
@@ -255,7 +256,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         rows, stats = run_eval(loaded, cfg, out, force=args.force, on_row=on_row)
         progress.update(bar, completed=total)
-    write_reports(out, rows, stats)
+    calibration = find_calibration(fingerprint(loaded.model))
+    needed = any(make_policy(n).needs_calibration for n in cfg.policies)
+    write_reports(out, rows, stats, calibration.seconds if calibration and needed else None)
     print((out / "summary.md").read_text())
     err_console.print(f"results in {out}/: rows.jsonl, summary.json, summary.md, score_vs_ratio.png")
     return 0

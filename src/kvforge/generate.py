@@ -168,26 +168,32 @@ def settle(
     rows: list[list[int]],  # per sequence, the prompt ids just stored (they end at the cache's end)
     positions: torch.Tensor,  # (batch,) rotary position of each row's next token
     observed: dict | None = None,
-) -> None:
+) -> float:
     """Finish compressing prompt rows for a policy that defers it (nothing to do for the others):
     run its reconstruction passes, which store nothing, then compress every layer.
 
     `observed`, kept by the caller across policies derived from one base, lets policies that
-    differ only in budget share the passes' scores (a sweep over ratios pays for them once)."""
+    differ only in budget share the passes' scores (a sweep over ratios pays for them once).
+    Returns the seconds the passes took when they were shared rather than run (0 otherwise), so
+    a sweep can report every ratio's cost as if it had run them itself."""
     policy = cache.policy
     if not policy.defers:
-        return
+        return 0.0
     spec = policy.reconstruction()
+    skipped = 0.0
     if spec is not None:
         key = (policy.state_key(), "reconstruction")
         if observed is not None and key in observed:
-            for layer, state in zip(cache.layers, observed[key]):
+            states, skipped = observed[key]
+            for layer, state in zip(cache.layers, states):
                 layer.storage.import_aux(state)
         else:
+            start = time.perf_counter()
             reconstruct(model, cache, rows, positions, spec)
             if observed is not None:
-                observed[key] = [layer.storage.export_aux() for layer in cache.layers]
+                observed[key] = ([layer.storage.export_aux() for layer in cache.layers], time.perf_counter() - start)
     cache.compress()
+    return skipped
 
 
 def reconstruct(

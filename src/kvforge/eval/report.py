@@ -126,6 +126,10 @@ def markdown(summary: dict) -> str:
             kept = " | ".join("-" if e["retention"].get(i) is None else f"{e['retention'][i]:.2f}" for i in range(count))
             lines.append(f"| {e['policy']} | {e['ratio']:g} | {scores} | {kept} |")
         lines.append("")
+    calibration = summary.get("calibration_seconds")
+    if calibration:
+        parts = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in calibration.items())
+        lines += [f"Calibration, once per model (`kvforge calibrate`, for razor, qfilters, kvzap): {parts}.", ""]
     sweep = summary.get("sweep")
     if sweep:
         est = sweep.get("estimated_prefill_seconds_per_row")
@@ -166,8 +170,14 @@ def plot(summary: dict) -> bytes:
     return buf.getvalue()
 
 
-def write_reports(out: Path, rows: list[EvalRow], stats: SweepStats | None) -> dict:
+def write_reports(
+    out: Path, rows: list[EvalRow], stats: SweepStats | None, calibration_seconds: dict[str, float] | None = None
+) -> dict:
+    """summary.json, summary.md, score_vs_ratio.png; `calibration_seconds`: what the model's
+    calibration cost (once per model), reported when a policy of the run needed it."""
     summary = summarize(rows, stats)
+    if calibration_seconds:
+        summary["calibration_seconds"] = calibration_seconds
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2).encode())
     write_atomic(out / "summary.md", markdown(summary).encode())
     write_atomic(out / "score_vs_ratio.png", plot(summary))

@@ -287,8 +287,10 @@ def run_group(
         if prefill_chunk is None:
             start = time.perf_counter()
             cache = stacked.derive(policy, observed)
-            settle(model, cache, compressed, prefill_len, observed)  # policies that compress after extra passes
-            compress_seconds = (time.perf_counter() - start) / size
+            # Policies that compress after extra passes; passes shared by this policy's ratios are
+            # charged to each of them, as each would pay them alone.
+            shared = settle(model, cache, compressed, prefill_len, observed)
+            compress_seconds = (time.perf_counter() - start + shared) / size
             logits = first_logits
         else:
             # A chunked prefill depends on the policy (later chunks attend over what was kept):

@@ -98,6 +98,16 @@ class StepContext:
         return self._cache[key]
 
 
+def top_slots(scores: torch.Tensor, budget: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `budget` (batch, kv_heads) best real slots of (batch, kv_heads, slots) `scores`:
+    (index, mask), each (batch, kv_heads, K), K the largest budget."""
+    scores = scores.float().masked_fill(~valid, float("-inf"))
+    k = max(int(budget.max()), 1)
+    index = scores.topk(k, dim=-1).indices
+    mask = torch.arange(k, device=index.device) < budget[..., None]
+    return index, mask & valid.gather(-1, index)
+
+
 @dataclass
 class Policy:
     """Base of every compression policy.
@@ -196,11 +206,7 @@ class Policy:
     def select(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Which slots of ctx.view to keep: (index, mask), each (batch, kv_heads, K)."""
         assert ctx.budget is not None
-        scores = self.score(ctx).float().masked_fill(~ctx.view.valid, float("-inf"))
-        k = int(ctx.budget.max())
-        index = scores.topk(k, dim=-1).indices  # (batch, kv_heads, k)
-        mask = torch.arange(k, device=index.device) < ctx.budget[..., None]
-        return index, mask & ctx.view.valid.gather(-1, index)
+        return top_slots(self.score(ctx), ctx.budget, ctx.view.valid)
 
     def prefill_budget(self, tokens: torch.Tensor, held: torch.Tensor) -> torch.Tensor | None:
         """(batch, kv_heads) entries each row should keep after a prompt chunk (it may be more than

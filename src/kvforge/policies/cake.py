@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from kvforge.attention import causal_allowed
-from kvforge.policies.base import StepContext, check_range
+from kvforge.policies.base import StepContext, check_range, top_slots
 from kvforge.policies.registry import register
 from kvforge.policies.wrapper import Wrapper
 
@@ -90,8 +90,4 @@ class CAKE(Wrapper):
         if ctx.decoding:
             return self.wrapped.select(ctx)
         assert ctx.budget is not None
-        scores = ctx.view.aux[SCORE].masked_fill(~ctx.view.valid, float("-inf"))
-        k = max(int(ctx.budget.max()), 1)
-        index = scores.topk(k, dim=-1).indices
-        mask = torch.arange(k, device=index.device) < ctx.budget[..., None]
-        return index, mask & ctx.view.valid.gather(-1, index)
+        return top_slots(ctx.view.aux[SCORE], ctx.budget, ctx.view.valid)

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from kvforge.policies.base import Policy, StepContext, check_range
+from kvforge.policies.base import Policy, StepContext, check_range, top_slots
 from kvforge.policies.registry import register
 
 
@@ -69,8 +69,4 @@ class Razor(Policy):
             budget = ctx.budget
         slots = ctx.view.valid.shape[-1]
         recency = torch.arange(slots, device=held.device, dtype=torch.float32).expand_as(ctx.view.valid)
-        scores = torch.where(recency < self.sinks, float("inf"), recency).masked_fill(~ctx.view.valid, float("-inf"))
-        k = max(int(budget.max()), 1)
-        index = scores.topk(k, dim=-1).indices
-        mask = torch.arange(k, device=index.device) < budget[..., None]
-        return index, mask & ctx.view.valid.gather(-1, index)
+        return top_slots(torch.where(recency < self.sinks, float("inf"), recency), budget, ctx.view.valid)
