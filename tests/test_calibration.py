@@ -38,7 +38,7 @@ def test_calibration_is_deterministic_and_cached_on_disk(cache_dir):
     first = calibrate(model)
     path = calibration_path(fingerprint(model.model))
     assert path.exists() and path.parent == cache_dir
-    assert first.retrieval.shape == (2, 2) and first.query_direction.shape == (2, 2, 16) and first.kvzap.shape == (2, 2, 8 + 16 + 1)
+    assert first.retrieval.shape == (2, 2) and first.query_direction.shape == (2, 2, 16) and first.kvzap.shape == (2, 2, 8 + 16 + 16 + 1)
     assert torch.allclose(first.query_direction.norm(dim=-1), torch.ones(2, 2))
     again = calibrate(model, force=True)  # measured again: the same numbers
     assert same(first, again)

@@ -330,6 +330,7 @@ class KVForgeLayer(CacheLayerMixin):
         self.tokens = None
         self.policy_seconds = 0.0
         self.prefill_record = None
+        self.policy_state = {}
         self.held.update(self.layer_idx, 0)
 
 class KVCache(Cache):

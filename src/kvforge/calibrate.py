@@ -100,7 +100,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def kvzap_weights(loaded: LoadedModel, contexts: int = 4, length: int = 768, ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+def kvzap_weights(loaded: LoadedModel, contexts: int = 4, length: int = 768, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """((layers, kv_heads, features) ridge weights, (layers,) Spearman correlation on the last
     context, which is held out of the fit)."""
     features: list[list[torch.Tensor]] = []  # [context][layer] (kv_heads, T, F)
