@@ -96,6 +96,7 @@ def test_keydiff_keeps_the_key_least_like_the_others():
         ("pyramidkv:knorm", {"beta": 0.5}, "beta=0.5 is outside the allowed range"),
         ("adakv:chunk:snapkv", {"zzz": 1}, "has no parameter 'zzz'"),
         ("expected_attention", {"budget": 3}, "below the minimum of 64 entries"),
+        ("kvzip", {"spread": "everywhere"}, "spread='everywhere' is not one of 'model', 'layer', 'head'"),
     ],
 )
 def test_bad_names_and_hyperparameters_give_one_line_errors(name, params, message):
@@ -147,7 +148,8 @@ def test_kvzip_keeps_the_budget_and_answers_from_the_compressed_cache(tiny_model
     with torch.inference_mode():
         logits = prefill_ids(tiny_model, cache, ids)
         assert cache.get_seq_length() == 40  # the passes stored nothing
-        assert [int(cache.kept_lengths(i).sum()) for i in range(2)] == [20, 20]  # 10 per head, spent unevenly
+        # 10 per head on average: one threshold over both layers and heads decides who keeps what.
+        assert sum(int(cache.kept_lengths(i).sum()) for i in range(2)) == 40
         tokens = greedy(tiny_model, cache, logits[None], torch.tensor([40]), 4, set())
     assert len(tokens[0]) == 4 and cache.get_seq_length() == 43
 

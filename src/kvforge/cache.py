@@ -148,9 +148,9 @@ class KVForgeLayer(CacheLayerMixin):
             return self._probe(query, keys, values, new_valid, scaling)
         if mode == PREFILL and self.policy.defers and self.phase.mode is None:
             raise ValueError(
-                f"policy {self.policy.full_name!r} compresses after extra passes over the prompt, which "
-                f"model.generate() cannot run: prefill with kvforge.prefill(model, cache, ids) first, then "
-                f"generate from that cache"
+                f"policy {self.policy.full_name!r} compresses a prompt chunk once it has passed every layer "
+                f"(kvzip: and its extra passes), which model.generate() cannot drive: prefill with "
+                f"kvforge.prefill(model, cache, ids) first, then generate from that cache"
             )
         positions = torch.arange(self.seen, self.seen + t, device=keys.device)
         # A chunk compressed at once is stored without spare room; otherwise rows grow
@@ -198,28 +198,34 @@ class KVForgeLayer(CacheLayerMixin):
         self.policy_seconds += time.perf_counter() - start
         return out
 
-    def prompt_target(self) -> torch.Tensor | None:
-        """(batch, kv_heads) what the prompt budget asks of each row now, or None."""
+    def deferred_context(self) -> StepContext | None:
+        """A context for compressing what is held now, after the fact (no queries), its `target`
+        what the prompt budget asks of each row; None when the layer holds nothing or no budget
+        applies."""
         if self.storage is None or self.tokens is None:
             return None
-        return self.policy.prefill_budget(self.tokens, self.storage.lengths)
+        target = self.policy.prefill_budget(self.tokens, self.storage.lengths)
+        if target is None:
+            return None
+        device = self.storage.device
+        ctx = StepContext(
+            self.layer_idx, self.storage, None, torch.zeros(0, dtype=torch.long, device=device),
+            torch.zeros(self.storage.batch, 0, dtype=torch.bool, device=device), 1.0,
+            num_layers=self.num_layers, calibration=self.calibration, state=self.policy_state,
+        )  # fmt: skip
+        ctx.target = target.to(device)
+        return ctx
 
-    def compress(self, target: torch.Tensor | None) -> None:
-        """Compress what is held to `target` entries per row now (`prompt_target`, possibly moved
-        between layers by the policy), by the policy state gathered so far: for policies that
-        defer compression until the whole chunk, or their extra passes, have run."""
-        if self.storage is None:
+    def compress(self, ctx: StepContext | None, target: torch.Tensor | None) -> None:
+        """Compress what is held to `target` (batch, kv_heads) entries per row now, by the policy
+        state gathered so far: for policies that defer compression until the whole chunk, or
+        their extra passes, have run. `ctx` is this layer's `deferred_context`."""
+        if ctx is None or target is None:
             return
         start = time.perf_counter()
         held = self.storage.lengths
-        if target is not None and bool((target < held).any()):
-            device = self.storage.device
-            empty = torch.zeros(held.shape[0], 0, dtype=torch.bool, device=device)
-            ctx = StepContext(
-                self.layer_idx, self.storage, None, torch.zeros(0, dtype=torch.long, device=device), empty, 1.0,
-                num_layers=self.num_layers, calibration=self.calibration, state=self.policy_state,
-            )  # fmt: skip
-            ctx.budget, ctx.target = target.minimum(held).to(device), target.to(device)
+        if bool((target < held).any()):
+            ctx.budget, ctx.target = target.minimum(held), target
             index, mask = self.policy.select(ctx)
             self.storage.keep(ctx.view, index, mask)
             self.held.update(self.layer_idx, self.storage.allocated_nbytes)
@@ -435,10 +441,12 @@ class KVCache(Cache):
     def compress(self) -> None:
         """Compress every layer to the prompt budget now (see `KVForgeLayer.compress`); the
         policy may first move budget between layers (`Policy.layer_budgets`)."""
-        targets = [layer.prompt_target() for layer in self.layers]
-        targets = self.policy.layer_budgets(targets, [layer.policy_state for layer in self.layers])
-        for layer, target in zip(self.layers, targets):
-            layer.compress(target)
+        contexts = [layer.deferred_context() for layer in self.layers]
+        start = time.perf_counter()
+        targets = self.policy.layer_budgets(contexts)
+        self.layers[0].policy_seconds += time.perf_counter() - start
+        for layer, ctx, target in zip(self.layers, contexts, targets):
+            layer.compress(ctx, target)
 
     @property
     def policy_seconds(self) -> float:

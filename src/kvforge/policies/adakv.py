@@ -21,7 +21,8 @@ import torch
 
 from kvforge.policies.base import StepContext, check_range
 from kvforge.policies.registry import register
-from kvforge.policies.wrapper import Wrapper, spend_across_heads
+from kvforge.policies.budgets import spend_across_heads
+from kvforge.policies.wrapper import Wrapper
 
 
 @register

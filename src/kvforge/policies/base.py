@@ -185,12 +185,11 @@ class Policy:
         """How much this policy keeps, for reports: `ratio 0.5`, `budget 512`."""
         return f"budget {self.budget}" if self.budget is not None else f"ratio {self.ratio:g}"
 
-    def layer_budgets(
-        self, targets: list[torch.Tensor | None], states: list[dict[str, torch.Tensor]]
-    ) -> list[torch.Tensor | None]:
-        """For a deferred compression: move the per-layer targets ((batch, kv_heads) entries per
-        row, or None) between layers, from what each layer's `state` holds. Default: unchanged."""
-        return targets
+    def layer_budgets(self, contexts: list[StepContext | None]) -> list[torch.Tensor | None]:
+        """For a deferred compression: each layer's (batch, kv_heads) target, given every layer's
+        context (None: nothing to compress there), whose `target` is what the prompt budget asks
+        of each row. A policy may move budget between layers. Default: each layer its own."""
+        return [None if c is None else c.target for c in contexts]
 
     def reconstruction(self) -> Reconstruction | None:
         """The extra passes this policy scores a prompt chunk with (None: none)."""

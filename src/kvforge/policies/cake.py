@@ -74,13 +74,11 @@ class CAKE(Wrapper):
         preference = spread.mean(1).clamp_min(1e-12) ** (1 / self.tau1) * shift.mean(1).clamp_min(1e-12) ** (1 / self.tau2)
         ctx.state[PREFERENCE] = preference  # (batch,)
 
-    def layer_budgets(
-        self, targets: list[torch.Tensor | None], states: list[dict[str, torch.Tensor]]
-    ) -> list[torch.Tensor | None]:
-        if any(t is None for t in targets) or any(PREFERENCE not in s for s in states):
-            return targets
-        stacked = torch.stack([t for t in targets if t is not None])  # (layers, batch, kv_heads)
-        preference = torch.stack([s[PREFERENCE] for s in states]).to(stacked.device)  # (layers, batch)
+    def layer_budgets(self, contexts: list[StepContext | None]) -> list[torch.Tensor | None]:
+        if any(c is None or c.target is None or PREFERENCE not in c.state for c in contexts):
+            return super().layer_budgets(contexts)
+        stacked = torch.stack([c.target for c in contexts])  # type: ignore[union-attr]  # (layers, batch, kv_heads)
+        preference = torch.stack([c.state[PREFERENCE] for c in contexts]).to(stacked.device)  # type: ignore[union-attr]
         share = preference / preference.sum(0, keepdim=True)
         split = torch.floor(stacked.sum(0, keepdim=True).double() * share[..., None]).long()
         least = self.min_budget()

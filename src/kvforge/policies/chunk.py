@@ -17,7 +17,8 @@ import torch
 
 from kvforge.policies.base import StepContext, check_range
 from kvforge.policies.registry import register
-from kvforge.policies.wrapper import Wrapper, lexsort_desc
+from kvforge.policies.budgets import lexsort_desc
+from kvforge.policies.wrapper import Wrapper
 
 
 @register

@@ -7,7 +7,8 @@ pass is needed. Here the model is linear, per layer and KV head, over what the c
 the entry: the norms of the key's rotary pairs (rotary embedding turns each pair by a
 position-dependent angle and keeps its norm), the value, the key, and a constant; it predicts
 the logarithm of the KVzip score and is fitted by `kvforge calibrate` (ridge regression on
-generated contexts). On the default model, adding the key itself to the position-free features
+generated contexts). Budgets are spread like kvzip's (by default one threshold over every layer
+and head; the prompt chunk is then compressed once it passed every layer). On the default model, adding the key itself to the position-free features
 raised the Spearman correlation with KVzip's scores on a held-out context from 0.67 to 0.87. Like kvzip, the first `sinks` entries are kept and each layer's budget is
 spent across its heads by the predicted score.
 """
@@ -21,7 +22,7 @@ import torch
 
 from kvforge.policies.base import Policy, StepContext, check_range
 from kvforge.policies.registry import register
-from kvforge.policies.wrapper import spend_across_heads
+from kvforge.policies.budgets import check_spread, spread_select, spread_targets
 
 
 def kvzap_features(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ def kvzap_features(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 @dataclass
 class KVzap(Policy):
     sinks: int = 4
-    head_budgets: bool = True
+    spread: str = "model"  # as kvzip's: one threshold over all layers and heads, per layer, or per head
 
     name: ClassVar[str] = "kvzap"
     description: ClassVar[str] = "keep what a per-layer surrogate of KVzip's scores predicts (KVzap); needs `kvforge calibrate`"
@@ -46,6 +47,12 @@ class KVzap(Policy):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("sinks", self.sinks, 0)
+        check_spread(self.spread)
+
+    @property
+    def defers(self) -> bool:  # type: ignore[override]
+        # One threshold over all layers needs every layer's entries: compress after the forward.
+        return self.spread == "model"
 
     def score(self, ctx: StepContext) -> torch.Tensor:
         assert ctx.calibration is not None
@@ -56,7 +63,8 @@ class KVzap(Policy):
         slot = torch.arange(predicted.shape[-1], device=predicted.device)
         return torch.where(slot < self.sinks, float("inf"), predicted)
 
+    def layer_budgets(self, contexts: list[StepContext | None]) -> list[torch.Tensor | None]:
+        return spread_targets(self.score, contexts, self.spread)
+
     def select(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.head_budgets or ctx.decoding:
-            return super().select(ctx)
-        return spend_across_heads(self.score(ctx), ctx, floor=0.0)
+        return spread_select(self.score(ctx), ctx, self.spread)

@@ -11,9 +11,10 @@ The reconstruction runs `chunk` context tokens per pass (bounded memory and cost
 chunked scoring; 2048 there, 512 here, which on 2 CPU cores cut the passes from 3.1x to 1.7x the
 cost of one prefill of a 2048-token context); each later pass is prompted with the `overlap` tokens before its
 piece, as in the reference code. The prompt chunks are stored whole and compressed once their
-passes have run (`defers`), so the cache holds at most the budget plus one chunk. The budget of
-each layer is spent across its heads by score, as the paper's head-wise non-uniform budgets
-(within a layer; the paper can also share one threshold across layers). Entries no pass has
+passes have run (`defers`), so the cache holds at most the budget plus one chunk. As in the
+paper, budgets are not uniform: by default (`spread="model"`) one threshold over every layer and
+head keeps the cache's whole budget, so layers and heads keep what their scores earn ("layer":
+one budget per layer spent across its heads; "head": every head alike). Entries no pass has
 scored yet (the question, generated tokens) are kept ahead of the others if a decoding budget
 applies. The passes cost about one more prefill of the context; eval and bench report them in
 the policy's seconds.
@@ -28,7 +29,7 @@ import torch
 
 from kvforge.policies.base import Policy, Reconstruction, StepContext, check_range
 from kvforge.policies.registry import register
-from kvforge.policies.wrapper import spend_across_heads
+from kvforge.policies.budgets import check_spread, spread_select, spread_targets
 
 STATE = "kvzip"
 
@@ -39,7 +40,7 @@ class KVzip(Policy):
     chunk: int = 512
     overlap: int = 8
     sinks: int = 4
-    head_budgets: bool = True  # spend each layer's budget across its heads by score
+    spread: str = "model"  # one threshold over all layers and heads; "layer": per layer; "head": per head
 
     name: ClassVar[str] = "kvzip"
     description: ClassVar[str] = "keep what the model attends to while repeating the context (KVzip); ~1 extra prefill"
@@ -51,6 +52,7 @@ class KVzip(Policy):
         check_range("chunk", self.chunk, 1)
         check_range("overlap", self.overlap, 0)
         check_range("sinks", self.sinks, 0)
+        check_spread(self.spread)
 
     def reconstruction(self) -> Reconstruction:
         return Reconstruction(
@@ -70,7 +72,8 @@ class KVzip(Policy):
         keep = (slot < self.sinks) | (state == 0)
         return torch.where(keep & view.valid, float("inf"), state)
 
+    def layer_budgets(self, contexts: list[StepContext | None]) -> list[torch.Tensor | None]:
+        return spread_targets(self.score, contexts, self.spread)
+
     def select(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.head_budgets or ctx.decoding:
-            return super().select(ctx)
-        return spend_across_heads(self.score(ctx), ctx, floor=0.0)
+        return spread_select(self.score(ctx), ctx, self.spread)

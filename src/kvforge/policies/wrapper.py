@@ -60,10 +60,8 @@ class Wrapper(Policy):
     def reconstruction(self) -> Reconstruction | None:
         return self.wrapped.reconstruction()
 
-    def layer_budgets(
-        self, targets: list[torch.Tensor | None], states: list[dict[str, torch.Tensor]]
-    ) -> list[torch.Tensor | None]:
-        return self.wrapped.layer_budgets(targets, states)
+    def layer_budgets(self, contexts: list[StepContext | None]) -> list[torch.Tensor | None]:
+        return self.wrapped.layer_budgets(contexts)
 
     def min_budget(self) -> int:
         return self.wrapped.min_budget() if self.inner is not None else 1
@@ -85,42 +83,3 @@ class Wrapper(Policy):
     def parameters(cls) -> list[tuple[str, str, object]]:
         return [p for p in super().parameters() if p[0] != "inner"]
 
-
-def rows_from_chosen(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch, kv_heads, slots) bool of slots to keep -> (index, mask), each (batch, kv_heads, K),
-    K the most any row keeps: what `Policy.select` returns."""
-    counts = chosen.sum(-1)  # (batch, kv_heads)
-    k = max(int(counts.max()), 1)
-    index = chosen.float().topk(k, dim=-1).indices
-    mask = torch.arange(k, device=chosen.device) < counts[..., None]
-    return index, mask
-
-
-def lexsort_desc(keys: torch.Tensor) -> torch.Tensor:
-    """(batch, n, 2) -> (batch, n) indices sorting by key 0, then key 1, both descending."""
-    by_second = keys[..., 1].argsort(dim=-1, descending=True, stable=True)
-    first = keys[..., 0].gather(1, by_second)
-    return by_second.gather(1, first.argsort(dim=-1, descending=True, stable=True))
-
-
-def spend_across_heads(scores: torch.Tensor, ctx: StepContext, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select with one budget per layer (Ada-KV): each head first keeps its best `floor` fraction
-    of its own budget, then the layer's remaining budget goes to the highest scores of any head.
-
-    scores: (batch, kv_heads, slots). The layer's budget is what ctx.target asks of all heads,
-    at most what they hold. Returns (index, mask) as `Policy.select` does."""
-    assert ctx.budget is not None
-    valid = ctx.view.valid  # (batch, kv_heads, slots)
-    scores = scores.float().masked_fill(~valid, float("-inf"))
-    batch, heads, slots = scores.shape
-    floor_n = torch.ceil(ctx.budget.double() * floor).long().minimum(ctx.budget)  # (batch, kv_heads)
-    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = the head's best
-    protected = (rank < floor_n[..., None]) & valid
-    # Protected first, then by score; a flat top-k over the layer's heads spends the rest.
-    order = torch.stack([protected.float(), scores], -1).view(batch, heads * slots, 2)
-    target = ctx.target if ctx.target is not None else ctx.budget
-    total = target.sum(-1).minimum(ctx.view.lengths.sum(-1))  # (batch,)
-    flat = lexsort_desc(order)[:, : int(total.max())]  # (batch, k)
-    chosen = torch.zeros(batch, heads * slots, dtype=torch.bool, device=scores.device)
-    chosen.scatter_(1, flat, torch.arange(flat.shape[1], device=scores.device) < total[:, None])
-    return rows_from_chosen(chosen.view(batch, heads, slots) & valid)
