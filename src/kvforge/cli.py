@@ -212,7 +212,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-QUICK = dict(tasks="niah_single,niah_multikey,vt", ratios="0.5,0.75", length=1024, samples=3)
+# A few minutes: the reference, the methods that keep the needle question-agnostic on the default
+# model, and the classic baselines (every method: `kvforge demo`, or name them with --policies).
+QUICK = dict(
+    tasks="niah_single,niah_multikey,vt", ratios="0.5,0.75", length=1024, samples=3,
+    policies="full,kvzip,kvzap,razor,keydiff,knorm,streaming,snapkv",
+)  # fmt: skip
 
 
 def split_list(text: str) -> list[str]:
@@ -413,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--query-aware", action="store_true", help="compress with the question in the prompt")
     ev.add_argument("--both-settings", action="store_true", help="run question-agnostic and query-aware")
-    ev.add_argument("--quick", action="store_true", help="a few-minute preset: 3 tasks, 1024 tokens, 3 samples, both settings")
+    ev.add_argument("--quick", action="store_true", help="a few-minute preset: 3 tasks, 1024 tokens, 3 samples, 8 methods, both settings")
     ev.add_argument("--batch", type=int, default=8, help="samples decoded together (speed only)")
     ev.add_argument("--questions-per-context", type=positive_int("--questions-per-context"), default=1, metavar="N",
                     help="compress each context once, then answer N of its questions, each from a fork of the "
