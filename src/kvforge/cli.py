@@ -190,16 +190,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         caption=f"one prefill ({rows[0].prefill_seconds:.1f}s) serves every method; s policy: scoring and "
         f"compressing (kvzip's reconstruction passes included); s answer: the question and the answer",
     )
-    for col in ("method", "ratio", "answer", "correct", "MiB kept", "saved", "s policy", "s answer"):
-        if col == "answer":
-            table.add_column(col, no_wrap=True, max_width=18)
-        else:
-            table.add_column(col, justify="left" if col == "method" else "right")
+    table.add_column("method", no_wrap=True, min_width=18)
+    table.add_column("answer", no_wrap=True, max_width=12)
+    for col in ("ratio", "correct", "MiB kept", "saved", "s policy", "s answer"):
+        table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
             r.policy,
-            f"{r.ratio:g}",
             r.answer.strip().replace("\n", " ")[:24],
+            f"{r.ratio:g}",
             "yes" if r.score == 100 else "no",
             f"{r.cache_bytes / 2**20:.2f}",
             f"{1 - r.cache_bytes / max(r.dense_bytes, 1):.0%}",
