@@ -219,3 +219,14 @@ def test_merging_a_derived_cache_leaves_the_base_untouched(tiny_model):
             base.derive(make_policy(layout_policy, ratio=0.5, threshold=-1.0))
     for layer, values in zip(base.layers, before):
         torch.testing.assert_close(layer.storage.view().values, values)
+
+
+def test_generate_goes_on_from_a_kvzip_prefill(tiny_model):
+    ids = left_padded([40], seed=24)[0]
+    cache = KVCache(tiny_model, make_policy("kvzip", ratio=0.5, chunk=16), tokenizer=word_tokenizer())
+    with torch.inference_mode():
+        prefill_ids(tiny_model, cache, ids[0, :-1].tolist())  # all but the last prompt token
+        kept = cache.entries()
+        out = tiny_model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert out.shape == (1, 44) and cache.get_seq_length() == 43
+    assert cache.entries() == kept + 4 * 2 * 2  # 4 tokens (the last prompt one and 3 generated) x layers x heads
