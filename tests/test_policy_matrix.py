@@ -267,9 +267,7 @@ def test_chunked_prefill_holds_the_budget_after_every_chunk(tiny_model, row, bud
     positions = torch.zeros(len(rows), dtype=torch.long)
     kept = [[0] * len(rows) for _ in cache.layers]  # per layer and sequence, for spread "depth"
     for start in range(0, max(LENGTHS), 5):
-        parts = [r[start : start + 5] for r in rows]
-        _, positions = feed(tiny_model, cache, parts, positions, "prefill")
-        settle(tiny_model, cache, parts, positions)
+        _, positions = feed(tiny_model, cache, [r[start : start + 5] for r in rows], positions, "prefill")
         seen = [min(n, start + 5) for n in LENGTHS]
         target = [budget if budget else max(1, math.floor(s * 0.5)) for s in seen]
         for layer in range(len(cache.layers)):

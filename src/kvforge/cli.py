@@ -247,7 +247,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg.validate()
     with err_console.status(f"loading {args.model} on {args.device} ..."):
         loaded = load_model(args.model, device=args.device)
-    ensure_calibration(loaded, [make_policy(n) for n in cfg.policies])
+    made = [make_policy(n) for n in cfg.policies]
+    ensure_calibration(loaded, made)
     out = Path(args.out)
     total = total_rows(cfg)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
@@ -261,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows, stats = run_eval(loaded, cfg, out, force=args.force, on_row=on_row)
         progress.update(bar, completed=total)
     calibration = find_calibration(fingerprint(loaded.model))
-    needed = any(make_policy(n).needs_calibration for n in cfg.policies)
+    needed = any(p.needs_calibration for p in made)
     write_reports(out, rows, stats, calibration.seconds if calibration and needed else None)
     print((out / "summary.md").read_text())
     err_console.print(f"results in {out}/: rows.jsonl, summary.json, summary.md, score_vs_ratio.png")

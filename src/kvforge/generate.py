@@ -132,8 +132,9 @@ def feed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed token rows (they may differ in length; each chunk is left-padded and the padding is
     not stored), `chunk` tokens per row at a time (None: all at once). `mode` says what the
-    cache does with them (`Phase`). Returns (batch, vocab) logits of each row's last token and
-    the next positions."""
+    cache does with them (`Phase`); a prompt chunk (PREFILL) is compressed before the next one
+    comes, also by policies that defer compression (`settle`). Returns (batch, vocab) logits of
+    each row's last token and the next positions."""
     check_chunk(chunk)
     longest = max(len(r) for r in rows)
     step = chunk or max(longest, 1)
@@ -141,6 +142,8 @@ def feed(
     for start in range(0, max(longest, 1), step):
         part = [r[start : start + step] for r in rows]
         out, positions = _feed_once(model, cache, part, positions, mode)
+        if mode == PREFILL:
+            settle(model, cache, part, positions)
         # A row that ran out of tokens keeps the logits of its own last chunk.
         fed = torch.tensor([bool(p) for p in part], device=out.device)[:, None]
         logits = out if logits is None else torch.where(fed, out, logits)
@@ -151,14 +154,7 @@ def feed(
 def prefill(model: torch.nn.Module, cache: KVCache, ids: list[int], chunk: int | None = None) -> torch.Tensor:
     """Prefill one sequence's `ids`, compressing after every chunk of `chunk` tokens (None: one
     shot), so the cache never holds more than its budget plus one chunk. (vocab,) next-token logits."""
-    check_chunk(chunk)
-    step = chunk or max(len(ids), 1)
-    logits: torch.Tensor | None = None
-    for start in range(0, max(len(ids), 1), step):
-        part = ids[start : start + step]
-        logits, positions = feed(model, cache, [part], torch.tensor([cache.get_seq_length()]), PREFILL)
-        settle(model, cache, [part], positions)
-    assert logits is not None
+    logits, _ = feed(model, cache, [ids], torch.tensor([cache.get_seq_length()]), PREFILL, chunk)
     return logits[0]
 
 

@@ -247,7 +247,8 @@ def run_group(
     seconds are each prompt's own. With `questions` > 1 each compressed context answers that
     many questions (`followups`), each on its own fork of the compressed cache."""
     model, tok = loaded.model, loaded.tokenizer
-    asked = [[(s, followups(c, questions)[q]) for s, c in group] for q in range(questions)]
+    every = [followups(c, questions) for _, c in group]  # per sample, its questions' cases
+    asked = [[(s, cases[q]) for (s, _), cases in zip(group, every)] for q in range(questions)]
     per_question = [[build_prompt(tok, c.context, c.question, loaded.is_instruct, c.answer_prefix) for _, c in g] for g in asked]
     prompts = per_question[0]
     max_new = max(c.max_new_tokens for g in asked for _, c in g)
