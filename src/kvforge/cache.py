@@ -398,6 +398,7 @@ class KVCache(Cache):
         (A chunked prefill does depend on the policy: later chunks attend over what was kept.)
         `observed`, a dict kept by the caller across calls on this base, lets policies that differ
         only in budget share what they observed of the prefill (H2O's accumulated attention).
+        A policy that defers compression (kvzip) is compressed by `generate.settle` afterwards.
         """
         state_key = policy.state_key()
         if self.policy.compresses or self.policy.aux_names:
