@@ -68,9 +68,9 @@ def prefill_batch(model, policy, ids: torch.Tensor, mask: torch.Tensor, layout: 
     return prefill_logits(model, policy, ids, mask, layout)[0]
 
 
-def prefill_logits(model, policy, ids, mask, layout: str = "inplace") -> tuple[KVCache, torch.Tensor]:
+def prefill_logits(model, policy, ids, mask, layout: str = "inplace", quant=None) -> tuple[KVCache, torch.Tensor]:
     """prefill_batch, and the (batch, vocab) logits of each row's next token."""
-    cache = KVCache(model, policy, tokenizer=word_tokenizer(), layout=layout)
+    cache = KVCache(model, policy, tokenizer=word_tokenizer(), layout=layout, quant=quant)
     cache.phase.mode = PREFILL
     logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
     cache.phase.mode = None

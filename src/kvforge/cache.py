@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvforge.attention import ATTN_NAME, probe_attention, tag_layer
 from kvforge.calibration import Calibration, fingerprint, require_calibration
 from kvforge.policies.base import Policy, StepContext
-from kvforge.storage import DEFAULT_LAYOUT, KVStorage, check_layout, make_storage
+from kvforge.storage import DEFAULT_LAYOUT, KVStorage, QuantSpec, check_layout, make_storage
 
 
 PREFILL, APPEND, DECODE, PROBE = "prefill", "append", "decode", "probe"
@@ -88,13 +88,15 @@ class KVForgeLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, layer_idx: int, num_layers: int, policy: Policy, phase: Phase, held: HeldBytes, layout: str) -> None:
+    def __init__(
+        self, layer_idx: int, num_layers: int, policy: Policy, phase: Phase, held: HeldBytes, layout: str, quant: QuantSpec
+    ) -> None:
         super().__init__()
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self.policy = policy
         self.phase = phase
         self.held = held
-        self.layout = layout
+        self.layout, self.quant = layout, quant
         self.storage: KVStorage | None = None
         self.seen = 0  # logical tokens seen, padding included
         self.chunks = 0  # forward chunks processed
@@ -112,7 +114,9 @@ class KVForgeLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.storage = make_storage(self.layout, batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names)
+        self.storage = make_storage(
+            self.layout, batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names, self.quant
+        )
         self.tokens = torch.zeros(batch, dtype=torch.int64)
         self.is_initialized = True
 
@@ -165,8 +169,13 @@ class KVForgeLayer(CacheLayerMixin):
         fused = self.policy.attention_state if t == 1 else None
         out = self.storage.attend(query, positions, new_valid, scaling, accumulate=fused)
         self._act(query, positions, new_valid, scaling, mode, added, attended=fused is not None)
-        if self.record_prefill and self.chunks == 0:
+        recording = self.record_prefill and self.chunks == 0
+        if recording:
             self.prefill_record = PrefillRecord(query, positions, new_valid, scaling)
+        # A recorded prefill stays as it was stored until each derived cache compresses it; a
+        # deferring policy's chunk waits for its compression (KVCache.compress).
+        if not recording and not (mode == PREFILL and self.policy.defers):
+            self.seal()
         self.seen += t
         self.chunks += 1
         return out
@@ -197,6 +206,12 @@ class KVForgeLayer(CacheLayerMixin):
         self.storage.add_aux(probe.name, view, (best.clamp_min(1e-30) - old).clamp(min=0) * span)
         self.policy_seconds += time.perf_counter() - start
         return out
+
+    def seal(self) -> None:
+        """Let the storage convert what this chunk left (quantize it), then count its bytes."""
+        if self.storage is not None:
+            self.storage.seal()
+            self.held.update(self.layer_idx, self.storage.allocated_nbytes)
 
     def deferred_context(self) -> StepContext | None:
         """A context for compressing what is held now, after the fact (no queries), its `target`
@@ -358,6 +373,7 @@ class KVCache(Cache):
         record_prefill: bool = False,
         layout: str = DEFAULT_LAYOUT,
         tokenizer: PreTrainedTokenizerBase | None = None,  # for policies that prompt the model (kvzip)
+        quant: QuantSpec | str | None = None,
     ) -> None:
         if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
             raise ValueError(
@@ -365,16 +381,20 @@ class KVCache(Cache):
                 f"call kvforge.enable(model) first so the cache's compression is applied"
             )
         check_layout(layout)
-        self._setup(policy, model.config.get_text_config().num_hidden_layers, layout, fingerprint(model))
+        spec = quant if isinstance(quant, QuantSpec) else QuantSpec(quant or "none")
+        if spec.enabled:
+            text = model.config.get_text_config()
+            spec.check_head_dim(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        self._setup(policy, model.config.get_text_config().num_hidden_layers, layout, fingerprint(model), spec)
         self.tokenizer = tokenizer
         for layer in self.layers:
             layer.record_prefill = record_prefill
 
-    def _setup(self, policy: Policy, num_layers: int, layout: str, model: str) -> None:
-        self.policy, self.num_layers, self.phase, self.layout = policy, num_layers, Phase(), layout
+    def _setup(self, policy: Policy, num_layers: int, layout: str, model: str, quant: QuantSpec) -> None:
+        self.policy, self.num_layers, self.phase, self.layout, self.quant = policy, num_layers, Phase(), layout, quant
         self.model_fingerprint = model  # which model's calibration applies (`calibration.py`)
         self.held = HeldBytes()
-        layers = [KVForgeLayer(i, num_layers, policy, self.phase, self.held, layout) for i in range(num_layers)]
+        layers = [KVForgeLayer(i, num_layers, policy, self.phase, self.held, layout, quant) for i in range(num_layers)]
         if policy.needs_calibration:
             calibration = require_calibration(model, policy.full_name)
             for layer in layers:
@@ -382,10 +402,10 @@ class KVCache(Cache):
         Cache.__init__(self, layers=layers)
 
     @classmethod
-    def _empty(cls, policy: Policy, num_layers: int, layout: str, model: str) -> KVCache:
+    def _empty(cls, policy: Policy, num_layers: int, layout: str, model: str, quant: QuantSpec) -> KVCache:
         """A cache with fresh layers, built without a model (derive and stack fill the layers)."""
         cache = cls.__new__(cls)
-        cache._setup(policy, num_layers, layout, model)
+        cache._setup(policy, num_layers, layout, model, quant)
         cache.tokenizer = None
         return cache
 
@@ -403,7 +423,7 @@ class KVCache(Cache):
         state_key = policy.state_key()
         if self.policy.compresses or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
-        derived = KVCache._empty(policy, self.num_layers, self.layout, self.model_fingerprint)
+        derived = KVCache._empty(policy, self.num_layers, self.layout, self.model_fingerprint, self.quant)
         derived.tokenizer = self.tokenizer
         for base, layer in zip(self.layers, derived.layers):
             record = base.prefill_record
@@ -419,12 +439,14 @@ class KVCache(Cache):
             added = record.valid.sum(1).cpu()
             layer._act(record.query, record.positions, record.valid, record.scaling, PREFILL, added, shared)
             layer.chunks = 1
+            if not policy.defers:
+                layer.seal()
         return derived
 
     def fork(self) -> KVCache:
         """A cache over the same entries and policy state that can be written without changing
         this one (copy on write): one compressed context answers many questions, each on a fork."""
-        forked = KVCache._empty(self.policy, self.num_layers, self.layout, self.model_fingerprint)
+        forked = KVCache._empty(self.policy, self.num_layers, self.layout, self.model_fingerprint, self.quant)
         forked.tokenizer = self.tokenizer
         for base, layer in zip(self.layers, forked.layers):
             if base.storage is None or base.tokens is None:
@@ -448,6 +470,7 @@ class KVCache(Cache):
         self.layers[0].policy_seconds += time.perf_counter() - start
         for layer, ctx, target in zip(self.layers, contexts, targets):
             layer.compress(ctx, target)
+            layer.seal()
 
     @property
     def policy_seconds(self) -> float:
@@ -468,6 +491,13 @@ class KVCache(Cache):
         return sum(s.kept_nbytes for s in self._storages())
 
     @property
+    def bits_per_element(self) -> float:
+        """Effective bits per K/V element kept: every byte that stands for K/V (codes, scales,
+        minimums, the full-precision tail) over the elements held (two per channel per entry)."""
+        elements = sum(s.entries * 2 * s.head_dim for s in self._storages())
+        return 8 * self.kept_nbytes / elements if elements else 0.0
+
+    @property
     def peak_nbytes(self) -> int:
         """The most K/V bytes allocated at once so far (see `HeldBytes`)."""
         return self.held.peak
@@ -479,7 +509,7 @@ class KVCache(Cache):
 
     def seq_nbytes(self) -> torch.Tensor:
         """(batch,) K/V bytes kept for each sequence: its entries x entry size."""
-        return sum(s.lengths.cpu().sum(1) * s.entry_nbytes for s in self._storages())
+        return sum(s.seq_nbytes() for s in self._storages())
 
     def seq_dense_nbytes(self) -> torch.Tensor:
         """(batch,) K/V bytes an uncompressed cache would hold for each sequence."""
@@ -499,10 +529,10 @@ class KVCache(Cache):
         derives every policy for it)."""
         if not bases or any(len(b.kept_lengths(0)) != 1 for b in bases):
             raise ValueError("stack() takes single-sequence caches")
-        if any(b.policy != bases[0].policy or b.layout != bases[0].layout for b in bases):
-            raise ValueError("stack() takes caches of one policy and one layout")
+        if any(b.policy != bases[0].policy or (b.layout, b.quant) != (bases[0].layout, bases[0].quant) for b in bases):
+            raise ValueError("stack() takes caches of one policy, one layout and one quantization")
         first = bases[0]
-        stacked = KVCache._empty(first.policy, first.num_layers, first.layout, first.model_fingerprint)
+        stacked = KVCache._empty(first.policy, first.num_layers, first.layout, first.model_fingerprint, first.quant)
         stacked.tokenizer = first.tokenizer
         width = max(b.get_seq_length() for b in bases)
         for i, layer in enumerate(stacked.layers):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from kvforge.storage.base import KVStorage, PaddedView
+from kvforge.storage.codec import QuantSpec
 from kvforge.storage.inplace import InPlaceKV
+from kvforge.storage.quantized import QuantizedKV
 from kvforge.storage.ragged import RaggedKV
 
 LAYOUTS: dict[str, type[KVStorage]] = {"inplace": InPlaceKV, "ragged": RaggedKV}
@@ -26,8 +28,13 @@ def make_storage(
     dtype: torch.dtype,
     device: torch.device,
     aux_names: tuple[str, ...] = (),
+    quant: QuantSpec | None = None,
 ) -> KVStorage:
+    """A storage of `layout`; with a quantization mode, the quantized layout instead (it holds its
+    full-precision tail in its own flat form)."""
+    if quant is not None and quant.enabled:
+        return QuantizedKV(batch, kv_heads, head_dim, dtype, device, aux_names, quant)
     return check_layout(layout)(batch, kv_heads, head_dim, dtype, device, aux_names)
 
 
-__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "KVStorage", "PaddedView", "check_layout", "make_storage"]
+__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "KVStorage", "PaddedView", "QuantSpec", "check_layout", "make_storage"]

@@ -114,6 +114,14 @@ class KVStorage(ABC):
         """K/V bytes of the entries kept: entries x entry size."""
         return self.entries * self.entry_nbytes
 
+    def seq_nbytes(self) -> torch.Tensor:
+        """(batch,) K/V bytes kept for each sequence."""
+        return self.lengths.cpu().sum(1) * self.entry_nbytes
+
+    def seal(self) -> None:
+        """The chunk just appended has been attended and compressed: a layout that holds entries
+        in another form (quantized) converts them now. Nothing to do for full-precision layouts."""
+
     @property
     @abstractmethod
     def allocated_nbytes(self) -> int:

@@ -1,0 +1,174 @@
+"""Quantization codecs for K/V entries: what `--quant` means, and the pure tensor functions that
+turn full-precision K/V into packed codes and back.
+
+Integer modes are asymmetric and KIVI-style (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric
+2bit Quantization for KV Cache"): keys are quantized per channel over a group of `group`
+consecutive tokens (key outliers live in fixed channels), values per token over groups of `group`
+channels. Each group keeps a float16 scale and minimum. `fp8` stores e4m3 codes with one float16
+scale per group (symmetric: e4m3 has its own sign and exponent).
+
+Packed layout, per entry (one token of one KV head), `code_bytes = head_dim * bits / 8` bytes:
+byte j holds channels j, j + P, j + 2P, ... (P = head_dim * bits / 8, lowest bits first), so
+unpacking is one shift and mask per code slot followed by a concatenation, and a key group of G
+tokens is one contiguous (G, code_bytes) block. int8 and fp8 hold one code per byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("none", "int8", "int4", "int2", "fp8")
+BITS = {"int8": 8, "int4": 4, "int2": 2, "fp8": 8}
+META_DTYPE = torch.float16  # scales and minimums: KIVI keeps them in half precision too
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How kept entries are held: `mode` (see MODES), `group` (tokens per key group, channels per
+    value group) and `residual` (the most recent tokens of each row kept in full precision)."""
+
+    mode: str = "none"
+    group: int = 32
+    residual: int = 128
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"quant: unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if not isinstance(self.group, int) or self.group < 1:
+            raise ValueError(f"quant-group must be a positive integer (tokens/channels per group), got {self.group!r}")
+        if not isinstance(self.residual, int) or self.residual < 0:
+            raise ValueError(f"quant-residual must be an integer >= 0 (recent tokens kept in full precision), got {self.residual!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.mode]
+
+    @property
+    def asymmetric(self) -> bool:
+        """Integer modes keep a minimum beside each scale; fp8 only a scale."""
+        return self.mode.startswith("int")
+
+    @property
+    def meta_fields(self) -> int:
+        return 2 if self.asymmetric else 1
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % self.group:
+            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
+            raise ValueError(
+                f"quant-group {self.group} does not divide head_dim {head_dim} (values are quantized in "
+                f"groups of channels); use one of {', '.join(map(str, divisors))}"
+            )
+        if head_dim * self.bits % 8:
+            raise ValueError(f"head_dim {head_dim} cannot be packed at {self.bits} bits per code")
+
+    def code_bytes(self, head_dim: int) -> int:
+        return head_dim * self.bits // 8
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., dim) uint8 codes below 2**bits -> (..., dim * bits / 8) uint8, the layout above."""
+    per = 8 // bits
+    if per == 1:
+        return codes
+    parts = codes.chunk(per, dim=-1)  # part i: channels i*P .. (i+1)*P - 1
+    out = parts[0].clone()
+    for i, part in enumerate(parts[1:], start=1):
+        out |= part << (i * bits)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., P) uint8 -> (..., P * 8 / bits) uint8 codes: the inverse of `pack`."""
+    per = 8 // bits
+    if per == 1:
+        return packed
+    mask = (1 << bits) - 1
+    return torch.cat([(packed >> (i * bits)) & mask for i in range(per)], dim=-1)
+
+
+def _scale_min(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-precision minimum and scale covering [lo, hi] with `levels` steps; codes are computed
+    against these rounded values, so dequantizing reproduces exactly what was encoded."""
+    minimum = lo.to(META_DTYPE)
+    span = hi - minimum.float()
+    scale = (span / levels).to(META_DTYPE)
+    scale = torch.where(scale.float() > 0, scale, torch.ones_like(scale))  # a constant group
+    return scale, minimum
+
+
+def _encode(x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """x, scale, minimum broadcast together -> (..., dim) uint8 codes (not yet packed)."""
+    if spec.asymmetric:
+        assert minimum is not None
+        levels = (1 << spec.bits) - 1
+        return ((x.float() - minimum.float()) / scale.float()).round_().clamp_(0, levels).to(torch.uint8)
+    return (x.float() / scale.float()).clamp_(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8)
+
+
+def quantize_keys(keys: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys (..., G, dim), one group of G tokens -> codes (..., G, code_bytes) uint8 and meta
+    (..., fields, dim) float16: per channel over the group's tokens (field 0 scale, 1 minimum)."""
+    codes, meta = _quantize(keys, spec, axis=-2)
+    return pack(codes, spec.bits), meta
+
+
+def quantize_values(values: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """values (..., n, dim) -> codes (..., n, code_bytes) uint8 and meta (..., n, fields, dim / group)
+    float16: per token over groups of `group` channels."""
+    *lead, dim = values.shape
+    grouped = values.reshape(*lead, dim // spec.group, spec.group)  # (..., n, groups, group)
+    codes, meta = _quantize(grouped, spec, axis=-1)  # meta: (..., n, groups, fields)
+    return pack(codes.reshape(*lead, dim), spec.bits), meta.transpose(-1, -2).contiguous()
+
+
+def _quantize(x: torch.Tensor, spec: QuantSpec, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x with one scale (and minimum) per slice along `axis`; returns uint8 codes of x's
+    shape (not packed) and meta with `axis` replaced by the fields (scale, then minimum)."""
+    if spec.asymmetric:
+        lo, hi = x.float().amin(axis, keepdim=True), x.float().amax(axis, keepdim=True)
+        scale, minimum = _scale_min(lo, hi, (1 << spec.bits) - 1)
+        codes = _encode(x, scale, minimum, spec)
+        meta = torch.cat([scale, minimum], dim=axis)
+    else:
+        peak = x.float().abs().amax(axis, keepdim=True)
+        scale = (peak / FP8_MAX).to(META_DTYPE)
+        scale = torch.where(scale.float() > 0, scale, torch.ones_like(scale))
+        codes = _encode(x, scale, None, spec)
+        meta = scale
+    return codes, meta
+
+
+def code_values(packed: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """(..., code_bytes) uint8 -> (..., dim) float32 code values (integers, or decoded e4m3)."""
+    if spec.asymmetric:
+        return unpack(packed, spec.bits).float()
+    return packed.view(FP8).float()
+
+
+def dequantize_keys(packed: torch.Tensor, meta: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """packed (..., G, code_bytes), meta (..., fields, dim) -> keys (..., G, dim) float32."""
+    codes = code_values(packed, spec)
+    out = codes * meta[..., 0:1, :].float()
+    if spec.asymmetric:
+        out += meta[..., 1:2, :].float()
+    return out
+
+
+def dequantize_values(packed: torch.Tensor, meta: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """packed (..., n, code_bytes), meta (..., n, fields, groups) -> values (..., n, dim) float32."""
+    codes = code_values(packed, spec)
+    *lead, dim = codes.shape
+    grouped = codes.view(*lead, meta.shape[-1], spec.group)
+    out = grouped * meta[..., 0, :, None].float()
+    if spec.asymmetric:
+        out += meta[..., 1, :, None].float()
+    return out.view(*lead, dim)

@@ -1,0 +1,225 @@
+"""Quantized storage: codecs, packed bytes, the residual window, eviction inside key groups, every
+policy with every mode, and the option errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import held_positions, left_padded
+from kvforge import KVCache, make_policy
+from kvforge.generate import DECODE, feed
+from kvforge.generate import prefill as prefill_ids
+from kvforge.storage import QuantSpec, make_storage
+from kvforge.storage.codec import dequantize_keys, dequantize_values, pack, quantize_keys, quantize_values, unpack
+from kvforge.storage.quantized import QuantizedKV
+from test_policy_matrix import MATRIX, build, decode, prefill_logits
+
+MODES = ["int8", "int4", "int2", "fp8"]
+SPEC = dict(group=4, residual=4)  # the tiny model's head_dim is 16
+
+
+def max_error_bound(x: torch.Tensor, axis: int, spec: QuantSpec) -> torch.Tensor:
+    """The worst-case absolute error per element: half a step for integers; for e4m3, 2**-4 of
+    the value (3 mantissa bits) or the subnormal spacing of the group's scale, whichever is more."""
+    if spec.asymmetric:
+        span = x.amax(axis, keepdim=True) - x.amin(axis, keepdim=True)
+        return span / ((1 << spec.bits) - 1) / 2 + 1e-3 * span + 1e-6  # + float16 rounding of the scale
+    peak = x.abs().amax(axis, keepdim=True)
+    return x.abs() * 2**-4 + peak / 448 * 2**-9 + 1e-3 * x.abs() + 1e-6
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pack_and_unpack_round_trip(mode):
+    spec = QuantSpec(mode)
+    codes = torch.randint(0, 1 << min(spec.bits, 8), (5, 64), dtype=torch.uint8)
+    packed = pack(codes, spec.bits)
+    assert packed.shape == (5, 64 * spec.bits // 8)
+    assert torch.equal(unpack(packed, spec.bits), codes)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_round_trip_error_is_bounded_on_random_data(mode):
+    spec = QuantSpec(mode, group=32)
+    gen = torch.Generator().manual_seed(0)
+    # Keys with an outlier channel (what per-channel key quantization is for).
+    keys = torch.randn(2, 3, 32, 64, generator=gen) + torch.linspace(-8, 8, 64)
+    codes, meta = quantize_keys(keys, spec)
+    err = (dequantize_keys(codes, meta, spec) - keys).abs()
+    assert bool((err <= max_error_bound(keys, -2, spec)).all())
+    values = torch.randn(2, 3, 40, 64, generator=gen)
+    codes, meta = quantize_values(values, spec)
+    grouped = values.view(2, 3, 40, 2, 32)
+    bound = max_error_bound(grouped, -1, spec).expand_as(grouped).reshape_as(values)
+    assert bool(((dequantize_values(codes, meta, spec) - values).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_round_trip_error_on_real_model_keys_and_values(default_model, mode):
+    model, tok = default_model.model, default_model.tokenizer
+    text = "The special magic number for Lima is 8661386. Remember it well, and the sea is calm. " * 6
+    ids = tok(text, return_tensors="pt").input_ids[:, :64]
+    cache = KVCache(model, make_policy("full"))
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    view = cache.layers[3].storage.view()
+    spec = QuantSpec(mode, group=32)
+    n = 64
+    keys, values = view.keys[:, :, :n], view.values[:, :, :n]
+    codes, meta = quantize_keys(keys.unflatten(2, (-1, 32)), spec)
+    err = (dequantize_keys(codes, meta, spec).flatten(2, 3) - keys).abs()
+    grouped = keys.unflatten(2, (-1, 32))
+    assert bool((err <= max_error_bound(grouped, -2, spec).expand_as(grouped).flatten(2, 3)).all())
+    codes, meta = quantize_values(values, spec)
+    rel = (dequantize_values(codes, meta, spec) - values).norm() / values.norm()
+    assert float(rel) < {"int8": 0.01, "int4": 0.12, "int2": 0.6, "fp8": 0.05}[mode]
+
+
+def test_packed_bytes_are_exact():
+    spec = QuantSpec("int4", group=8, residual=4)
+    storage = make_storage("inplace", 1, 2, 16, torch.float32, torch.device("cpu"), (), spec)
+    assert isinstance(storage, QuantizedKV)
+    n = 27
+    storage.append(torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16), torch.arange(n), torch.ones(1, n, dtype=torch.bool))
+    storage.seal()
+    # 27 = 16 quantized (two key groups of 8) + 11 in the tail (>= residual 4, < 4 + 8).
+    assert storage.quant.lengths.tolist() == [[16, 16]] and storage.tail.lengths.tolist() == [[11, 11]]
+    codes = 16 * 16 * 4 // 8  # 16 entries x 16 channels x 4 bits, for K and again for V
+    value_meta = 16 * 2 * (16 // 8) * 2  # per entry: scale and minimum per 8 channels, float16
+    key_meta = 2 * 2 * 16 * 2  # per group: scale and minimum per channel, float16
+    tail = 11 * 2 * 16 * 4  # K and V in float32
+    per_head = 2 * codes + value_meta + key_meta + tail
+    assert storage.allocated_nbytes == 2 * per_head
+    assert storage.seq_nbytes().tolist() == [2 * per_head]
+    assert storage.entries == 2 * n
+
+
+def test_residual_window_across_group_boundaries():
+    spec = QuantSpec("int8", group=4, residual=3)
+    storage = QuantizedKV(1, 1, 16, torch.float32, torch.device("cpu"), (), spec)
+    keys = torch.randn(1, 1, 40, 16)
+    for t in range(40):
+        storage.append(keys[:, :, t : t + 1], keys[:, :, t : t + 1], torch.tensor([t]), torch.ones(1, 1, dtype=torch.bool))
+        storage.seal()
+        held, tail = t + 1, int(storage.tail.lengths)
+        assert int(storage.quant.lengths) % 4 == 0
+        assert min(held, 3) <= tail < 3 + 4  # the recent entries stay exact
+        view = storage.view()
+        torch.testing.assert_close(view.keys[0, 0, held - tail : held], keys[0, 0, held - tail : held])
+        assert view.positions[0, 0].tolist() == list(range(held))  # oldest first, none lost
+
+
+def test_eviction_inside_a_key_group_is_exact_and_frees_codes():
+    spec = QuantSpec("int4", group=4, residual=0)
+    storage = QuantizedKV(1, 2, 16, torch.float32, torch.device("cpu"), ("score",), spec)
+    n = 12
+    storage.append(torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16), torch.arange(n), torch.ones(1, n, dtype=torch.bool))
+    storage.seal()
+    assert storage.tail.entries == 0 and storage.groups.lengths.tolist() == [[3, 3]]
+    before = storage.view()
+    before_keys, before_values = before.keys, before.values  # (views build K/V on first use)
+    before_bytes = storage.allocated_nbytes
+    # Head 0 keeps slots 1, 2 (group 0) and 9 (group 2); head 1 keeps 0..3 (group 0 only).
+    index = torch.tensor([[[1, 2, 9, 0], [0, 1, 2, 3]]])
+    mask = torch.tensor([[[True, True, True, False], [True, True, True, True]]])
+    storage.keep(before, index, mask)
+    after = storage.view()
+    assert storage.lengths.tolist() == [[3, 4]]
+    assert storage.groups.lengths.tolist() == [[2, 1]]  # group 1 of head 0 emptied and left
+    assert storage.groups.fields["count"].tolist() == [2, 1, 4]
+    assert after.positions[0, 0, :3].tolist() == [1, 2, 9]
+    # Kept entries dequantize exactly as before: no requantization.
+    torch.testing.assert_close(after.keys[0, 0, :3], before_keys[0, 0, [1, 2, 9]])
+    torch.testing.assert_close(after.values[0, 1, :4], before_values[0, 1, :4])
+    per_entry = 2 * 16 * 4 // 8 + 2 * 2 * (16 // 4)  # codes of K and V, value scales and minimums
+    per_group = 2 * 16 * 2
+    assert storage.allocated_nbytes == 7 * per_entry + 3 * per_group
+    assert before_bytes == 24 * per_entry + 6 * per_group
+
+
+def test_int8_greedy_output_equals_full_precision_on_the_real_model(default_model):
+    model, tok = default_model.model, default_model.tokenizer
+    ids = tok("Write three sentences about the sea, the wind and the boats that sail between the islands.", return_tensors="pt").input_ids
+    outs = []
+    for quant in (None, QuantSpec("int8", group=8, residual=0)):
+        cache = KVCache(model, make_policy("full"), quant=quant)
+        with torch.inference_mode():
+            outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False))
+    assert torch.equal(outs[0], outs[1])
+    # 8-bit codes, float16 scales and minimums per 8 tokens or channels (4 bits), a float32 tail under 8.
+    assert 12 <= cache.bits_per_element < 16
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("row", MATRIX, ids=lambda r: r.name)
+def test_every_policy_composes_with_every_mode(tiny_model, row, mode):
+    """The policy decides what is kept, the storage how: the same entries as the full-precision
+    cache after the prompt (the policy acts before its chunk is quantized), the same budgets while
+    decoding, and fewer bytes."""
+    ids, mask = left_padded([24, 17])
+    policy = build(row, 0.5) if row.name == "full" else build(row, 0.5, evict_every=2)
+    plain, logits = prefill_logits(tiny_model, policy, ids, mask)
+    quant, q_logits = prefill_logits(tiny_model, policy, ids, mask, quant=QuantSpec(mode, **SPEC))
+    assert [held_positions(a.storage) for a in plain.layers] == [held_positions(b.storage) for b in quant.layers]
+    assert quant.nbytes < plain.nbytes
+    decode(tiny_model, plain, logits, ids.shape[1], 5)
+    decode(tiny_model, quant, q_logits, ids.shape[1], 5)
+    for a, b in zip(plain.layers, quant.layers):
+        assert a.storage.lengths.tolist() == b.storage.lengths.tolist()
+        view = b.storage.view()
+        assert bool((view.positions[view.valid] < ids.shape[1] + 5).all())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("row", [r for r in MATRIX if r.name in ("full", "knorm", "h2o", "adakv:snapkv", "kvzip")], ids=lambda r: r.name)
+def test_each_sequence_of_a_batch_is_quantized_on_its_own(tiny_model, row, mode):
+    lengths = [24, 17]
+    spec = QuantSpec(mode, **SPEC)
+    batch, _ = prefill_logits(tiny_model, build(row, 0.5), *left_padded(lengths), quant=spec)
+    width = max(lengths)
+    for b, n in enumerate(lengths):
+        ids, mask = left_padded(lengths)
+        alone, _ = prefill_logits(tiny_model, build(row, 0.5), ids[b : b + 1, -n:], mask[b : b + 1, -n:], quant=spec)
+        for la, lb in zip(batch.layers, alone.layers):
+            va, vb = la.storage.view(), lb.storage.view()
+            assert (va.positions[b][va.valid[b]] - (width - n)).tolist() == vb.positions[0][vb.valid[0]].tolist()
+        assert batch.seq_nbytes()[b] == alone.seq_nbytes()[0]
+
+
+def test_int8_decoding_stays_close_to_full_precision(tiny_model):
+    ids, mask = left_padded([40, 33])
+    policy = make_policy("full")
+    plain, logits = prefill_logits(tiny_model, policy, ids, mask)
+    quant, q_logits = prefill_logits(tiny_model, policy, ids, mask, quant=QuantSpec("int8", group=4, residual=0))
+    torch.testing.assert_close(logits, q_logits)  # the prompt is attended in full precision
+    a = decode(tiny_model, plain, logits, ids.shape[1], 4)
+    b = decode(tiny_model, quant, logits, ids.shape[1], 4)
+    for la, lb in zip(a, b):
+        torch.testing.assert_close(la, lb, rtol=0.02, atol=0.02)
+
+
+def test_chunked_prefill_and_decode_budget_hold_with_quantization(tiny_model):
+    spec = QuantSpec("int4", **SPEC)
+    cache = KVCache(tiny_model, make_policy("knorm", ratio=0.5, decode_budget=10, evict_every=3), quant=spec)
+    row = left_padded([30], seed=15)[0][0].tolist()
+    logits = prefill_ids(tiny_model, cache, row, chunk=6)[None]
+    assert int(cache.kept_lengths(0).max()) <= 15
+    positions = torch.tensor([30])
+    for _ in range(12):
+        logits, positions = feed(tiny_model, cache, [[int(logits[0].argmax())]], positions, DECODE)
+        assert int(cache.kept_lengths(0).max()) <= 10 + 3 - 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [(dict(mode="int3"), "quant"), (dict(mode="int4", group=0), "quant-group"), (dict(mode="int4", residual=-1), "quant-residual")],
+)
+def test_bad_options_name_the_option(kwargs, field):
+    with pytest.raises(ValueError, match=field) as err:
+        QuantSpec(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_a_group_that_does_not_divide_head_dim_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="quant-group 6 does not divide head_dim 16"):
+        KVCache(tiny_model, make_policy("full"), quant=QuantSpec("int4", group=6))
