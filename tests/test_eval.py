@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from kvforge.eval.fidelity import fidelity
-from kvforge.eval.report import retention, write_reports
+from kvforge.eval.report import markdown, retention, summarize, write_reports
 from kvforge.eval.runner import ROWS, EvalConfig, read_rows, run_eval
 from kvforge.eval.tasks import TASKS, Case, load_task_file, make_case, prompt_length, score
 from kvforge.models import default_checkpoint, load_model
@@ -265,3 +265,25 @@ def test_questions_per_context_answer_from_one_compression(tiny, tmp_path):
         config(tasks=["niah_single"], questions=2).validate()
     with pytest.raises(ValueError, match=r"--questions-per-context 5 is outside the allowed range \[1, 4\]"):
         config(tasks=["niah_multikey"], questions=5).validate()
+
+
+def test_quant_modes_are_rows_derived_from_the_same_prefill(tiny, tmp_path):
+    out = tmp_path / "quant"
+    run_eval(tiny, config(), out)  # an earlier run in full precision
+    calls, handle = count_prefills(tiny.model, 150)
+    try:
+        rows, stats = run_eval(tiny, config(quant=["none", "int8", "int2"], quant_group=8, quant_residual=16), out)
+    finally:
+        handle.remove()
+    assert len(rows) == 2 * 2 * 3  # samples x (full, knorm 0.5) x modes; "none" rows reused
+    assert stats.prefills == 2 and len(calls) == 2 + 1  # one prefill per sample serves every mode
+    by = {(r.sample, r.policy, r.quant): r for r in rows}
+    for s in range(2):
+        for policy in ("full", "knorm"):
+            none, int8, int2 = (by[(s, policy, m)] for m in ("none", "int8", "int2"))
+            assert none.cache_bytes > int8.cache_bytes > int2.cache_bytes
+            assert 32 == none.bits_per_element > int8.bits_per_element > int2.bits_per_element
+    md = markdown(summarize(rows))
+    assert "| policy | ratio | quant | bits |" in md and "| knorm | 0.5 | int2 |" in md
+    with pytest.raises(ValueError, match="--quant-group 6 does not divide"):
+        run_eval(tiny, config(quant=["int4"], quant_group=6), tmp_path / "bad")

@@ -354,6 +354,28 @@ class KVForgeLayer(CacheLayerMixin):
         self.policy_state = {}
         self.held.update(self.layer_idx, 0)
 
+def head_dim(model: PreTrainedModel) -> int:
+    text = model.config.get_text_config()
+    return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
+def restored(storage: KVStorage, record: PrefillRecord, layout: str, aux_names: tuple[str, ...], quant: QuantSpec) -> KVStorage:
+    """A new storage (of `layout`, or quantized) holding what an uncompressed one-chunk prefill
+    stored in `storage`, appended as that chunk was: the same tokens, padding left out."""
+    view = storage.view()
+    batch, heads, _, dim = view.keys.shape
+    t = record.valid.shape[1]
+    keys = view.keys.new_zeros(batch, heads, t, dim)  # (batch, heads, T, dim): the chunk's layout
+    values = torch.zeros_like(keys)
+    for b in range(batch):
+        n = int(record.valid[b].sum())
+        keys[b][:, record.valid[b]] = view.keys[b, :, :n]
+        values[b][:, record.valid[b]] = view.values[b, :, :n]
+    out = make_storage(layout, batch, heads, dim, keys.dtype, keys.device, aux_names, quant)
+    out.append(keys, values, record.positions, record.valid, exact=True)
+    return out
+
+
 class KVCache(Cache):
     """A KV cache that holds only what its policy keeps, at KV-head granularity, ragged per head.
 
@@ -383,8 +405,7 @@ class KVCache(Cache):
         check_layout(layout)
         spec = quant if isinstance(quant, QuantSpec) else QuantSpec(quant or "none")
         if spec.enabled:
-            text = model.config.get_text_config()
-            spec.check_head_dim(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+            spec.check_head_dim(head_dim(model))
         self._setup(policy, model.config.get_text_config().num_hidden_layers, layout, fingerprint(model), spec)
         self.tokenizer = tokenizer
         for layer in self.layers:
@@ -409,7 +430,7 @@ class KVCache(Cache):
         cache.tokenizer = None
         return cache
 
-    def derive(self, policy: Policy, observed: dict | None = None) -> KVCache:
+    def derive(self, policy: Policy, observed: dict | None = None, quant: QuantSpec | None = None) -> KVCache:
         """A cache holding what `policy` would have kept had it compressed this cache's prefill.
 
         This cache must hold exactly one recorded, uncompressed prefill (record_prefill=True,
@@ -419,17 +440,23 @@ class KVCache(Cache):
         `observed`, a dict kept by the caller across calls on this base, lets policies that differ
         only in budget share what they observed of the prefill (H2O's accumulated attention).
         A policy that defers compression (kvzip) is compressed by `generate.settle` afterwards.
+        `quant` holds the derived entries another way than the base does (the base's prefill is
+        stored as computed, so deriving a quantized cache from it is as exact as deriving any).
         """
+        quant = quant if quant is not None else self.quant
         state_key = policy.state_key()
         if self.policy.compresses or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
-        derived = KVCache._empty(policy, self.num_layers, self.layout, self.model_fingerprint, self.quant)
+        derived = KVCache._empty(policy, self.num_layers, self.layout, self.model_fingerprint, quant)
         derived.tokenizer = self.tokenizer
         for base, layer in zip(self.layers, derived.layers):
             record = base.prefill_record
             if base.storage is None or record is None or base.chunks != 1:
                 raise ValueError("derive() needs a cache that ran exactly one recorded prefill chunk")
-            layer.storage = base.storage.share(policy.aux_names)
+            if quant == self.quant:
+                layer.storage = base.storage.share(policy.aux_names)
+            else:
+                layer.storage = restored(base.storage, record, self.layout, policy.aux_names, quant)
             layer.is_initialized, layer.dtype, layer.device = True, base.dtype, base.device
             layer.seen, layer.tokens = base.seen, base.tokens.clone()
             derived.held.update(layer.layer_idx, layer.storage.allocated_nbytes)
@@ -510,6 +537,11 @@ class KVCache(Cache):
     def seq_nbytes(self) -> torch.Tensor:
         """(batch,) K/V bytes kept for each sequence: its entries x entry size."""
         return sum(s.seq_nbytes() for s in self._storages())
+
+    def seq_bits_per_element(self) -> torch.Tensor:
+        """(batch,) effective bits per K/V element each sequence holds (see `bits_per_element`)."""
+        entries = sum(s.lengths.cpu().sum(1) * 2 * s.head_dim for s in self._storages())
+        return self.seq_nbytes() * 8 / torch.as_tensor(entries).clamp(min=1)
 
     def seq_dense_nbytes(self) -> torch.Tensor:
         """(batch,) K/V bytes an uncompressed cache would hold for each sequence."""

@@ -62,6 +62,32 @@ def add_budget_args(parser: argparse.ArgumentParser, chunk_help: str) -> None:
     parser.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N", help=chunk_help)
 
 
+def add_quant_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """How kept entries are held: shared by generate, eval and bench."""
+    from kvforge.storage.codec import MODES
+
+    what = "comma list of modes, each a set of rows" if many else "one mode"
+    parser.add_argument("--quant", default="none", help=f"K/V quantization ({what}): {', '.join(MODES)}")
+    parser.add_argument("--quant-group", type=int, default=32, metavar="G",
+                        help="tokens per key group and channels per value group (must divide head_dim; default 32)")
+    parser.add_argument("--quant-residual", type=int, default=128, metavar="R",
+                        help="recent tokens per row kept in full precision (default 128)")
+
+
+def quant_specs(args: argparse.Namespace) -> list[Any]:
+    """The QuantSpec of each mode --quant names (validated: a bad value names its option)."""
+    from kvforge.storage import QuantSpec
+
+    return [QuantSpec(mode, args.quant_group, args.quant_residual) for mode in split_list(args.quant)]
+
+
+def quant_spec(args: argparse.Namespace) -> Any:
+    specs = quant_specs(args)
+    if len(specs) != 1:
+        raise ValueError(f"--quant takes one mode here, got {args.quant!r}")
+    return specs[0]
+
+
 def ensure_calibration(loaded: Any, policies: list[Any]) -> None:
     """Measure the model's calibration once (kept on disk) when one of `policies` needs it."""
     from kvforge.calibrate import calibrate
@@ -116,6 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvforge.models import load_model
 
     policy = build_policy(args.policy, args.ratio, args.param, args)
+    quant = quant_spec(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
     try:
@@ -128,7 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     chat = loaded.is_instruct if args.chat is None else args.chat
     prompt = build_prompt(loaded.tokenizer, context, args.question, chat)
     with err_console.status(f"prefill {len(prompt.ids)} tokens and generate ..."):
-        result = answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware, args.prefill_chunk, args.layout)
+        result = answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware, args.prefill_chunk, args.layout, quant)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -138,7 +165,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"[dim]{result.policy} {policy.setting}: {result.prompt_tokens} prompt tokens, "
             f"{result.generated_tokens} generated, cache {result.cache_bytes / 2**20:.2f} MiB allocated "
             f"({result.kept_bytes / 2**20:.2f} MiB kept, peak {result.peak_cache_bytes / 2**20:.2f} MiB) "
-            f"of {result.dense_cache_bytes / 2**20:.2f} MiB dense ({saved:.0%} saved), {result.seconds:.2f}s[/dim]"
+            f"of {result.dense_cache_bytes / 2**20:.2f} MiB dense ({saved:.0%} saved), "
+            f"{result.bits_per_element:.2f} bits per element ({result.quant}), {result.seconds:.2f}s[/dim]"
         )
     return 0
 
@@ -174,8 +202,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         loaded = load_model(args.model)
     case = make_case(loaded.tokenizer, "niah_single", args.length, seed=args.seed, chat=loaded.is_instruct, max_length=loaded.context_length)
     case.max_new_tokens = args.max_new_tokens
-    combos = [(name, 0.0 if name == "full" else args.ratio) for name in methods()]
-    policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r in combos}
+    combos = [(name, 0.0 if name == "full" else args.ratio, "none") for name in methods()]
+    policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r, _ in combos}
     ensure_calibration(loaded, list(policies.values()))
     rows = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
@@ -242,7 +270,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model=args.model, tasks=tasks, policies=policies, ratios=ratios, length=args.length or 2048,
         samples=args.samples if args.samples is not None else 20, settings=settings, seed=args.seed,
         task_file=args.task_file, batch=args.batch, prefill_chunk=args.prefill_chunk,
-        questions=args.questions_per_context,
+        questions=args.questions_per_context, quant=split_list(args.quant),
+        quant_group=args.quant_group, quant_residual=args.quant_residual,
     )  # fmt: skip
     cfg.validate()
     with err_console.status(f"loading {args.model} on {args.device} ..."):
@@ -256,7 +285,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bar = progress.add_task("eval", total=total)
 
         def on_row(row) -> None:
-            progress.update(bar, description=f"{row.task} #{row.sample} {row.policy} {row.ratio:g}")
+            quant = "" if row.quant == "none" else f" {row.quant}"
+            progress.update(bar, description=f"{row.task} #{row.sample} {row.policy} {row.ratio:g}{quant}")
             progress.advance(bar)
 
         rows, stats = run_eval(loaded, cfg, out, force=args.force, on_row=on_row)
@@ -387,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--query-aware", action="store_true", help="compress after the question (SnapKV setting)")
     add_budget_args(gen, "prefill the compressed part N tokens at a time, compressing after each chunk")
     gen.add_argument("--layout", default="inplace", help="K/V storage layout: inplace (default) or ragged (the reference)")
+    add_quant_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 
@@ -425,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "compressed cache (niah_multikey, niah_multiquery; N <= 4)")
     ev.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N",
                     help="prefill N tokens at a time, compressing after each chunk (each policy prefills itself)")
+    add_quant_args(ev, many=True)
     ev.add_argument("--device", default="cpu", help="cpu or cuda")
     ev.add_argument("--out", default="results/eval")
     ev.add_argument("--force", action="store_true", help="discard results of another configuration in --out")

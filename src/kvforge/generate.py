@@ -20,7 +20,7 @@ from kvforge.cache import APPEND, DECODE, PREFILL, PROBE, KVCache, Probe
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy, Reconstruction
 from kvforge.reconstruct import passes
-from kvforge.storage import DEFAULT_LAYOUT
+from kvforge.storage import DEFAULT_LAYOUT, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class GenerationResult:
     peak_cache_bytes: int  # the most K/V bytes allocated at once during the run
     dense_cache_bytes: int  # K/V bytes an uncompressed cache holds for the same tokens
     cache_meta_bytes: int  # positions, lengths, policy state held beside K/V
+    quant: str  # how entries are held: none, int8, int4, int2, fp8
+    bits_per_element: float  # effective: K/V bytes held (codes, scales, full-precision tail) x 8 / elements
     prefill_seconds: float
     seconds: float
 
@@ -254,6 +256,7 @@ def answer(
     query_aware: bool = False,
     prefill_chunk: int | None = None,
     layout: str = DEFAULT_LAYOUT,
+    quant: QuantSpec | None = None,
 ) -> GenerationResult:
     """Generate greedily from `prompt` with a cache compressed by `policy`.
 
@@ -265,7 +268,7 @@ def answer(
     model, tokenizer = loaded.model, loaded.tokenizer
     check_length(len(prompt.ids), max_new_tokens, loaded.context_length)
     check_chunk(prefill_chunk)
-    cache = KVCache(model, policy, layout=layout, tokenizer=tokenizer)
+    cache = KVCache(model, policy, layout=layout, tokenizer=tokenizer, quant=quant)
     start = time.perf_counter()
     compressed = prompt.ids if query_aware else prompt.context_ids
     logits = prefill(model, cache, compressed, prefill_chunk)[None]  # (1, vocab)
@@ -289,6 +292,8 @@ def answer(
         peak_cache_bytes=cache.peak_nbytes,
         dense_cache_bytes=cache.dense_nbytes,
         cache_meta_bytes=cache.meta_nbytes,
+        quant=cache.quant.mode,
+        bits_per_element=cache.bits_per_element,
         prefill_seconds=prefill_seconds,
         seconds=seconds,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from statistics import mean
 
 from kvforge.eval.runner import SUMMARY, EvalRow, SweepStats, write_atomic
+from kvforge.storage.codec import MODES
 
 
 # A task counts towards retention where the full cache scores at least this: a task the model
@@ -27,32 +28,38 @@ def retention(scores: dict[str, float], full: dict[str, float]) -> float | None:
 def per_question(rows: list[EvalRow]) -> list[dict]:
     """Per (policy, ratio): the mean score on question i of each context, and its retention
     (over the full cache's score on the same question), i = 0, 1, ..."""
-    scores: dict[tuple[str, float], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    scores: dict[tuple[str, float, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        scores[(r.policy, r.ratio)][r.question].append(r.score)
-    full = {q: mean(v) for q, v in scores.get(("full", 0.0), {}).items()}
+        scores[(r.policy, r.ratio, r.quant)][r.question].append(r.score)
+    full = {q: mean(v) for q, v in scores.get(("full", 0.0, "none"), {}).items()}
     out = []
-    for (policy, ratio), by_q in sorted(scores.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
+    for (policy, ratio, quant), by_q in sorted(scores.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
         means = {q: mean(v) for q, v in sorted(by_q.items())}
         kept = {q: m / full[q] if full.get(q) else None for q, m in means.items()}
-        out.append({"policy": policy, "ratio": ratio, "scores": means, "retention": kept})
+        label = policy if quant == "none" else f"{policy} {quant}"
+        out.append({"policy": label, "ratio": ratio, "scores": means, "retention": kept})
     return out
 
 
 def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
     """Per setting, per (policy, ratio): score per task, mean, relative to full, bytes held."""
     tasks = sorted({r.task for r in rows})
-    groups: dict[tuple[bool, str, float], list[EvalRow]] = defaultdict(list)
+    groups: dict[tuple[bool, str, str, float], list[EvalRow]] = defaultdict(list)
     for r in rows:
-        groups[(r.query_aware, r.policy, r.ratio)].append(r)
+        groups[(r.query_aware, r.quant, r.policy, r.ratio)].append(r)
     table = []
-    for (aware, policy, ratio), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "full", kv[0][1], kv[0][2])):
+    order = {mode: i for i, mode in enumerate(MODES)}
+    for (aware, quant, policy, ratio), members in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][2] != "full", kv[0][2], kv[0][3], order.get(kv[0][1], 99))
+    ):
         per_task = {t: mean(r.score for r in members if r.task == t) for t in tasks if any(r.task == t for r in members)}
         table.append(
             {
                 "setting": "query-aware" if aware else "question-agnostic",
                 "policy": policy,
                 "ratio": ratio,
+                "quant": quant,
+                "bits_per_element": mean(r.bits_per_element for r in members) if all(r.bits_per_element for r in members) else None,
                 "scores": per_task,
                 "mean": mean(per_task.values()),
                 "samples": len(members),
@@ -64,11 +71,15 @@ def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
             }
         )
     for entry in table:
-        full = next((e for e in table if e["setting"] == entry["setting"] and e["policy"] == "full"), None)
+        # The reference is the full cache in full precision (or, without one, at the same quantization).
+        fulls = [e for e in table if e["setting"] == entry["setting"] and e["policy"] == "full"]
+        full = next((e for e in fulls if e["quant"] == "none"), next((e for e in fulls if e["quant"] == entry["quant"]), None))
         entry["relative_to_full"] = entry["mean"] / full["mean"] if full and full["mean"] > 0 else None
         entry["retention"] = retention(entry["scores"], full["scores"]) if full else None
     informative = {
-        e["setting"]: [t for t, v in e["scores"].items() if v >= INFORMATIVE] for e in table if e["policy"] == "full"
+        e["setting"]: [t for t, v in e["scores"].items() if v >= INFORMATIVE]
+        for e in table
+        if e["policy"] == "full" and e["quant"] == "none"
     }
     out: dict = {"tasks": tasks, "rows": len(rows), "table": table, "informative_tasks": informative}
     if any(r.question > 0 for r in rows):
@@ -96,14 +107,20 @@ def markdown(summary: dict) -> str:
             f"the policy's own work (reconstruction passes included), decoding."
         )
         lines.append("")
-        lines.append("| policy | ratio | " + " | ".join(tasks) + " | mean | vs full | retention | cache MiB | kept | s prefill | s policy | s decode |")
-        lines.append("|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|---|---|---|")
+        # Quantized runs add how entries were held and the effective bits per element.
+        quantized = any(e["quant"] != "none" for e in entries)
+        extra = ("quant", "bits") if quantized else ()
+        lines.append("| policy | ratio | " + "".join(f"{c} | " for c in extra) + " | ".join(tasks)
+                     + " | mean | vs full | retention | cache MiB | kept | s prefill | s policy | s decode |")
+        lines.append("|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|---|---|---|")
         for e in entries:
             scores = " | ".join(f"{e['scores'][t]:.1f}" if t in e["scores"] else "-" for t in tasks)
             rel = "-" if e["relative_to_full"] is None else f"{e['relative_to_full']:.2f}"
             ret = "-" if e["retention"] is None else f"{e['retention']:.2f}"
+            bits = "-" if e["bits_per_element"] is None else f"{e['bits_per_element']:.2f}"
+            held = f"{e['quant']} | {bits} | " if quantized else ""
             lines.append(
-                f"| {e['policy']} | {e['ratio']:g} | {scores} | {e['mean']:.1f} | {rel} | {ret} | "
+                f"| {e['policy']} | {e['ratio']:g} | {held}{scores} | {e['mean']:.1f} | {rel} | {ret} | "
                 f"{e['cache_bytes'] / 2**20:.1f} | {e['kept_fraction']:.0%} | {e['prefill_seconds']:.2f} | "
                 f"{e['compress_seconds']:.2f} | {e['decode_seconds']:.2f} |"
             )
@@ -154,10 +171,11 @@ def plot(summary: dict) -> bytes:
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         entries = [e for e in summary["table"] if e["setting"] == setting]
-        for policy in sorted({e["policy"] for e in entries} - {"full"}):
-            pts = sorted((1 - e["ratio"], e["mean"]) for e in entries if e["policy"] == policy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
-        full = next((e for e in entries if e["policy"] == "full"), None)
+        for policy, quant in sorted({(e["policy"], e["quant"]) for e in entries if e["policy"] != "full"}):
+            pts = sorted((1 - e["ratio"], e["mean"]) for e in entries if (e["policy"], e["quant"]) == (policy, quant))
+            label = policy if quant == "none" else f"{policy} {quant}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        full = next((e for e in entries if e["policy"] == "full" and e["quant"] == "none"), None)
         if full:
             ax.axhline(full["mean"], color="black", linestyle="--", label="full")
         ax.set(title=setting, xlabel="kept fraction of the cache (1 - ratio)", ylabel="mean score (0-100)", ylim=(-2, 102))

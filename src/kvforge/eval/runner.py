@@ -22,18 +22,21 @@ from typing import IO
 
 import torch
 
-from kvforge.cache import KVCache
+from kvforge.cache import KVCache, head_dim
 from kvforge.eval.tasks import TASKS, Case, followups, load_task_file, make_case, score
 from kvforge.generate import Prompt, build_prompt, check_length, feed, greedy, prefill, settle, stop_ids
 from kvforge.models import LoadedModel
 from kvforge.policies import check_policy_name, make_policy
 from kvforge.policies.base import Policy
+from kvforge.storage import QuantSpec
 
 log = logging.getLogger(__name__)
 
 ROWS, CONFIG, SUMMARY = "rows.jsonl", "config.json", "summary.json"
-# Fields a later run may change in the same --out: rows are per sample, policy and ratio.
-EXTENSIBLE = ("samples", "policies", "ratios")
+# Fields a later run may change in the same --out: rows are per sample, policy, ratio and quant.
+EXTENSIBLE = ("samples", "policies", "ratios", "quant")
+# Fields added after runs were written: a stored configuration without them had these values.
+ADDED = {"questions": 1, "quant_group": 32, "quant_residual": 128}
 
 
 @dataclass
@@ -49,6 +52,9 @@ class EvalConfig:
     task_file: str | None = None
     prefill_chunk: int | None = None  # None: one-shot prefill, every policy derived from it
     questions: int = 1  # questions answered from each compressed context (each on a fork of it)
+    quant: list[str] = field(default_factory=lambda: ["none"])  # how entries are held: each mode a set of rows
+    quant_group: int = 32
+    quant_residual: int = 128
     # Samples decoded together. An execution detail: not part of the configuration's identity.
     batch: int = field(default=8, compare=False)
 
@@ -64,6 +70,7 @@ class EvalConfig:
             raise ValueError(f"--prefill-chunk {self.prefill_chunk} must be at least 1 (or left out for one-shot prefill)")
         if self.samples < 1:
             raise ValueError(f"--samples {self.samples} must be at least 1")
+        self.specs()
         for r in self.ratios:
             if not 0 <= r < 1:
                 raise ValueError(f"ratio {r} is outside [0, 1): 0 keeps all, 0.75 keeps a quarter")
@@ -80,10 +87,16 @@ class EvalConfig:
                     f"niah_multikey, niah_multiquery (got {', '.join(self.tasks) or self.task_file})"
                 )
 
-    def combos(self) -> list[tuple[str, float]]:
-        """(policy, ratio) rows of one sample: `full` once, every other policy at every ratio."""
-        out = [("full", 0.0)] if "full" in self.policies else []
-        return out + [(p, r) for p in self.policies if p != "full" for r in self.ratios if r > 0]
+    def specs(self) -> dict[str, QuantSpec]:
+        """Each quantization mode of the run, validated (a bad value names its option)."""
+        return {mode: QuantSpec(mode, self.quant_group, self.quant_residual) for mode in self.quant}
+
+    def combos(self) -> list[tuple[str, float, str]]:
+        """(policy, ratio, quant) rows of one sample: `full` once per quant mode, every other
+        policy at every ratio and quant mode."""
+        pairs = [("full", 0.0)] if "full" in self.policies else []
+        pairs += [(p, r) for p in self.policies if p != "full" for r in self.ratios if r > 0]
+        return [(p, r, q) for q in self.quant for p, r in pairs]
 
 
 @dataclass
@@ -106,10 +119,12 @@ class EvalRow:
     generated_tokens: int
     batch: int = 1  # sequences decoded together; seconds above are per sequence
     question: int = 0  # which question of the context (--questions-per-context)
+    quant: str = "none"  # how the entries were held
+    bits_per_element: float | None = None  # effective, everything included (None: rows from before quantization)
 
     @property
-    def key(self) -> tuple[str, int, bool, str, float, int]:
-        return (self.task, self.sample, self.query_aware, self.policy, self.ratio, self.question)
+    def key(self) -> tuple[str, int, bool, str, float, str, int]:
+        return (self.task, self.sample, self.query_aware, self.policy, self.ratio, self.quant, self.question)
 
 
 @dataclass
@@ -175,12 +190,18 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     its own rows."""
     out.mkdir(parents=True, exist_ok=True)
     identity = {k: v for k, v in asdict(cfg).items() if k != "batch"}
-    if cfg.questions == 1:
-        del identity["questions"]  # so runs from before the option existed resume
+
+    def essential(config: dict) -> dict:
+        ignored = set(EXTENSIBLE)
+        if set(config.get("quant", ["none"])) == {"none"}:
+            ignored |= {"quant_group", "quant_residual"}  # nothing was quantized
+        return {k: v for k, v in config.items() if k not in ignored}
 
     def same(text: str) -> bool:
-        stored = json.loads(text)
-        return {k: v for k, v in stored.items() if k not in EXTENSIBLE} == {k: v for k, v in identity.items() if k not in EXTENSIBLE}
+        stored = essential({**ADDED, **json.loads(text)})
+        mine = essential(identity)
+        shared = set(stored) & set(mine)  # a side with nothing quantized does not care how
+        return set(stored) ^ set(mine) <= {"quant_group", "quant_residual"} and all(stored[k] == mine[k] for k in shared)
 
     wanted = json.dumps(identity, indent=2, sort_keys=True)
     config = out / CONFIG
@@ -202,7 +223,7 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
 def own_rows(rows: list[EvalRow], cfg: EvalConfig) -> list[EvalRow]:
     """The rows `cfg` asks for (a directory may hold more, from runs that asked for more)."""
     combos = set(cfg.combos())
-    return [r for r in rows if r.sample < cfg.samples and (r.policy, r.ratio) in combos]
+    return [r for r in rows if r.sample < cfg.samples and (r.policy, r.ratio, r.quant) in combos]
 
 
 def groups(loaded: LoadedModel, cfg: EvalConfig) -> Iterator[list[tuple[int, Case]]]:
@@ -232,11 +253,12 @@ def run_group(
     loaded: LoadedModel,
     group: list[tuple[int, Case]],
     query_aware: bool,
-    combos: list[tuple[str, float]],
+    combos: list[tuple[str, float, str]],
     policies: dict[tuple[str, float], Policy],
     stats: SweepStats,
     prefill_chunk: int | None = None,
     questions: int = 1,
+    specs: dict[str, QuantSpec] | None = None,
 ) -> Iterator[EvalRow]:
     """Prefill each case once with a full recording cache, stack them into one batch, then derive
     and answer every (policy, ratio) for the whole batch. With `prefill_chunk`, every (policy,
@@ -245,7 +267,10 @@ def run_group(
     Prefills run one prompt at a time (the fast causal path, one prompt's memory); derivation and
     decoding run batched. Per-row seconds are the batch's seconds divided by its size; prefill
     seconds are each prompt's own. With `questions` > 1 each compressed context answers that
-    many questions (`followups`), each on its own fork of the compressed cache."""
+    many questions (`followups`), each on its own fork of the compressed cache. `specs` maps each
+    quant mode of `combos` to its QuantSpec ("none" needs none); quantized caches are derived
+    from the same full-precision prefill."""
+    specs = {"none": QuantSpec(), **(specs or {})}
     model, tok = loaded.model, loaded.tokenizer
     every = [followups(c, questions) for _, c in group]  # per sample, its questions' cases
     asked = [[(s, cases[q]) for (s, _), cases in zip(group, every)] for q in range(questions)]
@@ -257,12 +282,14 @@ def run_group(
     compressed = [p.ids if query_aware else p.context_ids for p in prompts]
     size = len(group)
 
-    def prefill_each(policy: Policy, record: bool, chunk: int | None) -> tuple[KVCache, torch.Tensor, list[float], float]:
+    def prefill_each(
+        policy: Policy, record: bool, chunk: int | None, quant: QuantSpec | None = None
+    ) -> tuple[KVCache, torch.Tensor, list[float], float]:
         """Prefill every prompt alone with `policy`, then stack them into one batch; also the
         seconds the policy spent compressing during those prefills."""
         caches, firsts, seconds = [], [], []
         for ids in compressed:
-            cache = KVCache(model, policy, record_prefill=record, tokenizer=tok)
+            cache = KVCache(model, policy, record_prefill=record, tokenizer=tok, quant=quant)
             start = time.perf_counter()
             firsts.append(prefill(model, cache, ids, chunk))
             seconds.append(time.perf_counter() - start)
@@ -276,33 +303,34 @@ def run_group(
         stacked, first_logits, prefill_seconds, _ = prefill_each(make_policy("full"), True, None)
         if stats.per_row_prefill_seconds is None:
             # What the sweep saves: one policy's prefill on its own, measured on one prompt.
-            name, ratio = next((c for c in combos if c[0] != "full"), combos[0])
+            name, ratio, _ = next((c for c in combos if c[0] != "full"), combos[0])
             start = time.perf_counter()
             prefill(model, KVCache(model, policies[(name, ratio)], tokenizer=tok), compressed[0])
             stats.per_row_prefill_seconds = time.perf_counter() - start
             stats.per_row_prefill_policy = f"{name} {ratio:g}"
     prefill_len = torch.tensor([len(ids) for ids in compressed], device=model.device)
-    observed: dict = {}  # shared by one policy's ratios: what it observed of these prefills
-    for name, ratio in combos:
-        policy = policies[(name, ratio)]
+    observed: dict[str, dict] = {}  # per quant mode, shared by one policy's ratios: what it observed of these prefills
+    for name, ratio, mode in combos:
+        policy, spec = policies[(name, ratio)], specs[mode]
         if prefill_chunk is None:
             start = time.perf_counter()
-            cache = stacked.derive(policy, observed)
+            seen = observed.setdefault(mode, {})
+            cache = stacked.derive(policy, seen, spec)
             # Policies that compress after extra passes; passes shared by this policy's ratios are
             # charged to each of them, as each would pay them alone.
-            shared = settle(model, cache, compressed, prefill_len, observed)
+            shared = settle(model, cache, compressed, prefill_len, seen)
             compress_seconds = (time.perf_counter() - start + shared) / size
             logits = first_logits
         else:
             # A chunked prefill depends on the policy (later chunks attend over what was kept):
             # each (policy, ratio) prefills every prompt itself.
-            cache, logits, prefill_seconds, policy_seconds = prefill_each(policy, False, prefill_chunk)
+            cache, logits, prefill_seconds, policy_seconds = prefill_each(policy, False, prefill_chunk, spec)
             compress_seconds = policy_seconds / size
         for question, (asked_q, prompts_q) in enumerate(zip(asked, per_question)):
             # With several questions each answers on a fork: the compressed cache stays as it was.
             answering = cache if questions == 1 else cache.fork()
             yield from answer_group(
-                loaded, answering, asked_q, prompts_q, query_aware, (name, ratio), logits, prefill_len,
+                loaded, answering, asked_q, prompts_q, query_aware, (name, ratio, mode), logits, prefill_len,
                 max_new, (prefill_seconds, compress_seconds), question,
             )  # fmt: skip
 
@@ -313,7 +341,7 @@ def answer_group(
     group: list[tuple[int, Case]],
     prompts: list[Prompt],
     query_aware: bool,
-    combo: tuple[str, float],
+    combo: tuple[str, float, str],
     logits: torch.Tensor,  # (batch, vocab) after each row's compressed part
     prefill_len: torch.Tensor,  # (batch,) rotary position after it
     max_new: int,
@@ -330,6 +358,7 @@ def answer_group(
     outputs = greedy(model, cache, logits, positions, max_new, stop_ids(tok))
     decode_seconds = (time.perf_counter() - start) / size
     held, dense = cache.seq_nbytes().tolist(), cache.seq_dense_nbytes().tolist()
+    bits = cache.seq_bits_per_element().tolist()
     for b, ((sample, case), prompt, tokens) in enumerate(zip(group, prompts, outputs)):
         tokens = tokens[: case.max_new_tokens]
         text = tok.decode(tokens, skip_special_tokens=True)
@@ -352,6 +381,8 @@ def answer_group(
             generated_tokens=len(tokens),
             batch=size,
             question=question,
+            quant=combo[2],
+            bits_per_element=round(bits[b], 3),
         )
 
 
@@ -364,6 +395,9 @@ def run_eval(
 ) -> tuple[list[EvalRow], SweepStats]:
     """Run what `out` does not hold yet; return every row of the configuration and sweep stats."""
     cfg.validate()
+    for spec in cfg.specs().values():
+        if spec.enabled:
+            spec.check_head_dim(head_dim(loaded.model))
     lock = lock_out(out)
     try:
         return _run_locked(loaded, cfg, out, force, on_row)
@@ -377,7 +411,7 @@ def _run_locked(
     rows = prepare_out(out, cfg, force)
     done = {r.key for r in rows}
     combos = cfg.combos()
-    policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r in combos}
+    policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r, _ in combos}
     stats = SweepStats()
     start = time.perf_counter()
     for group in groups(loaded, cfg):
@@ -389,7 +423,7 @@ def _run_locked(
             ]  # fmt: skip
             if not todo:
                 continue
-            for row in run_group(loaded, group, query_aware, todo, policies, stats, cfg.prefill_chunk, cfg.questions):
+            for row in run_group(loaded, group, query_aware, todo, policies, stats, cfg.prefill_chunk, cfg.questions, cfg.specs()):
                 if row.key in done:
                     continue
                 append_row(out / ROWS, row)

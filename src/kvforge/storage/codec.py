@@ -37,11 +37,11 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"quant: unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+            raise ValueError(f"--quant: unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         if not isinstance(self.group, int) or self.group < 1:
-            raise ValueError(f"quant-group must be a positive integer (tokens/channels per group), got {self.group!r}")
+            raise ValueError(f"--quant-group must be a positive integer (tokens/channels per group), got {self.group!r}")
         if not isinstance(self.residual, int) or self.residual < 0:
-            raise ValueError(f"quant-residual must be an integer >= 0 (recent tokens kept in full precision), got {self.residual!r}")
+            raise ValueError(f"--quant-residual must be an integer >= 0 (recent tokens kept in full precision), got {self.residual!r}")
 
     @property
     def enabled(self) -> bool:
@@ -64,7 +64,7 @@ class QuantSpec:
         if head_dim % self.group:
             divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
             raise ValueError(
-                f"quant-group {self.group} does not divide head_dim {head_dim} (values are quantized in "
+                f"--quant-group {self.group} does not divide head_dim {head_dim} (values are quantized in "
                 f"groups of channels); use one of {', '.join(map(str, divisors))}"
             )
         if head_dim * self.bits % 8:
