@@ -349,16 +349,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = split_list(args.policies) if args.policies else methods()
     ratio = None if args.budget is not None else args.ratio
     policies = [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
+    quants = quant_specs(args)
     with err_console.status(f"loading {args.model} on {device} ..."):
         loaded = load_model(args.model, device=device)
     ensure_calibration(loaded, policies)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
-    per_length = len(set(names) | {"full"}) * (2 if args.prefill_chunk else 1) + (0 if args.no_baseline else 1)
+    per_length = len(set(names) | {"full"}) * (2 if args.prefill_chunk else 1) * len(quants) + (0 if args.no_baseline else 1)
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
         bar = progress.add_task("bench", total=len(lengths) * per_length)
         rows = run_bench(
             loaded, lengths, policies, decode_tokens=args.decode_tokens, repeats=args.repeats,
             prefill_chunk=args.prefill_chunk, baseline=not args.no_baseline, on_row=lambda row: progress.advance(bar),
+            quants=quants,
         )  # fmt: skip
         batch_rows = []
         if args.batch_compare:
@@ -471,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--batch-compare", type=positive_int("--batch-compare"), default=None, metavar="B",
                      help="also time decoding B equal prompts against B unequal ones (first length, full + first policy)")
     ben.add_argument("--no-baseline", action="store_true", help="skip the plain transformers DynamicCache row")
+    add_quant_args(ben, many=True)
     ben.add_argument("--decode-tokens", type=int, default=32)
     ben.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
     ben.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -34,6 +34,7 @@ from kvforge.generate import build_prompt, check_chunk, check_length, greedy, pr
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
 from kvforge.policies.registry import make_policy
+from kvforge.storage import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,13 @@ class BenchRow:
     peak_bytes: int  # peak process memory growth during prefill + compression
     peak_source: str  # how peak_bytes was measured (see PEAK_*)
     device: str
+    quant: str = "none"  # how entries are held
+    bits_per_element: float = 0.0  # effective, after the prefill (codes, scales, full-precision tail)
 
     @property
     def label(self) -> str:
-        return self.policy if self.prefill_chunk is None else f"{self.policy} chunk {self.prefill_chunk}"
+        label = self.policy if self.quant == "none" else f"{self.policy} {self.quant}"
+        return label if self.prefill_chunk is None else f"{label} chunk {self.prefill_chunk}"
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -196,13 +200,20 @@ class _Measure:
     peak_cache_bytes: int
     dense_bytes: int
     peak_bytes: int
+    bits_per_element: float = 32.0
 
 
 def _measure_once(
-    loaded: LoadedModel, ids: list[int], policy: Policy, decode_tokens: int, meter: PeakMeter, chunk: int | None
+    loaded: LoadedModel,
+    ids: list[int],
+    policy: Policy,
+    decode_tokens: int,
+    meter: PeakMeter,
+    chunk: int | None,
+    quant: QuantSpec | None = None,
 ) -> _Measure:
     model = loaded.model
-    cache = KVCache(model, policy, tokenizer=loaded.tokenizer)
+    cache = KVCache(model, policy, tokenizer=loaded.tokenizer, quant=quant)
     meter.start()
     start = time.perf_counter()
     logits = prefill(model, cache, ids, chunk)
@@ -211,6 +222,7 @@ def _measure_once(
     peak = meter.stop()
     # Read the sizes before decoding grows the cache.
     sizes = (cache.nbytes, cache.kept_nbytes, cache.peak_nbytes, cache.dense_nbytes)
+    bits = cache.bits_per_element
     compress = cache.policy_seconds
 
     # greedy() runs one forward per token after the first, so decode_tokens + 1 tokens time
@@ -220,7 +232,7 @@ def _measure_once(
     _sync(meter.device)
     decode = time.perf_counter() - start
     del cache, logits
-    return _Measure(prefill_seconds, compress, decode, *sizes, peak)
+    return _Measure(prefill_seconds, compress, decode, *sizes, peak, bits)
 
 
 def _measure_dynamic(loaded: LoadedModel, ids: list[int], decode_tokens: int, meter: PeakMeter) -> _Measure:
@@ -264,6 +276,7 @@ def run_bench(
     prefill_chunk: int | None = None,
     baseline: bool = True,
     on_row: Callable[[BenchRow], None] | None = None,
+    quants: list[QuantSpec] | None = None,
 ) -> list[BenchRow]:
     """Benchmark every policy at every prompt length against the full cache.
 
@@ -271,8 +284,10 @@ def run_bench(
     prefill, then (with `prefill_chunk`) every policy again prefilled chunk by chunk.
     Times are the minimum over `repeats` (the least disturbed run); peak memory is the maximum
     (on CPU, pages still resident from earlier runs can only hide growth, never add it).
-    `on_row` is called with each row as soon as it is measured.
+    `on_row` is called with each row as soon as it is measured. `quants`: every policy once per
+    quantization mode (default: full precision only); the reference stays the full-precision full.
     """
+    specs = quants or [QuantSpec()]
     if not lengths or any(n < 1 for n in lengths):
         raise ValueError(f"lengths={lengths!r} must be a non-empty list of positive token counts")
     if decode_tokens < 1:
@@ -294,19 +309,21 @@ def run_bench(
         _measure_dynamic(loaded, warm, 1, meter)
     for policy in policies:
         for chunk in chunks:
-            _measure_once(loaded, warm, policy, 1, meter, chunk and min(chunk, WARMUP_TOKENS // 2))
+            for spec in specs:
+                _measure_once(loaded, warm, policy, 1, meter, chunk and min(chunk, WARMUP_TOKENS // 2), spec)
 
     rows: list[BenchRow] = []
     for length in lengths:
         ids = bench_ids(loaded, length)
-        jobs: list[tuple[str, float, int | None, Callable[[], _Measure]]] = []
+        jobs: list[tuple[str, float, int | None, str, Callable[[], _Measure]]] = []
         if baseline:
-            jobs.append((DYNAMIC, 0.0, None, lambda: _measure_dynamic(loaded, ids, decode_tokens, meter)))
+            jobs.append((DYNAMIC, 0.0, None, "none", lambda: _measure_dynamic(loaded, ids, decode_tokens, meter)))
         for chunk in chunks:
-            for policy in policies:
-                run = lambda p=policy, c=chunk: _measure_once(loaded, ids, p, decode_tokens, meter, c)  # noqa: E731
-                jobs.append((policy.full_name, policy.ratio, chunk, run))
-        for name, ratio, chunk, run in jobs:
+            for spec in specs:
+                for policy in policies:
+                    run = lambda p=policy, c=chunk, q=spec: _measure_once(loaded, ids, p, decode_tokens, meter, c, q)  # noqa: E731
+                    jobs.append((policy.full_name, policy.ratio, chunk, spec.mode, run))
+        for name, ratio, chunk, mode, run in jobs:
             runs = [run() for _ in range(repeats)]
             decode = min(r.decode_seconds for r in runs)
             row = BenchRow(
@@ -324,6 +341,8 @@ def run_bench(
                 peak_bytes=max(r.peak_bytes for r in runs),
                 peak_source=meter.source,
                 device=str(device),
+                quant=mode,
+                bits_per_element=round(runs[0].bits_per_element, 3),
             )
             log.info(
                 "%d tokens, %s ratio %.3g: prefill %.4fs, %.1f tok/s, cache %d B, peak %d B",
@@ -426,7 +445,7 @@ def ratios_to_full(rows: list[BenchRow]) -> list[dict[str, object]]:
     since the full cache spends no time compressing. Ratios are None where a length has no full
     row or the full value is 0.
     """
-    full = {row.length: row for row in rows if row.policy == FULL and row.prefill_chunk is None}
+    full = {row.length: row for row in rows if row.policy == FULL and row.prefill_chunk is None and row.quant == "none"}
     out: list[dict[str, object]] = []
     for row in rows:
         d = row.to_dict()
@@ -449,7 +468,7 @@ def format_table(rows: list[BenchRow]) -> str:
     the one-shot full cache of the same length."""
     header = [
         "length", "policy", "ratio", "prefill s", "compress s (vs full prefill)",
-        "decode tok/s", "cache MiB", "kept MiB", "peak cache MiB", "peak process MiB",
+        "decode tok/s", "cache MiB", "kept MiB", "bits", "peak cache MiB", "peak process MiB",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row, d in zip(rows, ratios_to_full(rows)):
@@ -462,6 +481,7 @@ def format_table(rows: list[BenchRow]) -> str:
             _cell(row.decode_tokens_per_s, d["decode_tokens_per_s_vs_full"], 1),
             _cell(row.cache_bytes / MIB, d["cache_bytes_vs_full"], 2),
             f"{row.kept_bytes / MIB:.2f}",
+            f"{row.bits_per_element:.2f}",
             _cell(row.peak_cache_bytes / MIB, d["peak_cache_bytes_vs_full"], 2),
             _cell(row.peak_bytes / MIB, d["peak_bytes_vs_full"], 1),
         ]

@@ -39,11 +39,14 @@ import torch
 from kvforge.attention import attend as dense_attend
 from kvforge.attention import attention_probs_sum, causal_allowed
 from kvforge.storage.base import KVStorage, PaddedView, time_ordered
-from kvforge.storage.codec import META_DTYPE, QuantSpec, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from kvforge.storage.codec import (
+    META_DTYPE, QuantSpec, code_values, dequantize_keys, dequantize_values, quantize_keys, quantize_values,
+)  # fmt: skip
 from kvforge.storage.segments import Segments
 
-BLOCK = 1024  # quantized tokens dequantized at once per row
+BLOCK = 4096  # quantized tokens read at once per row (a bounded transient: 4096 x head_dim floats per row)
 QUERY_CHUNK = 128  # queries of a prompt chunk attended at once over the quantized part
+FOLD_QUERIES = 32  # up to this many queries per KV head, scales are folded into the queries
 
 
 def aux_field(name: str) -> str:
@@ -206,36 +209,48 @@ class QuantizedKV(KVStorage):
             yield start, min(start + step, slots)
 
     def _attention(
-        self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
-    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, received: bool
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         """For each chunk of queries: (first query, output (batch, q_heads, c, dim), attention
         received by the quantized slots (batch, heads, Sq) and by the tail slots (batch, heads, St),
-        summed over the chunk's valid queries and averaged over each GQA group)."""
+        summed over the chunk's valid queries and averaged over each GQA group; None unless
+        `received`)."""
         batch, q_heads, t, dim = query.shape
         heads = self.kv_heads
         group = q_heads // heads
         qlen = self.quant.lengths
         q_slots = int(qlen.max())
         q_valid = torch.arange(q_slots, device=self.device) < qlen[..., None]  # (batch, heads, Sq)
+        reader = QuantReader(self) if self._groups_full() else None
+        blocks = list(self._blocks())
         tail_k, tail_v = self.tail.padded("k").float(), self.tail.padded("v").float()
         tail_pos, tail_valid = self.tail.padded("pos"), self.tail.slot_rows()[1]
-        allowed_t = causal_allowed(tail_pos.long(), tail_valid, positions)  # (batch, heads, T, St)
+        # (batch, heads, T, St); one query reads its whole tail (every entry held is in its past)
+        allowed_t = tail_valid[:, :, None] if t == 1 else causal_allowed(tail_pos.long(), tail_valid, positions)
         for first in range(0, t, QUERY_CHUNK):
             last = min(first + QUERY_CHUNK, t)
             c = last - first
             q = query[:, :, first:last].float().reshape(batch, heads, group * c, dim) * scaling
-            parts = [q @ self._quant_keys(a, b).transpose(-1, -2) for a, b in self._blocks()]
-            logits_q = torch.cat(parts, -1).masked_fill_(~q_valid[:, :, None], float("-inf"))
+            if reader is not None:
+                logits_q = torch.cat([reader.logits(q, a, b) for a, b in blocks], -1)
+            else:
+                logits_q = torch.cat([q @ self._quant_keys(a, b).transpose(-1, -2) for a, b in blocks], -1)
+                logits_q.masked_fill_(~q_valid[:, :, None], float("-inf"))
             logits_t = (q @ tail_k.transpose(-1, -2)).view(batch, heads, group, c, -1)
             logits_t = logits_t.masked_fill_(~allowed_t[:, :, None, first:last], float("-inf")).view(batch, heads, group * c, -1)
             probs = torch.softmax(torch.cat([logits_q, logits_t], -1), dim=-1)
             p_q, p_t = probs[..., :q_slots], probs[..., q_slots:]
             out = p_t @ tail_v
-            for a, b in self._blocks():
-                out += p_q[..., a:b] @ self._quant_values(a, b)
-            weight = valid[:, None, None, first:last].float() / group  # (batch, 1, 1, c)
-            rec_q = (p_q.view(batch, heads, group, c, -1) * weight[..., None]).sum((2, 3))
-            rec_t = (p_t.view(batch, heads, group, c, -1) * weight[..., None]).sum((2, 3))
+            for a, b in blocks:
+                if reader is not None:
+                    out += reader.output(p_q[..., a:b], a, b)
+                else:
+                    out += p_q[..., a:b] @ self._quant_values(a, b)
+            rec_q = rec_t = None
+            if received:
+                weight = valid[:, None, None, first:last].float() / group  # (batch, 1, 1, c)
+                rec_q = (p_q.view(batch, heads, group, c, -1) * weight[..., None]).sum((2, 3))
+                rec_t = (p_t.view(batch, heads, group, c, -1) * weight[..., None]).sum((2, 3))
             yield first, out.view(batch, q_heads, c, dim), rec_q, rec_t
 
     def _tail_only(self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -257,9 +272,10 @@ class QuantizedKV(KVStorage):
             out = dense_attend(query, keys, values, allowed, scaling)
             return out.masked_fill(~valid[:, None, :, None], 0.0)
         out = query.new_zeros(query.shape)
-        for first, chunk, rec_q, rec_t in self._attention(query, positions, valid, scaling):
+        for first, chunk, rec_q, rec_t in self._attention(query, positions, valid, scaling, accumulate is not None):
             out[:, :, first : first + chunk.shape[2]] = chunk.to(query.dtype)
             if accumulate is not None:
+                assert rec_t is not None
                 self._add_received(accumulate, rec_q, rec_t)
         return out.masked_fill(~valid[:, None, :, None], 0.0)
 
@@ -270,7 +286,8 @@ class QuantizedKV(KVStorage):
                 allowed = causal_allowed(self.tail.padded("pos").long(), self.tail.slot_rows()[1], positions)
             self._add_received(name, None, attention_probs_sum(query, keys, allowed, valid, scaling))
             return
-        for _, _, rec_q, rec_t in self._attention(query, positions, valid, scaling):
+        for _, _, rec_q, rec_t in self._attention(query, positions, valid, scaling, True):
+            assert rec_t is not None
             self._add_received(name, rec_q, rec_t)
 
     def _add_received(self, name: str, rec_q: torch.Tensor | None, rec_t: torch.Tensor) -> None:
@@ -415,3 +432,56 @@ class QuantizedKV(KVStorage):
         out = first._over(quant, Segments.cat([p.groups for p in qs]), tail, len(qs), first.aux_names)
         out.import_aux({n: (quant.fields[aux_field(n)], tail.fields[aux_field(n)]) for n in first.aux_names})
         return out
+
+
+class QuantReader:
+    """Attention over the quantized part when every row holds the same whole key groups (the
+    codes are dense tensors), without building full-precision K or V for more than a block.
+
+    Keys: a group's per-channel scale s and minimum m fold into the query,
+        q . k_t = (q * s) . code_t + q . m
+    so a block costs one conversion of its codes to float and one matmul per group. Values: a
+    token's per-channel-group scale and minimum fold into its attention probability,
+        sum_t p_t v_t[j] = sum_t (p_t s_tj) code_t[j] + sum_t p_t m_tj
+    With many queries (a prompt chunk) folding would copy the scales per query: the block is
+    dequantized instead."""
+
+    def __init__(self, storage: QuantizedKV) -> None:
+        self.spec = storage.spec
+        g = self.spec.group
+        batch, heads = storage.quant.lengths.shape
+        groups = storage.groups.uniform() or 0
+        self.kc = storage.quant.padded("kc").view(batch, heads, groups, g, -1)  # (b, h, groups, G, code_bytes)
+        self.km = storage.groups.padded("km").float()  # (b, h, groups, fields, dim)
+        self.vc = storage.quant.padded("vc")  # (b, h, n, code_bytes)
+        self.vm = storage.quant.padded("vm").float()  # (b, h, n, fields, dim / group)
+
+    def logits(self, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """q (b, h, Q, dim) scaled queries -> (b, h, Q, stop - start) logits of slots [start, stop)."""
+        g = self.spec.group
+        codes = code_values(self.kc[:, :, start // g : stop // g], self.spec)  # (b, h, nb, G, dim)
+        meta = self.km[:, :, start // g : stop // g]  # (b, h, nb, fields, dim)
+        b, h, nb = codes.shape[:3]
+        if q.shape[2] > FOLD_QUERIES:
+            keys = codes * meta[:, :, :, 0:1] + (meta[:, :, :, 1:2] if self.spec.asymmetric else 0)
+            return q @ keys.view(b, h, nb * g, -1).transpose(-1, -2)
+        folded = q[:, :, None] * meta[:, :, :, None, 0]  # (b, h, nb, Q, dim)
+        logits = folded @ codes.transpose(-1, -2)  # (b, h, nb, Q, G)
+        if self.spec.asymmetric:
+            logits += (meta[:, :, :, 1] @ q.transpose(-1, -2))[..., None]  # (b, h, nb, Q, 1): q . m
+        return logits.transpose(2, 3).reshape(b, h, q.shape[2], nb * g)
+
+    def output(self, probs: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """probs (b, h, Q, stop - start) -> (b, h, Q, dim): their weighted sum of the values."""
+        codes = code_values(self.vc[:, :, start:stop], self.spec)  # (b, h, n, dim)
+        meta = self.vm[:, :, start:stop]  # (b, h, n, fields, groups)
+        if probs.shape[2] > FOLD_QUERIES:
+            return probs @ dequantize_values(self.vc[:, :, start:stop], meta, self.spec)
+        g = self.spec.group
+        parts = []
+        for j in range(meta.shape[-1]):
+            part = (probs * meta[:, :, None, :, 0, j]) @ codes[..., j * g : (j + 1) * g]  # (b, h, Q, G)
+            if self.spec.asymmetric:
+                part += (probs @ meta[:, :, :, 1, j, None])  # (b, h, Q, 1): sum_t p_t m_tj
+            parts.append(part)
+        return torch.cat(parts, -1)
