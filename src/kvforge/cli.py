@@ -319,13 +319,17 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         loaded = load_model(args.model)
     ensure_calibration(loaded, policies)
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context + args.continuation]
-    with err_console.status(f"teacher-forcing {args.continuation} tokens for {len(policies)} policies ..."):
-        results = fidelity(loaded, ids, args.context, policies)
+    quants = quant_specs(args)
+    with err_console.status(f"teacher-forcing {args.continuation} tokens for {len(policies) * len(quants)} caches ..."):
+        results = fidelity(loaded, ids, args.context, policies, quants)
     table = Table(title=f"fidelity to the full cache: {args.context}-token context, {len(ids) - args.context} tokens teacher-forced")
-    for col in ("policy", "ratio", "KL (nats)", "top-1 agree %", "cache MiB", "kept"):
-        table.add_column(col, justify="left" if col == "policy" else "right")
+    for col in ("policy", "ratio", "quant", "KL (nats)", "top-1 agree %", "cache MiB", "kept", "bits"):
+        table.add_column(col, justify="left" if col in ("policy", "quant") else "right")
     for r in results:
-        table.add_row(r.policy, f"{r.ratio:g}", f"{r.kl:.4f}", f"{r.top1_agreement:.1f}", f"{r.cache_bytes / 2**20:.2f}", f"{r.kept_bytes / max(r.dense_bytes, 1):.0%}")
+        table.add_row(
+            r.policy, f"{r.ratio:g}", r.quant, f"{r.kl:.4f}", f"{r.top1_agreement:.1f}", f"{r.cache_bytes / 2**20:.2f}",
+            f"{r.kept_bytes / max(r.dense_bytes, 1):.0%}", f"{r.bits_per_element:.2f}",
+        )  # fmt: skip
     console.print(table)
     if args.json:
         print(json.dumps([r.__dict__ for r in results]))
@@ -487,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--ratios", default="0.5")
     fid.add_argument("--context", type=int, default=1024, help="tokens prefilled and compressed")
     fid.add_argument("--continuation", type=int, default=64, help="tokens teacher-forced after it")
+    add_quant_args(fid, many=True)
     fid.add_argument("--json", action="store_true")
     fid.set_defaults(func=cmd_fidelity)
     return parser

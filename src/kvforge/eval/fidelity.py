@@ -16,6 +16,7 @@ from kvforge.generate import prefill, settle
 from kvforge.models import LoadedModel
 from kvforge.policies import make_policy
 from kvforge.policies.base import Policy
+from kvforge.storage import QuantSpec
 
 
 @dataclass
@@ -25,6 +26,8 @@ class Fidelity:
     kl: float  # mean KL(full || compressed) of the next-token distribution, nats
     top1_agreement: float  # share of positions where both caches predict the same token, 0-100
     positions: int
+    quant: str  # how the entries were held
+    bits_per_element: float  # effective, at the end
     cache_bytes: int  # K/V bytes allocated at the end
     kept_bytes: int  # K/V bytes of the entries kept at the end
     dense_bytes: int
@@ -40,8 +43,11 @@ def teacher_forced_logprobs(model: torch.nn.Module, cache: KVCache, first: torch
 
 
 @torch.inference_mode()
-def fidelity(loaded: LoadedModel, ids: list[int], context_tokens: int, policies: list[Policy]) -> list[Fidelity]:
-    """Score each policy against the full cache on ids[:context_tokens] + the rest, teacher-forced."""
+def fidelity(
+    loaded: LoadedModel, ids: list[int], context_tokens: int, policies: list[Policy], quants: list[QuantSpec] | None = None
+) -> list[Fidelity]:
+    """Score each policy (once per quantization mode of `quants`, default full precision) against
+    the full-precision full cache on ids[:context_tokens] + the rest, teacher-forced."""
     if not 0 < context_tokens < len(ids):
         raise ValueError(f"context of {context_tokens} tokens must be shorter than the text ({len(ids)} tokens)")
     model = loaded.model
@@ -50,8 +56,8 @@ def fidelity(loaded: LoadedModel, ids: list[int], context_tokens: int, policies:
     continuation = ids[context_tokens:]
     reference = teacher_forced_logprobs(model, base.derive(make_policy("full")), first, continuation)
     results = []
-    for policy in policies:
-        cache = base.derive(policy)
+    for spec, policy in ((q, p) for q in (quants or [QuantSpec()]) for p in policies):
+        cache = base.derive(policy, quant=spec)
         settle(model, cache, [ids[:context_tokens]], torch.tensor([context_tokens]))
         logprobs = teacher_forced_logprobs(model, cache, first, continuation)
         kl = (reference.exp() * (reference - logprobs)).sum(-1).clamp(min=0)  # (positions,)
@@ -59,7 +65,7 @@ def fidelity(loaded: LoadedModel, ids: list[int], context_tokens: int, policies:
         results.append(
             Fidelity(
                 policy.full_name, policy.ratio, float(kl.mean()), 100 * float(agree.mean()), len(continuation),
-                cache.nbytes, cache.kept_nbytes, cache.dense_nbytes,
+                spec.mode, cache.bits_per_element, cache.nbytes, cache.kept_nbytes, cache.dense_nbytes,
             )  # fmt: skip
         )
     return results

@@ -15,6 +15,7 @@ tokens is one contiguous (G, code_bytes) block. int8 and fp8 hold one code per b
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -147,11 +148,18 @@ def _quantize(x: torch.Tensor, spec: QuantSpec, axis: int) -> tuple[torch.Tensor
     return codes, meta
 
 
+@functools.cache
+def _fp8_table(device: torch.device) -> torch.Tensor:
+    """(256,) float32: the value of each e4m3 byte (the NaN byte reads 0; it is never written)."""
+    return torch.nan_to_num(torch.arange(256, dtype=torch.uint8, device=device).view(FP8).float())
+
+
 def code_values(packed: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """(..., code_bytes) uint8 -> (..., dim) float32 code values (integers, or decoded e4m3)."""
     if spec.asymmetric:
         return unpack(packed, spec.bits).float()
-    return packed.view(FP8).float()
+    # A table lookup: about twice as fast on CPU as torch's float8 -> float32 conversion.
+    return _fp8_table(packed.device)[packed.long()]
 
 
 def dequantize_keys(packed: torch.Tensor, meta: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
