@@ -10,6 +10,7 @@ from kvforge.calibrate import calibrate
 from kvforge.generate import prefill
 from kvforge.models import load_model
 from kvforge.policies import Policy, all_policies, make_policy
+from kvforge.storage import QuantSpec
 
-__all__ = ["KVCache", "Policy", "calibrate", "enable", "load_model", "all_policies", "make_policy", "prefill"]
+__all__ = ["KVCache", "Policy", "QuantSpec", "calibrate", "enable", "load_model", "all_policies", "make_policy", "prefill"]
 __version__ = "0.1.0"
