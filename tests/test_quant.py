@@ -223,3 +223,24 @@ def test_bad_options_name_the_option(kwargs, field):
 def test_a_group_that_does_not_divide_head_dim_is_refused(tiny_model):
     with pytest.raises(ValueError, match="quant-group 6 does not divide head_dim 16"):
         KVCache(tiny_model, make_policy("full"), quant=QuantSpec("int4", group=6))
+
+
+def test_quantized_modes_share_what_a_policy_observed_of_the_prefill(tiny_model):
+    """A prompt is observed (kvzip's passes included) before it is quantized, so an eval derives
+    every mode from what the first one observed."""
+    from conftest import word_tokenizer
+    from kvforge.generate import settle
+
+    ids, _ = left_padded([30], seed=6)
+    base = KVCache(tiny_model, make_policy("full"), record_prefill=True, tokenizer=word_tokenizer())
+    tiny_model(input_ids=ids, past_key_values=base, use_cache=True)
+    positions = torch.tensor([30])
+    observed: dict = {}
+    for mode in ("int4", "int2", "fp8"):
+        policy = make_policy("kvzip", ratio=0.5, chunk=8)
+        shared = base.derive(policy, observed, QuantSpec(mode, **SPEC))
+        settle(tiny_model, shared, ids.tolist(), positions, observed)
+        alone = base.derive(policy, None, QuantSpec(mode, **SPEC))
+        settle(tiny_model, alone, ids.tolist(), positions)
+        assert [held_positions(a.storage) for a in shared.layers] == [held_positions(b.storage) for b in alone.layers]
+        assert shared.nbytes == alone.nbytes < base.nbytes / 2

@@ -309,12 +309,14 @@ def run_group(
             stats.per_row_prefill_seconds = time.perf_counter() - start
             stats.per_row_prefill_policy = f"{name} {ratio:g}"
     prefill_len = torch.tensor([len(ids) for ids in compressed], device=model.device)
-    observed: dict[str, dict] = {}  # per quant mode, shared by one policy's ratios: what it observed of these prefills
+    # Shared by one policy's ratios: what it observed of these prefills. Quantized modes share it
+    # too (a prompt is observed before it is quantized); its form differs from full precision's.
+    observed: dict[bool, dict] = {}
     for name, ratio, mode in combos:
         policy, spec = policies[(name, ratio)], specs[mode]
         if prefill_chunk is None:
             start = time.perf_counter()
-            seen = observed.setdefault(mode, {})
+            seen = observed.setdefault(spec.enabled, {})
             cache = stacked.derive(policy, seen, spec)
             # Policies that compress after extra passes; passes shared by this policy's ratios are
             # charged to each of them, as each would pay them alone.
