@@ -15,8 +15,14 @@ from kvforge.storage.codec import dequantize_keys, dequantize_values, pack, quan
 from kvforge.storage.quantized import QuantizedKV
 from test_policy_matrix import MATRIX, build, decode, prefill_logits
 
-MODES = ["int8", "int4", "int2", "fp8"]
+CODECS = ["int8", "int4", "int2", "fp8"]
+MODES = [*CODECS, "mixed"]
 SPEC = dict(group=4, residual=4)  # the tiny model's head_dim is 16
+
+
+def spec_of(mode: str) -> QuantSpec:
+    """A spec that quantizes most of the matrix's short prompts: mixed seals 4 groups at a time."""
+    return QuantSpec(mode, group=2, residual=0) if mode == "mixed" else QuantSpec(mode, **SPEC)
 
 
 def max_error_bound(x: torch.Tensor, axis: int, spec: QuantSpec) -> torch.Tensor:
@@ -29,7 +35,7 @@ def max_error_bound(x: torch.Tensor, axis: int, spec: QuantSpec) -> torch.Tensor
     return x.abs() * 2**-4 + peak / 448 * 2**-9 + 1e-3 * x.abs() + 1e-6
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CODECS)
 def test_pack_and_unpack_round_trip(mode):
     spec = QuantSpec(mode)
     codes = torch.randint(0, 1 << min(spec.bits, 8), (5, 64), dtype=torch.uint8)
@@ -38,7 +44,7 @@ def test_pack_and_unpack_round_trip(mode):
     assert torch.equal(unpack(packed, spec.bits), codes)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CODECS)
 def test_round_trip_error_is_bounded_on_random_data(mode):
     spec = QuantSpec(mode, group=32)
     gen = torch.Generator().manual_seed(0)
@@ -54,7 +60,7 @@ def test_round_trip_error_is_bounded_on_random_data(mode):
     assert bool(((dequantize_values(codes, meta, spec) - values).abs() <= bound).all())
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", CODECS)
 def test_round_trip_error_on_real_model_keys_and_values(default_model, mode):
     model, tok = default_model.model, default_model.tokenizer
     text = "The special magic number for Lima is 8661386. Remember it well, and the sea is calm. " * 6
@@ -83,7 +89,7 @@ def test_packed_bytes_are_exact():
     storage.append(torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16), torch.arange(n), torch.ones(1, n, dtype=torch.bool))
     storage.seal()
     # 27 = 16 quantized (two key groups of 8) + 11 in the tail (>= residual 4, < 4 + 8).
-    assert storage.quant.lengths.tolist() == [[16, 16]] and storage.tail.lengths.tolist() == [[11, 11]]
+    assert storage.parts[0].quant.lengths.tolist() == [[16, 16]] and storage.tail.lengths.tolist() == [[11, 11]]
     codes = 16 * 16 * 4 // 8  # 16 entries x 16 channels x 4 bits, for K and again for V
     value_meta = 16 * 2 * (16 // 8) * 2  # per entry: scale and minimum per 8 channels, float16
     key_meta = 2 * 2 * 16 * 2  # per group: scale and minimum per channel, float16
@@ -102,7 +108,7 @@ def test_residual_window_across_group_boundaries():
         storage.append(keys[:, :, t : t + 1], keys[:, :, t : t + 1], torch.tensor([t]), torch.ones(1, 1, dtype=torch.bool))
         storage.seal()
         held, tail = t + 1, int(storage.tail.lengths)
-        assert int(storage.quant.lengths) % 4 == 0
+        assert int(storage.parts[0].quant.lengths) % 4 == 0
         assert min(held, 3) <= tail < 3 + 4  # the recent entries stay exact
         view = storage.view()
         torch.testing.assert_close(view.keys[0, 0, held - tail : held], keys[0, 0, held - tail : held])
@@ -115,7 +121,7 @@ def test_eviction_inside_a_key_group_is_exact_and_frees_codes():
     n = 12
     storage.append(torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16), torch.arange(n), torch.ones(1, n, dtype=torch.bool))
     storage.seal()
-    assert storage.tail.entries == 0 and storage.groups.lengths.tolist() == [[3, 3]]
+    assert storage.tail.entries == 0 and storage.parts[0].groups.lengths.tolist() == [[3, 3]]
     before = storage.view()
     before_keys, before_values = before.keys, before.values  # (views build K/V on first use)
     before_bytes = storage.allocated_nbytes
@@ -125,8 +131,8 @@ def test_eviction_inside_a_key_group_is_exact_and_frees_codes():
     storage.keep(before, index, mask)
     after = storage.view()
     assert storage.lengths.tolist() == [[3, 4]]
-    assert storage.groups.lengths.tolist() == [[2, 1]]  # group 1 of head 0 emptied and left
-    assert storage.groups.fields["count"].tolist() == [2, 1, 4]
+    assert storage.parts[0].groups.lengths.tolist() == [[2, 1]]  # group 1 of head 0 emptied and left
+    assert storage.parts[0].groups.fields["count"].tolist() == [2, 1, 4]
     assert after.positions[0, 0, :3].tolist() == [1, 2, 9]
     # Kept entries dequantize exactly as before: no requantization.
     torch.testing.assert_close(after.keys[0, 0, :3], before_keys[0, 0, [1, 2, 9]])
@@ -159,7 +165,7 @@ def test_every_policy_composes_with_every_mode(tiny_model, row, mode):
     ids, mask = left_padded([24, 17])
     policy = build(row, 0.5) if row.name == "full" else build(row, 0.5, evict_every=2)
     plain, logits = prefill_logits(tiny_model, policy, ids, mask)
-    quant, q_logits = prefill_logits(tiny_model, policy, ids, mask, quant=QuantSpec(mode, **SPEC))
+    quant, q_logits = prefill_logits(tiny_model, policy, ids, mask, quant=spec_of(mode))
     assert [held_positions(a.storage) for a in plain.layers] == [held_positions(b.storage) for b in quant.layers]
     assert quant.nbytes < plain.nbytes
     decode(tiny_model, plain, logits, ids.shape[1], 5)
@@ -174,7 +180,7 @@ def test_every_policy_composes_with_every_mode(tiny_model, row, mode):
 @pytest.mark.parametrize("row", [r for r in MATRIX if r.name in ("full", "knorm", "h2o", "adakv:snapkv", "kvzip")], ids=lambda r: r.name)
 def test_each_sequence_of_a_batch_is_quantized_on_its_own(tiny_model, row, mode):
     lengths = [24, 17]
-    spec = QuantSpec(mode, **SPEC)
+    spec = spec_of(mode)
     batch, _ = prefill_logits(tiny_model, build(row, 0.5), *left_padded(lengths), quant=spec)
     width = max(lengths)
     for b, n in enumerate(lengths):
@@ -236,11 +242,50 @@ def test_quantized_modes_share_what_a_policy_observed_of_the_prefill(tiny_model)
     tiny_model(input_ids=ids, past_key_values=base, use_cache=True)
     positions = torch.tensor([30])
     observed: dict = {}
-    for mode in ("int4", "int2", "fp8"):
+    for mode in ("int4", "int2", "fp8", "mixed"):
         policy = make_policy("kvzip", ratio=0.5, chunk=8)
-        shared = base.derive(policy, observed, QuantSpec(mode, **SPEC))
+        shared = base.derive(policy, observed, spec_of(mode))
         settle(tiny_model, shared, ids.tolist(), positions, observed)
-        alone = base.derive(policy, None, QuantSpec(mode, **SPEC))
+        alone = base.derive(policy, None, spec_of(mode))
         settle(tiny_model, alone, ids.tolist(), positions)
         assert [held_positions(a.storage) for a in shared.layers] == [held_positions(b.storage) for b in alone.layers]
         assert shared.nbytes == alone.nbytes < base.nbytes / 2
+
+
+def test_mixed_holds_the_entries_that_matter_most_with_more_bits():
+    spec = QuantSpec("mixed", group=4, residual=0, split=0.25)
+    assert spec.batch == (4, 1)  # four key groups sealed at once: one int4, three int2
+    storage = QuantizedKV(1, 2, 16, torch.float32, torch.device("cpu"), (), spec)
+    assert storage.wants_importance
+    n = 32
+    keys, values = torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+    storage.append(keys, values, torch.arange(n), torch.ones(1, n, dtype=torch.bool))
+    important = torch.zeros(1, 2, n)
+    chosen = [1, 3, 5, 9, 16, 20, 27, 31]  # four of each 16 sealed at once
+    important[..., chosen] = 1.0
+    storage.seal(lambda: important)
+    high, low = storage.parts
+    assert high.spec.mode == "int4" and low.spec.mode == "int2"
+    assert high.quant.lengths.tolist() == [[8, 8]] and low.quant.lengths.tolist() == [[24, 24]]
+    assert storage.tail.entries == 0
+    assert high.quant.padded("pos")[0, 0].tolist() == chosen  # in time order within the part
+    view = storage.view()
+    assert view.positions[0, 0].tolist() == list(range(n))  # the view interleaves them in time
+    err = (view.keys - keys).abs().amax(-1)[0, 0]  # per entry
+    span = keys.amax() - keys.amin()
+    assert float(err[chosen].max()) <= float(span) / 15  # int4 steps
+    assert float(err.max()) <= float(span) / 3  # int2 steps
+    per_entry_4, per_entry_2 = 2 * 16 * 4 // 8 + 2 * 2 * (16 // 4), 2 * 16 * 2 // 8 + 2 * 2 * (16 // 4)
+    per_group = 2 * 16 * 2
+    assert storage.allocated_nbytes == 2 * (8 * per_entry_4 + 24 * per_entry_2 + 8 * per_group)
+
+
+def test_mixed_bytes_lie_between_int2_and_int4():
+    held = {}
+    for mode in ("int4", "mixed", "int2"):
+        storage = QuantizedKV(1, 2, 16, torch.float32, torch.device("cpu"), (), QuantSpec(mode, group=4, residual=0))
+        storage.append(torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), torch.arange(64), torch.ones(1, 64, dtype=torch.bool))
+        storage.seal()  # mixed without an importance: the smaller the key norm, the more it matters
+        assert storage.tail.entries == 0
+        held[mode] = storage.allocated_nbytes
+    assert held["int2"] < held["mixed"] < held["int4"]

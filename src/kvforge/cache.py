@@ -175,7 +175,7 @@ class KVForgeLayer(CacheLayerMixin):
         # A recorded prefill stays as it was stored until each derived cache compresses it; a
         # deferring policy's chunk waits for its compression (KVCache.compress).
         if not recording and not (mode == PREFILL and self.policy.defers):
-            self.seal()
+            self.seal(query, positions, new_valid, scaling)
         self.seen += t
         self.chunks += 1
         return out
@@ -207,11 +207,32 @@ class KVForgeLayer(CacheLayerMixin):
         self.policy_seconds += time.perf_counter() - start
         return out
 
-    def seal(self) -> None:
-        """Let the storage convert what this chunk left (quantize it), then count its bytes."""
-        if self.storage is not None:
-            self.storage.seal()
-            self.held.update(self.layer_idx, self.storage.allocated_nbytes)
+    def seal(
+        self,
+        query: torch.Tensor | None = None,  # (batch, q_heads, T, head_dim): the chunk's, when there is one
+        positions: torch.Tensor | None = None,  # (T,)
+        valid: torch.Tensor | None = None,  # (batch, T)
+        scaling: float = 1.0,
+    ) -> None:
+        """Let the storage convert what this chunk left (quantize it), then count its bytes. A
+        storage that holds what matters more with more bits asks the policy (`Policy.importance`)."""
+        storage = self.storage
+        if storage is None:
+            return
+        importance = None
+        if storage.wants_importance:
+            device = storage.device
+            ctx = StepContext(
+                self.layer_idx, storage, query,
+                positions if positions is not None else torch.zeros(0, dtype=torch.long, device=device),
+                valid if valid is not None else torch.zeros(storage.batch, 0, dtype=torch.bool, device=device),
+                scaling, num_layers=self.num_layers, calibration=self.calibration, state=self.policy_state,
+            )  # fmt: skip
+            # Keep-all budgets: a score that depends on the budget (H2O's recent window) is defined.
+            ctx.budget = ctx.target = storage.lengths.to(device)
+            importance = lambda: self.policy.importance(ctx)  # noqa: E731
+        storage.seal(importance)
+        self.held.update(self.layer_idx, storage.allocated_nbytes)
 
     def deferred_context(self) -> StepContext | None:
         """A context for compressing what is held now, after the fact (no queries), its `target`
@@ -467,7 +488,7 @@ class KVCache(Cache):
             layer._act(record.query, record.positions, record.valid, record.scaling, PREFILL, added, shared)
             layer.chunks = 1
             if not policy.defers:
-                layer.seal()
+                layer.seal(record.query, record.positions, record.valid, record.scaling)
         return derived
 
     def fork(self) -> KVCache:

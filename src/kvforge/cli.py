@@ -72,13 +72,16 @@ def add_quant_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
                         help="tokens per key group and channels per value group (must divide head_dim; default 32)")
     parser.add_argument("--quant-residual", type=int, default=128, metavar="R",
                         help="recent tokens per row kept in full precision (default 128)")
+    parser.add_argument("--quant-split", type=float, default=0.25, metavar="F",
+                        help="mixed: the fraction of entries held in int4, those the policy scores highest "
+                             "(the others in int2; default 0.25)")
 
 
 def quant_specs(args: argparse.Namespace) -> list[Any]:
     """The QuantSpec of each mode --quant names (validated: a bad value names its option)."""
     from kvforge.storage import QuantSpec
 
-    return [QuantSpec(mode, args.quant_group, args.quant_residual) for mode in split_list(args.quant)]
+    return [QuantSpec(mode, args.quant_group, args.quant_residual, args.quant_split) for mode in split_list(args.quant)]
 
 
 def quant_spec(args: argparse.Namespace) -> Any:
@@ -271,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples=args.samples if args.samples is not None else 20, settings=settings, seed=args.seed,
         task_file=args.task_file, batch=args.batch, prefill_chunk=args.prefill_chunk,
         questions=args.questions_per_context, quant=split_list(args.quant),
-        quant_group=args.quant_group, quant_residual=args.quant_residual,
+        quant_group=args.quant_group, quant_residual=args.quant_residual, quant_split=args.quant_split,
     )  # fmt: skip
     cfg.validate()
     with err_console.status(f"loading {args.model} on {args.device} ..."):

@@ -36,7 +36,7 @@ ROWS, CONFIG, SUMMARY = "rows.jsonl", "config.json", "summary.json"
 # Fields a later run may change in the same --out: rows are per sample, policy, ratio and quant.
 EXTENSIBLE = ("samples", "policies", "ratios", "quant")
 # Fields added after runs were written: a stored configuration without them had these values.
-ADDED = {"questions": 1, "quant_group": 32, "quant_residual": 128}
+ADDED = {"questions": 1, "quant_group": 32, "quant_residual": 128, "quant_split": 0.25}
 
 
 @dataclass
@@ -55,6 +55,7 @@ class EvalConfig:
     quant: list[str] = field(default_factory=lambda: ["none"])  # how entries are held: each mode a set of rows
     quant_group: int = 32
     quant_residual: int = 128
+    quant_split: float = 0.25  # mixed: the fraction of entries held in int4
     # Samples decoded together. An execution detail: not part of the configuration's identity.
     batch: int = field(default=8, compare=False)
 
@@ -89,7 +90,7 @@ class EvalConfig:
 
     def specs(self) -> dict[str, QuantSpec]:
         """Each quantization mode of the run, validated (a bad value names its option)."""
-        return {mode: QuantSpec(mode, self.quant_group, self.quant_residual) for mode in self.quant}
+        return {mode: QuantSpec(mode, self.quant_group, self.quant_residual, self.quant_split) for mode in self.quant}
 
     def combos(self) -> list[tuple[str, float, str]]:
         """(policy, ratio, quant) rows of one sample: `full` once per quant mode, every other
@@ -193,15 +194,18 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
 
     def essential(config: dict) -> dict:
         ignored = set(EXTENSIBLE)
-        if set(config.get("quant", ["none"])) == {"none"}:
+        modes = set(config.get("quant", ["none"]))
+        if modes == {"none"}:
             ignored |= {"quant_group", "quant_residual"}  # nothing was quantized
+        if "mixed" not in modes:
+            ignored.add("quant_split")
         return {k: v for k, v in config.items() if k not in ignored}
 
     def same(text: str) -> bool:
         stored = essential({**ADDED, **json.loads(text)})
         mine = essential(identity)
-        shared = set(stored) & set(mine)  # a side with nothing quantized does not care how
-        return set(stored) ^ set(mine) <= {"quant_group", "quant_residual"} and all(stored[k] == mine[k] for k in shared)
+        shared = set(stored) & set(mine)  # a side that quantized nothing (or mixed nothing) does not care how
+        return set(stored) ^ set(mine) <= {"quant_group", "quant_residual", "quant_split"} and all(stored[k] == mine[k] for k in shared)
 
     wanted = json.dumps(identity, indent=2, sort_keys=True)
     config = out / CONFIG

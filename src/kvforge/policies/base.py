@@ -202,6 +202,18 @@ class Policy:
         """(batch, kv_heads, slots) importance of each held entry; higher is kept first."""
         raise NotImplementedError(f"policy {self.name!r} defines neither score() nor select()")
 
+    def importance(self, ctx: StepContext) -> torch.Tensor:
+        """(batch, kv_heads, slots) how much each held entry matters, for a storage that holds the
+        entries that matter most with more bits (`--quant mixed`): the policy's own score; for a
+        policy without one (full) or one that cannot score now (its queries are gone after the
+        fact), KNorm's: the smaller an entry's key norm, the more it matters."""
+        if type(self).score is not Policy.score:
+            try:
+                return self.score(ctx)
+            except ValueError:
+                pass
+        return -ctx.view.keys.float().norm(dim=-1)
+
     def select(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Which slots of ctx.view to keep: (index, mask), each (batch, kv_heads, K)."""
         assert ctx.budget is not None

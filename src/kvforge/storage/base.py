@@ -118,9 +118,14 @@ class KVStorage(ABC):
         """(batch,) K/V bytes kept for each sequence."""
         return self.lengths.cpu().sum(1) * self.entry_nbytes
 
-    def seal(self) -> None:
+    # Whether `seal` wants to know how much each entry matters (mixed precision).
+    wants_importance: bool = False
+
+    def seal(self, importance: Callable[[], torch.Tensor] | None = None) -> None:
         """The chunk just appended has been attended and compressed: a layout that holds entries
-        in another form (quantized) converts them now. Nothing to do for full-precision layouts."""
+        in another form (quantized) converts them now. `importance`, where `wants_importance`:
+        (batch, kv_heads, slots) how much each entry `view()` shows matters. Nothing to do for
+        full-precision layouts."""
 
     @property
     @abstractmethod

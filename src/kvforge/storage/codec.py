@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("none", "int8", "int4", "int2", "fp8")
+MODES = ("none", "int8", "int4", "int2", "fp8", "mixed")
+MIXED = ("int4", "int2")  # the bits of `mixed`: entries that matter most, the others (as ZipCache)
 BITS = {"int8": 8, "int4": 4, "int2": 2, "fp8": 8}
 META_DTYPE = torch.float16  # scales and minimums: KIVI keeps them in half precision too
 FP8 = torch.float8_e4m3fn
@@ -30,11 +31,14 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 @dataclass(frozen=True)
 class QuantSpec:
     """How kept entries are held: `mode` (see MODES), `group` (tokens per key group, channels per
-    value group) and `residual` (the most recent tokens of each row kept in full precision)."""
+    value group), `residual` (the most recent tokens of each row kept in full precision) and, for
+    `mixed`, `split`: the fraction of entries held in int4 (those the policy scores highest; the
+    others in int2), rounded to the nearest fraction with a denominator of at most 8."""
 
     mode: str = "none"
     group: int = 32
     residual: int = 128
+    split: float = 0.25
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -43,6 +47,24 @@ class QuantSpec:
             raise ValueError(f"--quant-group must be a positive integer (tokens/channels per group), got {self.group!r}")
         if not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"--quant-residual must be an integer >= 0 (recent tokens kept in full precision), got {self.residual!r}")
+        if not 0 < self.split < 1:
+            raise ValueError(f"--quant-split {self.split!r} is outside (0, 1): the fraction of entries held with more bits")
+
+    @property
+    def parts(self) -> list[QuantSpec]:
+        """One spec per bit width the entries are held in, most bits first."""
+        if self.mode != "mixed":
+            return [self]
+        return [QuantSpec(mode, self.group, self.residual) for mode in MIXED]
+
+    @property
+    def batch(self) -> tuple[int, int]:
+        """(key groups quantized at once per row, how many of them in the first part): `mixed`
+        splits each batch by importance, whole groups to each part."""
+        if self.mode != "mixed":
+            return 1, 1
+        k, high = min(((k, h) for k in range(2, 9) for h in range(1, k)), key=lambda kh: (abs(self.split - kh[1] / kh[0]), kh[0]))
+        return k, high
 
     @property
     def enabled(self) -> bool:
@@ -50,7 +72,7 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
-        return BITS[self.mode]
+        return BITS[self.mode]  # (not for `mixed`: see `parts`)
 
     @property
     def asymmetric(self) -> bool:
@@ -62,6 +84,10 @@ class QuantSpec:
         return 2 if self.asymmetric else 1
 
     def check_head_dim(self, head_dim: int) -> None:
+        if self.mode == "mixed":
+            for part in self.parts:
+                part.check_head_dim(head_dim)
+            return
         if head_dim % self.group:
             divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
             raise ValueError(

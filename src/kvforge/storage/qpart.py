@@ -1,0 +1,181 @@
+"""The quantized entries of one bit width, for the quantized layout (`quantized.py`).
+
+    quant   kc (N, code_bytes) uint8   vc (N, code_bytes) uint8   vm (N, fields, head_dim / group) f16
+            pos (N,) int32   aux:<name> (N,) f32
+    groups  km (NG, fields, head_dim) f16: per-channel scale (and minimum) of one key group
+            count (NG,) int32: entries of the group still held
+
+Both are flat ragged tensors (`Segments`), rows in order. A key group's entries are `count`
+consecutive rows of kc (a contiguous block a kernel can read with its scale row beside it).
+Every operation builds new tensors, so two storages may share a part (copy on write).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvforge.storage.codec import (
+    META_DTYPE, QuantSpec, code_values, dequantize_keys, dequantize_values, quantize_keys, quantize_values,
+)  # fmt: skip
+from kvforge.storage.segments import Segments
+
+FOLD_QUERIES = 32  # up to this many queries per KV head, scales are folded into the queries
+
+
+def aux_field(name: str) -> str:
+    return f"aux:{name}"
+
+
+@dataclass
+class Part:
+    spec: QuantSpec  # one bit width (never `mixed`)
+    quant: Segments
+    groups: Segments
+
+    @classmethod
+    def empty(cls, spec: QuantSpec, batch: int, kv_heads: int, head_dim: int, aux_names: tuple[str, ...], device: torch.device) -> Part:
+        cb, fields = spec.code_bytes(head_dim), spec.meta_fields
+        quant = Segments.empty(batch, kv_heads, {
+            "kc": ((cb,), torch.uint8), "vc": ((cb,), torch.uint8), "vm": ((fields, head_dim // spec.group), META_DTYPE),
+            "pos": ((), torch.int32), **{aux_field(n): ((), torch.float32) for n in aux_names},
+        }, device)  # fmt: skip
+        groups = Segments.empty(batch, kv_heads, {"km": ((fields, head_dim), META_DTYPE), "count": ((), torch.int32)}, device)
+        return cls(spec, quant, groups)
+
+    # --- sizes -------------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Codes, value scales and minimums, key scales and minimums."""
+        return sum(self.quant.fields[n].nbytes for n in ("kc", "vc", "vm")) + self.groups.fields["km"].nbytes
+
+    def seq_nbytes(self) -> torch.Tensor:
+        """(batch,) the bytes `nbytes` counts, per sequence."""
+        per_entry = sum(self.quant.fields[n][0:1].nbytes for n in ("kc", "vc", "vm")) if self.quant.entries else 0
+        per_group = self.groups.fields["km"][0:1].nbytes if self.groups.entries else 0
+        return (self.quant.lengths * per_entry + self.groups.lengths * per_group).sum(1).cpu()
+
+    @property
+    def meta_nbytes(self) -> int:
+        state = sum(t.nbytes for n, t in self.quant.fields.items() if n == "pos" or n.startswith("aux:"))
+        return state + self.groups.fields["count"].nbytes + self.quant.lengths.nbytes + self.groups.lengths.nbytes
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def add(self, block: dict[str, torch.Tensor], counts: torch.Tensor) -> Part:
+        """Quantize each row's first counts[b, h] entries of `block` (name -> (batch, heads, W, ...),
+        W a multiple of the group, counts too) into whole key groups appended to the row."""
+        g = self.spec.group
+        batch, heads, width = block["k"].shape[:3]
+        keys = block["k"].reshape(batch, heads, width // g, g, -1)
+        kc, km = quantize_keys(keys, self.spec)  # (b, h, W/G, G, cb), (b, h, W/G, fields, dim)
+        vc, vm = quantize_values(block["v"], self.spec)
+        rest = {n: t for n, t in block.items() if n not in ("k", "v")}
+        quant = self.quant.extend({"kc": kc.flatten(2, 3), "vc": vc, "vm": vm, **rest}, counts)
+        count = torch.full((batch, heads, width // g), g, dtype=torch.int32, device=keys.device)
+        return Part(self.spec, quant, self.groups.extend({"km": km, "count": count}, counts // g))
+
+    def entry_group(self) -> torch.Tensor:
+        """(N,) the flat group of each entry."""
+        counts = self.groups.fields["count"].long()
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+    def select(self, rows: torch.Tensor, lengths: torch.Tensor) -> Part:
+        """Keep the entries at flat `rows` (in order), `lengths` per row. Exact: an entry's codes
+        and value scales go with it; a key group's scale stays until its last entry is gone."""
+        counts = torch.bincount(self.entry_group().index_select(0, rows), minlength=self.groups.entries)
+        alive = counts > 0
+        rows_of_groups = self.groups.lengths.numel()
+        owner = torch.repeat_interleave(torch.arange(rows_of_groups, device=rows.device), self.groups.lengths.flatten())
+        group_len = torch.bincount(owner[alive], minlength=rows_of_groups).view_as(self.groups.lengths)
+        groups = self.groups.with_fields(count=counts.to(torch.int32)).select(alive.nonzero().flatten(), group_len)
+        return Part(self.spec, self.quant.select(rows, lengths), groups)
+
+    def with_values(self, rows: torch.Tensor, values: torch.Tensor) -> Part:
+        """The values of flat `rows` replaced by (M, dim) `values`, requantized (per token)."""
+        vc, vm = quantize_values(values.float(), self.spec)
+        fields = self.quant.fields
+        quant = self.quant.with_fields(vc=fields["vc"].index_put((rows,), vc), vm=fields["vm"].index_put((rows,), vm))
+        return Part(self.spec, quant, self.groups)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def dense(self) -> bool:
+        """Every row holds the same number of whole groups: the codes are a dense
+        (batch, heads, groups, group, code_bytes) tensor and `Reader` applies."""
+        return (
+            self.quant.uniform() is not None
+            and self.groups.uniform() is not None
+            and bool((self.groups.fields["count"] == self.spec.group).all())
+        )
+
+    def keys(self, start: int, stop: int) -> torch.Tensor:
+        """(batch, heads, stop - start, dim) float32 keys of padded slots [start, stop)."""
+        batch, heads = self.quant.lengths.shape
+        rows, valid = self.quant.slot_rows()
+        rows, valid = rows[:, :, start:stop], valid[:, :, start:stop]
+        flat = rows[valid]
+        meta = self.groups.fields["km"].index_select(0, self.entry_group().index_select(0, flat))  # (n, fields, dim)
+        keys = dequantize_keys(self.quant.fields["kc"].index_select(0, flat)[:, None], meta, self.spec)[:, 0]
+        out = keys.new_zeros(batch, heads, stop - start, keys.shape[-1])
+        out[valid] = keys
+        return out
+
+    def values(self, start: int, stop: int) -> torch.Tensor:
+        """(batch, heads, stop - start, dim) float32 values of padded slots [start, stop)."""
+        vc = self.quant.padded("vc")[:, :, start:stop]
+        return dequantize_values(vc, self.quant.padded("vm")[:, :, start:stop], self.spec)
+
+
+class Reader:
+    """Attention over a dense part (`Part.dense`) without building full-precision K or V for
+    more than a block.
+
+    Keys: a group's per-channel scale s and minimum m fold into the query,
+        q . k_t = (q * s) . code_t + q . m
+    so a block costs one conversion of its codes to float and one matmul per group. Values: a
+    token's per-channel-group scale and minimum fold into its attention probability,
+        sum_t p_t v_t[j] = sum_t (p_t s_tj) code_t[j] + sum_t p_t m_tj
+    With many queries (a prompt chunk) folding would copy the scales per query: the block is
+    dequantized instead."""
+
+    def __init__(self, part: Part) -> None:
+        self.spec = spec = part.spec
+        batch, heads = part.quant.lengths.shape
+        groups = part.groups.uniform() or 0
+        self.kc = part.quant.padded("kc").view(batch, heads, groups, spec.group, -1)  # (b, h, groups, G, code_bytes)
+        self.km = part.groups.padded("km").float()  # (b, h, groups, fields, dim)
+        self.vc = part.quant.padded("vc")  # (b, h, n, code_bytes)
+        self.vm = part.quant.padded("vm").float()  # (b, h, n, fields, dim / group)
+
+    def logits(self, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """q (b, h, Q, dim) scaled queries -> (b, h, Q, stop - start) logits of slots [start, stop)."""
+        g = self.spec.group
+        codes = code_values(self.kc[:, :, start // g : stop // g], self.spec)  # (b, h, nb, G, dim)
+        meta = self.km[:, :, start // g : stop // g]  # (b, h, nb, fields, dim)
+        b, h, nb = codes.shape[:3]
+        if q.shape[2] > FOLD_QUERIES:
+            keys = codes * meta[:, :, :, 0:1] + (meta[:, :, :, 1:2] if self.spec.asymmetric else 0)
+            return q @ keys.view(b, h, nb * g, -1).transpose(-1, -2)
+        folded = q[:, :, None] * meta[:, :, :, None, 0]  # (b, h, nb, Q, dim)
+        logits = folded @ codes.transpose(-1, -2)  # (b, h, nb, Q, G)
+        if self.spec.asymmetric:
+            logits += (meta[:, :, :, 1] @ q.transpose(-1, -2))[..., None]  # (b, h, nb, Q, 1): q . m
+        return logits.transpose(2, 3).reshape(b, h, q.shape[2], nb * g)
+
+    def output(self, probs: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """probs (b, h, Q, stop - start) -> (b, h, Q, dim): their weighted sum of the values."""
+        codes = code_values(self.vc[:, :, start:stop], self.spec)  # (b, h, n, dim)
+        meta = self.vm[:, :, start:stop]  # (b, h, n, fields, groups)
+        if probs.shape[2] > FOLD_QUERIES:
+            return probs @ dequantize_values(self.vc[:, :, start:stop], meta, self.spec)
+        g = self.spec.group
+        parts = []
+        for j in range(meta.shape[-1]):
+            part = (probs * meta[:, :, None, :, 0, j]) @ codes[..., j * g : (j + 1) * g]  # (b, h, Q, G)
+            if self.spec.asymmetric:
+                part += probs @ meta[:, :, :, 1, j, None]  # (b, h, Q, 1): sum_t p_t m_tj
+            parts.append(part)
+        return torch.cat(parts, -1)
