@@ -573,15 +573,17 @@ class KVCache(Cache):
         )
 
     @classmethod
-    def stack(cls, bases: list[KVCache]) -> KVCache:
-        """One batched cache from single-sequence caches of one policy, as if the prompts had been
-        prefilled together left-padded: positions shift right by each prompt's padding.
+    def stack(cls, bases: list[KVCache], take: bool = False) -> KVCache:
+        """One batched cache from the sequences of `bases` (caches of one policy, each of any batch
+        size), as if the prompts had been prefilled together left-padded: positions shift right by
+        each prompt's padding. With `take` the bases are consumed (what they own moves, nothing is
+        copied): a running batch takes in a newly prefilled request.
 
         Prefilling one prompt at a time keeps the fast causal attention path and the memory of one
         prompt; the stacked cache then decodes the whole batch (and, for recorded full prefills,
         derives every policy for it)."""
-        if not bases or any(len(b.kept_lengths(0)) != 1 for b in bases):
-            raise ValueError("stack() takes single-sequence caches")
+        if not bases or any(b.layers[0].storage is None for b in bases):
+            raise ValueError("stack() takes caches that hold something (prefill them first)")
         if any(b.policy != bases[0].policy or (b.layout, b.quant) != (bases[0].layout, bases[0].quant) for b in bases):
             raise ValueError("stack() takes caches of one policy, one layout and one quantization")
         first = bases[0]
@@ -591,11 +593,16 @@ class KVCache(Cache):
         for i, layer in enumerate(stacked.layers):
             parts = [b.layers[i] for b in bases]
             pads = [width - p.seen for p in parts]
-            layer.storage = type(parts[0].storage).stack([p.storage for p in parts], pads)
+            layer.storage = type(parts[0].storage).stack([p.storage for p in parts], pads, take)
             layer.is_initialized = True
             layer.dtype, layer.device = parts[0].dtype, parts[0].device
             layer.seen, layer.chunks = width, parts[0].chunks
             layer.tokens = torch.cat([p.tokens for p in parts])
+            if any(p.decode_budget is not None for p in parts):
+                # A part not decoding yet holds its prompt's size, as its first step would set.
+                layer.decode_budget = torch.cat(
+                    [p.decode_budget if p.decode_budget is not None else p.storage.lengths.clamp(min=1) for p in parts]
+                )
             # Per-sequence policy values (first dimension: batch) are stacked like the sequences.
             layer.policy_state = {k: torch.cat([p.policy_state[k] for p in parts]) for k in parts[0].policy_state}
             stacked.held.update(i, layer.storage.allocated_nbytes)
@@ -608,6 +615,24 @@ class KVCache(Cache):
             valid = torch.cat([F.pad(r.valid, (pad, 0)) for r, pad in zip(records, pads)])
             layer.prefill_record = PrefillRecord(query, torch.arange(width, device=query.device), valid, records[0].scaling)
         return stacked
+
+    def select(self, sequences: list[int]) -> KVCache:
+        """A cache of only these sequences, in this order; this cache is consumed (finished
+        requests leave a running batch, their memory freed)."""
+        kept = KVCache._empty(self.policy, self.num_layers, self.layout, self.model_fingerprint, self.quant)
+        kept.tokenizer = self.tokenizer
+        for i, (layer, out) in enumerate(zip(self.layers, kept.layers)):
+            if layer.storage is None or layer.tokens is None:
+                continue
+            out.storage = layer.storage.select(sequences)
+            out.is_initialized, out.dtype, out.device = True, layer.dtype, layer.device
+            out.seen, out.chunks, out.tokens = layer.seen, layer.chunks, layer.tokens[sequences]
+            if layer.decode_budget is not None:
+                out.decode_budget = layer.decode_budget[sequences]
+            out.policy_state = {k: v[sequences] for k, v in layer.policy_state.items()}
+            out.calibration, out.policy_seconds = layer.calibration, layer.policy_seconds
+            kept.held.update(i, out.storage.allocated_nbytes)
+        return kept
 
     @property
     def meta_nbytes(self) -> int:

@@ -69,6 +69,15 @@ def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+def sequence_rows(lengths: torch.Tensor, sequences: list[int]) -> torch.Tensor:
+    """Flat entry indices of the given sequences, in order, for entries laid out row after row
+    (row b * kv_heads + h holds lengths[b, h] of them): (M,) int64."""
+    offsets = exclusive_cumsum(lengths.flatten()).view_as(lengths)[sequences].flatten()
+    counts = lengths[sequences].flatten()
+    starts = torch.repeat_interleave(offsets - exclusive_cumsum(counts), counts)
+    return starts + torch.arange(int(counts.sum()), device=lengths.device)
+
+
 def time_ordered(index: torch.Tensor, keep_mask: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort chosen slots into time order; unused columns go to the end.
 
@@ -213,6 +222,13 @@ class KVStorage(ABC):
 
     @classmethod
     @abstractmethod
-    def stack(cls, parts: list[KVStorage], shifts: list[int]) -> KVStorage:
-        """One batched storage from single-sequence ones; sequence i's positions move right by
-        shifts[i] (the left padding it would have had in a batch)."""
+    def stack(cls, parts: list[KVStorage], shifts: list[int], take: bool = False) -> KVStorage:
+        """One batched storage from the sequences of `parts` (each of any batch size), in order;
+        part i's positions move right by shifts[i] (the left padding it would have had in a
+        batch). With `take` the parts are consumed (never used again): what they own becomes the
+        result's, so nothing is copied on the next write."""
+
+    @abstractmethod
+    def select(self, sequences: list[int]) -> KVStorage:
+        """A storage holding only these sequences, in this order (this one is consumed): a
+        sequence leaves a running batch without touching the others."""

@@ -433,14 +433,14 @@ class InPlaceKV(KVStorage):
         return other
 
     @classmethod
-    def stack(cls, parts: list[KVStorage], shifts: list[int]) -> InPlaceKV:
-        if not all(isinstance(p, InPlaceKV) and p.batch == 1 for p in parts):
-            raise ValueError("InPlaceKV.stack takes single-sequence InPlaceKV storages")
+    def stack(cls, parts: list[KVStorage], shifts: list[int], take: bool = False) -> InPlaceKV:
+        if not all(isinstance(p, InPlaceKV) for p in parts):
+            raise ValueError("InPlaceKV.stack takes InPlaceKV storages")
         first = parts[0]
         assert isinstance(first, InPlaceKV)
         out = first._borrowing(first.aux_names)
-        out.batch = len(parts)
-        out.k, out.v, out.pos, out.len, out.slab = [], [], [], [], []
+        out.batch = sum(p.batch for p in parts)  # type: ignore[attr-defined]
+        out.k, out.v, out.pos, out.len, out.slab, out.owned = [], [], [], [], [], []
         out.aux = {name: [] for name in first.aux}
         for part, shift in zip(parts, shifts):
             assert isinstance(part, InPlaceKV)
@@ -448,9 +448,20 @@ class InPlaceKV(KVStorage):
             out.k += part.k
             out.v += part.v
             out.len += part.len
-            # Positions are rewritten (a small int32 copy); K/V stay borrowed.
+            # Borrowed rows are copied before their first write; taken ones stay as they were.
+            out.owned += part.owned if take else [False] * len(part.len)
+            # Positions are rewritten (a small int32 copy); K/V stay where they are.
             out.pos += [p + shift if shift else p for p in part.pos]
             for name in out.aux:
-                out.aux[name] += [t.clone() for t in part.aux[name]]
-        out.owned = [False] * len(out.len)
+                out.aux[name] += part.aux[name] if take else [t.clone() for t in part.aux[name]]
+        return out
+
+    def select(self, sequences: list[int]) -> InPlaceKV:
+        out = self._borrowing(self.aux_names)
+        rows = [r for b in sequences for r in self._rows(b)]
+        out.batch = len(sequences)
+        out.k, out.v, out.pos = [self.k[r] for r in rows], [self.v[r] for r in rows], [self.pos[r] for r in rows]
+        out.len, out.owned = [self.len[r] for r in rows], [self.owned[r] for r in rows]
+        out.slab = [self.slab[b] for b in sequences]
+        out.aux = {name: [state[r] for r in rows] for name, state in self.aux.items()}
         return out

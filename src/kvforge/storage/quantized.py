@@ -402,10 +402,20 @@ class QuantizedKV(KVStorage):
         # Segments are never written in place (only their policy state is, and that is fresh).
         return self._over(self.parts, self.tail, self.batch, aux_names)
 
+    def select(self, sequences: list[int]) -> QuantizedKV:
+        parts = [Part(p.spec, p.quant.sequences(sequences), p.groups.sequences(sequences)) for p in self.parts]
+        return self._with_state(parts, self.tail.sequences(sequences), len(sequences))
+
+    def _with_state(self, parts: list[Part], tail: Segments, batch: int) -> QuantizedKV:
+        """A storage over these parts and tail, keeping the policy state they carry."""
+        out = self._over(parts, tail, batch, self.aux_names)
+        out.import_aux({n: {"tail": tail.fields[aux_field(n)], "parts": [p.quant.fields[aux_field(n)] for p in parts]} for n in self.aux_names})
+        return out
+
     @classmethod
-    def stack(cls, parts: list[KVStorage], shifts: list[int]) -> QuantizedKV:
-        if not all(isinstance(p, QuantizedKV) and p.batch == 1 for p in parts):
-            raise ValueError("QuantizedKV.stack takes single-sequence QuantizedKV storages")
+    def stack(cls, parts: list[KVStorage], shifts: list[int], take: bool = False) -> QuantizedKV:
+        if not all(isinstance(p, QuantizedKV) for p in parts):
+            raise ValueError("QuantizedKV.stack takes QuantizedKV storages")
         qs: list[QuantizedKV] = parts  # type: ignore[assignment]
 
         def shifted(seg: Segments, shift: int) -> Segments:
@@ -417,7 +427,5 @@ class QuantizedKV(KVStorage):
             for i, p in enumerate(first.parts)
         ]
         tail = Segments.cat([shifted(q.tail, s) for q, s in zip(qs, shifts)])
-        out = first._over(stacked, tail, len(qs), first.aux_names)
-        out.import_aux({n: {"tail": tail.fields[aux_field(n)], "parts": [p.quant.fields[aux_field(n)] for p in stacked]} for n in first.aux_names})
-        return out
+        return first._with_state(stacked, tail, sum(q.batch for q in qs))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvforge.attention import attend, attention_probs_sum, causal_allowed
-from kvforge.storage.base import KVStorage, PaddedView, exclusive_cumsum, gather_slots, time_ordered
+from kvforge.storage.base import KVStorage, PaddedView, exclusive_cumsum, gather_slots, sequence_rows, time_ordered
 
 
 class RaggedKV(KVStorage):
@@ -237,14 +237,22 @@ class RaggedKV(KVStorage):
         self.aux = {name: t.clone() for name, t in state.items()}  # type: ignore[union-attr]
 
     @classmethod
-    def stack(cls, parts: list[KVStorage], shifts: list[int]) -> RaggedKV:
-        if not all(isinstance(p, RaggedKV) and p.batch == 1 for p in parts):
-            raise ValueError("RaggedKV.stack takes single-sequence RaggedKV storages")
+    def stack(cls, parts: list[KVStorage], shifts: list[int], take: bool = False) -> RaggedKV:
+        if not all(isinstance(p, RaggedKV) for p in parts):
+            raise ValueError("RaggedKV.stack takes RaggedKV storages")
         first = parts[0]
-        out = RaggedKV(len(parts), first.kv_heads, first.head_dim, first.dtype, first.device, first.aux_names)
+        out = RaggedKV(sum(p.batch for p in parts), first.kv_heads, first.head_dim, first.dtype, first.device, first.aux_names)
         out.keys = torch.cat([p.keys for p in parts])  # type: ignore[attr-defined]
         out.values = torch.cat([p.values for p in parts])  # type: ignore[attr-defined]
         out.positions = torch.cat([p.positions + shift for p, shift in zip(parts, shifts)])  # type: ignore[attr-defined]
         out.lengths = torch.cat([p.lengths for p in parts])
         out.aux = {name: torch.cat([p.aux[name] for p in parts]) for name in first.aux_names}  # type: ignore[attr-defined]
+        return out
+
+    def select(self, sequences: list[int]) -> RaggedKV:
+        out = RaggedKV(len(sequences), self.kv_heads, self.head_dim, self.dtype, self.device, self.aux_names)
+        rows = sequence_rows(self.lengths, sequences)
+        out.keys, out.values, out.positions = (t.index_select(0, rows) for t in (self.keys, self.values, self.positions))
+        out.aux = {name: t.index_select(0, rows) for name, t in self.aux.items()}
+        out.lengths = self.lengths[sequences]
         return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.storage.base import exclusive_cumsum
+from kvforge.storage.base import exclusive_cumsum, sequence_rows
 
 
 @dataclass
@@ -61,6 +61,10 @@ class Segments:
     def select(self, rows: torch.Tensor, lengths: torch.Tensor) -> Segments:
         """The entries at flat `rows` (M,), in order, forming rows of `lengths` (batch, kv_heads)."""
         return Segments({name: t.index_select(0, rows) for name, t in self.fields.items()}, lengths)
+
+    def sequences(self, sequences: list[int]) -> Segments:
+        """Only these sequences' rows, in this order."""
+        return self.select(sequence_rows(self.lengths, sequences), self.lengths[sequences])
 
     def extend(self, new: dict[str, torch.Tensor], counts: torch.Tensor) -> Segments:
         """Append to each row r the first counts[b, h] entries of new[name][b, h]:
