@@ -409,6 +409,43 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def size_arg(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"size {text!r} is not understood; write e.g. 2GiB, 512MiB or a number of bytes") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return int(value)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvforge.engine import Engine, KVSettings
+    from kvforge.models import load_model
+    from kvforge.server.app import create_app
+
+    policy = build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)
+    quant = quant_spec(args)
+    with err_console.status(f"loading {args.model} ..."):
+        loaded = load_model(args.model)
+    ensure_calibration(loaded, [policy])
+    engine = Engine(loaded, KVSettings(args.policy, policy.ratio, quant), args.kv_memory, args.prefill_chunk)
+    engine.start()
+    budget = "no KV memory budget" if args.kv_memory is None else f"KV memory budget {args.kv_memory / 2**20:.0f} MiB"
+    err_console.print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({policy.full_name} {policy.ratio:g}, quant {quant.mode}, {budget})")
+    try:
+        uvicorn.run(create_app(engine, loaded.name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="kvforge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library")
@@ -486,6 +523,19 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ben.add_argument("--json", default=None, metavar="FILE", help="also write the rows with ratios to full")
     ben.set_defaults(func=cmd_bench)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server whose KV memory kvforge manages")
+    srv.add_argument("--model", default=DEFAULT_MODEL)
+    srv.add_argument("--policy", default="full", help="default compression policy of requests (kv_policy overrides)")
+    srv.add_argument("--ratio", type=ratio_arg, default=0.5, help="default ratio for a compressing policy (kv_ratio overrides)")
+    add_quant_args(srv)
+    srv.add_argument("--kv-memory", type=size_arg, default=None, metavar="SIZE",
+                     help="KV cache budget, e.g. 2GiB: requests that do not fit wait (default: none)")
+    srv.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=256, metavar="N",
+                     help="prompt tokens prefilled per engine step (default 256)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.set_defaults(func=cmd_serve)
 
     fid = sub.add_parser("fidelity", help="KL from the full cache and top-1 agreement over a teacher-forced text")
     fid.add_argument("--model", default=DEFAULT_MODEL)

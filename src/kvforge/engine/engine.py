@@ -1,0 +1,273 @@
+"""The serving engine: continuous batching over kvforge caches, within a KV memory budget.
+
+One thread runs the model. Each turn it
+  1. admits waiting requests, first come first served, while their reservations
+     (`memory.reservation`) fit the budget: the cache never grows past it;
+  2. prefills one chunk of the oldest admitted prompt, on that request's own cache, compressing
+     as it goes (a long prompt never stalls the running requests for more than one chunk);
+     a prompt done joins the running batch of its KV settings (`KVCache.stack(take=True)`);
+  3. decodes one token for every running request, one batched forward per group of requests
+     with the same KV settings; finished ones leave the batch (`KVCache.select`), freeing their
+     memory at once.
+Requests come from other threads (`submit`, `cancel`); their events go out through each
+request's `deliver`, called on the engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from kvforge.cache import KVCache, head_dim
+from kvforge.engine.memory import Shape, reservation
+from kvforge.engine.request import KVSettings, Request
+from kvforge.engine.sampling import sample
+from kvforge.generate import DECODE, PREFILL, feed, stop_ids
+from kvforge.models import LoadedModel
+from kvforge.policies import make_policy
+from kvforge.policies.base import Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prefilling:
+    request: Request
+    cache: KVCache
+    done: int = 0  # prompt tokens fed so far
+    logits: torch.Tensor | None = None  # (vocab,) after the last chunk
+
+
+@dataclass
+class Group:
+    """The running requests of one KV setting, decoded as one batch."""
+
+    requests: list[Request] = field(default_factory=list)
+    cache: KVCache | None = None
+    next_tokens: list[int] = field(default_factory=list)  # each request's token to feed next
+    positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (batch,)
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics (read from other threads; plain numbers)."""
+
+    completed: int = 0
+    cancelled: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    peak_bytes: int = 0
+    peak_running: int = 0  # the largest decoding batch so far
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, defaults: KVSettings, kv_memory: int | None = None, prefill_chunk: int = 256) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"--prefill-chunk {prefill_chunk} must be at least 1")
+        self.loaded, self.defaults, self.kv_memory, self.prefill_chunk = loaded, defaults, kv_memory, prefill_chunk
+        text = loaded.model.config.get_text_config()
+        self.shape = Shape(text.num_hidden_layers, text.num_key_value_heads, head_dim(loaded.model), loaded.model.dtype)
+        self.stop_ids = stop_ids(loaded.tokenizer)
+        self.waiting: deque[Request] = deque()
+        self.prefilling: deque[Prefilling] = deque()
+        self.groups: dict[KVSettings, Group] = {}
+        self.reserved: dict[int, int] = {}  # request id -> bytes
+        self.policies: dict[tuple[str, float], Policy] = {}
+        self.stats = Stats()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    # --- from other threads ------------------------------------------------------------------
+
+    def policy(self, kv: KVSettings) -> Policy:
+        """The policy of a KV setting (raises ValueError naming what is wrong)."""
+        key = (kv.policy, kv.ratio)
+        if key not in self.policies:
+            self.policies[key] = make_policy(kv.policy) if kv.policy == "full" else make_policy(kv.policy, ratio=kv.ratio)
+        return self.policies[key]
+
+    def check(self, request: Request) -> None:
+        """Refuse what can never run: a prompt beyond the model's window, a request larger than
+        the whole budget, an unknown policy (ValueError, naming the value)."""
+        self.policy(request.kv)
+        window = self.loaded.context_length
+        if window is not None and len(request.prompt) + request.params.max_tokens > window:
+            raise ValueError(
+                f"prompt of {len(request.prompt)} tokens + max_tokens {request.params.max_tokens} exceeds the model's "
+                f"context window of {window} tokens; shorten the prompt or lower max_tokens"
+            )
+        need = self.reservation(request)
+        if self.kv_memory is not None and need > self.kv_memory:
+            raise ValueError(
+                f"this request may need {need / 2**20:.1f} MiB of KV cache, more than the server's whole budget of "
+                f"{self.kv_memory / 2**20:.1f} MiB (--kv-memory); shorten it, lower max_tokens, or ask for compression"
+            )
+
+    def reservation(self, request: Request) -> int:
+        return reservation(self.shape, request.kv, len(request.prompt), request.params.max_tokens, self.prefill_chunk)
+
+    def submit(self, request: Request) -> None:
+        self.check(request)
+        with self.wake:
+            self.waiting.append(request)
+            self.wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (its client went away): its memory is freed at the engine's next turn."""
+        with self.wake:
+            request.cancelled = True
+            self.wake.notify()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="kvforge-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join()
+
+    # --- what /metrics shows -----------------------------------------------------------------
+
+    def caches(self) -> list[KVCache]:
+        held = [p.cache for p in list(self.prefilling)]
+        return held + [g.cache for g in list(self.groups.values()) if g.cache is not None]
+
+    def snapshot(self) -> dict[str, float]:
+        caches = self.caches()
+        allocated = sum(c.nbytes for c in caches)
+        return {
+            "running": sum(len(g.requests) for g in list(self.groups.values())),
+            "prefilling": len(self.prefilling),
+            "waiting": len(self.waiting),
+            "kv_allocated_bytes": allocated,
+            "kv_kept_bytes": sum(c.kept_nbytes for c in caches),
+            "kv_reserved_bytes": sum(self.reserved.values()),
+            "kv_peak_bytes": self.stats.peak_bytes,
+            "kv_budget_bytes": self.kv_memory or 0,
+        }
+
+    # --- the engine thread -------------------------------------------------------------------
+
+    def run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    if self.stopping:
+                        break
+                    self._admit()
+                    if not (self.prefilling or any(g.requests for g in self.groups.values()) or self.waiting):
+                        self.wake.wait(timeout=0.5)
+                        continue
+                try:
+                    self._drop_cancelled()
+                    self._prefill_step()
+                    for kv, group in list(self.groups.items()):
+                        if group.requests:
+                            self._decode_step(group)
+                    self.stats.peak_bytes = max(self.stats.peak_bytes, sum(c.nbytes for c in self.caches()))
+                except Exception as err:  # a bug must not hang every client: fail what is in flight
+                    log.exception("engine step failed")
+                    self._fail_all(f"{type(err).__name__}: {err}")
+
+    def _admit(self) -> None:
+        """Waiting -> prefilling, in arrival order, while reservations fit (caller holds the lock)."""
+        while self.waiting:
+            request = self.waiting[0]
+            if request.cancelled:
+                self.waiting.popleft()
+                self._end(request, "cancelled")
+                continue
+            need = self.reservation(request)
+            if self.kv_memory is not None and sum(self.reserved.values()) + need > self.kv_memory:
+                return  # it waits for memory to be freed (the head of the queue goes first)
+            self.waiting.popleft()
+            self.reserved[request.id] = need
+            cache = KVCache(self.loaded.model, self.policy(request.kv), tokenizer=self.loaded.tokenizer, quant=request.kv.quant)
+            self.prefilling.append(Prefilling(request, cache))
+
+    def _drop_cancelled(self) -> None:
+        for item in [p for p in self.prefilling if p.request.cancelled]:
+            self.prefilling.remove(item)
+            self._end(item.request, "cancelled")
+        for group in self.groups.values():
+            self._leave(group, [r for r in group.requests if r.cancelled], "cancelled")
+
+    def _prefill_step(self) -> None:
+        if not self.prefilling:
+            return
+        item = self.prefilling[0]
+        prompt = item.request.prompt
+        chunk = prompt[item.done : item.done + self.prefill_chunk]
+        logits, _ = feed(self.loaded.model, item.cache, [chunk], torch.tensor([item.done]), PREFILL)
+        item.done += len(chunk)
+        item.logits = logits[0]
+        if item.done < len(prompt):
+            return
+        self.prefilling.popleft()
+        request = item.request
+        self.stats.prompt_tokens += len(prompt)
+        token = sample(item.logits, request.params, request.generator)
+        reason = request.add(token, self.loaded.tokenizer, self.stop_ids)
+        self.stats.generated_tokens += 1
+        if reason is not None:
+            self._end(request, reason)
+            return
+        group = self.groups.setdefault(request.kv, Group())
+        group.cache = item.cache if group.cache is None else KVCache.stack([group.cache, item.cache], take=True)
+        group.requests.append(request)
+        group.next_tokens.append(token)
+        group.positions = torch.cat([group.positions, torch.tensor([len(prompt)])])
+        self.stats.peak_running = max(self.stats.peak_running, sum(len(g.requests) for g in self.groups.values()))
+
+    def _decode_step(self, group: Group) -> None:
+        assert group.cache is not None
+        logits, group.positions = feed(self.loaded.model, group.cache, [[t] for t in group.next_tokens], group.positions, DECODE)
+        finished: list[tuple[Request, str]] = []
+        for b, request in enumerate(group.requests):
+            token = sample(logits[b], request.params, request.generator)
+            group.next_tokens[b] = token
+            self.stats.generated_tokens += 1
+            reason = request.add(token, self.loaded.tokenizer, self.stop_ids)
+            if reason is not None:
+                finished.append((request, reason))
+        for request, reason in finished:
+            self._leave(group, [request], reason)
+
+    def _leave(self, group: Group, leaving: list[Request], reason: str) -> None:
+        if not leaving:
+            return
+        keep = [b for b, r in enumerate(group.requests) if r not in leaving]
+        group.requests = [group.requests[b] for b in keep]
+        group.next_tokens = [group.next_tokens[b] for b in keep]
+        group.positions = group.positions[keep]
+        assert group.cache is not None
+        group.cache = group.cache.select(keep) if keep else None
+        for request in leaving:
+            self._end(request, reason)
+
+    def _end(self, request: Request, reason: str, error: str | None = None) -> None:
+        self.reserved.pop(request.id, None)
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        else:
+            self.stats.completed += 1
+        request.finish(reason, error)
+
+    def _fail_all(self, error: str) -> None:
+        for item in list(self.prefilling):
+            self._end(item.request, "error", error)
+        self.prefilling.clear()
+        for group in self.groups.values():
+            for request in group.requests:
+                self._end(request, "error", error)
+        self.groups.clear()

@@ -1,0 +1,38 @@
+"""/metrics in Prometheus text format: requests, KV memory against its budget, tokens."""
+
+from __future__ import annotations
+
+import time
+
+from kvforge.engine import Engine
+
+GAUGES = {
+    "running": "requests decoding",
+    "prefilling": "requests being prefilled",
+    "waiting": "requests waiting for KV memory",
+    "kv_allocated_bytes": "K/V bytes allocated by every cache",
+    "kv_kept_bytes": "K/V bytes of the entries kept",
+    "kv_reserved_bytes": "K/V bytes reserved by admitted requests (upper bounds)",
+    "kv_peak_bytes": "the most K/V bytes allocated at once, checked every engine step",
+    "kv_budget_bytes": "the KV memory budget (--kv-memory; 0: none)",
+}
+
+
+def prometheus(engine: Engine) -> str:
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, value: float) -> None:
+        shown = f"{value:.0f}" if float(value).is_integer() else f"{value:.6g}"  # byte counts stay exact
+        lines.extend([f"# HELP kvforge_{name} {help_text}", f"# TYPE kvforge_{name} {kind}", f"kvforge_{name} {shown}"])
+
+    for name, value in engine.snapshot().items():
+        metric(name, "gauge", GAUGES[name], value)
+    stats = engine.stats
+    metric("requests_completed_total", "counter", "requests finished", stats.completed)
+    metric("requests_cancelled_total", "counter", "requests cancelled (client gone)", stats.cancelled)
+    metric("prompt_tokens_total", "counter", "prompt tokens prefilled", stats.prompt_tokens)
+    metric("generated_tokens_total", "counter", "tokens generated", stats.generated_tokens)
+    metric("peak_running", "gauge", "the most requests decoded in one batch so far", stats.peak_running)
+    uptime = time.perf_counter() - stats.started
+    metric("generated_tokens_per_second", "gauge", "tokens generated per second since start", stats.generated_tokens / max(uptime, 1e-9))
+    return "\n".join(lines) + "\n"

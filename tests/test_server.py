@@ -1,0 +1,171 @@
+"""A real server on a free loopback port, driven by the official openai client (tiny model)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from kvforge.engine import Engine, KVSettings, Request, SamplingParams
+from kvforge.generate import DECODE, feed, prefill, stop_ids
+from kvforge.models import load_model
+from kvforge.policies import make_policy
+from kvforge.server.app import create_app
+from kvforge import KVCache
+
+PROMPTS = [f"w{i} w{i + 3} w{i + 7} w{2 * i + 1} " * 6 for i in range(10)]
+
+
+class Served:
+    def __init__(self, loaded, kv_memory: int | None = None) -> None:
+        self.loaded = loaded
+        self.engine = Engine(loaded, KVSettings(), kv_memory, prefill_chunk=32)
+        self.engine.start()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(create_app(self.engine, "tiny"), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+        self.engine.stop()
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(f"kvforge_{name} "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return load_model(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def served(loaded):
+    server = Served(loaded)
+    yield server
+    server.close()
+
+
+def expected(loaded, text: str, policy: str, ratio: float, max_tokens: int) -> str:
+    """What greedy decoding with kvforge's own loop gives for the chat prompt of `text`."""
+    tok = loaded.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    made = make_policy(policy) if policy == "full" else make_policy(policy, ratio=ratio)
+    with torch.inference_mode():
+        cache = KVCache(loaded.model, made, tokenizer=tok)
+        logits = prefill(loaded.model, cache, list(ids), chunk=32)[None]
+        positions, out, stops = torch.tensor([len(ids)]), [], stop_ids(tok)
+        for _ in range(max_tokens):
+            token = int(logits[0].argmax())
+            if token in stops:
+                break
+            out.append(token)
+            logits, positions = feed(loaded.model, cache, [[token]], positions, DECODE)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def chat(served: Served, text: str, **kw):
+    return served.client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": text}], temperature=0, max_tokens=kw.pop("max_tokens", 8), **kw
+    )
+
+
+def test_chat_greedy_equals_kvforge_generation(served, loaded):
+    reply = chat(served, PROMPTS[0], extra_body={"kv_policy": "knorm", "kv_ratio": 0.5})
+    assert reply.choices[0].message.content == expected(loaded, PROMPTS[0], "knorm", 0.5, 8)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8
+    assert reply.usage.prompt_tokens > 20
+    full = chat(served, PROMPTS[0])
+    assert full.choices[0].message.content == expected(loaded, PROMPTS[0], "full", 0.0, 8)
+
+
+def test_streaming_and_completions(served, loaded):
+    whole = chat(served, PROMPTS[1]).choices[0].message.content
+    pieces, reasons = [], []
+    for chunk in chat(served, PROMPTS[1], stream=True):
+        pieces.append(chunk.choices[0].delta.content or "")
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == whole and reasons[-1] == "length"
+    done = served.client.completions.create(model="tiny", prompt=PROMPTS[2], temperature=0, max_tokens=5)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 5
+    streamed = served.client.completions.create(model="tiny", prompt=PROMPTS[2], temperature=0, max_tokens=5, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+
+
+def test_concurrent_requests_are_all_answered_correctly(served, loaded):
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda t: chat(served, t, extra_body={"kv_policy": "streaming", "kv_ratio": 0.5}), PROMPTS[:8]))
+    for text, reply in zip(PROMPTS, replies):
+        assert reply.choices[0].message.content == expected(loaded, text, "streaming", 0.5, 8)
+    assert served.metric("generated_tokens_total") >= 64
+    assert served.metric("peak_running") >= 2  # they were decoded together
+    assert served.metric("running") == 0 and served.metric("kv_allocated_bytes") == 0
+
+
+def test_bad_requests_get_4xx_and_the_server_goes_on(served, loaded):
+    cases = [
+        (dict(model="gpt-4"), openai.NotFoundError, "not served here"),
+        (dict(extra_body={"kv_policy": "nope"}), openai.BadRequestError, "unknown policy 'nope'"),
+        (dict(extra_body={"kv_policy": "knorm", "kv_ratio": 1.5}), openai.BadRequestError, "ratio"),
+        (dict(extra_body={"kv_quant": "int3"}), openai.BadRequestError, "--quant"),
+        (dict(max_tokens=500), openai.BadRequestError, "context window of 512"),
+        (dict(temperature=3.0), openai.BadRequestError, "temperature"),
+    ]
+    for kwargs, error, text in cases:
+        model = kwargs.pop("model", "tiny")
+        with pytest.raises(error) as caught:
+            served.client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=kwargs.pop("max_tokens", 4), **kwargs
+            )
+        assert text in caught.value.body["message"]  # type: ignore[index]
+    broken = httpx.post(served.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "error" in broken.json()
+    assert chat(served, PROMPTS[3]).choices[0].message.content == expected(loaded, PROMPTS[3], "full", 0.0, 8)
+
+
+def test_a_disconnected_client_frees_its_memory(served):
+    with httpx.stream(
+        "POST", served.url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[4]}], "max_tokens": 400, "stream": True, "temperature": 0},
+    ) as response:  # fmt: skip
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content": "w' in line:
+                break  # a token arrived: hang up
+    deadline = time.time() + 10
+    while time.time() < deadline and (served.metric("running") or served.metric("kv_allocated_bytes")):
+        time.sleep(0.05)
+    assert served.metric("running") == 0 and served.metric("kv_allocated_bytes") == 0
+    assert served.metric("requests_cancelled_total") >= 1
+
+
+def test_the_memory_budget_is_never_exceeded_while_requests_queue(served, loaded):
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[5]}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    one = served.engine.reservation(Request(list(ids), SamplingParams(8), KVSettings(), lambda _: None))
+    budget = int(1.5 * one)  # room for one request at a time: the others wait
+    limited = Served(loaded, kv_memory=budget)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda t: chat(limited, t), PROMPTS[5:9]))
+        assert [r.choices[0].message.content for r in replies] == [expected(loaded, t, "full", 0.0, 8) for t in PROMPTS[5:9]]
+        assert 0 < limited.metric("kv_peak_bytes") <= budget
+        assert limited.metric("kv_budget_bytes") == budget
+    finally:
+        limited.close()
