@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -79,11 +80,14 @@ def test_bad_arguments_give_one_line_errors(capsys, tiny_checkpoint, doc, argv, 
     assert len(err.strip().splitlines()) == 1
 
 
-def test_empty_prompt(capsys, tiny_checkpoint, tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--prompt-file", str(empty), "q")
-    assert code == 2 and "the context is empty" in err
+def test_generate_without_a_context_and_from_standard_input(capsys, monkeypatch, tiny_checkpoint, doc):
+    code, out, _ = run(capsys, "generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "4", "--json", "w5 w6")
+    assert code == 0 and json.loads(out)["generated_tokens"] >= 1  # nothing to compress but the template
+    args = ("generate", "--model", str(tiny_checkpoint), "--max-new-tokens", "4", "--json", "--policy", "knorm", "--ratio", "0.5")
+    from_file = json.loads(run(capsys, *args, "--prompt-file", str(doc), "q")[1])
+    monkeypatch.setattr("sys.stdin", io.StringIO(doc.read_text()))
+    from_stdin = json.loads(run(capsys, *args, "--prompt-file", "-", "q")[1])
+    assert from_stdin["text"] == from_file["text"] and from_stdin["prompt_tokens"] == from_file["prompt_tokens"]
 
 
 def test_prompt_longer_than_the_context(capsys, tiny_checkpoint, tmp_path):

@@ -149,7 +149,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
     try:
-        context = Path(args.prompt_file).read_text(encoding="utf-8")
+        if args.prompt_file is None:
+            context = ""  # nothing to compress but what is generated
+        elif args.prompt_file == "-":
+            context = sys.stdin.read()
+        else:
+            context = Path(args.prompt_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read --prompt-file {args.prompt_file!r}: {err}") from err
     with err_console.status(f"loading {args.model} ..."):
@@ -453,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="answer a question about a context file with a compressed cache")
     gen.add_argument("question", help="the question; appended after the compressed context")
-    gen.add_argument("--prompt-file", required=True, help="the context (compressed), a UTF-8 text file")
+    gen.add_argument("--prompt-file", default=None,
+                     help="the context (compressed), a UTF-8 text file; - reads standard input; none: no context")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="'default', a local HF checkpoint dir, or a .gguf file")
     gen.add_argument("--policy", default="snapkv", help="compression policy (see `kvforge policies`)")
     gen.add_argument("--ratio", type=ratio_arg, default=None, help="fraction of cached tokens removed, in [0, 1)")

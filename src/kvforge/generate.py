@@ -69,25 +69,28 @@ def build_prompt(
     """Tokenize context and question as one user message (with `chat`), split at the question.
 
     Both parts are tokenized separately so the compressed part is exactly the same ids in
-    both settings.
+    both settings. An empty context leaves only the chat template's opening to compress (or,
+    without one, the question's first token).
     """
-    if not context.strip():
-        raise ValueError("the context is empty: give a non-empty --prompt-file")
     if not question.strip():
         raise ValueError("the question is empty: give a non-empty question")
     marker = "\x00KVFORGE_SPLIT\x00"
+    before = f"{context}\n\n" if context.strip() else ""
     if chat:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{context}\n\n{marker}{question}"}],
+            [{"role": "user", "content": f"{before}{marker}{question}"}],
             tokenize=False,
             add_generation_prompt=True,
         )
     else:
-        text = f"{context}\n\n{marker}{question}\n"
+        text = f"{before}{marker}{question}\n"
     head, tail = text.split(marker)
     tail += answer_prefix
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return Prompt(context_ids=encode(head), rest_ids=encode(tail))
+    context_ids, rest_ids = encode(head), encode(tail)
+    if not context_ids:  # a prefill needs at least one token
+        context_ids, rest_ids = rest_ids[:1], rest_ids[1:]
+    return Prompt(context_ids=context_ids, rest_ids=rest_ids)
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
