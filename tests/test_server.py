@@ -169,3 +169,16 @@ def test_the_memory_budget_is_never_exceeded_while_requests_queue(served, loaded
         assert limited.metric("kv_budget_bytes") == budget
     finally:
         limited.close()
+
+
+def test_a_document_asked_again_reuses_its_compressed_prefix(served, loaded):
+    document = " ".join(f"w{(7 * i) % 120 + 5}" for i in range(90))  # about three 32-token chunks
+    settings = {"kv_policy": "knorm", "kv_ratio": 0.5}
+    hits = served.metric("prefix_hits_total")
+    first = chat(served, document + " w9 w10", extra_body=settings)
+    again = chat(served, document + " w11 w12", extra_body=settings)
+    assert served.metric("prefix_hits_total") == hits + 1 and served.metric("prefix_reused_tokens_total") >= 32
+    assert served.metric("prefix_cache_entries") >= 1 and served.metric("prefix_cache_bytes") > 0
+    # Exactly what prefilling the whole prompt again gives, chunk by chunk.
+    assert first.choices[0].message.content == expected(loaded, document + " w9 w10", "knorm", 0.5, 8)
+    assert again.choices[0].message.content == expected(loaded, document + " w11 w12", "knorm", 0.5, 8)

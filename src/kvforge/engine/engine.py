@@ -11,6 +11,12 @@ One thread runs the model. Each turn it
      memory at once.
 Requests come from other threads (`submit`, `cancel`); their events go out through each
 request's `deliver`, called on the engine thread.
+
+Prefix reuse (`prefixes.py`): while prefilling a long prompt the engine keeps a copy-on-write
+fork of its compressed cache at the last chunk boundary before the prompt's end; a later request
+with the same settings whose prompt starts with those tokens (the same document, another
+question) starts from that fork and prefills only the rest. Chunks always start at the prompt's
+first token, so a reused prefix is exactly what prefilling it again would give, for every policy.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from kvforge.cache import KVCache, head_dim
 from kvforge.engine.memory import Shape, reservation
+from kvforge.engine.prefixes import PrefixCache
 from kvforge.engine.request import KVSettings, Request
 from kvforge.engine.sampling import sample
 from kvforge.generate import DECODE, PREFILL, feed, stop_ids
@@ -64,6 +71,8 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
     peak_bytes: int = 0
     peak_running: int = 0  # the largest decoding batch so far
+    prefix_hits: int = 0
+    prefix_reused_tokens: int = 0
 
 
 class Engine:
@@ -79,6 +88,7 @@ class Engine:
         self.groups: dict[KVSettings, Group] = {}
         self.reserved: dict[int, int] = {}  # request id -> bytes
         self.policies: dict[tuple[str, float], Policy] = {}
+        self.prefixes = PrefixCache(prefill_chunk)
         self.stats = Stats()
         self.wake = threading.Condition()
         self.stopping = False
@@ -139,7 +149,8 @@ class Engine:
     # --- what /metrics shows -----------------------------------------------------------------
 
     def caches(self) -> list[KVCache]:
-        held = [p.cache for p in list(self.prefilling)]
+        """Every cache holding memory: prefilling, running, and the kept prefixes."""
+        held = [p.cache for p in list(self.prefilling)] + self.prefixes.caches()
         return held + [g.cache for g in list(self.groups.values()) if g.cache is not None]
 
     def snapshot(self) -> dict[str, float]:
@@ -154,6 +165,8 @@ class Engine:
             "kv_reserved_bytes": sum(self.reserved.values()),
             "kv_peak_bytes": self.stats.peak_bytes,
             "kv_budget_bytes": self.kv_memory or 0,
+            "prefix_cache_entries": len(self.prefixes),
+            "prefix_cache_bytes": self.prefixes.nbytes,
         }
 
     # --- the engine thread -------------------------------------------------------------------
@@ -188,10 +201,22 @@ class Engine:
                 self._end(request, "cancelled")
                 continue
             need = self.reservation(request)
-            if self.kv_memory is not None and sum(self.reserved.values()) + need > self.kv_memory:
-                return  # it waits for memory to be freed (the head of the queue goes first)
+            if self.kv_memory is not None:
+                # Kept prefixes give way to requests: the oldest unused ones go first.
+                while sum(self.reserved.values()) + self.prefixes.nbytes + need > self.kv_memory and self.prefixes.evict_one():
+                    pass
+                if sum(self.reserved.values()) + self.prefixes.nbytes + need > self.kv_memory:
+                    return  # it waits for memory to be freed (the head of the queue goes first)
             self.waiting.popleft()
             self.reserved[request.id] = need
+            hit = self.prefixes.lookup(request.kv, request.prompt)
+            if hit is not None:
+                cache, done = hit
+                request.reused_tokens = done
+                self.stats.prefix_hits += 1
+                self.stats.prefix_reused_tokens += done
+                self.prefilling.append(Prefilling(request, cache, done))
+                continue
             cache = KVCache(self.loaded.model, self.policy(request.kv), tokenizer=self.loaded.tokenizer, quant=request.kv.quant)
             self.prefilling.append(Prefilling(request, cache))
 
@@ -212,6 +237,8 @@ class Engine:
         item.done += len(chunk)
         item.logits = logits[0]
         if item.done < len(prompt):
+            if item.done == self.prefixes.boundary(len(prompt)):
+                self.prefixes.keep(item.request.kv, prompt[: item.done], item.cache)
             return
         self.prefilling.popleft()
         request = item.request

@@ -15,6 +15,8 @@ GAUGES = {
     "kv_reserved_bytes": "K/V bytes reserved by admitted requests (upper bounds)",
     "kv_peak_bytes": "the most K/V bytes allocated at once, checked every engine step",
     "kv_budget_bytes": "the KV memory budget (--kv-memory; 0: none)",
+    "prefix_cache_entries": "compressed prompt prefixes kept for reuse",
+    "prefix_cache_bytes": "K/V bytes of the kept prefixes (shared with running requests, copy on write)",
 }
 
 
@@ -32,6 +34,8 @@ def prometheus(engine: Engine) -> str:
     metric("requests_cancelled_total", "counter", "requests cancelled (client gone)", stats.cancelled)
     metric("prompt_tokens_total", "counter", "prompt tokens prefilled", stats.prompt_tokens)
     metric("generated_tokens_total", "counter", "tokens generated", stats.generated_tokens)
+    metric("prefix_hits_total", "counter", "requests that started from a kept compressed prefix", stats.prefix_hits)
+    metric("prefix_reused_tokens_total", "counter", "prompt tokens not prefilled thanks to kept prefixes", stats.prefix_reused_tokens)
     metric("peak_running", "gauge", "the most requests decoded in one batch so far", stats.peak_running)
     uptime = time.perf_counter() - stats.started
     metric("generated_tokens_per_second", "gauge", "tokens generated per second since start", stats.generated_tokens / max(uptime, 1e-9))
