@@ -388,12 +388,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(format_batch_table(batch_rows[i : i + 2]))
     if args.json:
         batch = [asdict(r) for r in batch_rows]
-        data = json.dumps({"device": device, "model": loaded.name, "rows": ratios_to_full(rows), "batch": batch}, indent=2)
-        path = Path(args.json)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(data)
-        tmp.replace(path)
+        write_json(Path(args.json), {"device": device, "model": loaded.name, "rows": ratios_to_full(rows), "batch": batch})
     return 0
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write `data` as JSON atomically: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def ratio_arg(text: str) -> float:
@@ -448,6 +451,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.run(create_app(engine, loaded.name), host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from kvforge.server.loadtest import hf_baseline, loadtest, synthetic_prompts
+
+    document = None
+    if args.document:
+        try:
+            document = Path(args.document).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read --document {args.document!r}: {err}") from err
+    prompts = synthetic_prompts(args.requests, args.words, document)
+    extra = {k: v for k, v in (("kv_policy", args.kv_policy), ("kv_ratio", args.kv_ratio), ("kv_quant", args.kv_quant)) if v is not None}
+    reports = {}
+    with err_console.status(f"{args.requests} requests, {args.clients} clients at a time, against {args.url} ..."):
+        reports["server"] = loadtest(args.url, args.model, prompts, args.clients, args.max_tokens, extra)
+    if args.hf_baseline:
+        with err_console.status("the same requests one at a time with plain transformers generate ..."):
+            reports["transformers, one at a time"] = hf_baseline(args.model, prompts, args.max_tokens)
+    table = Table(title=f"loadtest: {args.requests} requests, {args.max_tokens} new tokens each")
+    columns = ("run", "clients", "s", "tok/s", "req/s", "TTFT p50", "TTFT p90", "latency p50", "p90", "p99", "errors", "peak KV MiB", "max running")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "run" else "right")
+
+    def cell(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for name, r in reports.items():
+        table.add_row(
+            name, str(r.clients), cell(r.seconds, 1), cell(r.tokens_per_second, 1), cell(r.requests_per_second), cell(r.ttft_p50),
+            cell(r.ttft_p90), cell(r.latency_p50), cell(r.latency_p90), cell(r.latency_p99), str(r.errors),
+            cell(None if r.peak_kv_bytes is None else r.peak_kv_bytes / 2**20, 1), cell(r.max_running, 0),
+        )  # fmt: skip
+    console.print(table)
+    for example in reports["server"].error_examples:
+        err_console.print(f"[red]error:[/red] {example}")
+    if args.json:
+        write_json(Path(args.json), {name: r.to_dict() for name, r in reports.items()})
     return 0
 
 
@@ -542,6 +584,21 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.set_defaults(func=cmd_serve)
+
+    lt = sub.add_parser("loadtest", help="drive a running OpenAI-compatible server with the openai client and measure it")
+    lt.add_argument("--url", default="http://127.0.0.1:8000")
+    lt.add_argument("--model", default=DEFAULT_MODEL, help="model name sent (and loaded by --hf-baseline)")
+    lt.add_argument("--clients", type=positive_int("--clients"), default=16, help="requests in flight at once")
+    lt.add_argument("--requests", type=positive_int("--requests"), default=64)
+    lt.add_argument("--document", default=None, metavar="FILE", help="every request asks another question about this text")
+    lt.add_argument("--words", type=positive_int("--words"), default=380, help="words per synthetic prompt (about 512 tokens)")
+    lt.add_argument("--max-tokens", type=positive_int("--max-tokens"), default=64)
+    lt.add_argument("--kv-policy", default=None)
+    lt.add_argument("--kv-ratio", type=ratio_arg, default=None)
+    lt.add_argument("--kv-quant", default=None)
+    lt.add_argument("--hf-baseline", action="store_true", help="also answer the same requests one at a time with plain transformers")
+    lt.add_argument("--json", default=None, metavar="FILE")
+    lt.set_defaults(func=cmd_loadtest)
 
     fid = sub.add_parser("fidelity", help="KL from the full cache and top-1 agreement over a teacher-forced text")
     fid.add_argument("--model", default=DEFAULT_MODEL)
