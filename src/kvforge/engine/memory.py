@@ -2,8 +2,8 @@
 
 A reservation is an upper bound on the K/V bytes a request's cache allocates over its whole life:
 its prompt as the policy keeps it, every token it may generate, one prompt chunk not yet
-compressed, and the spare room the in-place layout keeps (at most a quarter, plus a few entries
-per row). Quantized caches hold all but their full-precision tail at the codes' size.
+compressed (in one layer at a time: each layer compresses it before the next sees it), and the
+spare room the in-place layout keeps (at most a quarter, plus a few entries per row). Quantized caches hold all but their full-precision tail at the codes' size.
 """
 
 from __future__ import annotations
@@ -47,11 +47,13 @@ def quantized_entry_bytes(spec: QuantSpec, head_dim: int) -> float:
 def reservation(shape: Shape, kv: KVSettings, prompt_tokens: int, max_tokens: int, chunk: int) -> int:
     """Upper bound of the K/V bytes a request allocates (see the module docstring)."""
     kept = prompt_tokens if kv.ratio == 0 else math.ceil(prompt_tokens * (1 - kv.ratio))
-    entries = kept + max_tokens + chunk  # per row
+    entries = kept + max_tokens  # per row
+    # A prompt chunk sits uncompressed (and unquantized) in one layer at a time.
+    transient = GROWTH * chunk * shape.entry_bytes * shape.kv_heads
     if kv.quant.enabled:
         groups, _ = kv.quant.batch
         exact = min(entries, kv.quant.residual + groups * kv.quant.group)  # the full-precision tail
         per_row = exact * shape.entry_bytes + (entries - exact) * quantized_entry_bytes(kv.quant, shape.head_dim)
     else:
         per_row = (GROWTH * (entries + EVICT_SLACK) + GROWTH_MIN) * shape.entry_bytes
-    return math.ceil(shape.layers * shape.kv_heads * per_row)
+    return math.ceil(shape.layers * shape.kv_heads * per_row + transient)

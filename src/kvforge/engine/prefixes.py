@@ -15,7 +15,7 @@ from collections import OrderedDict
 from kvforge.cache import KVCache
 from kvforge.engine.request import KVSettings
 
-MAX_ENTRIES = 32
+MAX_ENTRIES = 8  # prefixes kept at most (each holds a compressed document)
 MARGIN = 64  # prompt tokens after a kept prefix at the least: room for a question
 
 
