@@ -533,6 +533,10 @@ class KVCache(Cache):
         """K/V bytes allocated, spare capacity included, summed over layers (read from the tensors)."""
         return sum(s.allocated_nbytes for s in self._storages())
 
+    def buffers(self) -> dict[int, int]:
+        """{address: bytes} of every buffer standing for K/V (see `KVStorage.buffers`)."""
+        return {ptr: n for s in self._storages() for ptr, n in s.buffers().items()}
+
     @property
     def kept_nbytes(self) -> int:
         """K/V bytes of the entries kept: entries x (one K row + one V row)."""

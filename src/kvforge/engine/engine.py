@@ -153,9 +153,17 @@ class Engine:
         held = [p.cache for p in list(self.prefilling)] + self.prefixes.caches()
         return held + [g.cache for g in list(self.groups.values()) if g.cache is not None]
 
+    def allocated(self) -> int:
+        """K/V bytes allocated by every cache; buffers shared (a kept prefix and the request it
+        came from, copy on write) count once."""
+        held: dict[int, int] = {}
+        for cache in self.caches():
+            held.update(cache.buffers())
+        return sum(held.values())
+
     def snapshot(self) -> dict[str, float]:
         caches = self.caches()
-        allocated = sum(c.nbytes for c in caches)
+        allocated = self.allocated()
         return {
             "running": sum(len(g.requests) for g in list(self.groups.values())),
             "prefilling": len(self.prefilling),
@@ -187,7 +195,7 @@ class Engine:
                     for kv, group in list(self.groups.items()):
                         if group.requests:
                             self._decode_step(group)
-                    self.stats.peak_bytes = max(self.stats.peak_bytes, sum(c.nbytes for c in self.caches()))
+                    self.stats.peak_bytes = max(self.stats.peak_bytes, self.allocated())
                 except Exception as err:  # a bug must not hang every client: fail what is in flight
                     log.exception("engine step failed")
                     self._fail_all(f"{type(err).__name__}: {err}")
@@ -237,7 +245,7 @@ class Engine:
         item.done += len(chunk)
         item.logits = logits[0]
         if item.done < len(prompt):
-            if item.done == self.prefixes.boundary(len(prompt)):
+            if item.done == self.prefixes.boundary(len(prompt)) and self._room_for_prefix(item.cache):
                 self.prefixes.keep(item.request.kv, prompt[: item.done], item.cache)
             return
         self.prefilling.popleft()
@@ -255,6 +263,16 @@ class Engine:
         group.next_tokens.append(token)
         group.positions = torch.cat([group.positions, torch.tensor([len(prompt)])])
         self.stats.peak_running = max(self.stats.peak_running, sum(len(g.requests) for g in self.groups.values()))
+
+    def _room_for_prefix(self, cache: KVCache) -> bool:
+        """Whether a copy of `cache` fits beside the reservations (older prefixes make room).
+        Counted as a copy: the request it comes from copies what it writes next."""
+        if self.kv_memory is None:
+            return True
+        while sum(self.reserved.values()) + self.prefixes.nbytes + cache.nbytes > self.kv_memory:
+            if not self.prefixes.evict_one():
+                return False
+        return True
 
     def _decode_step(self, group: Group) -> None:
         assert group.cache is not None

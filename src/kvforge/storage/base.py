@@ -78,6 +78,11 @@ def sequence_rows(lengths: torch.Tensor, sequences: list[int]) -> torch.Tensor:
     return starts + torch.arange(int(counts.sum()), device=lengths.device)
 
 
+def buffers_of(tensors: list[torch.Tensor]) -> dict[int, int]:
+    """{address: bytes} of the memory under `tensors` (views of one buffer count once)."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+
+
 def time_ordered(index: torch.Tensor, keep_mask: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort chosen slots into time order; unused columns go to the end.
 
@@ -136,10 +141,15 @@ class KVStorage(ABC):
         (batch, kv_heads, slots) how much each entry `view()` shows matters. Nothing to do for
         full-precision layouts."""
 
-    @property
     @abstractmethod
+    def buffers(self) -> dict[int, int]:
+        """The memory standing for K/V: {address of each buffer held: its bytes}. Storages that
+        share buffers (forks, derived caches) name them alike, so a union counts them once."""
+
+    @property
     def allocated_nbytes(self) -> int:
         """K/V bytes allocated, spare capacity included, read from the tensors held."""
+        return sum(self.buffers().values())
 
     @property
     @abstractmethod

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge.attention import attention_probs_sum
-from kvforge.storage.base import KVStorage, PaddedView, time_ordered
+from kvforge.storage.base import KVStorage, PaddedView, buffers_of, time_ordered
 
 GROWTH = 1.25
 GROWTH_MIN = 16
@@ -122,11 +122,9 @@ class InPlaceKV(KVStorage):
     def capacity(self, r: int) -> int:
         return self.k[r].shape[0]
 
-    @property
-    def allocated_nbytes(self) -> int:
+    def buffers(self) -> dict[int, int]:
         # Counted by buffer, not by row: rows of one slab share it, borrowed rows their lender's.
-        buffers = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*self.k, *self.v)}
-        return sum(buffers.values())
+        return buffers_of([*self.k, *self.v])
 
     def _rows(self, b: int) -> range:
         return range(b * self.kv_heads, (b + 1) * self.kv_heads)

@@ -46,10 +46,9 @@ class Part:
 
     # --- sizes -------------------------------------------------------------------------------
 
-    @property
-    def nbytes(self) -> int:
+    def kv_tensors(self) -> list[torch.Tensor]:
         """Codes, value scales and minimums, key scales and minimums."""
-        return sum(self.quant.fields[n].nbytes for n in ("kc", "vc", "vm")) + self.groups.fields["km"].nbytes
+        return [self.quant.fields[n] for n in ("kc", "vc", "vm")] + [self.groups.fields["km"]]
 
     def seq_nbytes(self) -> torch.Tensor:
         """(batch,) the bytes `nbytes` counts, per sequence."""

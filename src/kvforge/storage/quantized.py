@@ -30,7 +30,7 @@ import torch
 
 from kvforge.attention import attend as dense_attend
 from kvforge.attention import attention_probs_sum, causal_allowed
-from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
+from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, time_ordered
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.qpart import Part, Reader, aux_field
 from kvforge.storage.segments import Segments
@@ -77,10 +77,9 @@ class QuantizedKV(KVStorage):
     def lengths(self) -> torch.Tensor:
         return sum(s.lengths for s in self._sources()).cpu()
 
-    @property
-    def allocated_nbytes(self) -> int:
+    def buffers(self) -> dict[int, int]:
         """Codes, scales, minimums and the full-precision tail: every byte that stands for K/V."""
-        return sum(p.nbytes for p in self.parts) + self.tail.fields["k"].nbytes + self.tail.fields["v"].nbytes
+        return buffers_of([t for p in self.parts for t in p.kv_tensors()] + [self.tail.fields["k"], self.tail.fields["v"]])
 
     @property
     def kept_nbytes(self) -> int:

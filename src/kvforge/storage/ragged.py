@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvforge.attention import attend, attention_probs_sum, causal_allowed
-from kvforge.storage.base import KVStorage, PaddedView, exclusive_cumsum, gather_slots, sequence_rows, time_ordered
+from kvforge.storage.base import KVStorage, PaddedView, buffers_of, exclusive_cumsum, gather_slots, sequence_rows, time_ordered
 
 
 class RaggedKV(KVStorage):
@@ -53,10 +53,9 @@ class RaggedKV(KVStorage):
     def entries(self) -> int:
         return self.keys.shape[0]
 
-    @property
-    def allocated_nbytes(self) -> int:
-        """Bytes of the K and V tensors held (no spare capacity in this layout)."""
-        return self.keys.nbytes + self.values.nbytes
+    def buffers(self) -> dict[int, int]:
+        """The K and V tensors held (no spare capacity in this layout)."""
+        return buffers_of([self.keys, self.values])
 
     @property
     def meta_nbytes(self) -> int:
