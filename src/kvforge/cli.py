@@ -472,7 +472,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         with err_console.status("the same requests one at a time with plain transformers generate ..."):
             reports["transformers, one at a time"] = hf_baseline(args.model, prompts, args.max_tokens)
     table = Table(title=f"loadtest: {args.requests} requests, {args.max_tokens} new tokens each")
-    columns = ("run", "clients", "s", "tok/s", "req/s", "TTFT p50", "TTFT p90", "latency p50", "p90", "p99", "errors", "peak KV MiB", "max running")
+    columns = ("run", "clients", "s", "tok/s", "req/s", "TTFT first", "TTFT p50", "TTFT p90", "latency p50", "p90", "p99", "errors", "peak KV MiB", "max running")
     for col in columns:
         table.add_column(col, justify="left" if col == "run" else "right")
 
@@ -481,7 +481,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     for name, r in reports.items():
         table.add_row(
-            name, str(r.clients), cell(r.seconds, 1), cell(r.tokens_per_second, 1), cell(r.requests_per_second), cell(r.ttft_p50),
+            name, str(r.clients), cell(r.seconds, 1), cell(r.tokens_per_second, 1), cell(r.requests_per_second), cell(r.ttft_first), cell(r.ttft_p50),
             cell(r.ttft_p90), cell(r.latency_p50), cell(r.latency_p90), cell(r.latency_p99), str(r.errors),
             cell(None if r.peak_kv_bytes is None else r.peak_kv_bytes / 2**20, 1), cell(r.max_running, 0),
         )  # fmt: skip

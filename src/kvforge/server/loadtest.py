@@ -43,6 +43,7 @@ class Report:
     completion_tokens: int
     tokens_per_second: float
     requests_per_second: float
+    ttft_first: float | None  # the first request's (with a --document, the one that cannot reuse a prefix)
     ttft_p50: float | None
     ttft_p90: float | None
     latency_p50: float | None
@@ -133,7 +134,7 @@ def loadtest(url: str, model: str, prompts: list[str], clients: int, max_tokens:
     return Report(
         requests=len(prompts), clients=clients, seconds=seconds, errors=len(outcomes) - len(done),
         completion_tokens=tokens, tokens_per_second=tokens / seconds, requests_per_second=len(done) / seconds,
-        ttft_p50=percentile(ttfts, 0.5), ttft_p90=percentile(ttfts, 0.9),
+        ttft_first=outcomes[0].first_token_seconds, ttft_p50=percentile(ttfts, 0.5), ttft_p90=percentile(ttfts, 0.9),
         latency_p50=percentile(latencies, 0.5), latency_p90=percentile(latencies, 0.9), latency_p99=percentile(latencies, 0.99),
         peak_kv_bytes=kvforge_metric(url, "kv_peak_bytes"), max_running=kvforge_metric(url, "peak_running"),
         error_examples=sorted({o.error for o in outcomes if not o.ok})[:3],
@@ -162,7 +163,7 @@ def hf_baseline(model_name: str, prompts: list[str], max_tokens: int) -> Report:
     seconds = time.perf_counter() - start
     return Report(
         requests=len(prompts), clients=1, seconds=seconds, errors=0, completion_tokens=tokens,
-        tokens_per_second=tokens / seconds, requests_per_second=len(prompts) / seconds, ttft_p50=None, ttft_p90=None,
+        tokens_per_second=tokens / seconds, requests_per_second=len(prompts) / seconds, ttft_first=None, ttft_p50=None, ttft_p90=None,
         latency_p50=percentile(latencies, 0.5), latency_p90=percentile(latencies, 0.9), latency_p99=percentile(latencies, 0.99),
         peak_kv_bytes=None, max_running=1,
     )  # fmt: skip
