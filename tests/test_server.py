@@ -184,13 +184,16 @@ def test_a_document_asked_again_reuses_its_compressed_prefix(served, loaded):
     assert again.choices[0].message.content == expected(loaded, document + " w11 w12", "knorm", 0.5, 8)
 
 
-def test_loadtest_drives_the_server(served):
-    from kvforge.server.loadtest import loadtest, synthetic_prompts
+def test_loadtest_drives_the_server(served, loaded):
+    from kvforge.server.loadtest import loadtest, synthetic_prompts, task_prompts
 
     prompts = synthetic_prompts(6, 20, None)
     report = loadtest(served.url, "tiny", prompts, clients=3, max_tokens=4)
     assert report.errors == 0 and report.requests == 6 and report.completion_tokens > 0
     assert report.ttft_p50 is not None and report.latency_p90 >= report.latency_p50 > 0
     assert report.peak_kv_bytes > 0
+    prompts, cases = task_prompts(loaded.tokenizer, "niah_single", 2, 200)
+    scored = loadtest(served.url, "tiny", prompts, clients=2, max_tokens=8, cases=cases)
+    assert scored.score is not None and 0 <= scored.score <= 100 and scored.errors == 0
     bad = loadtest(served.url, "gpt-4", prompts[:2], clients=2, max_tokens=4)
     assert bad.errors == 2 and "not served here" in bad.error_examples[0]

@@ -455,7 +455,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from kvforge.server.loadtest import hf_baseline, loadtest, synthetic_prompts
+    from kvforge.server.loadtest import hf_baseline, loadtest, synthetic_prompts, task_prompts
 
     document = None
     if args.document:
@@ -463,11 +463,18 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             document = Path(args.document).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"cannot read --document {args.document!r}: {err}") from err
-    prompts = synthetic_prompts(args.requests, args.words, document)
+    cases = None
+    if args.task:
+        from kvforge.models import load_model
+
+        with err_console.status(f"building {args.requests} {args.task} cases ..."):
+            prompts, cases = task_prompts(load_model(args.model).tokenizer, args.task, args.requests, args.length)
+    else:
+        prompts = synthetic_prompts(args.requests, args.words, document)
     extra = {k: v for k, v in (("kv_policy", args.kv_policy), ("kv_ratio", args.kv_ratio), ("kv_quant", args.kv_quant)) if v is not None}
     reports = {}
     with err_console.status(f"{args.requests} requests, {args.clients} clients at a time, against {args.url} ..."):
-        reports["server"] = loadtest(args.url, args.model, prompts, args.clients, args.max_tokens, extra)
+        reports["server"] = loadtest(args.url, args.model, prompts, args.clients, args.max_tokens, extra, cases)
     if args.hf_baseline:
         with err_console.status("the same requests one at a time with plain transformers generate ..."):
             reports["transformers, one at a time"] = hf_baseline(args.model, prompts, args.max_tokens)
@@ -486,6 +493,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             cell(None if r.peak_kv_bytes is None else r.peak_kv_bytes / 2**20, 1), cell(r.max_running, 0),
         )  # fmt: skip
     console.print(table)
+    if cases is not None:
+        console.print(f"{args.task} score through the server: {reports['server'].score:.1f} (0-100, {len(cases)} cases)")
     for example in reports["server"].error_examples:
         err_console.print(f"[red]error:[/red] {example}")
     if args.json:
@@ -596,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--kv-policy", default=None)
     lt.add_argument("--kv-ratio", type=ratio_arg, default=None)
     lt.add_argument("--kv-quant", default=None)
+    lt.add_argument("--task", default=None, help="send cases of this eval task instead (niah_single, ...) and score the answers")
+    lt.add_argument("--length", type=positive_int("--length"), default=1024, help="prompt tokens of each --task case")
     lt.add_argument("--hf-baseline", action="store_true", help="also answer the same requests one at a time with plain transformers")
     lt.add_argument("--json", default=None, metavar="FILE")
     lt.set_defaults(func=cmd_loadtest)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from kvforge.eval import corpus
+from kvforge.eval.tasks import Case, make_case, score
 
 QUESTIONS = [
     "Summarise the text above in one sentence.",
@@ -32,6 +33,7 @@ class Outcome:
     first_token_seconds: float | None = None
     completion_tokens: int = 0
     error: str = ""
+    text: str = ""
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Report:
     peak_kv_bytes: float | None  # from /metrics (kvforge servers only)
     max_running: float | None
     error_examples: list[str] = field(default_factory=list)
+    score: float | None = None  # mean 0-100 over eval cases sent as the requests (`task_prompts`)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -71,6 +74,13 @@ def synthetic_prompts(count: int, words: int, document: str | None) -> list[str]
     return out
 
 
+def task_prompts(tokenizer, task: str, count: int, length: int) -> tuple[list[str], list[Case]]:  # type: ignore[no-untyped-def]
+    """`count` cases of an eval task as chat messages (context, question and the answer's start in
+    one user message: a chat API cannot begin the assistant's turn), and the cases to score."""
+    cases = [make_case(tokenizer, task, length, seed=s) for s in range(count)]
+    return [f"{c.context}\n\n{c.question} {c.answer_prefix}".strip() for c in cases], cases
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -86,14 +96,16 @@ async def _one(client, model: str, prompt: str, max_tokens: int, extra: dict) ->
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
             stream=True, stream_options={"include_usage": True}, extra_body=extra or None,
         )  # fmt: skip
+        text = []
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content and first is None:
-                first = time.perf_counter() - start
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first if first is not None else time.perf_counter() - start
+                text.append(chunk.choices[0].delta.content)
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
     except Exception as err:  # every failure is counted and shown, none stops the run
         return Outcome(False, time.perf_counter() - start, error=f"{type(err).__name__}: {err}"[:200])
-    return Outcome(True, time.perf_counter() - start, first, tokens)
+    return Outcome(True, time.perf_counter() - start, first, tokens, text="".join(text))
 
 
 async def _run(url: str, model: str, prompts: list[str], clients: int, max_tokens: int, extra: dict) -> tuple[list[Outcome], float]:
@@ -123,7 +135,9 @@ def kvforge_metric(url: str, name: str) -> float | None:
     return None
 
 
-def loadtest(url: str, model: str, prompts: list[str], clients: int, max_tokens: int, extra: dict | None = None) -> Report:
+def loadtest(
+    url: str, model: str, prompts: list[str], clients: int, max_tokens: int, extra: dict | None = None, cases: list[Case] | None = None
+) -> Report:
     if clients < 1 or not prompts:
         raise ValueError("--clients and --requests must be at least 1")
     outcomes, seconds = asyncio.run(_run(url, model, prompts, clients, max_tokens, extra or {}))
@@ -138,6 +152,7 @@ def loadtest(url: str, model: str, prompts: list[str], clients: int, max_tokens:
         latency_p50=percentile(latencies, 0.5), latency_p90=percentile(latencies, 0.9), latency_p99=percentile(latencies, 0.99),
         peak_kv_bytes=kvforge_metric(url, "kv_peak_bytes"), max_running=kvforge_metric(url, "peak_running"),
         error_examples=sorted({o.error for o in outcomes if not o.ok})[:3],
+        score=None if cases is None else sum(score(o.text, c) for o, c in zip(outcomes, cases)) / len(cases),
     )  # fmt: skip
 
 
