@@ -3,9 +3,10 @@
 One thread runs the model. Each turn it
   1. admits waiting requests, first come first served, while their reservations
      (`memory.reservation`) fit the budget: the cache never grows past it;
-  2. prefills one chunk of the oldest admitted prompt, on that request's own cache, compressing
-     as it goes (a long prompt never stalls the running requests for more than one chunk);
-     a prompt done joins the running batch of its KV settings (`KVCache.stack(take=True)`);
+  2. prefills one chunk of the oldest admitted prompts (up to PREFILL_BATCH of one KV setting,
+     in one forward), each on its request's own cache, compressing as it goes (a long prompt
+     never stalls the running requests for more than one chunk); a prompt done joins the
+     running batch of its KV settings (`KVCache.stack(take=True)`);
   3. decodes one token for every running request, one batched forward per group of requests
      with the same KV settings; finished ones leave the batch (`KVCache.select`), freeing their
      memory at once.
@@ -40,6 +41,8 @@ from kvforge.policies import make_policy
 from kvforge.policies.base import Policy
 
 log = logging.getLogger(__name__)
+
+PREFILL_BATCH = 4  # prompts whose chunks share one forward
 
 
 @dataclass
@@ -225,8 +228,10 @@ class Engine:
                 self.stats.prefix_reused_tokens += done
                 self.prefilling.append(Prefilling(request, cache, done))
                 continue
-            cache = KVCache(self.loaded.model, self.policy(request.kv), tokenizer=self.loaded.tokenizer, quant=request.kv.quant)
-            self.prefilling.append(Prefilling(request, cache))
+            self.prefilling.append(Prefilling(request, self._new_cache(request.kv)))
+
+    def _new_cache(self, kv: KVSettings) -> KVCache:
+        return KVCache(self.loaded.model, self.policy(kv), tokenizer=self.loaded.tokenizer, quant=kv.quant)
 
     def _drop_cancelled(self) -> None:
         for item in [p for p in self.prefilling if p.request.cancelled]:
@@ -236,20 +241,38 @@ class Engine:
             self._leave(group, [r for r in group.requests if r.cancelled], "cancelled")
 
     def _prefill_step(self) -> None:
+        """One chunk for each of up to PREFILL_BATCH admitted prompts with the oldest one's KV
+        settings, in one forward (their caches stacked for it, then split again): batching the
+        chunks of several prompts costs much less than running them one by one."""
         if not self.prefilling:
             return
-        item = self.prefilling[0]
-        prompt = item.request.prompt
-        chunk = prompt[item.done : item.done + self.prefill_chunk]
-        logits, _ = feed(self.loaded.model, item.cache, [chunk], torch.tensor([item.done]), PREFILL)
-        item.done += len(chunk)
-        item.logits = logits[0]
-        if item.done < len(prompt):
-            if item.done == self.prefixes.boundary(len(prompt)) and self._room_for_prefix(item.cache):
-                self.prefixes.keep(item.request.kv, prompt[: item.done], item.cache)
-            return
-        self.prefilling.popleft()
-        request = item.request
+        kv, fresh = self.prefilling[0].request.kv, self.prefilling[0].done == 0
+        # Prompts just started share a new cache; the others are stacked (an empty cache cannot be).
+        items = [p for p in self.prefilling if p.request.kv == kv and (p.done == 0) == fresh][:PREFILL_BATCH]
+        rows = [p.request.prompt[p.done : p.done + self.prefill_chunk] for p in items]
+        positions = torch.tensor([p.done for p in items])
+        if len(items) == 1:
+            logits, _ = feed(self.loaded.model, items[0].cache, rows, positions, PREFILL)
+        else:
+            batch = self._new_cache(kv) if fresh else KVCache.stack([p.cache for p in items], take=True)
+            logits, _ = feed(self.loaded.model, batch, rows, positions, PREFILL)
+            for b, item in enumerate(items):
+                item.cache = batch.select([b])
+        for item, row, row_logits in zip(items, rows, logits):
+            item.done += len(row)
+            item.logits = row_logits
+            prompt = item.request.prompt
+            if item.done < len(prompt):
+                if item.done == self.prefixes.boundary(len(prompt)) and self._room_for_prefix(item.cache):
+                    self.prefixes.keep(kv, prompt[: item.done], item.cache)
+                continue
+            self.prefilling.remove(item)
+            self._start_decoding(item)
+
+    def _start_decoding(self, item: Prefilling) -> None:
+        """A prompt is in: sample its first token and join the running batch of its settings."""
+        assert item.logits is not None
+        request, prompt = item.request, item.request.prompt
         self.stats.prompt_tokens += len(prompt)
         token = sample(item.logits, request.params, request.generator)
         reason = request.add(token, self.loaded.tokenizer, self.stop_ids)
