@@ -96,6 +96,7 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
+        self.published: dict[str, float] = {}
 
     # --- from other threads ------------------------------------------------------------------
 
@@ -153,26 +154,31 @@ class Engine:
 
     def caches(self) -> list[KVCache]:
         """Every cache holding memory: prefilling, running, and the kept prefixes."""
-        held = [p.cache for p in list(self.prefilling)] + self.prefixes.caches()
-        return held + [g.cache for g in list(self.groups.values()) if g.cache is not None]
+        held = [p.cache for p in self.prefilling] + self.prefixes.caches()
+        return held + [g.cache for g in self.groups.values() if g.cache is not None]
 
     def allocated(self) -> int:
         """K/V bytes allocated by every cache; buffers shared (a kept prefix and the request it
-        came from, copy on write) count once."""
+        came from, copy on write) count once. Engine thread only."""
         held: dict[int, int] = {}
         for cache in self.caches():
             held.update(cache.buffers())
         return sum(held.values())
 
     def snapshot(self) -> dict[str, float]:
-        caches = self.caches()
+        """What /metrics and /health show: published by the engine thread after every turn (so
+        other threads never walk structures it is changing)."""
+        return dict(self.published)
+
+    def _publish(self) -> None:
         allocated = self.allocated()
-        return {
-            "running": sum(len(g.requests) for g in list(self.groups.values())),
+        self.stats.peak_bytes = max(self.stats.peak_bytes, allocated)
+        self.published = {
+            "running": sum(len(g.requests) for g in self.groups.values()),
             "prefilling": len(self.prefilling),
             "waiting": len(self.waiting),
             "kv_allocated_bytes": allocated,
-            "kv_kept_bytes": sum(c.kept_nbytes for c in caches),
+            "kv_kept_bytes": sum(c.kept_nbytes for c in self.caches()),
             "kv_reserved_bytes": sum(self.reserved.values()),
             "kv_peak_bytes": self.stats.peak_bytes,
             "kv_budget_bytes": self.kv_memory or 0,
@@ -189,16 +195,17 @@ class Engine:
                     if self.stopping:
                         break
                     self._admit()
+                    self._publish()
                     if not (self.prefilling or any(g.requests for g in self.groups.values()) or self.waiting):
                         self.wake.wait(timeout=0.5)
                         continue
                 try:
                     self._drop_cancelled()
                     self._prefill_step()
-                    for kv, group in list(self.groups.items()):
+                    for group in list(self.groups.values()):
                         if group.requests:
                             self._decode_step(group)
-                    self.stats.peak_bytes = max(self.stats.peak_bytes, self.allocated())
+                    self._publish()
                 except Exception as err:  # a bug must not hang every client: fail what is in flight
                     log.exception("engine step failed")
                     self._fail_all(f"{type(err).__name__}: {err}")
