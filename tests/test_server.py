@@ -83,9 +83,8 @@ def expected(loaded, text: str, policy: str, ratio: float, max_tokens: int) -> s
 
 
 def chat(served: Served, text: str, **kw):
-    return served.client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": text}], temperature=0, max_tokens=kw.pop("max_tokens", 8), **kw
-    )
+    kw = {"temperature": 0, "max_tokens": 8, **kw}
+    return served.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}], **kw)
 
 
 def test_chat_greedy_equals_kvforge_generation(served, loaded):
@@ -197,3 +196,19 @@ def test_loadtest_drives_the_server(served, loaded):
     assert scored.score is not None and 0 <= scored.score <= 100 and scored.errors == 0
     bad = loadtest(served.url, "gpt-4", prompts[:2], clients=2, max_tokens=4)
     assert bad.errors == 2 and "not served here" in bad.error_examples[0]
+
+
+def test_sampling_stop_strings_and_models(served, loaded):
+    def sampled(seed: int) -> str:
+        return chat(served, PROMPTS[6], temperature=1.0, top_p=0.9, seed=seed, max_tokens=12).choices[0].message.content
+
+    assert sampled(1) == sampled(1)  # a seed reproduces a completion
+    assert len({sampled(s) for s in range(2, 6)}) > 1
+    greedy = expected(loaded, PROMPTS[6], "full", 0.0, 8)
+    words = greedy.split()
+    assert len(words) >= 3
+    cut = chat(served, PROMPTS[6], stop=[words[2]])
+    assert cut.choices[0].finish_reason == "stop" and words[2] not in cut.choices[0].message.content
+    assert greedy.startswith(cut.choices[0].message.content)
+    assert [m.id for m in served.client.models.list().data] == ["tiny"]
+    assert httpx.get(served.url + "/health").json()["status"] == "ok"
