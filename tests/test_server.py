@@ -127,6 +127,7 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(served, loaded):
         (dict(extra_body={"kv_quant": "int3"}), openai.BadRequestError, "--quant"),
         (dict(max_tokens=500), openai.BadRequestError, "context window of 512"),
         (dict(temperature=3.0), openai.BadRequestError, "temperature"),
+        (dict(n=2), openai.BadRequestError, "n=2"),
     ]
     for kwargs, error, text in cases:
         model = kwargs.pop("model", "tiny")

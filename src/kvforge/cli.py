@@ -444,11 +444,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loaded = load_model(args.model)
     ensure_calibration(loaded, [policy])
     engine = Engine(loaded, KVSettings(args.policy, policy.ratio, quant), args.kv_memory, args.prefill_chunk)
+    engine.check_defaults()
     engine.start()
     budget = "no KV memory budget" if args.kv_memory is None else f"KV memory budget {args.kv_memory / 2**20:.0f} MiB"
     err_console.print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({policy.full_name} {policy.ratio:g}, quant {quant.mode}, {budget})")
     try:
-        uvicorn.run(create_app(engine, loaded.name), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(engine, loaded.name, args.ratio), host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()
     return 0

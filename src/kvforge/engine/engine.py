@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvforge.cache import KVCache, head_dim
+from kvforge.calibration import fingerprint, require_calibration
 from kvforge.engine.memory import Shape, reservation
 from kvforge.engine.prefixes import PrefixCache
 from kvforge.engine.request import KVSettings, Request
@@ -109,8 +110,12 @@ class Engine:
 
     def check(self, request: Request) -> None:
         """Refuse what can never run: a prompt beyond the model's window, a request larger than
-        the whole budget, an unknown policy (ValueError, naming the value)."""
-        self.policy(request.kv)
+        the whole budget, an unknown policy, a policy whose calibration is missing, a quantization
+        that does not fit the model (ValueError, naming the value)."""
+        policy = self.policy(request.kv)
+        if policy.needs_calibration:
+            require_calibration(fingerprint(self.loaded.model), policy.full_name)
+        request.kv.quant.check_head_dim(self.shape.head_dim)
         window = self.loaded.context_length
         if window is not None and len(request.prompt) + request.params.max_tokens > window:
             raise ValueError(
@@ -123,6 +128,11 @@ class Engine:
                 f"this request may need {need / 2**20:.1f} MiB of KV cache, more than the server's whole budget of "
                 f"{self.kv_memory / 2**20:.1f} MiB (--kv-memory); shorten it, lower max_tokens, or ask for compression"
             )
+
+    def check_defaults(self) -> None:
+        """Refuse server defaults that no request could run with (ValueError)."""
+        self.defaults.quant.check_head_dim(self.shape.head_dim)
+        self.policy(self.defaults)
 
     def reservation(self, request: Request) -> int:
         return reservation(self.shape, request.kv, len(request.prompt), request.params.max_tokens, self.prefill_chunk)
@@ -235,7 +245,12 @@ class Engine:
                 self.stats.prefix_reused_tokens += done
                 self.prefilling.append(Prefilling(request, cache, done))
                 continue
-            self.prefilling.append(Prefilling(request, self._new_cache(request.kv)))
+            try:
+                cache = self._new_cache(request.kv)
+            except ValueError as err:  # checked at submit; a calibration deleted since, say
+                self._end(request, "error", str(err))
+                continue
+            self.prefilling.append(Prefilling(request, cache))
 
     def _new_cache(self, kv: KVSettings) -> KVCache:
         return KVCache(self.loaded.model, self.policy(kv), tokenizer=self.loaded.tokenizer, quant=kv.quant)

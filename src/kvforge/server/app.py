@@ -35,8 +35,9 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine` (already started) as model `model_name`."""
+def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5) -> FastAPI:
+    """The FastAPI app serving `engine` (already started) as model `model_name`. A request that
+    names a compressing `kv_policy` without `kv_ratio` gets `default_ratio` (the server's --ratio)."""
     app = FastAPI(title="kvforge", docs_url=None, redoc_url=None)
     tokenizer = engine.loaded.tokenizer
     names = {model_name, "default", engine.loaded.name}
@@ -64,7 +65,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
             base = engine.defaults
             quant = base.quant if body.kv_quant is None else QuantSpec(body.kv_quant, base.quant.group, base.quant.residual, base.quant.split)
             policy = body.kv_policy or base.policy
-            ratio = body.kv_ratio if body.kv_ratio is not None else (base.ratio if body.kv_policy is None else 0.5)
+            ratio = body.kv_ratio if body.kv_ratio is not None else (base.ratio if body.kv_policy is None else default_ratio)
             kv = KVSettings(policy, 0.0 if policy == "full" else ratio, quant)
             request = Request(prompt, params, kv, deliver=lambda _: None)
             engine.check(request)

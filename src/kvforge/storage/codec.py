@@ -84,6 +84,8 @@ class QuantSpec:
         return 2 if self.asymmetric else 1
 
     def check_head_dim(self, head_dim: int) -> None:
+        if not self.enabled:
+            return
         if self.mode == "mixed":
             for part in self.parts:
                 part.check_head_dim(head_dim)
