@@ -18,8 +18,8 @@ Eviction of quantized entries (decoding-time budgets, policies that compress aft
 is exact, with no requantization: an entry's codes and value scales go with it; a key group's
 scale and minimum stay, counted in the bytes, until the group's last entry is evicted.
 
-Attention reads at most `BLOCK` quantized tokens of a row set at a time (never the whole cache in
-full precision) and combines every part and the tail in one softmax.
+Attention (`qattention.py`) reads a bounded block of quantized tokens at a time (never the whole
+cache in full precision) and combines every part and the tail in one softmax.
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ from kvforge.attention import attend as dense_attend
 from kvforge.attention import attention_probs_sum, causal_allowed
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, time_ordered
 from kvforge.storage.codec import QuantSpec
-from kvforge.storage.qpart import Part, Reader, aux_field
+from kvforge.storage.qattention import attention_chunks, blocks
+from kvforge.storage.qpart import Part, aux_field
 from kvforge.storage.segments import Segments
-
-BLOCK = 4096  # quantized tokens read at once per row (a bounded transient: BLOCK x head_dim floats per row)
-QUERY_CHUNK = 128  # queries of a prompt chunk attended at once over the quantized parts
 
 # (batch, kv_heads, slots) importance of each entry `view()` shows, for `mixed`: higher, more bits.
 Importance = Callable[[], torch.Tensor]
@@ -175,61 +173,6 @@ class QuantizedKV(KVStorage):
 
     # --- reading -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _blocks(part: Part) -> list[tuple[int, int]]:
-        """Slot ranges of at most about BLOCK tokens, aligned to whole key groups."""
-        slots = int(part.quant.lengths.max()) if part.quant.lengths.numel() else 0
-        step = max(BLOCK // part.spec.group, 1) * part.spec.group
-        return [(start, min(start + step, slots)) for start in range(0, slots, step)]
-
-    def _attention(
-        self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, received: bool
-    ) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor | None] | None]]:
-        """For each chunk of queries: (first query, output (batch, q_heads, c, dim), and with
-        `received` the attention each source's slots received (per part, then the tail:
-        (batch, heads, slots)), summed over the chunk's valid queries and averaged over each GQA
-        group)."""
-        batch, q_heads, t, dim = query.shape
-        heads = self.kv_heads
-        group = q_heads // heads
-        active = [i for i, p in enumerate(self.parts) if p.quant.entries]
-        parts = [self.parts[i] for i in active]
-        readers = [Reader(p) if p.dense() else None for p in parts]
-        blocks = [self._blocks(p) for p in parts]
-        widths = [b[-1][1] for b in blocks]
-        q_valid = [torch.arange(w, device=self.device) < p.quant.lengths[..., None] for w, p in zip(widths, parts)]
-        tail_k, tail_v = self.tail.padded("k").float(), self.tail.padded("v").float()
-        tail_valid = self.tail.slot_rows()[1]
-        # (batch, heads, T, St); one query reads its whole tail (every entry held is in its past)
-        allowed_t = tail_valid[:, :, None] if t == 1 else causal_allowed(self.tail.padded("pos").long(), tail_valid, positions)
-        for first in range(0, t, QUERY_CHUNK):
-            last = min(first + QUERY_CHUNK, t)
-            c = last - first
-            q = query[:, :, first:last].float().reshape(batch, heads, group * c, dim) * scaling
-            logits = []
-            for part, reader, spans, ok in zip(parts, readers, blocks, q_valid):
-                if reader is not None:
-                    logits.append(torch.cat([reader.logits(q, a, b) for a, b in spans], -1))
-                else:
-                    part_logits = torch.cat([q @ part.keys(a, b).transpose(-1, -2) for a, b in spans], -1)
-                    logits.append(part_logits.masked_fill_(~ok[:, :, None], float("-inf")))
-            logits_t = (q @ tail_k.transpose(-1, -2)).view(batch, heads, group, c, -1)
-            logits_t = logits_t.masked_fill_(~allowed_t[:, :, None, first:last], float("-inf")).view(batch, heads, group * c, -1)
-            probs = torch.softmax(torch.cat([*logits, logits_t], -1), dim=-1).split([*widths, logits_t.shape[-1]], -1)
-            out = probs[-1] @ tail_v
-            for part, reader, spans, p in zip(parts, readers, blocks, probs):
-                for a, b in spans:
-                    out += reader.output(p[..., a:b], a, b) if reader is not None else p[..., a:b] @ part.values(a, b)
-            got = None
-            if received:
-                weight = valid[:, None, None, first:last, None].float() / group  # (batch, 1, 1, c, 1)
-                sums = [(p.view(batch, heads, group, c, -1) * weight).sum((2, 3)) for p in probs]
-                # One entry per source, in order (None for a part holding nothing).
-                got = [None] * len(self.parts) + [sums[-1]]
-                for j, i in enumerate(active):
-                    got[i] = sums[j]
-            yield first, out.view(batch, q_heads, c, dim), got
-
     def _tail_only(self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keys, values and mask (None: plain causal) of attention over the tail alone."""
         keys, values = self.tail.padded("k"), self.tail.padded("v")
@@ -250,7 +193,7 @@ class QuantizedKV(KVStorage):
                 self.accumulate_attention(accumulate, query, positions, valid, scaling)
             return dense_attend(query, keys, values, allowed, scaling).masked_fill(~valid[:, None, :, None], 0.0)
         out = query.new_zeros(query.shape)
-        for first, chunk, got in self._attention(query, positions, valid, scaling, accumulate is not None):
+        for first, chunk, got in attention_chunks(self.parts, self.tail, query, positions, valid, scaling, accumulate is not None):
             out[:, :, first : first + chunk.shape[2]] = chunk.to(query.dtype)
             if accumulate is not None and got is not None:
                 self._add_received(accumulate, got)
@@ -262,7 +205,7 @@ class QuantizedKV(KVStorage):
             allowed = causal_allowed(self.tail.padded("pos").long(), self.tail.slot_rows()[1], positions)
             self._add_received(name, [None] * len(self.parts) + [attention_probs_sum(query, keys, allowed, valid, scaling)])
             return
-        for _, _, got in self._attention(query, positions, valid, scaling, True):
+        for _, _, got in attention_chunks(self.parts, self.tail, query, positions, valid, scaling, True):
             assert got is not None
             self._add_received(name, got)
 
@@ -316,7 +259,7 @@ class QuantizedKV(KVStorage):
         if width == 0:
             return torch.zeros(self.batch, self.kv_heads, 0, self.head_dim, device=self.device)
         read = part.keys if which == "keys" else part.values
-        return torch.cat([read(a, b) for a, b in self._blocks(part)], 2)
+        return torch.cat([read(a, b) for a, b in blocks(part)], 2)
 
     def _slot_rows(self, slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per source: (batch, heads, slots) flat row behind each view slot, and whether the slot
