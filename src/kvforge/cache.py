@@ -221,17 +221,42 @@ class KVForgeLayer(CacheLayerMixin):
             return
         importance = None
         if storage.wants_importance:
-            device = storage.device
-            ctx = StepContext(
-                self.layer_idx, storage, query,
-                positions if positions is not None else torch.zeros(0, dtype=torch.long, device=device),
-                valid if valid is not None else torch.zeros(storage.batch, 0, dtype=torch.bool, device=device),
-                scaling, num_layers=self.num_layers, calibration=self.calibration, state=self.policy_state,
-            )  # fmt: skip
+            ctx = self._context(query, positions, valid, scaling)
             # Keep-all budgets: a score that depends on the budget (H2O's recent window) is defined.
-            ctx.budget = ctx.target = storage.lengths.to(device)
+            ctx.budget = ctx.target = storage.lengths.to(storage.device)
             importance = lambda: self.policy.importance(ctx)  # noqa: E731
         storage.seal(importance)
+        self.held.update(self.layer_idx, storage.allocated_nbytes)
+
+    def _context(
+        self,
+        query: torch.Tensor | None = None,  # (batch, q_heads, T, head_dim); None after the fact
+        positions: torch.Tensor | None = None,  # (T,)
+        valid: torch.Tensor | None = None,  # (batch, T)
+        scaling: float = 1.0,
+        decoding: bool = False,
+    ) -> StepContext:
+        """What the policy may look at now (no queries: empty positions and validity)."""
+        assert self.storage is not None
+        device = self.storage.device
+        return StepContext(
+            self.layer_idx, self.storage, query,
+            positions if positions is not None else torch.zeros(0, dtype=torch.long, device=device),
+            valid if valid is not None else torch.zeros(self.storage.batch, 0, dtype=torch.bool, device=device),
+            scaling, num_layers=self.num_layers, decoding=decoding, calibration=self.calibration, state=self.policy_state,
+        )  # fmt: skip
+
+    def adopt(self, base: KVForgeLayer, storage: KVStorage, sequences: list[int] | None = None) -> None:
+        """Take over `base`'s state over `storage`: all of it (a fork), or only the given
+        sequences' (what stays of a batch)."""
+        pick = (lambda t: t.clone()) if sequences is None else (lambda t: t[sequences])
+        assert base.tokens is not None
+        self.storage = storage
+        self.is_initialized, self.dtype, self.device = True, base.dtype, base.device
+        self.seen, self.chunks, self.tokens = base.seen, base.chunks, pick(base.tokens)
+        if base.decode_budget is not None:
+            self.decode_budget = pick(base.decode_budget)
+        self.policy_state = {k: pick(v) for k, v in base.policy_state.items()}
         self.held.update(self.layer_idx, storage.allocated_nbytes)
 
     def deferred_context(self) -> StepContext | None:
@@ -243,13 +268,8 @@ class KVForgeLayer(CacheLayerMixin):
         target = self.policy.prefill_budget(self.tokens, self.storage.lengths)
         if target is None:
             return None
-        device = self.storage.device
-        ctx = StepContext(
-            self.layer_idx, self.storage, None, torch.zeros(0, dtype=torch.long, device=device),
-            torch.zeros(self.storage.batch, 0, dtype=torch.bool, device=device), 1.0,
-            num_layers=self.num_layers, calibration=self.calibration, state=self.policy_state,
-        )  # fmt: skip
-        ctx.target = target.to(device)
+        ctx = self._context()
+        ctx.target = target.to(self.storage.device)
         return ctx
 
     def compress(self, ctx: StepContext | None, target: torch.Tensor | None) -> None:
@@ -288,11 +308,7 @@ class KVForgeLayer(CacheLayerMixin):
         if budgets is None and not self.policy.aux_names:
             return
         start = time.perf_counter()
-        ctx = StepContext(
-            self.layer_idx, self.storage, query, positions, new_valid, scaling,
-            num_layers=self.num_layers, decoding=mode == DECODE, calibration=self.calibration,
-            state=self.policy_state,
-        )  # fmt: skip
+        ctx = self._context(query, positions, new_valid, scaling, decoding=mode == DECODE)
         if shared is not None and "state" in shared:
             self.storage.import_aux(shared["state"])
             self.policy_state = dict(shared["layer"])  # type: ignore[arg-type]
@@ -425,8 +441,7 @@ class KVCache(Cache):
             )
         check_layout(layout)
         spec = quant if isinstance(quant, QuantSpec) else QuantSpec(quant or "none")
-        if spec.enabled:
-            spec.check_head_dim(head_dim(model))
+        spec.check_head_dim(head_dim(model))
         self._setup(policy, model.config.get_text_config().num_hidden_layers, layout, fingerprint(model), spec)
         self.tokenizer = tokenizer
         for layer in self.layers:
@@ -499,14 +514,9 @@ class KVCache(Cache):
         for base, layer in zip(self.layers, forked.layers):
             if base.storage is None or base.tokens is None:
                 continue
-            layer.storage = base.storage.share(self.policy.aux_names)
-            layer.storage.import_aux(base.storage.export_aux())
-            layer.is_initialized, layer.dtype, layer.device = True, base.dtype, base.device
-            layer.seen, layer.chunks, layer.tokens = base.seen, base.chunks, base.tokens.clone()
-            if base.decode_budget is not None:
-                layer.decode_budget = base.decode_budget.clone()
-            layer.policy_state = {k: v.clone() for k, v in base.policy_state.items()}
-            forked.held.update(layer.layer_idx, layer.storage.allocated_nbytes)
+            storage = base.storage.share(self.policy.aux_names)
+            storage.import_aux(base.storage.export_aux())
+            layer.adopt(base, storage)
         return forked
 
     def compress(self) -> None:
@@ -625,17 +635,11 @@ class KVCache(Cache):
         requests leave a running batch, their memory freed)."""
         kept = KVCache._empty(self.policy, self.num_layers, self.layout, self.model_fingerprint, self.quant)
         kept.tokenizer = self.tokenizer
-        for i, (layer, out) in enumerate(zip(self.layers, kept.layers)):
+        for layer, out in zip(self.layers, kept.layers):
             if layer.storage is None or layer.tokens is None:
                 continue
-            out.storage = layer.storage.select(sequences)
-            out.is_initialized, out.dtype, out.device = True, layer.dtype, layer.device
-            out.seen, out.chunks, out.tokens = layer.seen, layer.chunks, layer.tokens[sequences]
-            if layer.decode_budget is not None:
-                out.decode_budget = layer.decode_budget[sequences]
-            out.policy_state = {k: v[sequences] for k, v in layer.policy_state.items()}
-            out.calibration, out.policy_seconds = layer.calibration, layer.policy_seconds
-            kept.held.update(i, out.storage.allocated_nbytes)
+            out.adopt(layer, layer.storage.select(sequences), sequences)
+            out.policy_seconds = layer.policy_seconds
         return kept
 
     @property
