@@ -69,13 +69,18 @@ def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
+def spans(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Flat indices of segments of counts[i] consecutive entries beginning at starts[i], one
+    after the other: (sum(counts),) int64. starts, counts: (S,)."""
+    first = torch.repeat_interleave(starts - exclusive_cumsum(counts), counts)
+    return first + torch.arange(first.numel(), device=counts.device)
+
+
 def sequence_rows(lengths: torch.Tensor, sequences: list[int]) -> torch.Tensor:
     """Flat entry indices of the given sequences, in order, for entries laid out row after row
     (row b * kv_heads + h holds lengths[b, h] of them): (M,) int64."""
     offsets = exclusive_cumsum(lengths.flatten()).view_as(lengths)[sequences].flatten()
-    counts = lengths[sequences].flatten()
-    starts = torch.repeat_interleave(offsets - exclusive_cumsum(counts), counts)
-    return starts + torch.arange(int(counts.sum()), device=lengths.device)
+    return spans(offsets, lengths[sequences].flatten())
 
 
 def buffers_of(tensors: list[torch.Tensor]) -> dict[int, int]:

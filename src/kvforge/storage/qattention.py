@@ -28,6 +28,11 @@ def blocks(part: Part) -> list[tuple[int, int]]:
     return [(start, min(start + step, slots)) for start in range(0, slots, step)]
 
 
+def tail_allowed(tail: Segments, positions: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, T, St) bool: which tail entries each of the chunk's queries may read."""
+    return causal_allowed(tail.padded("pos").long(), tail.slot_rows()[1], positions)
+
+
 def attention_chunks(
     all_parts: list[Part],
     tail: Segments,  # k, v, pos: the full-precision entries (see quantized.py)
@@ -53,7 +58,7 @@ def attention_chunks(
     tail_k, tail_v = tail.padded("k").float(), tail.padded("v").float()
     tail_valid = tail.slot_rows()[1]
     # (batch, heads, T, St); one query reads its whole tail (every entry held is in its past)
-    allowed_t = tail_valid[:, :, None] if t == 1 else causal_allowed(tail.padded("pos").long(), tail_valid, positions)
+    allowed_t = tail_valid[:, :, None] if t == 1 else tail_allowed(tail, positions)
     for first in range(0, t, QUERY_CHUNK):
         last = min(first + QUERY_CHUNK, t)
         c = last - first

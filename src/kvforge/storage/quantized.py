@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterator
 import torch
 
 from kvforge.attention import attend as dense_attend
-from kvforge.attention import attention_probs_sum, causal_allowed
+from kvforge.attention import attention_probs_sum
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, time_ordered
 from kvforge.storage.codec import QuantSpec
-from kvforge.storage.qattention import attention_chunks, blocks
+from kvforge.storage.qattention import attention_chunks, blocks, tail_allowed
 from kvforge.storage.qpart import Part, aux_field
 from kvforge.storage.segments import Segments
 
@@ -179,7 +179,7 @@ class QuantizedKV(KVStorage):
         n = self.tail.uniform()
         if bool(valid.all()) and n is not None and (query.shape[2] == 1 or n == query.shape[2]):
             return keys, values, None
-        return keys, values, causal_allowed(self.tail.padded("pos").long(), self.tail.slot_rows()[1], positions)
+        return keys, values, tail_allowed(self.tail, positions)
 
     def _quantized(self) -> bool:
         return any(p.quant.entries for p in self.parts)
@@ -202,7 +202,7 @@ class QuantizedKV(KVStorage):
     def accumulate_attention(self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
         if not self._quantized():
             keys = self.tail.padded("k")
-            allowed = causal_allowed(self.tail.padded("pos").long(), self.tail.slot_rows()[1], positions)
+            allowed = tail_allowed(self.tail, positions)
             self._add_received(name, [None] * len(self.parts) + [attention_probs_sum(query, keys, allowed, valid, scaling)])
             return
         for _, _, got in attention_chunks(self.parts, self.tail, query, positions, valid, scaling, True):

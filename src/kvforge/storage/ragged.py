@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvforge.attention import attend, attention_probs_sum, causal_allowed
-from kvforge.storage.base import KVStorage, PaddedView, buffers_of, exclusive_cumsum, gather_slots, sequence_rows, time_ordered
+from kvforge.storage.base import KVStorage, PaddedView, buffers_of, exclusive_cumsum, gather_slots, sequence_rows, spans, time_ordered
 
 
 class RaggedKV(KVStorage):
@@ -82,9 +82,7 @@ class RaggedKV(KVStorage):
         total = int(new_len.sum())
 
         # Old entries keep their order and move to the start of their (grown) segment.
-        seg = torch.repeat_interleave(torch.arange(old_len.numel(), device=device), old_len)  # (entries,)
-        local = torch.arange(self.entries, device=device) - exclusive_cumsum(old_len)[seg]
-        dest_old = new_off[seg] + local
+        dest_old = spans(new_off, old_len)  # (entries,)
 
         # New valid tokens go after them, in time order, once per KV head.
         b_idx, t_idx = valid.nonzero(as_tuple=True)  # (M,)

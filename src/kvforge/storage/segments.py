@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.storage.base import exclusive_cumsum, sequence_rows
+from kvforge.storage.base import exclusive_cumsum, sequence_rows, spans
 
 
 @dataclass
@@ -81,8 +81,8 @@ class Segments:
         old_len, add_len = self.lengths.flatten(), counts.flatten().to(self.lengths.device)
         new_len = old_len + add_len
         starts = exclusive_cumsum(new_len)
-        dest_old = self._destinations(old_len, starts)
-        dest_new = self._destinations(add_len, starts + old_len)
+        dest_old = spans(starts, old_len)
+        dest_new = spans(starts + old_len, add_len)
         take = torch.arange(n, device=counts.device) < counts[..., None]  # (batch, heads, n)
         total = int(new_len.sum())
         fields = {}
@@ -93,18 +93,8 @@ class Segments:
             fields[name] = out
         return Segments(fields, new_len.view(batch, heads))
 
-    @staticmethod
-    def _destinations(counts: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """Flat destinations of segments of `counts` (S,) placed at `starts` (S,), in order."""
-        seg = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-        return starts[seg] + torch.arange(seg.numel(), device=counts.device) - exclusive_cumsum(counts)[seg]
-
     def with_fields(self, **fields: torch.Tensor) -> Segments:
         return Segments({**self.fields, **fields}, self.lengths)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.fields.values())
 
     @staticmethod
     def cat(parts: list[Segments]) -> Segments:
