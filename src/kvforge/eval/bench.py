@@ -35,6 +35,7 @@ from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
 from kvforge.policies.registry import make_policy
 from kvforge.storage import QuantSpec
+from kvforge.storage.codec import labelled
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class BenchRow:
 
     @property
     def label(self) -> str:
-        label = self.policy if self.quant == "none" else f"{self.policy} {self.quant}"
+        label = labelled(self.policy, self.quant)
         return label if self.prefill_chunk is None else f"{label} chunk {self.prefill_chunk}"
 
     def to_dict(self) -> dict[str, object]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from statistics import mean
 
 from kvforge.eval.runner import SUMMARY, EvalRow, SweepStats, write_atomic
-from kvforge.storage.codec import MODES
+from kvforge.storage.codec import MODES, labelled
 
 
 # A task counts towards retention where the full cache scores at least this: a task the model
@@ -36,8 +36,7 @@ def per_question(rows: list[EvalRow]) -> list[dict]:
     for (policy, ratio, quant), by_q in sorted(scores.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
         means = {q: mean(v) for q, v in sorted(by_q.items())}
         kept = {q: m / full[q] if full.get(q) else None for q, m in means.items()}
-        label = policy if quant == "none" else f"{policy} {quant}"
-        out.append({"policy": label, "ratio": ratio, "scores": means, "retention": kept})
+        out.append({"policy": labelled(policy, quant), "ratio": ratio, "scores": means, "retention": kept})
     return out
 
 
@@ -173,8 +172,7 @@ def plot(summary: dict) -> bytes:
         entries = [e for e in summary["table"] if e["setting"] == setting]
         for policy, quant in sorted({(e["policy"], e["quant"]) for e in entries if e["policy"] != "full"}):
             pts = sorted((1 - e["ratio"], e["mean"]) for e in entries if (e["policy"], e["quant"]) == (policy, quant))
-            label = policy if quant == "none" else f"{policy} {quant}"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labelled(policy, quant))
         full = next((e for e in entries if e["policy"] == "full" and e["quant"] == "none"), None)
         if full:
             ax.axhline(full["mean"], color="black", linestyle="--", label="full")

@@ -103,6 +103,11 @@ class QuantSpec:
         return head_dim * self.bits // 8
 
 
+def labelled(name: str, mode: str) -> str:
+    """How reports name a row: the policy, then its quantization mode unless it is none."""
+    return name if mode == "none" else f"{name} {mode}"
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(..., dim) uint8 codes below 2**bits -> (..., dim * bits / 8) uint8, the layout above."""
     per = 8 // bits
