@@ -229,12 +229,8 @@ class Engine:
                 self._end(request, "cancelled")
                 continue
             need = self.reservation(request)
-            if self.kv_memory is not None:
-                # Kept prefixes give way to requests: the oldest unused ones go first.
-                while sum(self.reserved.values()) + self.prefixes.nbytes + need > self.kv_memory and self.prefixes.evict_one():
-                    pass
-                if sum(self.reserved.values()) + self.prefixes.nbytes + need > self.kv_memory:
-                    return  # it waits for memory to be freed (the head of the queue goes first)
+            if not self._room_for(need):
+                return  # it waits for memory to be freed (the head of the queue goes first)
             self.waiting.popleft()
             self.reserved[request.id] = need
             hit = self.prefixes.lookup(request.kv, request.prompt)
@@ -285,7 +281,8 @@ class Engine:
             item.logits = row_logits
             prompt = item.request.prompt
             if item.done < len(prompt):
-                if item.done == self.prefixes.boundary(len(prompt)) and self._room_for_prefix(item.cache):
+                # Counted as a copy: the request it comes from copies what it writes next.
+                if item.done == self.prefixes.boundary(len(prompt)) and self._room_for(item.cache.nbytes):
                     self.prefixes.keep(kv, prompt[: item.done], item.cache)
                 continue
             self.prefilling.remove(item)
@@ -309,12 +306,12 @@ class Engine:
         group.positions = torch.cat([group.positions, torch.tensor([len(prompt)])])
         self.stats.peak_running = max(self.stats.peak_running, sum(len(g.requests) for g in self.groups.values()))
 
-    def _room_for_prefix(self, cache: KVCache) -> bool:
-        """Whether a copy of `cache` fits beside the reservations (older prefixes make room).
-        Counted as a copy: the request it comes from copies what it writes next."""
+    def _room_for(self, extra: int) -> bool:
+        """Whether `extra` bytes fit beside the reservations and the kept prefixes; kept prefixes
+        give way, the oldest unused first."""
         if self.kv_memory is None:
             return True
-        while sum(self.reserved.values()) + self.prefixes.nbytes + cache.nbytes > self.kv_memory:
+        while sum(self.reserved.values()) + self.prefixes.nbytes + extra > self.kv_memory:
             if not self.prefixes.evict_one():
                 return False
         return True
