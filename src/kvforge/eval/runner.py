@@ -192,20 +192,16 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     out.mkdir(parents=True, exist_ok=True)
     identity = {k: v for k, v in asdict(cfg).items() if k != "batch"}
 
-    def essential(config: dict) -> dict:
-        ignored = set(EXTENSIBLE)
-        modes = set(config.get("quant", ["none"]))
-        if modes == {"none"}:
-            ignored |= {"quant_group", "quant_residual"}  # nothing was quantized
-        if "mixed" not in modes:
-            ignored.add("quant_split")
-        return {k: v for k, v in config.items() if k not in ignored}
-
     def same(text: str) -> bool:
-        stored = essential({**ADDED, **json.loads(text)})
-        mine = essential(identity)
-        shared = set(stored) & set(mine)  # a side that quantized nothing (or mixed nothing) does not care how
-        return set(stored) ^ set(mine) <= {"quant_group", "quant_residual", "quant_split"} and all(stored[k] == mine[k] for k in shared)
+        stored = {**ADDED, **json.loads(text)}
+        ignored = set(EXTENSIBLE)
+        for config in (stored, identity):  # a side that quantized (or mixed) nothing does not care how
+            modes = set(config["quant"] if "quant" in config else ["none"])
+            if modes == {"none"}:
+                ignored |= {"quant_group", "quant_residual"}
+            if "mixed" not in modes:
+                ignored.add("quant_split")
+        return {k: v for k, v in stored.items() if k not in ignored} == {k: v for k, v in identity.items() if k not in ignored}
 
     wanted = json.dumps(identity, indent=2, sort_keys=True)
     config = out / CONFIG
@@ -402,8 +398,7 @@ def run_eval(
     """Run what `out` does not hold yet; return every row of the configuration and sweep stats."""
     cfg.validate()
     for spec in cfg.specs().values():
-        if spec.enabled:
-            spec.check_head_dim(head_dim(loaded.model))
+        spec.check_head_dim(head_dim(loaded.model))
     lock = lock_out(out)
     try:
         return _run_locked(loaded, cfg, out, force, on_row)
