@@ -198,6 +198,10 @@ def test_sweep_resume_and_reports(tiny, tmp_path):
     wider, _ = run_eval(tiny, config(samples=3, settings=[False, True], batch=1, policies=["full", "knorm", "streaming"]), out)
     assert len(wider) == 18 and len(read_rows(out / ROWS)) == 18
     assert len(run_eval(tiny, config(settings=[False, True]), out)[0]) == 8  # asks for full and knorm only
+    # Another task extends the directory too, and the first task alone is still reported alone.
+    two_tasks, stats5 = run_eval(tiny, config(samples=1, settings=[False, True], tasks=["niah_single", "vt"]), out)
+    assert {r.task for r in two_tasks} == {"niah_single", "vt"} and stats5.prefills == 2  # vt, both settings
+    assert {r.task for r in run_eval(tiny, config(settings=[False, True]), out)[0]} == {"niah_single"}
 
     # Another configuration in the same --out is refused, unless forced.
     with pytest.raises(ValueError, match="holds results of a different configuration"):

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 ROWS, CONFIG, SUMMARY = "rows.jsonl", "config.json", "summary.json"
 # Fields a later run may change in the same --out: rows are per sample, policy, ratio and quant.
-EXTENSIBLE = ("samples", "policies", "ratios", "quant")
+EXTENSIBLE = ("samples", "tasks", "policies", "ratios", "quant")
 # Fields added after runs were written: a stored configuration without them had these values.
 ADDED = {"questions": 1, "quant_group": 32, "quant_residual": 128, "quant_split": 0.25}
 
@@ -186,9 +186,9 @@ def lock_out(out: Path) -> IO[str]:
 def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     """Create or reopen `out`; refuse to mix results of another configuration unless `force`.
 
-    Samples, policies and ratios are not part of a configuration: rows are per (sample, policy,
-    ratio), so a run asking for more extends the directory and one asking for fewer reports only
-    its own rows."""
+    Samples, tasks, policies, ratios and quant modes are not part of a configuration: rows are per
+    (task, sample, policy, ratio, quant), so a run asking for more extends the directory and one
+    asking for fewer reports only its own rows."""
     out.mkdir(parents=True, exist_ok=True)
     identity = {k: v for k, v in asdict(cfg).items() if k != "batch"}
 
@@ -223,7 +223,12 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
 def own_rows(rows: list[EvalRow], cfg: EvalConfig) -> list[EvalRow]:
     """The rows `cfg` asks for (a directory may hold more, from runs that asked for more)."""
     combos = set(cfg.combos())
-    return [r for r in rows if r.sample < cfg.samples and (r.policy, r.ratio, r.quant) in combos]
+    # A task-file case carries its own task name; only the generated tasks are chosen by --tasks.
+    return [
+        r
+        for r in rows
+        if r.sample < cfg.samples and (r.policy, r.ratio, r.quant) in combos and (r.task in cfg.tasks or r.task not in TASKS)
+    ]
 
 
 def groups(loaded: LoadedModel, cfg: EvalConfig) -> Iterator[list[tuple[int, Case]]]:
