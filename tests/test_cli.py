@@ -42,6 +42,24 @@ def test_generate_json(capsys, tiny_checkpoint, doc):
     assert result["kept_bytes"] <= result["cache_bytes"] <= result["peak_cache_bytes"] <= result["dense_cache_bytes"]
 
 
+def test_generate_in_bfloat16_holds_half_the_bytes(capsys, tiny_checkpoint, doc):
+    argv = ["generate", "--model", str(tiny_checkpoint), "--policy", "knorm", "--ratio", "0.5", "--max-new-tokens", "3",
+            "--prompt-file", str(doc), "--json", "--device", "cpu", "w1 w2 w3"]  # fmt: skip
+    f32 = json.loads(run(capsys, *argv)[1])
+    bf16 = json.loads(run(capsys, *argv, "--dtype", "bfloat16")[1])
+    assert bf16["kept_bytes"] * 2 == f32["kept_bytes"] and bf16["dense_cache_bytes"] * 2 == f32["dense_cache_bytes"]
+    assert bf16["bits_per_element"] == 16 and bf16["generated_tokens"] >= 1
+
+
+def test_cuda_without_a_cuda_device_is_a_clear_error(capsys, tiny_checkpoint, doc):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    code, _, err = run(capsys, "generate", "--model", str(tiny_checkpoint), "--device", "cuda", "q")
+    assert code == 2 and "torch sees no CUDA device; use --device cpu" in err
+
+
 def test_generate_query_aware_compresses_the_whole_prompt(capsys, tiny_checkpoint, doc):
     argv = ["generate", "--model", str(tiny_checkpoint), "--policy", "knorm", "--ratio", "0.5", "--max-new-tokens", "1",
             "--prompt-file", str(doc), "--json", "w1 w2 w3"]  # fmt: skip
@@ -71,6 +89,9 @@ def test_policies_lists_every_policy_with_parameters(capsys):
         (["--policy", "full", "--ratio", "0.5"], "ratio=0.5 is outside the allowed range [0.0, 0.0]"),
         (["--param", "window=0"], "window=0 is outside the allowed range [1, inf)"),
         (["--param", "bogus=1"], "has no parameter 'bogus'"),
+        (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        (["--device", "mps"], "--device 'mps': kvforge runs on cpu or cuda"),
+        (["--device", "gpu0"], "--device 'gpu0' is not a device; use cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(capsys, tiny_checkpoint, doc, argv, message):

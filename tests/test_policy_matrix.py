@@ -309,3 +309,42 @@ def test_inplace_layout_keeps_and_predicts_what_the_ragged_one_does(tiny_model, 
     assert pos_a == pos_b and kept_a == kept_b
     for la, lb in zip(a, b):
         torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny_model, tmp_path_factory):
+    """The tiny model in bfloat16, calibrated for its own activations (calibrations are per dtype)."""
+    import copy
+
+    from kvforge.calibrate import calibrate
+    from kvforge.models import LoadedModel
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVFORGE_CACHE", str(tmp_path_factory.mktemp("calibration-bf16")))
+    try:
+        calibrate(LoadedModel(model, word_tokenizer(), "tiny-bf16"))
+    finally:
+        mp.undo()
+    return model
+
+
+@pytest.mark.parametrize("quant", [None, "int4"])
+@pytest.mark.parametrize("row", MATRIX, ids=lambda r: r.name)
+def test_every_policy_runs_in_bfloat16_and_holds_half_the_bytes(tiny_model, tiny_bf16, row, quant):
+    from kvforge.storage.codec import QuantSpec
+
+    spec = QuantSpec(quant, group=8, residual=4) if quant else None
+    ids, mask = left_padded(LENGTHS)
+    with torch.inference_mode():
+        cache, logits = prefill_logits(tiny_bf16, build(row, 0.5), ids, mask, quant=spec)
+        steps = decode(tiny_bf16, cache, logits, ids.shape[1], 4)
+        ref, ref_logits = prefill_logits(tiny_model, build(row, 0.5), ids, mask)
+        decode(tiny_model, ref, ref_logits, ids.shape[1], 4)
+    assert all(bool(torch.isfinite(s).all()) and s.dtype == torch.bfloat16 for s in [logits, *steps])
+    assert cache.dense_nbytes * 2 == ref.dense_nbytes  # 2 bytes per element instead of 4
+    if quant is None:
+        assert cache.kept_nbytes * 2 == ref.kept_nbytes
+        assert all(layer.storage.dtype == torch.bfloat16 for layer in cache.layers)
+    # The prompt's last logits before any compression touched them agree to bfloat16's precision.
+    torch.testing.assert_close(logits.float(), ref_logits, rtol=0.05, atol=0.05)

@@ -77,6 +77,25 @@ def add_quant_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
                              "(the others in int2; default 0.25)")
 
 
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """Where and in what precision the model runs: shared by every command that loads one."""
+    from kvforge.models import DTYPES
+
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when torch sees one, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="weights, activations and K/V (default float32; bfloat16 halves the bytes held)")
+
+
+def load(args: argparse.Namespace) -> Any:
+    """The model --model, --device and --dtype name, with a spinner while it loads."""
+    from kvforge.models import load_model, parse_device, parse_dtype
+
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)  # bad values fail before the spinner
+    first = " (the first run converts the default model once)" if args.model == DEFAULT_MODEL else ""
+    with err_console.status(f"loading {args.model} on {device} ({args.dtype}){first} ..."):
+        return load_model(args.model, dtype=dtype, device=device)
+
+
 def quant_specs(args: argparse.Namespace) -> list[Any]:
     """The QuantSpec of each mode --quant names (validated: a bad value names its option)."""
     from kvforge.storage import QuantSpec
@@ -106,11 +125,9 @@ def ensure_calibration(loaded: Any, policies: list[Any]) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from kvforge.calibrate import calibrate
     from kvforge.calibration import calibration_path
-    from kvforge.models import load_model
     from kvforge.policies.razor import retrieval_heads
 
-    with err_console.status(f"loading {args.model} ..."):
-        loaded = load_model(args.model)
+    loaded = load(args)
     with err_console.status(f"calibrating {loaded.name} (retrieval heads, query directions, kvzap surrogate) ..."):
         cal = calibrate(loaded, force=args.force)
     table = Table(title=f"calibration of {loaded.name} ({cal.model})", caption=str(calibration_path(cal.model)))
@@ -142,7 +159,6 @@ def positive_int(option: str) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvforge.generate import answer, build_prompt
-    from kvforge.models import load_model
 
     policy = build_policy(args.policy, args.ratio, args.param, args)
     quant = quant_spec(args)
@@ -157,8 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             context = Path(args.prompt_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read --prompt-file {args.prompt_file!r}: {err}") from err
-    with err_console.status(f"loading {args.model} ..."):
-        loaded = load_model(args.model)
+    loaded = load(args)
     ensure_calibration(loaded, [policy])
     chat = loaded.is_instruct if args.chat is None else args.chat
     prompt = build_prompt(loaded.tokenizer, context, args.question, chat)
@@ -203,11 +218,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from kvforge.eval.runner import SweepStats, run_group
     from kvforge.eval.tasks import make_case
-    from kvforge.models import load_model
     from kvforge.policies import make_policy, methods
 
-    with err_console.status(f"loading {args.model} (the first run converts the default model once) ..."):
-        loaded = load_model(args.model)
+    loaded = load(args)
     case = make_case(loaded.tokenizer, "niah_single", args.length, seed=args.seed, chat=loaded.is_instruct, max_length=loaded.context_length)
     case.max_new_tokens = args.max_new_tokens
     combos = [(name, 0.0 if name == "full" else args.ratio, "none") for name in methods()]
@@ -263,7 +276,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvforge.eval.report import write_reports
     from kvforge.eval.runner import EvalConfig, run_eval, total_rows
     from kvforge.calibration import find_calibration, fingerprint
-    from kvforge.models import load_model
     from kvforge.policies import make_policy, methods
 
     if args.quick:
@@ -279,11 +291,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples=args.samples if args.samples is not None else 20, settings=settings, seed=args.seed,
         task_file=args.task_file, batch=args.batch, prefill_chunk=args.prefill_chunk,
         questions=args.questions_per_context, quant=split_list(args.quant),
-        quant_group=args.quant_group, quant_residual=args.quant_residual, quant_split=args.quant_split,
+        quant_group=args.quant_group, quant_residual=args.quant_residual, quant_split=args.quant_split, dtype=args.dtype,
     )  # fmt: skip
     cfg.validate()
-    with err_console.status(f"loading {args.model} on {args.device} ..."):
-        loaded = load_model(args.model, device=args.device)
+    loaded = load(args)
     made = [make_policy(n) for n in cfg.policies]
     ensure_calibration(loaded, made)
     out = Path(args.out)
@@ -310,7 +321,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_fidelity(args: argparse.Namespace) -> int:
     from kvforge.eval import corpus
     from kvforge.eval.fidelity import fidelity
-    from kvforge.models import load_model
     from kvforge.policies import make_policy, methods
 
     names = split_list(args.policies) if args.policies else [n for n in methods() if n != "full"]
@@ -323,8 +333,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot read --text-file {args.text_file!r}: {err}") from err
     else:
         text = " ".join(corpus.paragraphs())
-    with err_console.status(f"loading {args.model} ..."):
-        loaded = load_model(args.model)
+    loaded = load(args)
     ensure_calibration(loaded, policies)
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context + args.continuation]
     quants = quant_specs(args)
@@ -345,25 +354,20 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
 
     from kvforge.eval.bench import format_batch_table, format_table, ratios_to_full, run_batch_bench, run_bench
-    from kvforge.models import load_model
     from kvforge.policies import make_policy, methods
 
     try:
         lengths = [int(x) for x in split_list(args.lengths)]
     except ValueError as err:
         raise ValueError(f"--lengths {args.lengths!r} must be comma-separated integers, e.g. 1024,4096") from err
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
     names = split_list(args.policies) if args.policies else methods()
     ratio = None if args.budget is not None else args.ratio
     policies = [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
     quants = quant_specs(args)
-    with err_console.status(f"loading {args.model} on {device} ..."):
-        loaded = load_model(args.model, device=device)
+    loaded = load(args)
+    device = str(loaded.model.device)
     ensure_calibration(loaded, policies)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     per_length = len(set(names) | {"full"}) * (2 if args.prefill_chunk else 1) * len(quants) + (0 if args.no_baseline else 1)
@@ -435,13 +439,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kvforge.engine import Engine, KVSettings
-    from kvforge.models import load_model
     from kvforge.server.app import create_app
 
     policy = build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)
     quant = quant_spec(args)
-    with err_console.status(f"loading {args.model} ..."):
-        loaded = load_model(args.model)
+    loaded = load(args)
     ensure_calibration(loaded, [policy])
     engine = Engine(loaded, KVSettings(args.policy, policy.ratio, quant), args.kv_memory, args.prefill_chunk)
     engine.check_defaults()
@@ -522,12 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget_args(gen, "prefill the compressed part N tokens at a time, compressing after each chunk")
     gen.add_argument("--layout", default="inplace", help="K/V storage layout: inplace (default) or ragged (the reference)")
     add_quant_args(gen)
+    add_device_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 
     cal = sub.add_parser("calibrate", help="measure once per model what razor, qfilters and kvzap need (cached on disk)")
     cal.add_argument("--model", default=DEFAULT_MODEL)
     cal.add_argument("--force", action="store_true", help="measure again even if the cache holds a calibration")
+    add_device_args(cal)
     cal.set_defaults(func=cmd_calibrate)
     pol = sub.add_parser("policies", help="list every policy with its parameters")
     pol.set_defaults(func=cmd_policies)
@@ -540,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--query-aware", action="store_true")
     demo.add_argument("--json", action="store_true")
+    add_device_args(demo)
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="score policies on long-context tasks; resumable; writes reports")
@@ -561,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N",
                     help="prefill N tokens at a time, compressing after each chunk (each policy prefills itself)")
     add_quant_args(ev, many=True)
-    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_args(ev)
     ev.add_argument("--out", default="results/eval")
     ev.add_argument("--force", action="store_true", help="discard results of another configuration in --out")
     ev.set_defaults(func=cmd_eval)
@@ -578,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quant_args(ben, many=True)
     ben.add_argument("--decode-tokens", type=int, default=32)
     ben.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
-    ben.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_device_args(ben)
     ben.add_argument("--json", default=None, metavar="FILE", help="also write the rows with ratios to full")
     ben.set_defaults(func=cmd_bench)
 
@@ -587,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--policy", default="full", help="default compression policy of requests (kv_policy overrides)")
     srv.add_argument("--ratio", type=ratio_arg, default=0.5, help="default ratio for a compressing policy (kv_ratio overrides)")
     add_quant_args(srv)
+    add_device_args(srv)
     srv.add_argument("--kv-memory", type=size_arg, default=None, metavar="SIZE",
                      help="KV cache budget, e.g. 2GiB: requests that do not fit wait (default: none)")
     srv.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=256, metavar="N",
@@ -620,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--context", type=int, default=1024, help="tokens prefilled and compressed")
     fid.add_argument("--continuation", type=int, default=64, help="tokens teacher-forced after it")
     add_quant_args(fid, many=True)
+    add_device_args(fid)
     fid.add_argument("--json", action="store_true")
     fid.set_defaults(func=cmd_fidelity)
     return parser

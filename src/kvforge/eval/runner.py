@@ -36,7 +36,7 @@ ROWS, CONFIG, SUMMARY = "rows.jsonl", "config.json", "summary.json"
 # Fields a later run may change in the same --out: rows are per sample, policy, ratio and quant.
 EXTENSIBLE = ("samples", "tasks", "policies", "ratios", "quant")
 # Fields added after runs were written: a stored configuration without them had these values.
-ADDED = {"questions": 1, "quant_group": 32, "quant_residual": 128, "quant_split": 0.25}
+ADDED = {"questions": 1, "quant_group": 32, "quant_residual": 128, "quant_split": 0.25, "dtype": "float32"}
 
 
 @dataclass
@@ -56,6 +56,7 @@ class EvalConfig:
     quant_group: int = 32
     quant_residual: int = 128
     quant_split: float = 0.25  # mixed: the fraction of entries held in int4
+    dtype: str = "float32"  # the model's (scores depend on it; the device does not change them beyond rounding)
     # Samples decoded together. An execution detail: not part of the configuration's identity.
     batch: int = field(default=8, compare=False)
 
@@ -402,6 +403,8 @@ def run_eval(
 ) -> tuple[list[EvalRow], SweepStats]:
     """Run what `out` does not hold yet; return every row of the configuration and sweep stats."""
     cfg.validate()
+    if loaded.dtype_name != cfg.dtype:
+        raise ValueError(f"the model is loaded in {loaded.dtype_name} but the eval configuration says --dtype {cfg.dtype}")
     for spec in cfg.specs().values():
         spec.check_head_dim(head_dim(loaded.model))
     lock = lock_out(out)
