@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 
-import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import kvforge
+if not torch.cuda.is_available():
+    # The Triton kernels run under Triton's interpreter on a CPU-only machine. Loading a
+    # transformers model imports Triton, so this must be set before anything else is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import kvforge  # noqa: E402
 
 VOCAB = 128
 

@@ -1,0 +1,37 @@
+"""Triton kernels for the decoding step (one new query per sequence) over kvforge's layouts.
+
+The torch code in `kvforge.storage` is the reference and the CPU implementation; the kernels are
+chosen when the tensors are on CUDA and Triton is importable (`enabled`). Tests run the same
+kernels on CPU under Triton's interpreter (`TRITON_INTERPRET=1`), against the torch reference.
+
+Importing this package imports nothing heavy: `kvforge.kernels.decode` (which needs Triton) is
+loaded on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreted() -> bool:
+    """Triton runs kernels on the CPU (its interpreter): set before Triton is first imported."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether decoding on `device` goes through the Triton kernels: on CUDA with Triton present,
+    unless KVFORGE_KERNELS=0 asks for the torch path; on the CPU only with KVFORGE_KERNELS=1 under
+    Triton's interpreter (slow: for tests of the whole path)."""
+    flag = os.environ.get("KVFORGE_KERNELS")
+    if flag == "0" or not triton_importable():
+        return False
+    return device.type == "cuda" or (flag == "1" and interpreted())

@@ -1,0 +1,127 @@
+"""The Triton decoding kernels against the torch reference: compiled on a GPU, under Triton's
+interpreter on the CPU. Skipped only where Triton cannot be imported (`make test` installs it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")  # conftest sets TRITON_INTERPRET=1 where there is no GPU
+
+from kvforge.kernels.decode import DenseRows, QuantRows, decode_attention  # noqa: E402
+from kvforge.storage.codec import QuantSpec, dequantize_keys, dequantize_values, quantize_keys, quantize_values  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Triton's interpreter computes bfloat16 wrongly (numpy has no bfloat16): it is checked compiled only.
+HALF = [torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+def reference(query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], kv_heads: int, scaling: float) -> torch.Tensor:
+    """query (batch, q_heads, dim); keys/values: per row b * kv_heads + h, (n_r, dim) -> (batch, q_heads, dim)."""
+    batch, q_heads, dim = query.shape
+    group = q_heads // kv_heads
+    out = torch.zeros(batch, q_heads, dim, dtype=torch.float32, device=query.device)
+    for r, (k, v) in enumerate(zip(keys, values)):
+        if k.shape[0] == 0:
+            continue
+        b, h = divmod(r, kv_heads)
+        q = query[b, h * group : (h + 1) * group].float()
+        out[b, h * group : (h + 1) * group] = torch.softmax(q @ k.float().T * scaling, -1) @ v.float()
+    return out
+
+
+def dense_rows(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DenseRows:
+    def addresses(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=DEVICE)
+
+    lengths = [k.shape[0] for k in keys]
+    return DenseRows(addresses(keys), addresses(values), torch.tensor(lengths, dtype=torch.int32, device=DEVICE), keys[0], max(lengths))
+
+
+CASES = [  # (batch, kv_heads, group, head_dim, row lengths)
+    (2, 2, 1, 64, [0, 1, 37, 130]),
+    (1, 3, 3, 64, [5, 64, 65]),
+    (2, 1, 8, 128, [200, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("batch, kv_heads, group, dim, lengths", CASES)
+def test_dense_rows_match_the_reference(batch, kv_heads, group, dim, lengths, splits, dtype):
+    gen = torch.Generator().manual_seed(len(lengths) * dim + group)
+    # Rows live in buffers with spare room after them (as the in-place layout's do).
+    keys = [torch.randn(n + 7, dim, generator=gen).to(DEVICE, dtype)[:n] for n in lengths]
+    values = [torch.randn(n + 7, dim, generator=gen).to(DEVICE, dtype)[:n] for n in lengths]
+    query = torch.randn(batch, kv_heads * group, dim, generator=gen).to(DEVICE, dtype)
+    got = decode_attention(query, [dense_rows(keys, values)], kv_heads, 0.125, splits=splits)
+    want = reference(query, keys, values, kv_heads, 0.125)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert got.dtype == dtype and got.shape == query.shape
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def quant_rows(keys: list[torch.Tensor], values: list[torch.Tensor], spec: QuantSpec, drop: int) -> tuple[QuantRows, list, list]:
+    """Quantize each row (a multiple of spec.group entries) in key groups, then drop every
+    `drop`-th entry (eviction inside groups: a group's scale stays for the entries left).
+    Returns the rows and the dequantized keys and values the kernel must see."""
+    kc, vc, vm, km, eg, lengths, seen_k, seen_v = [], [], [], [], [], [], [], []
+    groups = 0
+    for k, v in zip(keys, values):
+        n, dim = k.shape
+        codes, meta = quantize_keys(k.view(n // spec.group, spec.group, dim), spec)  # (ng, G, cb), (ng, fields, dim)
+        vcodes, vmeta = quantize_values(v, spec)
+        deq_k = dequantize_keys(codes, meta, spec).view(n, dim)
+        deq_v = dequantize_values(vcodes, vmeta, spec)
+        keep = torch.tensor([i % drop != drop - 1 for i in range(n)], dtype=torch.bool) if drop else torch.ones(n, dtype=torch.bool)
+        group_of = torch.arange(n) // spec.group + groups
+        kc.append(codes.reshape(n, spec.code_bytes(dim))[keep])
+        vc.append(vcodes[keep])
+        vm.append(vmeta[keep])
+        km.append(meta)
+        eg.append(group_of[keep])
+        lengths.append(int(keep.sum()))
+        seen_k.append(deq_k[keep])
+        seen_v.append(deq_v[keep])
+        groups += n // spec.group
+    lens = torch.tensor(lengths)
+    rows = QuantRows(
+        spec, torch.cat(kc).to(DEVICE), torch.cat(vc).to(DEVICE), torch.cat(vm).to(DEVICE), torch.cat(km).to(DEVICE),
+        torch.cat(eg).to(DEVICE, torch.int32), (torch.cumsum(lens, 0) - lens).to(DEVICE), lens.to(DEVICE, torch.int32),
+        max(lengths),
+    )  # fmt: skip
+    return rows, seen_k, seen_v
+
+
+@pytest.mark.parametrize("drop", [0, 3])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int2", "fp8"])
+@pytest.mark.parametrize("group, dim", [(1, 64), (3, 64), (8, 128)])
+def test_quantized_rows_match_the_dequantized_reference(mode, group, dim, drop):
+    spec = QuantSpec(mode, group=16)
+    kv_heads, batch = 2, 2
+    gen = torch.Generator().manual_seed(dim + group)
+    lengths = [0, 16, 48, 80]  # whole key groups per row (the quantized parts hold whole groups)
+    keys = [torch.randn(n, dim, generator=gen) * torch.linspace(0.2, 3, dim) for n in lengths]  # channels of unequal range
+    values = [torch.randn(n, dim, generator=gen) for n in lengths]
+    rows, seen_k, seen_v = quant_rows(keys, values, spec, drop)
+    query = torch.randn(batch, kv_heads * group, dim, generator=gen).to(DEVICE)
+    got = decode_attention(query, [rows], kv_heads, dim**-0.5, splits=2)
+    want = reference(query, [k.to(DEVICE) for k in seen_k], [v.to(DEVICE) for v in seen_v], kv_heads, dim**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sources_share_one_softmax():
+    """A quantized part and a full-precision tail of the same rows: one softmax over both."""
+    spec = QuantSpec("int4", group=16)
+    gen = torch.Generator().manual_seed(5)
+    dim, kv_heads, group = 64, 2, 3
+    old = [torch.randn(32, dim, generator=gen) for _ in range(kv_heads)]
+    old_v = [torch.randn(32, dim, generator=gen) for _ in range(kv_heads)]
+    tail = [torch.randn(n, dim, generator=gen).to(DEVICE) for n in (1, 20)]  # a residual across a group boundary
+    tail_v = [torch.randn(n, dim, generator=gen).to(DEVICE) for n in (1, 20)]
+    rows, seen_k, seen_v = quant_rows(old, old_v, spec, 0)
+    query = torch.randn(1, kv_heads * group, dim, generator=gen).to(DEVICE)
+    got = decode_attention(query, [rows, dense_rows(tail, tail_v)], kv_heads, 0.125)
+    keys = [torch.cat([a.to(DEVICE), b]) for a, b in zip(seen_k, tail)]
+    vals = [torch.cat([a.to(DEVICE), b]) for a, b in zip(seen_v, tail_v)]
+    torch.testing.assert_close(got, reference(query, keys, vals, kv_heads, 0.125), rtol=1e-4, atol=1e-4)
