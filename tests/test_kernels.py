@@ -8,7 +8,8 @@ import torch
 
 triton = pytest.importorskip("triton")  # conftest sets TRITON_INTERPRET=1 where there is no GPU
 
-from kvforge.kernels.decode import DenseRows, QuantRows, decode_attention  # noqa: E402
+from kvforge.kernels.decode import decode_attention  # noqa: E402
+from kvforge.kernels.rows import DenseRows, QuantRows  # noqa: E402
 from kvforge.storage.codec import QuantSpec, dequantize_keys, dequantize_values, quantize_keys, quantize_values  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,3 +126,29 @@ def test_sources_share_one_softmax():
     keys = [torch.cat([a.to(DEVICE), b]) for a, b in zip(seen_k, tail)]
     vals = [torch.cat([a.to(DEVICE), b]) for a, b in zip(seen_v, tail_v)]
     torch.testing.assert_close(got, reference(query, keys, vals, kv_heads, 0.125), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "int2", "fp8", "mixed"])
+@pytest.mark.parametrize("policy", ["full", "knorm", "adakv:snapkv"])
+def test_decoding_through_the_kernels_predicts_what_the_torch_path_does(tiny_model, monkeypatch, policy, quant):
+    """The whole decoding path of a model: the storages hand their rows to the kernel."""
+    from conftest import left_padded
+    from test_policy_matrix import decode, prefill_logits
+
+    from kvforge import make_policy
+    from kvforge.kernels import calls
+    from kvforge.storage.codec import QuantSpec
+
+    spec = QuantSpec(quant, group=8, residual=4) if quant else None
+    ids, mask = left_padded([24, 17])
+    results = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("KVFORGE_KERNELS", flag)
+        made = make_policy(policy) if policy == "full" else make_policy(policy, ratio=0.5)
+        with torch.inference_mode():
+            cache, logits = prefill_logits(tiny_model, made, ids, mask, quant=spec)
+            before = calls["decode"]
+            results.append([logits, *decode(tiny_model, cache, logits, ids.shape[1], 4)])
+            assert calls["decode"] - before == (4 * 2 if flag == "1" else 0)  # 4 steps x 2 layers, or none
+    for torch_path, kernel_path in zip(*results):
+        torch.testing.assert_close(kernel_path, torch_path, rtol=1e-4, atol=1e-4)

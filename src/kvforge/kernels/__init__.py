@@ -13,8 +13,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from collections import Counter
 
 import torch
+
+# Kernel calls by name since the process started: tells a test or a benchmark which path ran.
+calls: Counter[str] = Counter()
 
 
 @functools.cache

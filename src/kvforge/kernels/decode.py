@@ -18,46 +18,19 @@ memory.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kvforge.storage.codec import FP8, QuantSpec
+from kvforge.kernels.rows import DenseRows, Source
+from kvforge.storage.codec import FP8
 
 BLOCK = 64  # entries per inner step
 MIN_GROUP_ROWS = 16  # tl.dot multiplies at least 16 rows: a GQA group is padded to this
 NEG = tl.constexpr(-1.0e30)  # the running maximum before any entry (finite: exp(NEG - NEG) is 1, not NaN)
 
 
-@dataclass
-class DenseRows:
-    """Full-precision rows, each `lengths[r]` entries of head_dim elements, one after the other."""
-
-    keys: torch.Tensor  # (rows,) int64 address of each row's first key
-    values: torch.Tensor  # (rows,) int64 address of each row's first value
-    lengths: torch.Tensor  # (rows,) int32
-    like: torch.Tensor  # any tensor of the K/V dtype: tells the kernel the element type
-    longest: int  # an upper bound of lengths, known on the host: sizes the grid
-
-
-@dataclass
-class QuantRows:
-    """One bit width of a quantized layout (`storage.qpart.Part`), flat ragged rows."""
-
-    spec: QuantSpec  # one bit width (never `mixed`)
-    kc: torch.Tensor  # (N, code_bytes) uint8 key codes
-    vc: torch.Tensor  # (N, code_bytes) uint8 value codes
-    vm: torch.Tensor  # (N, fields, head_dim / group) float16 value scale (and minimum) per channel group
-    km: torch.Tensor  # (NG, fields, head_dim) float16 key scale (and minimum) per key group
-    entry_group: torch.Tensor  # (N,) int32 the key group of each entry
-    starts: torch.Tensor  # (rows,) int64 flat index of each row's first entry
-    lengths: torch.Tensor  # (rows,) int32
-    longest: int  # an upper bound of lengths, known on the host
-
-
-Source = DenseRows | QuantRows
 
 
 @triton.jit

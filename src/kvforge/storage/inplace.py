@@ -28,7 +28,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from kvforge import kernels
 from kvforge.attention import attention_probs_sum
+from kvforge.kernels.rows import decode, dense_rows
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, time_ordered
 
 GROWTH = 1.25
@@ -245,6 +247,10 @@ class InPlaceKV(KVStorage):
         self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
     ) -> torch.Tensor:
         batch, q_heads, t, dim = query.shape
+        if t == 1 and accumulate is None and kernels.enabled(self.device) and self._decoding_rows(valid):
+            # A decoding step: one Triton kernel reads every row where it lies.
+            rows = dense_rows(self.k, self.v, self.len, self.device)
+            return decode(query[:, :, 0], [rows], self.kv_heads, scaling)[:, :, None]
         out = query.new_zeros(batch, q_heads, t, dim)
         masks = ChunkMasks(query.device)
         for b, sel in enumerate(self._valid_index(valid)):
@@ -263,6 +269,10 @@ class InPlaceKV(KVStorage):
                 q = self._group_queries(query, b, h, sel)
                 out[b, h * group : (h + 1) * group, sel] = self._attend_rows(b, q, keys, values, masks, scaling, accumulate, first=h)
         return out
+
+    def _decoding_rows(self, valid: torch.Tensor) -> bool:
+        """Every sequence's one query is real and every row holds something (the new token)."""
+        return all(count(sel) == 1 for sel in self._valid_index(valid)) and min(self.len, default=0) > 0
 
     def _attend_rows(
         self,

@@ -79,7 +79,8 @@ class Part:
     def entry_group(self) -> torch.Tensor:
         """(N,) the flat group of each entry."""
         counts = self.groups.fields["count"].long()
-        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        # output_size: the entry count is the codes' length, so no copy to the host is needed.
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=self.quant.fields["kc"].shape[0])
 
     def select(self, rows: torch.Tensor, lengths: torch.Tensor) -> Part:
         """Keep the entries at flat `rows` (in order), `lengths` per row. Exact: an entry's codes

@@ -28,7 +28,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from kvforge import kernels
 from kvforge.attention import attend as dense_attend
+from kvforge.kernels.rows import Source, decode, part_rows, segment_rows
 from kvforge.attention import attention_probs_sum
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, time_ordered
 from kvforge.storage.codec import QuantSpec
@@ -187,6 +189,8 @@ class QuantizedKV(KVStorage):
     def attend(
         self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
     ) -> torch.Tensor:
+        if query.shape[2] == 1 and accumulate is None and kernels.enabled(self.device) and bool(valid.all()):
+            return decode(query[:, :, 0], self._kernel_rows(), self.kv_heads, scaling)[:, :, None]
         if not self._quantized():
             keys, values, allowed = self._tail_only(query, positions, valid)
             if accumulate is not None:
@@ -198,6 +202,16 @@ class QuantizedKV(KVStorage):
             if accumulate is not None and got is not None:
                 self._add_received(accumulate, got)
         return out.masked_fill(~valid[:, None, :, None], 0.0)
+
+    def _kernel_rows(self) -> list[Source]:
+        """Every part holding entries, then the tail, as the decoding kernel reads them in place.
+        (The longest row sizes the kernel's grid; reading it is one small copy to the host.)"""
+        rows: list[Source] = []
+        for part in self.parts:
+            if part.quant.entries:
+                longest = int(part.quant.lengths.max())
+                rows.append(part_rows(part.spec, part.quant, part.groups, part.entry_group(), longest))
+        return rows + [segment_rows(self.tail, int(self.tail.lengths.max()))]
 
     def accumulate_attention(self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
         if not self._quantized():

@@ -1,0 +1,80 @@
+"""What the decoding kernels read: a layout's rows described by addresses, offsets and lengths.
+
+Rows are (sequence, KV head) pairs, row b * kv_heads + h. Building these reads no K/V: it only
+collects where each row starts and how long it is, so the kernels read the layout in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvforge.storage.codec import QuantSpec
+from kvforge.storage.segments import Segments
+
+
+@dataclass
+class DenseRows:
+    """Full-precision rows, each `lengths[r]` entries of head_dim elements, one after the other."""
+
+    keys: torch.Tensor  # (rows,) int64 address of each row's first key
+    values: torch.Tensor  # (rows,) int64 address of each row's first value
+    lengths: torch.Tensor  # (rows,) int32
+    like: torch.Tensor  # any tensor of the K/V dtype: tells the kernel the element type
+    longest: int  # an upper bound of lengths, known on the host: sizes the grid
+
+
+@dataclass
+class QuantRows:
+    """One bit width of a quantized layout (`storage.qpart.Part`), flat ragged rows."""
+
+    spec: QuantSpec  # one bit width (never `mixed`)
+    kc: torch.Tensor  # (N, code_bytes) uint8 key codes
+    vc: torch.Tensor  # (N, code_bytes) uint8 value codes
+    vm: torch.Tensor  # (N, fields, head_dim / group) float16 value scale (and minimum) per channel group
+    km: torch.Tensor  # (NG, fields, head_dim) float16 key scale (and minimum) per key group
+    entry_group: torch.Tensor  # (N,) int32 the key group of each entry
+    starts: torch.Tensor  # (rows,) int64 flat index of each row's first entry
+    lengths: torch.Tensor  # (rows,) int32
+    longest: int  # an upper bound of lengths, known on the host
+
+
+Source = DenseRows | QuantRows
+
+
+def dense_rows(keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int], device: torch.device) -> DenseRows:
+    """Rows held as one (capacity, head_dim) tensor each (the in-place layout; rows must be
+    contiguous, which its buffers and slab views are)."""
+
+    def addresses(rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.tensor([t.data_ptr() for t in rows], dtype=torch.int64).to(device, non_blocking=True)
+
+    counts = torch.tensor(lengths, dtype=torch.int32).to(device, non_blocking=True)
+    return DenseRows(addresses(keys), addresses(values), counts, keys[0], max(lengths, default=0))
+
+
+def segment_rows(seg: Segments, longest: int) -> DenseRows:
+    """The full-precision fields k, v of flat ragged `Segments` (rows one after the other)."""
+    keys, values = seg.fields["k"], seg.fields["v"]
+    stride = keys.shape[1] * keys.element_size()  # bytes per entry
+    offsets = seg.offsets().flatten() * stride  # (rows,) on the device: no host round trip
+    return DenseRows(keys.data_ptr() + offsets, values.data_ptr() + offsets, seg.lengths.flatten().int(), keys, longest)
+
+
+def part_rows(spec: QuantSpec, quant: Segments, groups: Segments, entry_group: torch.Tensor, longest: int) -> QuantRows:
+    """A quantized part's codes and scales (see `storage.qpart`)."""
+    f = quant.fields
+    return QuantRows(
+        spec, f["kc"], f["vc"], f["vm"], groups.fields["km"], entry_group.int(), quant.offsets().flatten(),
+        quant.lengths.flatten().int(), longest,
+    )  # fmt: skip
+
+
+def decode(query: torch.Tensor, sources: list[Source], kv_heads: int, scaling: float) -> torch.Tensor:
+    """(batch, q_heads, head_dim) one query per sequence -> its attention over `sources` (Triton)."""
+    from kvforge.kernels import calls
+    from kvforge.kernels.decode import decode_attention  # imports Triton: only when a kernel runs
+
+    calls["decode"] += 1
+    return decode_attention(query, sources, kv_heads, scaling)
