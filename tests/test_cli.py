@@ -142,3 +142,22 @@ def test_demo_runs_every_policy_and_reports_kept_bytes(capsys, tiny_checkpoint):
     assert full["cache_bytes"] == full["dense_bytes"]
     assert all(r["cache_bytes"] < 0.7 * r["dense_bytes"] for r in rows[1:])
     assert len({r["prefill_seconds"] for r in rows}) == 1  # one prefill served every method
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shape", "gpt-9"], "--shape 'gpt-9' is not known; use one of llama-3.1-8b, default"),
+        (["--batches", "0"], "--lengths and --batches must be positive integers"),
+        (["--lengths", "1k"], "must be comma-separated integers"),
+    ],
+)
+def test_attention_bench_errors(capsys, argv, message):
+    code, _, err = run(capsys, "bench", "--attention-only", "--device", "cpu", *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_attention_bench_prints_a_table(capsys):
+    code, out, _ = run(capsys, "bench", "--attention-only", "--device", "cpu", "--shape", "default", "--lengths", "64",
+                       "--batches", "1", "--quant", "none,int8", "--quant-residual", "0", "--steps", "1")  # fmt: skip
+    assert code == 0 and "| default | 64 | 1 | kvforge int8 | torch |" in out and "| sdpa | torch |" in out

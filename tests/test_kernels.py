@@ -152,3 +152,18 @@ def test_decoding_through_the_kernels_predicts_what_the_torch_path_does(tiny_mod
             assert calls["decode"] - before == (4 * 2 if flag == "1" else 0)  # 4 steps x 2 layers, or none
     for torch_path, kernel_path in zip(*results):
         torch.testing.assert_close(kernel_path, torch_path, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_bench_rows_report_real_bytes_and_both_paths(monkeypatch):
+    from kvforge.eval.attention_bench import format_attention_table, run_attention_bench
+
+    monkeypatch.setenv("KVFORGE_KERNELS", "1")  # the kernel path too (interpreted on a CPU)
+    specs = [QuantSpec("none"), QuantSpec("int4", residual=16)]
+    rows = run_attention_bench("default", [96], [2], specs, torch.float32, DEVICE, steps=1)
+    by = {(r.layout, r.path): r for r in rows}
+    assert set(by) == {("sdpa", "torch"), ("kvforge none", "torch"), ("kvforge none", "triton"), ("kvforge int4", "torch"), ("kvforge int4", "triton")}
+    dense = 2 * 2 * 3 * 96 * 64 * 4  # K and V, batch 2, 3 KV heads, 96 tokens, head_dim 64, float32
+    assert by[("sdpa", "torch")].held_bytes == dense == by[("kvforge none", "triton")].held_bytes
+    assert by[("kvforge int4", "torch")].held_bytes < dense / 2  # 64 of 96 tokens in int4 (two key groups), 32 in full
+    assert all(r.ms_per_step > 0 and r.bound_ms > 0 for r in rows)
+    assert "| default | 96 | 2 | kvforge int4 | triton |" in format_attention_table(rows)

@@ -353,7 +353,37 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention_bench(args: argparse.Namespace) -> int:
+    from kvforge.eval.attention_bench import check_shape, format_attention_table, run_attention_bench
+    from kvforge.models import parse_device, parse_dtype
+
+    check_shape(args.shape)
+    try:
+        lengths = [int(x) for x in split_list(args.lengths)]
+        batches = [int(x) for x in split_list(args.batches)]
+    except ValueError as err:
+        raise ValueError(f"--lengths {args.lengths!r} and --batches {args.batches!r} must be comma-separated integers") from err
+    if min(lengths + batches, default=0) < 1:
+        raise ValueError("--lengths and --batches must be positive integers, e.g. --lengths 8192,32768 --batches 1,8")
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    quants = quant_specs(args)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
+        bar = progress.add_task("attention", total=len(lengths) * len(batches) * (1 + len(quants)))
+        rows = run_attention_bench(
+            args.shape, lengths, batches, quants, dtype, device, steps=args.steps,
+            on_row=lambda row: progress.update(bar, advance=1 if row.path == "torch" else 0, description=f"{row.length} x {row.batch} {row.layout}"),
+        )  # fmt: skip
+    print(f"kvforge bench --attention-only on {device} ({args.dtype}): one layer of {args.shape}, one decoding step")
+    print(format_attention_table(rows))
+    if args.json:
+        write_json(Path(args.json), {"device": str(device), "dtype": args.dtype, "rows": [asdict(r) for r in rows]})
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.attention_only:
+        return cmd_attention_bench(args)
 
     from kvforge.eval.bench import format_batch_table, format_table, ratios_to_full, run_batch_bench, run_bench
     from kvforge.policies import make_policy, methods
@@ -584,6 +614,11 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--decode-tokens", type=int, default=32)
     ben.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
     add_device_args(ben)
+    ben.add_argument("--attention-only", action="store_true",
+                     help="time one layer's decode attention alone (no model: random K/V of --shape) against SDPA")
+    ben.add_argument("--shape", default="llama-3.1-8b", help="--attention-only: llama-3.1-8b or default")
+    ben.add_argument("--batches", default="1", help="--attention-only: batch sizes, comma-separated")
+    ben.add_argument("--steps", type=positive_int("--steps"), default=20, help="--attention-only: timed steps (median)")
     ben.add_argument("--json", default=None, metavar="FILE", help="also write the rows with ratios to full")
     ben.set_defaults(func=cmd_bench)
 

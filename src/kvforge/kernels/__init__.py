@@ -10,15 +10,18 @@ loaded on first use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 from collections import Counter
+from collections.abc import Iterator
 
 import torch
 
 # Kernel calls by name since the process started: tells a test or a benchmark which path ran.
 calls: Counter[str] = Counter()
+_allowed = True  # False inside `using(False)`: the torch path, even where the kernels could run
 
 
 @functools.cache
@@ -36,6 +39,18 @@ def enabled(device: torch.device) -> bool:
     unless KVFORGE_KERNELS=0 asks for the torch path; on the CPU only with KVFORGE_KERNELS=1 under
     Triton's interpreter (slow: for tests of the whole path)."""
     flag = os.environ.get("KVFORGE_KERNELS")
-    if flag == "0" or not triton_importable():
+    if not _allowed or flag == "0" or not triton_importable():
         return False
     return device.type == "cuda" or (flag == "1" and interpreted())
+
+
+@contextlib.contextmanager
+def using(kernels: bool) -> Iterator[None]:
+    """Within the block, `using(False)` keeps decoding on the torch path (a benchmark's reference
+    row on the same device); `using(True)` changes nothing."""
+    global _allowed
+    before, _allowed = _allowed, _allowed and kernels
+    try:
+        yield
+    finally:
+        _allowed = before

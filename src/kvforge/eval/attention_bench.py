@@ -1,0 +1,208 @@
+"""Decode attention alone, one layer of a model's shape: time per step, bytes held, transient
+memory, and the bandwidth bound, for a dense SDPA cache and each kvforge layout.
+
+A decoding step reads every byte a layer holds, so the fastest a step can be is bytes held over
+the device's copy bandwidth (`copy_bandwidth`, measured here, not taken from a data sheet). Rows:
+
+- `sdpa`: PyTorch's scaled_dot_product_attention over a dense (batch, kv_heads, L, head_dim)
+  cache (what transformers' DynamicCache attends over);
+- `kvforge <quant>`: the in-place layout (`none`) or the quantized layout, attended by the path
+  the device uses (Triton kernels on CUDA, torch on the CPU), and on CUDA also by the torch path
+  (`path` says which).
+
+Weights do not matter to attention time, so no model is loaded: K/V are random, with the shape of
+the model named by `--shape` (a config dict; nothing is downloaded). Bytes are read from the
+tensors held; peak is the allocator's (CUDA) during the timed steps, over what was held before.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvforge import kernels
+from kvforge.storage.base import KVStorage
+from kvforge.storage.codec import QuantSpec
+from kvforge.storage.inplace import InPlaceKV
+from kvforge.storage.quantized import QuantizedKV
+
+log = logging.getLogger(__name__)
+
+BUILD_CHUNK = 4096  # tokens appended (and quantized) at a time while a cache is built
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+
+
+SHAPES = {
+    "llama-3.1-8b": AttnShape(q_heads=32, kv_heads=8, head_dim=128, layers=32),
+    "default": AttnShape(q_heads=9, kv_heads=3, head_dim=64, layers=30),  # SmolLM2-135M
+}
+
+
+@dataclass
+class AttnRow:
+    shape: str
+    length: int
+    batch: int
+    layout: str  # sdpa, or kvforge <quant mode>
+    path: str  # torch or triton
+    ms_per_step: float  # one layer's attention for the whole batch, median
+    held_bytes: int  # one layer, read from the tensors
+    bound_ms: float  # held_bytes / measured copy bandwidth: no step can be faster
+    peak_bytes: int | None  # CUDA: allocator peak during the steps over what was held before
+    vs_sdpa: float | None = None  # sdpa's time / this row's (> 1: faster)
+
+
+def check_shape(name: str) -> AttnShape:
+    if name not in SHAPES:
+        raise ValueError(f"--shape {name!r} is not known; use one of {', '.join(SHAPES)}")
+    return SHAPES[name]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes per second a device-to-device copy moves (read + write), best of 5."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def time_steps(step: Callable[[], object], device: torch.device, steps: int, warmup: int = 2) -> float:
+    """Median seconds of one call, each call timed alone."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_storage(
+    shape: AttnShape, length: int, batch: int, spec: QuantSpec, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> KVStorage:
+    """One layer's storage holding `length` random entries per row for `batch` sequences, built a
+    sequence and BUILD_CHUNK tokens at a time (bounded transients), as a chunked prefill would."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    parts: list[KVStorage] = []
+    for _ in range(batch):
+        if spec.enabled:
+            one: KVStorage = QuantizedKV(1, shape.kv_heads, shape.head_dim, dtype, device, spec=spec)
+        else:
+            one = InPlaceKV(1, shape.kv_heads, shape.head_dim, dtype, device)
+        for start in range(0, length, BUILD_CHUNK):
+            n = min(BUILD_CHUNK, length - start)
+            k, v = (torch.randn(1, shape.kv_heads, n, shape.head_dim, generator=gen, device=device, dtype=dtype) for _ in range(2))
+            positions = torch.arange(start, start + n, device=device)
+            one.append(k, v, positions, torch.ones(1, n, dtype=torch.bool, device=device), exact=n == length)
+            one.seal()
+        parts.append(one)
+    return type(parts[0]).stack(parts, [0] * batch, take=True)
+
+
+def _peak(device: torch.device, run: Callable[[], float]) -> tuple[float, int | None]:
+    if device.type != "cuda":
+        return run(), None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    seconds = run()
+    return seconds, torch.cuda.max_memory_allocated(device) - before
+
+
+def _sdpa(shape: AttnShape, query: torch.Tensor, length: int, scaling: float, steps: int) -> tuple[float, int, int | None]:
+    """(seconds per step, bytes held, peak) of SDPA over a dense cache of `length` tokens."""
+    batch, device = query.shape[0], query.device
+    gen = torch.Generator(device=device).manual_seed(2)
+    k, v = (torch.randn(batch, shape.kv_heads, length, shape.head_dim, generator=gen, device=device, dtype=query.dtype) for _ in range(2))
+    seconds, peak = _peak(device, lambda: time_steps(
+        lambda: F.scaled_dot_product_attention(query, k, v, scale=scaling, enable_gqa=True), device, steps))  # fmt: skip
+    return seconds, k.nbytes + v.nbytes, peak
+
+
+def _kvforge(
+    shape: AttnShape, query: torch.Tensor, length: int, spec: QuantSpec, scaling: float, steps: int
+) -> dict[str, tuple[float, int, int | None]]:
+    """Per path (triton where it runs, torch): seconds per step, bytes held, peak."""
+    batch, device = query.shape[0], query.device
+    storage = build_storage(shape, length, batch, spec, query.dtype, device)
+    positions = torch.tensor([length], device=device)
+    valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    out = {}
+    for path in ["triton", "torch"] if kernels.enabled(device) else ["torch"]:
+        with kernels.using(path == "triton"):
+            seconds, peak = _peak(device, lambda: time_steps(lambda: storage.attend(query, positions, valid, scaling), device, steps))
+        out[path] = (seconds, storage.allocated_nbytes, peak)
+    return out
+
+
+def run_attention_bench(
+    shape_name: str,
+    lengths: list[int],
+    batches: list[int],
+    quants: list[QuantSpec],
+    dtype: torch.dtype,
+    device: torch.device,
+    steps: int = 20,
+    on_row: Callable[[AttnRow], None] | None = None,
+) -> list[AttnRow]:
+    shape = check_shape(shape_name)
+    bandwidth = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 28)
+    log.info("copy bandwidth on %s: %.1f GB/s", device, bandwidth / 1e9)
+    scaling = shape.head_dim**-0.5
+    rows: list[AttnRow] = []
+
+    def add(row: AttnRow) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    for length in lengths:
+        for batch in batches:
+            gen = torch.Generator(device=device).manual_seed(1)
+            query = torch.randn(batch, shape.q_heads, 1, shape.head_dim, generator=gen, device=device, dtype=dtype)
+            seconds, held, peak = _sdpa(shape, query, length, scaling, steps)
+            add(AttnRow(shape_name, length, batch, "sdpa", "torch", seconds * 1e3, held, held / bandwidth * 1e3, peak, 1.0))
+            for spec in quants:
+                for path, (secs, held, peak) in _kvforge(shape, query, length, spec, scaling, steps).items():
+                    add(AttnRow(shape_name, length, batch, f"kvforge {spec.mode}", path, secs * 1e3, held,
+                                held / bandwidth * 1e3, peak, seconds / secs))  # fmt: skip
+    return rows
+
+
+def format_attention_table(rows: list[AttnRow]) -> str:
+    head = "| shape | tokens | batch | layout | path | ms/step | vs sdpa | held MiB | bound ms | peak MiB |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
+        lines.append(
+            f"| {r.shape} | {r.length} | {r.batch} | {r.layout} | {r.path} | {r.ms_per_step:.3f} | "
+            f"{r.vs_sdpa:.2f}x | {r.held_bytes / 2**20:.1f} | {r.bound_ms:.3f} | {peak} |"
+        )
+    return "\n".join(lines)
