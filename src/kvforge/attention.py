@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 ATTN_NAME = "kvforge"
 _LAYER_TAG = "_kvforge_layer"
+_ALL_REAL_TAG = "_kvforge_all_real"
 
 
 class AttendingLayer(Protocol):
@@ -40,6 +41,19 @@ def pop_layer(keys: torch.Tensor) -> AttendingLayer | None:
     if layer is not None:
         delattr(keys, _LAYER_TAG)
     return layer
+
+
+def all_real(batch: int, t: int, device: torch.device) -> torch.Tensor:
+    """(batch, T) bool, all True, marked so `every_real` knows it without reading the device."""
+    valid = torch.ones(batch, t, dtype=torch.bool, device=device)
+    setattr(valid, _ALL_REAL_TAG, True)
+    return valid
+
+
+def every_real(valid: torch.Tensor) -> bool:
+    """Whether every token of a (batch, T) validity mask is real: known on the host for a mask
+    made by `all_real` (no padding in the chunk), else read from the device (a synchronisation)."""
+    return getattr(valid, _ALL_REAL_TAG, False) or bool(valid.all())
 
 
 def padding_mask(
@@ -154,11 +168,7 @@ def kvforge_attention(
     scale = scaling if scaling is not None else dim**-0.5
     layer = pop_layer(key)
     if layer is not None:
-        new_valid = (
-            torch.ones(batch, t, dtype=torch.bool, device=query.device)
-            if attention_mask is None
-            else attention_mask[:, -t:]
-        )
+        new_valid = all_real(batch, t, query.device) if attention_mask is None else attention_mask[:, -t:]
         out = layer.attend(query, key, value, new_valid, scale)
     else:
         # Another cache (or none): keys are every token so far, the last T of them new.

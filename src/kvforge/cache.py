@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvforge.attention import ATTN_NAME, probe_attention, tag_layer
+from kvforge.attention import ATTN_NAME, every_real, probe_attention, tag_layer
 from kvforge.calibration import Calibration, fingerprint, require_calibration
 from kvforge.policies.base import Policy, StepContext
 from kvforge.storage import DEFAULT_LAYOUT, KVStorage, QuantSpec, check_layout, make_storage
@@ -161,7 +161,8 @@ class KVForgeLayer(CacheLayerMixin):
         # geometrically, so appends (decoding steps, uncompressed prompt chunks) are amortized.
         exact = mode == PREFILL and self.policy.compresses_prompt
         self.storage.append(keys, values, positions, new_valid, exact=exact)
-        added = new_valid.sum(1).cpu()  # (batch,)
+        # (batch,) tokens stored per sequence: known on the host when the chunk has no padding.
+        added = torch.full((keys.shape[0],), t) if every_real(new_valid) else new_valid.sum(1).cpu()
         self.tokens += added
         self.held.update(self.layer_idx, self.storage.allocated_nbytes)
         # A decoding step takes the attention policy state out of the attention itself; a prompt

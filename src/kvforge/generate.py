@@ -113,18 +113,25 @@ def _feed_once(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     device = model.device
     width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-    for b, r in enumerate(rows):
-        if r:
-            ids[b, width - len(r) :] = torch.tensor(r, device=device)
-            valid[b, width - len(r) :] = True
+    # Built on the host and copied once (one copy per step, not one per row).
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], dtype=torch.long).to(device)
     seen = cache.get_seq_length()
     cache.phase.mode = mode
+    if all(len(r) == width for r in rows):
+        # No padding in this chunk: no mask, so the attention knows it without reading the device.
+        mask = None
+        pos = positions.to(device)[:, None] + torch.arange(width, device=device)
+        return _forward(model, cache, ids, mask, pos), positions.to(device) + width
+    valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows]).to(device)
     mask = torch.cat([torch.ones(len(rows), seen, dtype=torch.long, device=device), valid.long()], dim=1)
     pos = positions.to(device)[:, None] + (valid.cumsum(1) - 1).clamp(min=0)
+    return _forward(model, cache, ids, mask, pos), positions.to(device) + valid.sum(1)
+
+
+def _forward(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+    """(batch, vocab) logits of each row's last token."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], positions.to(device) + valid.sum(1)
+    return out.logits[:, -1]
 
 
 def feed(

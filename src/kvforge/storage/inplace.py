@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge import kernels
-from kvforge.attention import attention_probs_sum
+from kvforge.attention import attention_probs_sum, every_real
 from kvforge.kernels.rows import decode, dense_rows
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, time_ordered
 
@@ -41,7 +41,7 @@ def valid_index(valid: torch.Tensor) -> list[slice | torch.Tensor]:
     """Per sequence, which of the chunk's T tokens are real: a slice when they are contiguous
     (left or right padding, the usual case), else an index tensor. valid: (batch, T) bool."""
     batch, t = valid.shape
-    if bool(valid.all()):
+    if every_real(valid):
         return [slice(0, t)] * batch
     out: list[slice | torch.Tensor] = []
     for row in valid:

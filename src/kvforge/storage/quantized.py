@@ -31,7 +31,7 @@ import torch
 from kvforge import kernels
 from kvforge.attention import attend as dense_attend
 from kvforge.kernels.rows import Source, decode, part_rows, segment_rows
-from kvforge.attention import attention_probs_sum
+from kvforge.attention import attention_probs_sum, every_real
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, time_ordered
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.qattention import attention_chunks, blocks, tail_allowed
@@ -99,7 +99,7 @@ class QuantizedKV(KVStorage):
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, exact: bool = False) -> None:
         batch, heads, t, _ = keys.shape
         positions = positions.to(device=self.device, dtype=torch.int32)
-        if bool(valid.all()):
+        if every_real(valid):
             pos = positions.expand(batch, heads, t)
         else:
             # Real tokens of each sequence first, in time order (padding is not stored).
@@ -179,7 +179,7 @@ class QuantizedKV(KVStorage):
         """Keys, values and mask (None: plain causal) of attention over the tail alone."""
         keys, values = self.tail.padded("k"), self.tail.padded("v")
         n = self.tail.uniform()
-        if bool(valid.all()) and n is not None and (query.shape[2] == 1 or n == query.shape[2]):
+        if every_real(valid) and n is not None and (query.shape[2] == 1 or n == query.shape[2]):
             return keys, values, None
         return keys, values, tail_allowed(self.tail, positions)
 
@@ -189,7 +189,7 @@ class QuantizedKV(KVStorage):
     def attend(
         self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
     ) -> torch.Tensor:
-        if query.shape[2] == 1 and accumulate is None and kernels.enabled(self.device) and bool(valid.all()):
+        if query.shape[2] == 1 and accumulate is None and kernels.enabled(self.device) and every_real(valid):
             return decode(query[:, :, 0], self._kernel_rows(), self.kv_heads, scaling)[:, :, None]
         if not self._quantized():
             keys, values, allowed = self._tail_only(query, positions, valid)

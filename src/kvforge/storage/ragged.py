@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kvforge.attention import attend, attention_probs_sum, causal_allowed
+from kvforge.attention import attend, attention_probs_sum, causal_allowed, every_real
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, exclusive_cumsum, gather_slots, sequence_rows, spans, time_ordered
 
 
@@ -72,7 +72,7 @@ class RaggedKV(KVStorage):
     ) -> None:
         batch, heads, t, dim = keys.shape
         device = self.keys.device
-        if self.uniform_length() is not None and bool(valid.all()):
+        if self.uniform_length() is not None and every_real(valid):
             self._append_dense(keys, values, positions)
             return
         counts = valid.sum(1)  # (batch,)
@@ -184,7 +184,7 @@ class RaggedKV(KVStorage):
         view = self.view()
         # One new token per row and no padding slot: every held entry is in its past, so
         # plain unmasked attention is exact (the common decoding step).
-        dense_step = query.shape[2] == 1 and bool(valid.all()) and self.uniform_length() is not None
+        dense_step = query.shape[2] == 1 and every_real(valid) and self.uniform_length() is not None
         allowed = None if dense_step else causal_allowed(view.positions, view.valid, positions)
         out = attend(query, view.keys, view.values, allowed, scaling)
         return out.masked_fill(~valid[:, None, :, None], 0.0)
