@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvforge.models import ModelNotFoundError, cache_dir, default_gguf_path, resolve
+from kvforge.models import ModelNotFoundError, cache_dir, default_gguf_path, load_model, resolve
 
 
 def test_a_gguf_file_resolves_to_its_folder_and_name(tmp_path):
@@ -31,3 +31,15 @@ def test_default_model_file_is_found_in_its_package():
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("KVFORGE_CACHE", str(tmp_path))
     assert cache_dir() == tmp_path
+
+
+def test_random_models_of_known_shapes_are_built_where_they_run():
+    from kvforge.models import RANDOM_SHAPES
+
+    loaded = load_model("random:tiny", dtype="bfloat16", device="cpu")
+    assert loaded.model.config.num_hidden_layers == 2 and loaded.dtype_name == "bfloat16"
+    assert loaded.model.config._attn_implementation == "kvforge"
+    eight = RANDOM_SHAPES["llama-3.1-8b"]
+    assert (eight["num_attention_heads"], eight["num_key_value_heads"], eight["head_dim"]) == (32, 8, 128)
+    with pytest.raises(ModelNotFoundError, match="unknown random model shape 'gpt'; use random:<shape> with one of llama-3.1-8b, tiny"):
+        load_model("random:gpt")

@@ -139,6 +139,35 @@ def default_checkpoint() -> Path:
     return convert_gguf(default_gguf_path(), out)
 
 
+RANDOM_PREFIX = "random:"
+# Model shapes with random weights, for speed and memory measurements (speed does not depend on
+# weight values); built from these config dicts, nothing downloaded. Tokens come from the default
+# model's tokenizer, whose ids fit every vocabulary here.
+RANDOM_SHAPES: dict[str, dict[str, object]] = {
+    "llama-3.1-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+    ),
+    "tiny": dict(  # for tests: 2 layers, GQA
+        model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+    ),
+}  # fmt: skip
+
+
+def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """A model of a known shape with random weights, created directly on `device` in `dtype`."""
+    if shape not in RANDOM_SHAPES:
+        raise ModelNotFoundError(f"unknown random model shape {shape!r}; use {RANDOM_PREFIX}<shape> with one of {', '.join(RANDOM_SHAPES)}")
+    config = AutoConfig.for_model(**RANDOM_SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it will run: an 8B model never passes through host memory
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def resolve(name: str) -> tuple[Path, str | None]:
     """(directory, gguf file name or None) for a model name, path or GGUF file."""
     if name == DEFAULT_MODEL:
@@ -150,7 +179,7 @@ def resolve(name: str) -> tuple[Path, str | None]:
         return path, None
     raise ModelNotFoundError(
         f"cannot read model {name!r}: expected 'default', a local Hugging Face checkpoint directory "
-        f"(with config.json) or a .gguf file; nothing is downloaded"
+        f"(with config.json), a .gguf file, or {RANDOM_PREFIX}<shape> ({', '.join(RANDOM_SHAPES)}); nothing is downloaded"
     )
 
 
@@ -162,12 +191,16 @@ def load_model(
     for cuda when present. Calibrations (razor, qfilters, kvzap) are per dtype: they are measured
     on the activations the policies will see."""
     dtype, device = parse_dtype(dtype), parse_device(device if device is None else str(device))
-    directory, gguf = resolve(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype)
-    except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"cannot load model {name!r} from {directory}: {err}") from err
+    if name.startswith(RANDOM_PREFIX):
+        model = random_model(name.removeprefix(RANDOM_PREFIX), dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(default_checkpoint())
+    else:
+        directory, gguf = resolve(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise ModelNotFoundError(f"cannot load model {name!r} from {directory}: {err}") from err
     model.to(device).eval()
     enable(model)
     display = DEFAULT_NAME if name == DEFAULT_MODEL else name
