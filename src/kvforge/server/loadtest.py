@@ -90,7 +90,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 async def _one(client, model: str, prompt: str, max_tokens: int, extra: dict) -> Outcome:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, pieces = None, None, 0
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
@@ -101,11 +101,14 @@ async def _one(client, model: str, prompt: str, max_tokens: int, extra: dict) ->
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first if first is not None else time.perf_counter() - start
                 text.append(chunk.choices[0].delta.content)
+                pieces += 1
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
     except Exception as err:  # every failure is counted and shown, none stops the run
         return Outcome(False, time.perf_counter() - start, error=f"{type(err).__name__}: {err}"[:200])
-    return Outcome(True, time.perf_counter() - start, first, tokens, text="".join(text))
+    # A server that sends no usage in its stream (llama-cpp-python's): count the streamed pieces,
+    # one per token in its stream as in kvforge's.
+    return Outcome(True, time.perf_counter() - start, first, pieces if tokens is None else tokens, text="".join(text))
 
 
 async def _run(url: str, model: str, prompts: list[str], clients: int, max_tokens: int, extra: dict) -> tuple[list[Outcome], float]:
