@@ -69,10 +69,11 @@ def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-def spans(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def spans(starts: torch.Tensor, counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Flat indices of segments of counts[i] consecutive entries beginning at starts[i], one
-    after the other: (sum(counts),) int64. starts, counts: (S,)."""
-    first = torch.repeat_interleave(starts - exclusive_cumsum(counts), counts)
+    after the other: (sum(counts),) int64. starts, counts: (S,). `total`: sum(counts) when the
+    caller knows it on the host (then nothing waits for the device to tell the output's size)."""
+    first = torch.repeat_interleave(starts - exclusive_cumsum(counts), counts, output_size=total)
     return first + torch.arange(first.numel(), device=counts.device)
 
 

@@ -23,7 +23,7 @@ QUERY_CHUNK = 128  # queries of a prompt chunk attended at once over the quantiz
 
 def blocks(part: Part) -> list[tuple[int, int]]:
     """Slot ranges of at most about BLOCK tokens, aligned to whole key groups."""
-    slots = int(part.quant.lengths.max()) if part.quant.lengths.numel() else 0
+    slots = part.quant.longest
     step = max(BLOCK // part.spec.group, 1) * part.spec.group
     return [(start, min(start + step, slots)) for start in range(0, slots, step)]
 

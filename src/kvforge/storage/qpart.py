@@ -54,7 +54,7 @@ class Part:
         """(batch,) the bytes `nbytes` counts, per sequence."""
         per_entry = sum(self.quant.fields[n][0:1].nbytes for n in ("kc", "vc", "vm")) if self.quant.entries else 0
         per_group = self.groups.fields["km"][0:1].nbytes if self.groups.entries else 0
-        return (self.quant.lengths * per_entry + self.groups.lengths * per_group).sum(1).cpu()
+        return (self.quant.counts * per_entry + self.groups.counts * per_group).sum(1)
 
     @property
     def meta_nbytes(self) -> int:

@@ -32,7 +32,7 @@ from kvforge import kernels
 from kvforge.attention import attend as dense_attend
 from kvforge.kernels.rows import Source, decode, part_rows, segment_rows
 from kvforge.attention import attention_probs_sum, every_real
-from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, time_ordered
+from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, spans, time_ordered
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.qattention import attention_chunks, blocks, tail_allowed
 from kvforge.storage.qpart import Part, aux_field
@@ -75,7 +75,7 @@ class QuantizedKV(KVStorage):
 
     @property
     def lengths(self) -> torch.Tensor:
-        return sum(s.lengths for s in self._sources()).cpu()
+        return sum(s.counts for s in self._sources())  # type: ignore[return-value]
 
     def buffers(self) -> dict[int, int]:
         """Codes, scales, minimums and the full-precision tail: every byte that stands for K/V."""
@@ -92,7 +92,7 @@ class QuantizedKV(KVStorage):
 
     def seq_nbytes(self) -> torch.Tensor:
         per_tail = 2 * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
-        return sum(p.seq_nbytes() for p in self.parts) + (self.tail.lengths * per_tail).sum(1).cpu()
+        return sum(p.seq_nbytes() for p in self.parts) + (self.tail.counts * per_tail).sum(1)
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -107,7 +107,8 @@ class QuantizedKV(KVStorage):
             keys = keys.gather(2, order[:, None, :, None].expand_as(keys))
             values = values.gather(2, order[:, None, :, None].expand_as(values))
             pos = positions[order][:, None].expand(batch, heads, t)
-        counts = valid.sum(1)[:, None].expand(batch, heads)
+        # Host counts: known without the device when the chunk has no padding.
+        counts = torch.full((batch, heads), t) if every_real(valid) else valid.sum(1).cpu()[:, None].expand(batch, heads).contiguous()
         new = {"k": keys, "v": values, "pos": pos}
         new.update({aux_field(n): keys.new_zeros(batch, heads, t, dtype=torch.float32) for n in self.aux_names})
         self.tail = self.tail.extend(new, counts)
@@ -123,7 +124,7 @@ class QuantizedKV(KVStorage):
         ranks the entries (None: the smaller the key norm, the more it matters, as KNorm finds)."""
         groups, high = self.spec.batch
         batch_tokens = groups * self.spec.group
-        moved = ((self.tail.lengths - self.spec.residual).clamp(min=0) // batch_tokens) * batch_tokens  # (batch, heads)
+        moved = ((self.tail.counts - self.spec.residual).clamp(min=0) // batch_tokens) * batch_tokens  # (batch, heads), host
         width = int(moved.max()) if moved.numel() else 0
         if width == 0:
             return
@@ -143,7 +144,7 @@ class QuantizedKV(KVStorage):
             return -self.tail.padded("k").float().norm(dim=-1)
         scores = importance()  # (batch, heads, slots) over what view() shows
         start = sum(p.quant.lengths for p in self.parts)  # a row's tail follows its quantized entries
-        ar = torch.arange(int(self.tail.lengths.max()), device=self.device)
+        ar = torch.arange(self.tail.longest, device=self.device)
         return torch.gather(scores, 2, (start[..., None] + ar).clamp(max=scores.shape[-1] - 1))
 
     @staticmethod
@@ -151,16 +152,18 @@ class QuantizedKV(KVStorage):
         block: dict[str, torch.Tensor], scores: torch.Tensor, moved: torch.Tensor, first: torch.Tensor
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """The block's first moved[b, h] entries of each row, split into the first[b, h] that
-        score highest and the others, each in time order: (block, counts) twice."""
+        score highest and the others, each in time order: (block, counts) twice. moved and
+        first (and the counts returned) are on the host."""
         width = scores.shape[-1]
         ar = torch.arange(width, device=scores.device)
-        scores = scores.masked_fill(ar >= moved[..., None], float("-inf"))
+        moved_d, first_d = moved.to(scores.device), first.to(scores.device)
+        scores = scores.masked_fill(ar >= moved_d[..., None], float("-inf"))
         rank = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)
-        top = rank < first[..., None]
+        top = rank < first_d[..., None]
         # The top entries first, then the others, each in time order; then the rest of the block.
-        order = torch.argsort(torch.where(top, ar, torch.where(ar < moved[..., None], width + ar, 2 * width + ar)), dim=-1)
+        order = torch.argsort(torch.where(top, ar, torch.where(ar < moved_d[..., None], width + ar, 2 * width + ar)), dim=-1)
         second = moved - first
-        for offset, counts in ((torch.zeros_like(first), first), (first, second)):
+        for offset, counts in ((torch.zeros_like(first_d), first), (first_d, second)):
             span = int(counts.max())
             index = (offset[..., None] + torch.arange(span, device=scores.device)).clamp(max=width - 1)
             picked = torch.gather(order, 2, index)  # (batch, heads, span)
@@ -168,10 +171,11 @@ class QuantizedKV(KVStorage):
 
     @staticmethod
     def _drop_front(seg: Segments, counts: torch.Tensor) -> Segments:
-        rows, valid = seg.slot_rows()
-        ar = torch.arange(rows.shape[-1], device=rows.device)
-        keep = valid & (ar >= counts[..., None])
-        return seg.select(rows[keep], seg.lengths - counts)
+        """`seg` without the first counts[b, h] (host) entries of each row."""
+        dropped = counts.to(seg.lengths.device, non_blocking=True)
+        left = seg.lengths - dropped
+        rows = spans((seg.offsets() + dropped).flatten(), left.flatten(), int((seg.counts - counts).sum()))
+        return seg.select(rows, left, seg.counts - counts)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -209,9 +213,8 @@ class QuantizedKV(KVStorage):
         rows: list[Source] = []
         for part in self.parts:
             if part.quant.entries:
-                longest = int(part.quant.lengths.max())
-                rows.append(part_rows(part.spec, part.quant, part.groups, part.entry_group(), longest))
-        return rows + [segment_rows(self.tail, int(self.tail.lengths.max()))]
+                rows.append(part_rows(part.spec, part.quant, part.groups, part.entry_group(), part.quant.longest))
+        return rows + [segment_rows(self.tail, self.tail.longest)]
 
     def accumulate_attention(self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
         if not self._quantized():
@@ -234,9 +237,10 @@ class QuantizedKV(KVStorage):
         """How a view is built from the sources padded side by side: their widths, and for each
         (batch, heads, slots) view slot its index into that concatenation, and its validity."""
         sources = self._sources()
-        widths = [int(s.lengths.max()) if s.lengths.numel() else 0 for s in sources]
+        widths = [s.longest for s in sources]
         lengths = sum(s.lengths for s in sources)
-        slots = int(lengths.max()) if lengths.numel() else 0
+        counts = self.lengths
+        slots = int(counts.max()) if counts.numel() else 0
         ar = torch.arange(slots, device=self.device)
         valid = ar < lengths[..., None]
         if len(self.parts) == 1:
@@ -348,7 +352,7 @@ class QuantizedKV(KVStorage):
         def fresh(seg: Segments) -> Segments:
             kept = {n: t for n, t in seg.fields.items() if not n.startswith("aux:")}
             zeros = {aux_field(n): torch.zeros(seg.entries, device=self.device) for n in aux_names}
-            return Segments({**kept, **zeros}, seg.lengths)
+            return Segments({**kept, **zeros}, seg.lengths, seg.host)
 
         other.parts = [Part(p.spec, fresh(p.quant), p.groups) for p in parts]
         other.tail = fresh(tail)
