@@ -42,3 +42,17 @@ def test_full_scores_at_least_90_on_niah_single_at_2048_tokens(default_model, tm
     assert len(rows) == 10 and stats.prefills == 10
     assert all(2038 <= r.prompt_tokens <= 2048 for r in rows)
     assert sum(r.score for r in rows) / len(rows) >= 90, [r.answer for r in rows]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy, quant", [("full", "none"), ("knorm", "none"), ("knorm", "int4")])
+def test_cuda_float32_answers_as_the_cpu_does(default_model, policy, quant):
+    """Greedy output on the GPU (Triton kernels when Triton is present) equals the CPU's."""
+    from kvforge.models import load_model
+    from kvforge.storage.codec import QuantSpec
+
+    prompt = build_prompt(default_model.tokenizer, "Paris is the capital of France. Rome is the capital of Italy.", "What is the capital of Italy?", chat=True)
+    made = make_policy(policy) if policy == "full" else make_policy(policy, ratio=0.5)
+    cpu = answer(default_model, prompt, made, max_new_tokens=16, quant=QuantSpec(quant))
+    gpu = answer(load_model("default", device="cuda"), prompt, made, max_new_tokens=16, quant=QuantSpec(quant))
+    assert gpu.text == cpu.text and gpu.kept_bytes == cpu.kept_bytes
