@@ -53,6 +53,15 @@ def _step(q, k, v, valid, m, l, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _begin(q_ptr, r, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+    """Row r's G queries, padded to GP rows with zeros, and an empty softmax state (m, l, acc)."""
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (r * G + g[:, None]) * D + d[None, :], mask=(g < G)[:, None], other=0.0)
+    return q, tl.full((GP,), NEG, tl.float32), tl.zeros((GP,), tl.float32), tl.zeros((GP, D), tl.float32)
+
+
+@triton.jit
 def _store(m_out, l_out, acc_out, out, m, l, acc, GP: tl.constexpr, D: tl.constexpr):
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
@@ -72,14 +81,10 @@ def _dense_kernel(
     n = tl.load(lengths + r)
     start = s * split
     stop = tl.minimum(start + split, n)
-    g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (r * G + g[:, None]) * D + d[None, :], mask=(g < G)[:, None], other=0.0)
+    q, m, l, acc = _begin(q_ptr, r, G, GP, D)
     k_base = tl.load(k_rows + r).to(like.dtype)
     v_base = tl.load(v_rows + r).to(like.dtype)
-    m = tl.full((GP,), NEG, tl.float32)
-    l = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, D), tl.float32)
     for off in range(start, stop, BLOCK):
         t = off + tl.arange(0, BLOCK)
         valid = t < stop
@@ -112,12 +117,8 @@ def _quant_kernel(
     first = tl.load(starts + r)
     start = s * split
     stop = tl.minimum(start + split, n)
-    g = tl.arange(0, GP)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (r * G + g[:, None]) * D + d[None, :], mask=(g < G)[:, None], other=0.0)
-    m = tl.full((GP,), NEG, tl.float32)
-    l = tl.zeros((GP,), tl.float32)
-    acc = tl.zeros((GP, D), tl.float32)
+    q, m, l, acc = _begin(q_ptr, r, G, GP, D)
     NV: tl.constexpr = D // VG
     for off in range(start, stop, BLOCK):
         local = off + tl.arange(0, BLOCK)
