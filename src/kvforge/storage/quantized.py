@@ -30,8 +30,8 @@ import torch
 
 from kvforge import kernels
 from kvforge.attention import attend as dense_attend
-from kvforge.kernels.rows import Source, decode, part_rows, segment_rows
 from kvforge.attention import attention_probs_sum, every_real
+from kvforge.kernels.rows import Source, decode, part_rows, segment_rows
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, spans, time_ordered
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.qattention import attention_chunks, blocks, tail_allowed
@@ -208,8 +208,8 @@ class QuantizedKV(KVStorage):
         return out.masked_fill(~valid[:, None, :, None], 0.0)
 
     def _kernel_rows(self) -> list[Source]:
-        """Every part holding entries, then the tail, as the decoding kernel reads them in place.
-        (The longest row sizes the kernel's grid; reading it is one small copy to the host.)"""
+        """Every part holding entries, then the tail, as the decoding kernel reads them in place
+        (row lengths and the longest row, which sizes the grid, come from the host copies)."""
         rows: list[Source] = []
         for part in self.parts:
             if part.quant.entries:
