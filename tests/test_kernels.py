@@ -3,6 +3,8 @@ interpreter on the CPU. Skipped only where Triton cannot be imported (`make test
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -167,3 +169,37 @@ def test_attention_bench_rows_report_real_bytes_and_both_paths(monkeypatch):
     assert by[("kvforge int4", "torch")].held_bytes < dense / 2  # 64 of 96 tokens in int4 (two key groups), 32 in full
     assert all(r.ms_per_step > 0 and r.bound_ms > 0 for r in rows)
     assert "| default | 96 | 2 | kvforge int4 | triton |" in format_attention_table(rows)
+
+
+AOT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kvforge.kernels.decode as kd
+
+target = GPUTarget("cuda", 90, 32)  # Hopper (H100, H200): compiled ahead of time, no GPU needed
+state = {"m_out": "*fp32", "l_out": "*fp32", "acc_out": "*fp32", "split": "i32", "splits_total": "i32", "first_split": "i32"}
+common = {"G": 4, "GP": 16, "D": 128, "BLOCK": kd.BLOCK}
+for dtype in ("bf16", "fp32"):  # fp16 takes bf16's path; fp32 the exact (IEEE) dot products
+    signature = {"q_ptr": "*" + dtype, "k_rows": "*i64", "v_rows": "*i64", "like": "*" + dtype, "lengths": "*i32", **state,
+                 **{name: "constexpr" for name in ("G", "GP", "D", "BLOCK", "IEEE")}}
+    triton.compile(ASTSource(kd._dense_kernel, signature, {**common, "IEEE": dtype == "fp32"}), target=target)
+    for bits, fp8 in ((8, False), (4, False), (2, False), (8, True)) if dtype == "bf16" else ((4, False),):
+        signature = {"q_ptr": "*" + dtype, "kc": "*u8", "vc": "*u8", "vm": "*fp16", "km": "*fp16", "entry_group": "*i32",
+                     "starts": "*i64", "lengths": "*i32", "lut": "*fp32", **state,
+                     **{name: "constexpr" for name in ("G", "GP", "D", "BLOCK", "IEEE", "BITS", "CB", "FIELDS", "VG", "FP8")}}
+        constants = {**common, "IEEE": dtype == "fp32", "BITS": bits, "CB": 128 * bits // 8, "FIELDS": 1 if fp8 else 2, "VG": 32, "FP8": fp8}
+        triton.compile(ASTSource(kd._quant_kernel, signature, constants), target=target)
+print("compiled")
+"""
+
+
+def test_the_kernels_compile_for_a_hopper_gpu():
+    """The interpreter does not check what only the compiler does (types, tl.dot shapes): compile
+    every variant for sm_90 ahead of time, which needs no GPU."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]
