@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("question", help="the question; appended after the compressed context")
     gen.add_argument("--prompt-file", default=None,
                      help="the context (compressed), a UTF-8 text file; - reads standard input; none: no context")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="'default', a local HF checkpoint dir, or a .gguf file")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="'default', a local HF checkpoint dir, a .gguf file, or random:<shape> (random weights)")
     gen.add_argument("--policy", default="snapkv", help="compression policy (see `kvforge policies`)")
     gen.add_argument("--ratio", type=ratio_arg, default=None, help="fraction of cached tokens removed, in [0, 1)")
     gen.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="policy hyperparameter")
