@@ -100,12 +100,19 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def kvzap_weights(loaded: LoadedModel, contexts: int = 4, length: int = 768, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+# Calibration contexts for kvzap, as fractions of the longest: the surrogate reads keys after
+# rotary embedding, so it must have seen the positions it will score (fitted on 768 tokens only,
+# it starved whole layers at 4096). The last context is held out of the fit.
+KVZAP_LENGTHS = (0.25, 1.0, 0.5, 0.75)
+
+
+def kvzap_weights(loaded: LoadedModel, longest: int = 4096, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """((layers, kv_heads, features) ridge weights, (layers,) Spearman correlation on the last
-    context, which is held out of the fit)."""
+    context, which is held out of the fit). Contexts of KVZAP_LENGTHS x `longest` tokens."""
     features: list[list[torch.Tensor]] = []  # [context][layer] (kv_heads, T, F)
     targets: list[list[torch.Tensor]] = []  # [context][layer] (kv_heads, T)
-    for i in range(contexts):
+    for i, fraction in enumerate(KVZAP_LENGTHS):
+        length = max(int(longest * fraction), min(256, longest))  # a task prompt needs ~100 tokens
         case = make_case(loaded.tokenizer, "niah_prose", length, seed=10**9 + i, chat=loaded.is_instruct)
         prompt = build_prompt(loaded.tokenizer, case.context, case.question, loaded.is_instruct)
         cache = recorded_prefill(loaded, prompt.context_ids, "kvzip")
@@ -152,7 +159,7 @@ def calibrate(loaded: LoadedModel, force: bool = False) -> Calibration:
     seconds: dict[str, float] = {}
     retrieval = timed(seconds, "retrieval heads", lambda: retrieval_scores(loaded, min(256, context // 4)))
     directions = timed(seconds, "query directions", lambda: query_directions(loaded, min(1024, context // 2)))
-    zap, fit = timed(seconds, "kvzap surrogate", lambda: kvzap_weights(loaded, length=min(768, context // 2)))  # type: ignore[misc]
+    zap, fit = timed(seconds, "kvzap surrogate", lambda: kvzap_weights(loaded, longest=min(4096, context // 2)))  # type: ignore[misc]
     calibration = Calibration(model, loaded.name, retrieval, directions, zap, fit, seconds)  # type: ignore[arg-type]
     calibration.save(calibration_path(model))
     log.info("calibration of %s saved to %s", loaded.name, calibration_path(model))

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from kvforge.models import cache_dir
 
-VERSION = 2  # bump when what is measured changes: older files are then measured again
+VERSION = 3  # bump when what is measured changes: older files are then measured again
 _FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 _KNOWN: dict[str, Calibration] = {}  # measured or read in this process, by fingerprint
 
