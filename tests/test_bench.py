@@ -118,3 +118,21 @@ def test_batch_bench_times_equal_and_unequal_batches(tiny_checkpoint):
     # The same total of prompt tokens, compressed per sequence: the kept entries match closely.
     assert abs(rows[0].kept_bytes - rows[1].kept_bytes) <= 0.05 * rows[0].kept_bytes
     assert "unequal" in format_batch_table(rows)
+
+
+def test_batched_decoding_forks_one_prefill_into_each_batch(tiny_checkpoint):
+    from kvforge.eval.batch_decode import format_decode_table, run_batched_decode
+    from kvforge.storage import QuantSpec
+
+    loaded = load_model(str(tiny_checkpoint))
+    policies = [make_policy("full"), make_policy("knorm", ratio=0.5)]
+    rows = run_batched_decode(loaded, [96], [1, 3], policies, [QuantSpec(), QuantSpec("int4", group=8, residual=16)], decode_tokens=4)
+    assert [(r.batch, r.policy, r.quant) for r in rows][:4] == [(1, "full", "none"), (1, "knorm", "none"), (1, "full", "int4"), (1, "knorm", "int4")]
+    by = {(r.batch, r.policy, r.quant): r for r in rows}
+    for key in [("full", "none"), ("knorm", "none"), ("full", "int4")]:
+        assert by[(3, *key)].cache_bytes == 3 * by[(1, *key)].cache_bytes  # every fork holds its own copy
+    assert by[(1, "knorm", "none")].cache_bytes < by[(1, "full", "none")].cache_bytes
+    assert all(r.tokens_per_s > 0 and r.ms_per_step > 0 for r in rows)
+    assert "| 96 | 3 | knorm int4 | 0.5 |" in format_decode_table(rows)
+    with pytest.raises(ValueError, match="must be positive integers"):
+        run_batched_decode(loaded, [96], [0], policies, [QuantSpec()])

@@ -161,3 +161,8 @@ def test_attention_bench_prints_a_table(capsys):
     code, out, _ = run(capsys, "bench", "--attention-only", "--device", "cpu", "--shape", "default", "--lengths", "64",
                        "--batches", "1", "--quant", "none,int8", "--quant-residual", "0", "--steps", "1")  # fmt: skip
     assert code == 0 and "| default | 64 | 1 | kvforge int8 | torch |" in out and "| sdpa | torch |" in out
+
+
+def test_bench_batches_must_be_positive(capsys, tiny_checkpoint):
+    code, _, err = run(capsys, "bench", "--model", str(tiny_checkpoint), "--device", "cpu", "--batches", "1,0")
+    assert code == 2 and "--batches '1,0' must be positive integers, e.g. 1,8,32" in err

@@ -390,8 +390,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     try:
         lengths = [int(x) for x in split_list(args.lengths)]
+        batches = [int(x) for x in split_list(args.batches)]
     except ValueError as err:
-        raise ValueError(f"--lengths {args.lengths!r} must be comma-separated integers, e.g. 1024,4096") from err
+        raise ValueError(f"--lengths {args.lengths!r} and --batches {args.batches!r} must be comma-separated integers, e.g. 1024,4096") from err
+    if min(batches, default=0) < 1:
+        raise ValueError(f"--batches {args.batches!r} must be positive integers, e.g. 1,8,32")
     names = split_list(args.policies) if args.policies else methods()
     ratio = None if args.budget is not None else args.ratio
     policies = [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
@@ -416,6 +419,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 batch_rows += run_batch_bench(loaded, lengths[0], args.batch_compare, policy, args.decode_tokens, args.repeats)
     print(f"kvforge bench on {device}, {loaded.name}:")
     print(format_table(rows))
+    if batches != [1]:
+        from kvforge.eval.batch_decode import format_decode_table, run_batched_decode
+
+        with err_console.status(f"decoding batches of {args.batches} ..."):
+            decoded = run_batched_decode(loaded, lengths, batches, policies, quants, args.decode_tokens)
+        print(f"\nDecoding batches (one prompt prefilled per setting, forked into the batch), {args.decode_tokens} steps timed:")
+        print(format_decode_table(decoded))
     if batch_rows:
         print(f"\nDecoding {args.batch_compare} prompts of equal and of unequal lengths (same total), {lengths[0]} tokens on average:")
         for i in range(0, len(batch_rows), 2):
@@ -617,7 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--attention-only", action="store_true",
                      help="time one layer's decode attention alone (no model: random K/V of --shape) against SDPA")
     ben.add_argument("--shape", default="llama-3.1-8b", help="--attention-only: llama-3.1-8b or default")
-    ben.add_argument("--batches", default="1", help="--attention-only: batch sizes, comma-separated")
+    ben.add_argument("--batches", default="1",
+                     help="batch sizes, comma-separated: --attention-only times each; otherwise batches other than 1 add a "
+                          "table of batched decoding (one prefill per setting, forked into the batch)")
     ben.add_argument("--steps", type=positive_int("--steps"), default=20, help="--attention-only: timed steps (median)")
     ben.add_argument("--json", default=None, metavar="FILE", help="also write the rows with ratios to full")
     ben.set_defaults(func=cmd_bench)
