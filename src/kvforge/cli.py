@@ -353,16 +353,20 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+def size_lists(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """bench's --lengths and --batches as integers."""
+    try:
+        return [int(x) for x in split_list(args.lengths)], [int(x) for x in split_list(args.batches)]
+    except ValueError as err:
+        raise ValueError(f"--lengths {args.lengths!r} and --batches {args.batches!r} must be comma-separated integers, e.g. 1024,4096") from err
+
+
 def cmd_attention_bench(args: argparse.Namespace) -> int:
     from kvforge.eval.attention_bench import check_shape, format_attention_table, run_attention_bench
     from kvforge.models import parse_device, parse_dtype
 
     check_shape(args.shape)
-    try:
-        lengths = [int(x) for x in split_list(args.lengths)]
-        batches = [int(x) for x in split_list(args.batches)]
-    except ValueError as err:
-        raise ValueError(f"--lengths {args.lengths!r} and --batches {args.batches!r} must be comma-separated integers") from err
+    lengths, batches = size_lists(args)
     if min(lengths + batches, default=0) < 1:
         raise ValueError("--lengths and --batches must be positive integers, e.g. --lengths 8192,32768 --batches 1,8")
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
@@ -388,11 +392,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvforge.eval.bench import format_batch_table, format_table, ratios_to_full, run_batch_bench, run_bench
     from kvforge.policies import make_policy, methods
 
-    try:
-        lengths = [int(x) for x in split_list(args.lengths)]
-        batches = [int(x) for x in split_list(args.batches)]
-    except ValueError as err:
-        raise ValueError(f"--lengths {args.lengths!r} and --batches {args.batches!r} must be comma-separated integers, e.g. 1024,4096") from err
+    lengths, batches = size_lists(args)
     if min(batches, default=0) < 1:
         raise ValueError(f"--batches {args.batches!r} must be positive integers, e.g. 1,8,32")
     names = split_list(args.policies) if args.policies else methods()

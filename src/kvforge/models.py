@@ -190,7 +190,7 @@ def load_model(
     bfloat16 or float16 (weights, activations and the K/V held); `device`: cpu, cuda[:N], or None
     for cuda when present. Calibrations (razor, qfilters, kvzap) are per dtype: they are measured
     on the activations the policies will see."""
-    dtype, device = parse_dtype(dtype), parse_device(device if device is None else str(device))
+    dtype, device = parse_dtype(dtype), parse_device(None if device is None else str(device))
     if name.startswith(RANDOM_PREFIX):
         model = random_model(name.removeprefix(RANDOM_PREFIX), dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(default_checkpoint())

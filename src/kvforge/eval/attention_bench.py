@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge import kernels
+from kvforge.eval.bench import PeakMeter, sync
 from kvforge.storage.base import KVStorage
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.inplace import InPlaceKV
@@ -71,21 +72,16 @@ def check_shape(name: str) -> AttnShape:
     return SHAPES[name]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Bytes per second a device-to-device copy moves (read + write), best of 5."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(5):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best
 
@@ -96,10 +92,10 @@ def time_steps(step: Callable[[], object], device: torch.device, steps: int, war
         step()
     times = []
     for _ in range(steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -127,13 +123,14 @@ def build_storage(
 
 
 def _peak(device: torch.device, run: Callable[[], float]) -> tuple[float, int | None]:
+    """`run()`'s result and the allocator's peak over what was held before (CUDA; None on a CPU,
+    where one layer's transients are too small for the process peak to show)."""
     if device.type != "cuda":
         return run(), None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
+    meter = PeakMeter(device)
+    meter.start()
     seconds = run()
-    return seconds, torch.cuda.max_memory_allocated(device) - before
+    return seconds, meter.stop()
 
 
 def _sdpa(shape: AttnShape, query: torch.Tensor, length: int, scaling: float, steps: int) -> tuple[float, int, int | None]:

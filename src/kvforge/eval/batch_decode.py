@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.cache import KVCache
-from kvforge.eval.bench import MIB, PeakMeter, bench_ids
+from kvforge.eval.bench import MIB, PeakMeter, bench_ids, sync
 from kvforge.generate import DECODE, check_length, feed, prefill
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
@@ -41,11 +41,6 @@ class DecodeRow:
     peak_source: str
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def _measure(loaded: LoadedModel, ids: list[int], batch: int, policy: Policy, spec: QuantSpec, steps: int, meter: PeakMeter) -> DecodeRow:
     model, device = loaded.model, loaded.model.device
@@ -58,12 +53,12 @@ def _measure(loaded: LoadedModel, ids: list[int], batch: int, policy: Policy, sp
     step_logits, positions = feed(model, cache, [[t] for t in tokens], positions, DECODE)  # untimed: forks copy here
     held = cache.nbytes
     meter.start()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         tokens = step_logits.argmax(-1).tolist()  # the host loop's one read per step
         step_logits, positions = feed(model, cache, [[t] for t in tokens], positions, DECODE)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     peak = meter.stop()
     return DecodeRow(len(ids), batch, policy.full_name, policy.ratio, spec.mode, batch * steps / seconds, seconds / steps * 1e3, held, peak, meter.source)

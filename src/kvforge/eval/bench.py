@@ -186,7 +186,8 @@ def bench_ids(loaded: LoadedModel, length: int) -> list[int]:
     return ids
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so a clock read after it measures that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -218,7 +219,7 @@ def _measure_once(
     meter.start()
     start = time.perf_counter()
     logits = prefill(model, cache, ids, chunk)
-    _sync(meter.device)
+    sync(meter.device)
     prefill_seconds = time.perf_counter() - start
     peak = meter.stop()
     # Read the sizes before decoding grows the cache.
@@ -230,7 +231,7 @@ def _measure_once(
     # exactly decode_tokens forwards; no stop ids, so every row decodes the same count.
     start = time.perf_counter()
     greedy(model, cache, logits[None], torch.tensor([len(ids)], device=model.device), decode_tokens + 1, stop_ids=set())
-    _sync(meter.device)
+    sync(meter.device)
     decode = time.perf_counter() - start
     del cache, logits
     return _Measure(prefill_seconds, compress, decode, *sizes, peak, bits)
@@ -245,7 +246,7 @@ def _measure_dynamic(loaded: LoadedModel, ids: list[int], decode_tokens: int, me
         meter.start()
         start = time.perf_counter()
         out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        _sync(meter.device)
+        sync(meter.device)
         prefill_seconds = time.perf_counter() - start
         peak = meter.stop()
         held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
@@ -253,7 +254,7 @@ def _measure_dynamic(loaded: LoadedModel, ids: list[int], decode_tokens: int, me
         for _ in range(decode_tokens):
             token = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
             out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        _sync(meter.device)
+        sync(meter.device)
         decode = time.perf_counter() - start
     finally:
         enable(model)
@@ -407,7 +408,7 @@ def run_batch_bench(
             positions = torch.tensor([max(lengths)] * batch, device=model.device)
             start = time.perf_counter()
             greedy(model, cache, torch.stack(firsts), positions, decode_tokens + 1, stop_ids=set())
-            _sync(model.device)
+            sync(model.device)
             times.append((time.perf_counter() - start) / decode_tokens)
         out.append(BatchRow(policy.full_name, policy.ratio, lengths, min(times), *sizes))
     return out

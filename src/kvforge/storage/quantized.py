@@ -99,7 +99,8 @@ class QuantizedKV(KVStorage):
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, exact: bool = False) -> None:
         batch, heads, t, _ = keys.shape
         positions = positions.to(device=self.device, dtype=torch.int32)
-        if every_real(valid):
+        real = every_real(valid)
+        if real:
             pos = positions.expand(batch, heads, t)
         else:
             # Real tokens of each sequence first, in time order (padding is not stored).
@@ -108,7 +109,7 @@ class QuantizedKV(KVStorage):
             values = values.gather(2, order[:, None, :, None].expand_as(values))
             pos = positions[order][:, None].expand(batch, heads, t)
         # Host counts: known without the device when the chunk has no padding.
-        counts = torch.full((batch, heads), t) if every_real(valid) else valid.sum(1).cpu()[:, None].expand(batch, heads).contiguous()
+        counts = torch.full((batch, heads), t) if real else valid.sum(1).cpu()[:, None].expand(batch, heads).contiguous()
         new = {"k": keys, "v": values, "pos": pos}
         new.update({aux_field(n): keys.new_zeros(batch, heads, t, dtype=torch.float32) for n in self.aux_names})
         self.tail = self.tail.extend(new, counts)
