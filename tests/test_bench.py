@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kvforge.eval.baselines import BASELINES, DYNAMIC, Baseline, check_baselines
 from kvforge.eval.bench import (
-    DYNAMIC,
     BenchRow,
     batch_lengths,
     format_batch_table,
@@ -18,13 +18,15 @@ from kvforge.models import load_model
 from kvforge.policies.registry import make_policy
 
 LENGTHS = [64, 128]
+FP8 = BASELINES["fp8"].label
 
 
 @pytest.fixture(scope="module")
 def rows(tiny_checkpoint) -> list[BenchRow]:
     loaded = load_model(str(tiny_checkpoint))
     policies = [make_policy("full"), make_policy("snapkv", ratio=0.5, window=8)]
-    return run_bench(loaded, LENGTHS, policies, decode_tokens=4, prefill_chunk=32)
+    baselines = check_baselines(["dynamic", "fp8"])
+    return run_bench(loaded, LENGTHS, policies, decode_tokens=4, prefill_chunk=32, baselines=baselines)
 
 
 def by_key(rows: list[dict[str, object]]) -> dict[tuple[object, object], dict[str, object]]:
@@ -33,10 +35,10 @@ def by_key(rows: list[dict[str, object]]) -> dict[tuple[object, object], dict[st
 
 def test_one_row_per_length_policy_and_chunking(rows):
     keys = [(r.length, r.policy, r.prefill_chunk) for r in rows]
-    policies = [(DYNAMIC, None), ("full", None), ("snapkv", None), ("full", 32), ("snapkv", 32)]
+    policies = [(DYNAMIC, None), (FP8, None), ("full", None), ("snapkv", None), ("full", 32), ("snapkv", 32)]
     assert sorted(keys, key=str) == sorted(((n, p, c) for n in LENGTHS for p, c in policies), key=str)
-    # The plain transformers baseline, then the one-shot full cache, lead each length.
-    assert [r.policy for r in rows if r.length == 64][:2] == [DYNAMIC, "full"]
+    # transformers' own caches, then the one-shot full cache, lead each length.
+    assert [r.policy for r in rows if r.length == 64][:3] == [DYNAMIC, FP8, "full"]
 
 
 def test_full_is_its_own_reference(rows):
@@ -52,6 +54,36 @@ def test_dynamic_cache_baseline_holds_the_same_bytes_as_full(rows):
     for n in LENGTHS:
         assert table[(n, DYNAMIC)]["cache_bytes"] == table[(n, "full")]["cache_bytes"]
         assert table[(n, DYNAMIC)]["decode_tokens_per_s"] > 0
+        assert table[(n, DYNAMIC)]["bits_per_element"] == 32.0  # float32 K/V
+
+
+def test_quantized_cache_baseline_holds_its_codes(rows):
+    # transformers' fp8 QuantizedCache: one byte per element plus a per-tensor scale, read from its tensors.
+    for r in rows:
+        if r.policy == FP8:
+            assert r.quant == "fp8"
+            assert 8.0 < r.bits_per_element < 8.1
+            assert r.cache_bytes < 0.26 * r.dense_bytes
+            assert r.decode_tokens_per_s > 0
+
+
+def test_quanto_baseline_where_installed(tiny_checkpoint):
+    pytest.importorskip("optimum.quanto")
+    loaded = load_model(str(tiny_checkpoint))
+    rows = run_bench(loaded, [160], [make_policy("full")], decode_tokens=2, baselines=check_baselines(["dynamic", "quanto-int4"]))
+    dynamic, quanto = rows[0], rows[1]
+    assert (quanto.policy, quanto.quant) == ("transformers QuantizedCache quanto", "int4")
+    # 4-bit codes with per-group scales and shifts: more than 4 bits, far fewer than float32's 32.
+    assert 4.0 < quanto.bits_per_element < 12.0
+    assert quanto.cache_bytes < dynamic.cache_bytes / 2
+
+
+def test_unknown_or_missing_baselines_are_refused():
+    with pytest.raises(ValueError, match="unknown baseline 'paged'; known: dynamic, quanto-int4"):
+        check_baselines(["paged"])
+    missing = {"other-int4": Baseline("transformers QuantizedCache other", "int4", "other", "kvforge_no_such_backend", 4)}
+    with pytest.raises(ValueError, match="needs the package 'kvforge_no_such_backend'.*pip install kvforge_no_such_backend"):
+        check_baselines(["other-int4"], missing)
 
 
 def test_chunked_rows_never_hold_more_than_budget_plus_a_chunk(rows):
@@ -88,7 +120,7 @@ def test_table_names_every_policy_and_length(rows):
     lines = text.splitlines()
     assert len(lines) == 2 + len(rows)  # header, rule, one line per row
     for r in rows:
-        assert any(f"| {r.length} | {r.policy} |" in line for line in lines)
+        assert any(f"| {r.length} | {r.label} |" in line for line in lines)
     assert "(1.00x)" in text
 
 
@@ -136,3 +168,23 @@ def test_batched_decoding_forks_one_prefill_into_each_batch(tiny_checkpoint):
     assert "| 96 | 3 | knorm int4 | 0.5 |" in format_decode_table(rows)
     with pytest.raises(ValueError, match="must be positive integers"):
         run_batched_decode(loaded, [96], [0], policies, [QuantSpec()])
+
+
+@pytest.mark.parametrize("mode", ["none", "int4"])
+def test_attention_bench_evicts_unequal_shares_per_head(mode):
+    import torch
+
+    from kvforge.eval.attention_bench import SHAPES, build_storage
+    from kvforge.storage import QuantSpec
+
+    spec = QuantSpec(mode, group=16, residual=16)
+    storage = build_storage(SHAPES["default"], 200, 2, spec, torch.float32, torch.device("cpu"), ratio=0.5)
+    # 3 KV heads keep 0.5x, 1x and 1.5x of half the 200 tokens, in both sequences.
+    assert storage.lengths.tolist() == [[50, 100, 150]] * 2
+    whole = build_storage(SHAPES["default"], 200, 2, spec, torch.float32, torch.device("cpu"))
+    assert whole.lengths.tolist() == [[200] * 3] * 2
+    assert storage.allocated_nbytes < 0.7 * whole.allocated_nbytes
+    with pytest.raises(ValueError, match=r"--ratios: 1.0 is outside \[0, 1\)"):
+        from kvforge.eval.attention_bench import run_attention_bench
+
+        run_attention_bench("default", [8], [1], [spec], torch.float32, torch.device("cpu"), ratios=(1.0,))

@@ -161,14 +161,18 @@ def test_attention_bench_rows_report_real_bytes_and_both_paths(monkeypatch):
 
     monkeypatch.setenv("KVFORGE_KERNELS", "1")  # the kernel path too (interpreted on a CPU)
     specs = [QuantSpec("none"), QuantSpec("int4", residual=16)]
-    rows = run_attention_bench("default", [96], [2], specs, torch.float32, DEVICE, steps=1)
-    by = {(r.layout, r.path): r for r in rows}
-    assert set(by) == {("sdpa", "torch"), ("kvforge none", "torch"), ("kvforge none", "triton"), ("kvforge int4", "torch"), ("kvforge int4", "triton")}
+    rows = run_attention_bench("default", [96], [2], specs, torch.float32, DEVICE, steps=1, ratios=(0.0, 0.5))
+    by = {(r.layout, r.path, r.ratio): r for r in rows}
+    kvforge = {(f"kvforge {q}", p, ratio) for q in ("none", "int4") for p in ("torch", "triton") for ratio in (0.0, 0.5)}
+    assert set(by) == {("sdpa", "torch", 0.0)} | kvforge
     dense = 2 * 2 * 3 * 96 * 64 * 4  # K and V, batch 2, 3 KV heads, 96 tokens, head_dim 64, float32
-    assert by[("sdpa", "torch")].held_bytes == dense == by[("kvforge none", "triton")].held_bytes
-    assert by[("kvforge int4", "torch")].held_bytes < dense / 2  # 64 of 96 tokens in int4 (two key groups), 32 in full
+    assert by[("sdpa", "torch", 0.0)].held_bytes == dense == by[("kvforge none", "triton", 0.0)].held_bytes
+    assert by[("kvforge int4", "torch", 0.0)].held_bytes < dense / 2  # 64 of 96 tokens in int4 (two key groups), 32 in full
+    # Half the tokens evicted: half the entries kept, spare capacity at most a quarter of them.
+    assert dense / 2 <= by[("kvforge none", "triton", 0.5)].held_bytes <= dense / 2 * 1.25
+    assert by[("kvforge int4", "torch", 0.5)].held_bytes < by[("kvforge int4", "torch", 0.0)].held_bytes
     assert all(r.ms_per_step > 0 and r.bound_ms > 0 for r in rows)
-    assert "| default | 96 | 2 | kvforge int4 | triton |" in format_attention_table(rows)
+    assert "| default | 96 | 2 | kvforge int4 | triton | 0.5 |" in format_attention_table(rows)
 
 
 AOT = """

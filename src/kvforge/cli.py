@@ -371,11 +371,15 @@ def cmd_attention_bench(args: argparse.Namespace) -> int:
         raise ValueError("--lengths and --batches must be positive integers, e.g. --lengths 8192,32768 --batches 1,8")
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
     quants = quant_specs(args)
+    try:
+        ratios = tuple(float(x) for x in split_list(args.ratios))
+    except ValueError as err:
+        raise ValueError(f"--ratios {args.ratios!r} must be comma-separated fractions in [0, 1), e.g. 0,0.5") from err
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
-        bar = progress.add_task("attention", total=len(lengths) * len(batches) * (1 + len(quants)))
+        bar = progress.add_task("attention", total=len(lengths) * len(batches) * (1 + len(quants) * len(ratios)))
         rows = run_attention_bench(
-            args.shape, lengths, batches, quants, dtype, device, steps=args.steps,
+            args.shape, lengths, batches, quants, dtype, device, steps=args.steps, ratios=ratios,
             on_row=lambda row: progress.update(bar, advance=1 if row.path == "torch" else 0, description=f"{row.length} x {row.batch} {row.layout}"),
         )  # fmt: skip
     print(f"kvforge bench --attention-only on {device} ({args.dtype}): one layer of {args.shape}, one decoding step")
@@ -385,13 +389,42 @@ def cmd_attention_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_bench(args: argparse.Namespace) -> int:
+    from kvforge.eval.fit import format_fit_table, run_fit
+    from kvforge.policies import methods
+
+    lengths, _ = size_lists(args)
+    names = split_list(args.policies) if args.policies else methods()
+    ratio = None if args.budget is not None else args.ratio
+    policies = [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
+    quants = quant_specs(args)
+    loaded = load(args)
+    ensure_calibration(loaded, policies)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
+        bar = progress.add_task("largest batch", total=len(lengths) * len(policies) * len(quants))
+        rows = run_fit(loaded, lengths, policies, quants, args.fit_memory, args.max_batch, prefill_chunk=args.prefill_chunk,
+                       on_row=lambda row: progress.advance(bar))  # fmt: skip
+    device = loaded.model.device
+    print(f"kvforge bench --fit-memory on {device}, {loaded.name}: the largest batch whose decoding fits, "
+          f"peak from {rows[0].peak_source if rows else '-'}")  # fmt: skip
+    print(format_fit_table(rows))
+    if args.json:
+        write_json(Path(args.json), {"device": str(device), "model": loaded.name, "rows": [asdict(r) for r in rows]})
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.attention_only:
         return cmd_attention_bench(args)
+    if args.fit_memory is not None:
+        return cmd_fit_bench(args)
 
+    from kvforge.eval.baselines import check_baselines
     from kvforge.eval.bench import format_batch_table, format_table, ratios_to_full, run_batch_bench, run_bench
     from kvforge.policies import make_policy, methods
 
+    baselines = [] if args.no_baseline else check_baselines(split_list(args.baselines))
     lengths, batches = size_lists(args)
     if min(batches, default=0) < 1:
         raise ValueError(f"--batches {args.batches!r} must be positive integers, e.g. 1,8,32")
@@ -403,12 +436,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = str(loaded.model.device)
     ensure_calibration(loaded, policies)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
-    per_length = len(set(names) | {"full"}) * (2 if args.prefill_chunk else 1) * len(quants) + (0 if args.no_baseline else 1)
+    per_length = len(set(names) | {"full"}) * (2 if args.prefill_chunk else 1) * len(quants) + len(baselines)
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
         bar = progress.add_task("bench", total=len(lengths) * per_length)
         rows = run_bench(
             loaded, lengths, policies, decode_tokens=args.decode_tokens, repeats=args.repeats,
-            prefill_chunk=args.prefill_chunk, baseline=not args.no_baseline, on_row=lambda row: progress.advance(bar),
+            prefill_chunk=args.prefill_chunk, baselines=baselines, on_row=lambda row: progress.advance(bar),
             quants=quants,
         )  # fmt: skip
         batch_rows = []
@@ -619,7 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget_args(ben, "also measure every policy prefilled N tokens at a time (compressing after each chunk)")
     ben.add_argument("--batch-compare", type=positive_int("--batch-compare"), default=None, metavar="B",
                      help="also time decoding B equal prompts against B unequal ones (first length, full + first policy)")
-    ben.add_argument("--no-baseline", action="store_true", help="skip the plain transformers DynamicCache row")
+    ben.add_argument("--baselines", default="dynamic", metavar="NAMES",
+                     help="transformers' own caches measured beside kvforge's rows, comma-separated: dynamic (DynamicCache), "
+                          "quanto-int4, quanto-int2, hqq-int4, hqq-int2, fp8 (QuantizedCache; quanto and hqq need "
+                          "pip install -e '.[baselines]'); default: dynamic")
+    ben.add_argument("--no-baseline", action="store_true", help="no transformers rows (same as --baselines '')")
     add_quant_args(ben, many=True)
     ben.add_argument("--decode-tokens", type=int, default=32)
     ben.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
@@ -631,6 +668,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="batch sizes, comma-separated: --attention-only times each; otherwise batches other than 1 add a "
                           "table of batched decoding (one prefill per setting, forked into the batch)")
     ben.add_argument("--steps", type=positive_int("--steps"), default=20, help="--attention-only: timed steps (median)")
+    ben.add_argument("--ratios", default="0", metavar="R",
+                     help="--attention-only: fractions of the tokens evicted before timing, comma-separated (each KV "
+                          "head keeps a different share; rows compare with SDPA over the whole cache); default 0")
+    ben.add_argument("--fit-memory", type=size_arg, default=None, metavar="SIZE",
+                     help="instead of timing: the largest batch whose decoding fits SIZE (e.g. 120GiB; weights included) "
+                          "per length, policy and quant mode, found by trying (on CUDA the allocator is capped at SIZE)")
+    ben.add_argument("--max-batch", type=positive_int("--max-batch"), default=1024, metavar="B",
+                     help="--fit-memory: the largest batch tried (default 1024)")
     ben.add_argument("--json", default=None, metavar="FILE", help="also write the rows with ratios to full")
     ben.set_defaults(func=cmd_bench)
 

@@ -8,7 +8,10 @@ the device's copy bandwidth (`copy_bandwidth`, measured here, not taken from a d
   cache (what transformers' DynamicCache attends over);
 - `kvforge <quant>`: the in-place layout (`none`) or the quantized layout, attended by the path
   the device uses (Triton kernels on CUDA, torch on the CPU), and on CUDA also by the torch path
-  (`path` says which).
+  (`path` says which); at each `ratio`, that fraction of every chunk was evicted as it was stored
+  (before it was quantized, as a compressing prefill does), the KV heads keeping unequal shares
+  (from half to one and a half times the mean, as head-wise budgets leave them), so rows are
+  ragged. `vs_sdpa` always compares with SDPA over the whole, uncompressed cache.
 
 Weights do not matter to attention time, so no model is loaded: K/V are random, with the shape of
 the model named by `--shape` (a config dict; nothing is downloaded). Bytes are read from the
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from kvforge import kernels
 from kvforge.eval.bench import PeakMeter, sync
+from kvforge.policies.base import top_slots
 from kvforge.storage.base import KVStorage
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.inplace import InPlaceKV
@@ -59,6 +63,7 @@ class AttnRow:
     batch: int
     layout: str  # sdpa, or kvforge <quant mode>
     path: str  # torch or triton
+    ratio: float  # fraction of the tokens evicted (0: the whole cache)
     ms_per_step: float  # one layer's attention for the whole batch, median
     held_bytes: int  # one layer, read from the tensors
     bound_ms: float  # held_bytes / measured copy bandwidth: no step can be faster
@@ -100,11 +105,32 @@ def time_steps(step: Callable[[], object], device: torch.device, steps: int, war
     return statistics.median(times)
 
 
+def head_shares(kv_heads: int) -> torch.Tensor:
+    """(kv_heads,) each head's share of the kept entries relative to the mean: 0.5 to 1.5, mean 1."""
+    if kv_heads == 1:
+        return torch.ones(1)
+    return 0.5 + torch.arange(kv_heads) / (kv_heads - 1)
+
+
+def _evict_chunk(one: KVStorage, n: int, ratio: float, gen: torch.Generator) -> None:
+    """Keep every entry held before the chunk of n just appended and (1 - ratio) x share of the
+    chunk's, chosen at random per KV head (which ones does not change attention's time)."""
+    view = one.view()
+    held = view.valid.shape[-1]
+    keep_new = (n * (1.0 - ratio) * head_shares(one.kv_heads)).round().long().clamp(1, n).to(one.device)
+    budget = (one.lengths.to(one.device) - n + keep_new)  # (1, kv_heads)
+    scores = torch.rand(1, one.kv_heads, held, generator=gen, device=one.device)
+    scores[..., : held - n] = float("inf")  # slots are time ordered: the chunk is the last n
+    one.keep(view, *top_slots(scores, budget, view.valid))
+
+
 def build_storage(
-    shape: AttnShape, length: int, batch: int, spec: QuantSpec, dtype: torch.dtype, device: torch.device, seed: int = 0
-) -> KVStorage:
-    """One layer's storage holding `length` random entries per row for `batch` sequences, built a
-    sequence and BUILD_CHUNK tokens at a time (bounded transients), as a chunked prefill would."""
+    shape: AttnShape, length: int, batch: int, spec: QuantSpec, dtype: torch.dtype, device: torch.device,
+    seed: int = 0, ratio: float = 0.0,
+) -> KVStorage:  # fmt: skip
+    """One layer's storage holding `length` random entries per row for `batch` sequences (fewer
+    with `ratio`: see the module's docstring), built a sequence and BUILD_CHUNK tokens at a time
+    (bounded transients), as a chunked prefill would."""
     gen = torch.Generator(device=device).manual_seed(seed)
     parts: list[KVStorage] = []
     for _ in range(batch):
@@ -117,6 +143,8 @@ def build_storage(
             k, v = (torch.randn(1, shape.kv_heads, n, shape.head_dim, generator=gen, device=device, dtype=dtype) for _ in range(2))
             positions = torch.arange(start, start + n, device=device)
             one.append(k, v, positions, torch.ones(1, n, dtype=torch.bool, device=device), exact=n == length)
+            if ratio > 0:
+                _evict_chunk(one, n, ratio, gen)
             one.seal()
         parts.append(one)
     return type(parts[0]).stack(parts, [0] * batch, take=True)
@@ -144,11 +172,11 @@ def _sdpa(shape: AttnShape, query: torch.Tensor, length: int, scaling: float, st
 
 
 def _kvforge(
-    shape: AttnShape, query: torch.Tensor, length: int, spec: QuantSpec, scaling: float, steps: int
+    shape: AttnShape, query: torch.Tensor, length: int, spec: QuantSpec, ratio: float, scaling: float, steps: int
 ) -> dict[str, tuple[float, int, int | None]]:
     """Per path (triton where it runs, torch): seconds per step, bytes held, peak."""
     batch, device = query.shape[0], query.device
-    storage = build_storage(shape, length, batch, spec, query.dtype, device)
+    storage = build_storage(shape, length, batch, spec, query.dtype, device, ratio=ratio)
     positions = torch.tensor([length], device=device)
     valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
     out = {}
@@ -168,8 +196,12 @@ def run_attention_bench(
     device: torch.device,
     steps: int = 20,
     on_row: Callable[[AttnRow], None] | None = None,
+    ratios: tuple[float, ...] = (0.0,),
 ) -> list[AttnRow]:
     shape = check_shape(shape_name)
+    for ratio in ratios:
+        if not 0 <= ratio < 1:
+            raise ValueError(f"--ratios: {ratio} is outside [0, 1): the fraction of the tokens evicted")
     bandwidth = copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 28)
     log.info("copy bandwidth on %s: %.1f GB/s", device, bandwidth / 1e9)
     scaling = shape.head_dim**-0.5
@@ -185,21 +217,22 @@ def run_attention_bench(
             gen = torch.Generator(device=device).manual_seed(1)
             query = torch.randn(batch, shape.q_heads, 1, shape.head_dim, generator=gen, device=device, dtype=dtype)
             seconds, held, peak = _sdpa(shape, query, length, scaling, steps)
-            add(AttnRow(shape_name, length, batch, "sdpa", "torch", seconds * 1e3, held, held / bandwidth * 1e3, peak, 1.0))
-            for spec in quants:
-                for path, (secs, held, peak) in _kvforge(shape, query, length, spec, scaling, steps).items():
-                    add(AttnRow(shape_name, length, batch, f"kvforge {spec.mode}", path, secs * 1e3, held,
-                                held / bandwidth * 1e3, peak, seconds / secs))  # fmt: skip
+            add(AttnRow(shape_name, length, batch, "sdpa", "torch", 0.0, seconds * 1e3, held, held / bandwidth * 1e3, peak, 1.0))
+            for ratio in ratios:
+                for spec in quants:
+                    for path, (secs, held, peak) in _kvforge(shape, query, length, spec, ratio, scaling, steps).items():
+                        add(AttnRow(shape_name, length, batch, f"kvforge {spec.mode}", path, ratio, secs * 1e3, held,
+                                    held / bandwidth * 1e3, peak, seconds / secs))  # fmt: skip
     return rows
 
 
 def format_attention_table(rows: list[AttnRow]) -> str:
-    head = "| shape | tokens | batch | layout | path | ms/step | vs sdpa | held MiB | bound ms | peak MiB |"
-    lines = [head, "|" + "---|" * 10]
+    head = "| shape | tokens | batch | layout | path | ratio | ms/step | vs sdpa | held MiB | bound ms | peak MiB |"
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
         lines.append(
-            f"| {r.shape} | {r.length} | {r.batch} | {r.layout} | {r.path} | {r.ms_per_step:.3f} | "
+            f"| {r.shape} | {r.length} | {r.batch} | {r.layout} | {r.path} | {r.ratio:g} | {r.ms_per_step:.3f} | "
             f"{r.vs_sdpa:.2f}x | {r.held_bytes / 2**20:.1f} | {r.bound_ms:.3f} | {peak} |"
         )
     return "\n".join(lines)

@@ -25,9 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
-
 from kvforge.cache import KVCache
+from kvforge.eval.baselines import BASELINES, DYNAMIC, Baseline, held_nbytes
 from kvforge.eval.tasks import make_case
 from kvforge.attention import enable
 from kvforge.generate import build_prompt, check_chunk, check_length, greedy, prefill
@@ -40,7 +39,6 @@ from kvforge.storage.codec import labelled
 log = logging.getLogger(__name__)
 
 FULL = "full"
-DYNAMIC = "transformers DynamicCache"
 WARMUP_TOKENS = 32  # long enough that compressing policies actually compress during warm-up
 MIB = 1024 * 1024
 
@@ -202,7 +200,7 @@ class _Measure:
     peak_cache_bytes: int
     dense_bytes: int
     peak_bytes: int
-    bits_per_element: float = 32.0
+    bits_per_element: float
 
 
 def _measure_once(
@@ -237,19 +235,19 @@ def _measure_once(
     return _Measure(prefill_seconds, compress, decode, *sizes, peak, bits)
 
 
-def _measure_dynamic(loaded: LoadedModel, ids: list[int], decode_tokens: int, meter: PeakMeter) -> _Measure:
-    """Plain transformers: `DynamicCache` with its SDPA attention, kvforge switched off."""
+def _measure_transformers(loaded: LoadedModel, ids: list[int], decode_tokens: int, meter: PeakMeter, baseline: Baseline) -> _Measure:
+    """Plain transformers: one of its own caches with its SDPA attention, kvforge switched off."""
     model = loaded.model
     model.set_attn_implementation("sdpa")
     try:
-        cache = DynamicCache(config=model.config)
+        cache = baseline.make(model.config)
         meter.start()
         start = time.perf_counter()
         out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
         sync(meter.device)
         prefill_seconds = time.perf_counter() - start
         peak = meter.stop()
-        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        held = held_nbytes(cache)
         start = time.perf_counter()
         for _ in range(decode_tokens):
             token = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
@@ -258,7 +256,12 @@ def _measure_dynamic(loaded: LoadedModel, ids: list[int], decode_tokens: int, me
         decode = time.perf_counter() - start
     finally:
         enable(model)
-    return _Measure(prefill_seconds, 0.0, decode, held, held, held, held, peak)
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # Elements a dense cache holds for these tokens (K and V), to state bits per element.
+    elements = 2 * len(ids) * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    dense = elements * model.dtype.itemsize
+    return _Measure(prefill_seconds, 0.0, decode, held, held, held, dense, peak, 8 * held / elements)
 
 
 def _with_full_first(policies: list[Policy]) -> list[Policy]:
@@ -276,13 +279,13 @@ def run_bench(
     decode_tokens: int = 32,
     repeats: int = 1,
     prefill_chunk: int | None = None,
-    baseline: bool = True,
+    baselines: list[Baseline] | None = None,
     on_row: Callable[[BenchRow], None] | None = None,
     quants: list[QuantSpec] | None = None,
 ) -> list[BenchRow]:
     """Benchmark every policy at every prompt length against the full cache.
 
-    Per length: transformers' own DynamicCache (`baseline`), then every policy with a one-shot
+    Per length: transformers' own caches (`baselines`; default: DynamicCache), then every policy with a one-shot
     prefill, then (with `prefill_chunk`) every policy again prefilled chunk by chunk.
     Times are the minimum over `repeats` (the least disturbed run); peak memory is the maximum
     (on CPU, pages still resident from earlier runs can only hide growth, never add it).
@@ -290,6 +293,7 @@ def run_bench(
     quantization mode (default: full precision only); the reference stays the full-precision full.
     """
     specs = quants or [QuantSpec()]
+    baselines = [BASELINES["dynamic"]] if baselines is None else baselines
     if not lengths or any(n < 1 for n in lengths):
         raise ValueError(f"lengths={lengths!r} must be a non-empty list of positive token counts")
     if decode_tokens < 1:
@@ -307,8 +311,8 @@ def run_bench(
     # Untimed warm-up on a short prompt: first-call costs (kernel selection, lazy allocations,
     # each policy's code paths) would otherwise land in whichever row runs first.
     warm = bench_ids(loaded, WARMUP_TOKENS)
-    if baseline:
-        _measure_dynamic(loaded, warm, 1, meter)
+    for baseline in baselines:
+        _measure_transformers(loaded, warm, 1, meter, baseline)
     for policy in policies:
         for chunk in chunks:
             for spec in specs:
@@ -318,8 +322,9 @@ def run_bench(
     for length in lengths:
         ids = bench_ids(loaded, length)
         jobs: list[tuple[str, float, int | None, str, Callable[[], _Measure]]] = []
-        if baseline:
-            jobs.append((DYNAMIC, 0.0, None, "none", lambda: _measure_dynamic(loaded, ids, decode_tokens, meter)))
+        for baseline in baselines:
+            run = lambda b=baseline: _measure_transformers(loaded, ids, decode_tokens, meter, b)  # noqa: E731
+            jobs.append((baseline.label, 0.0, None, baseline.quant, run))
         for chunk in chunks:
             for spec in specs:
                 for policy in policies:
