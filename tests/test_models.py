@@ -41,5 +41,19 @@ def test_random_models_of_known_shapes_are_built_where_they_run():
     assert loaded.model.config._attn_implementation == "kvforge"
     eight = RANDOM_SHAPES["llama-3.1-8b"]
     assert (eight["num_attention_heads"], eight["num_key_value_heads"], eight["head_dim"]) == (32, 8, 128)
-    with pytest.raises(ModelNotFoundError, match="unknown random model shape 'gpt'; use random:<shape> with one of llama-3.1-8b, tiny"):
+    with pytest.raises(ModelNotFoundError, match="unknown random model shape 'gpt'; use random:<shape> with one of llama-3.1-8b, smollm2-135m, tiny"):
         load_model("random:gpt")
+
+
+@pytest.mark.model
+def test_the_default_models_random_shape_is_its_shape():
+    from transformers import AutoConfig
+
+    from kvforge.models import RANDOM_SHAPES, default_checkpoint
+
+    real = AutoConfig.from_pretrained(default_checkpoint()).to_dict()
+    shape = RANDOM_SHAPES["smollm2-135m"]
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings"):  # fmt: skip
+        assert shape[key] == real[key], key
+    assert shape["rope_theta"] == real["rope_parameters"]["rope_theta"]
