@@ -194,6 +194,20 @@ for dtype in ("bf16", "fp32"):  # fp16 takes bf16's path; fp32 the exact (IEEE) 
                      **{name: "constexpr" for name in ("G", "GP", "D", "BLOCK", "IEEE", "BITS", "CB", "FIELDS", "VG", "FP8")}}
         constants = {**common, "IEEE": dtype == "fp32", "BITS": bits, "CB": 128 * bits // 8, "FIELDS": 1 if fp8 else 2, "VG": 32, "FP8": fp8}
         triton.compile(ASTSource(kd._quant_kernel, signature, constants), target=target)
+
+import kvforge.kernels.received as kr
+
+# The received-attention kernel's two passes: half inputs (tl.dot's default precision) and
+# float32 (IEEE), short and long query blocks, head_dim 64 and 128, GQA groups 1, 3 and 8.
+rows = {"q_ptr": None, "k_rows": "*i64", "p_rows": "*i64", "like": None, "lengths": "*i32", "q_positions": "*i32"}
+for dtype, block_t, dim, group in (("bf16", kr.BLOCK_T, 128, 8), ("fp16", kr.SHORT_T, 64, 3), ("fp32", kr.SHORT_T, 128, 1)):
+    constants = {"G": group, "D": dim, "BLOCK_T": block_t, "BLOCK_L": kr.BLOCK_L, "IEEE": dtype == "fp32"}
+    fixed = {**rows, "q_ptr": "*" + dtype, "like": "*" + dtype}
+    names = {name: "constexpr" for name in constants}
+    signature = {**fixed, "lse_out": "*fp32", "T": "i32", "scale": "fp32", **names}
+    triton.compile(ASTSource(kr._lse_kernel, signature, constants), target=target)
+    signature = {**fixed, "weight": "*fp32", "lse": "*fp32", "out": "*fp32", "T": "i32", "width": "i32", "kv_heads": "i32", "scale": "fp32", **names}
+    triton.compile(ASTSource(kr._sum_kernel, signature, constants), target=target)
 print("compiled")
 """
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from kvforge import kernels
+
 log = logging.getLogger(__name__)
 
 ATTN_NAME = "kvforge"
@@ -151,6 +153,30 @@ def attention_probs_sum(
         scale = weight / rowsum.clamp_min(torch.finfo(rowsum.dtype).tiny)
         total[..., :width] += torch.einsum("bhgtl,bhgt->bhl", logits, scale) / group
     return total
+
+
+def received_attention(
+    query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+    keys: torch.Tensor,  # (batch, kv_heads, L, head_dim)
+    key_positions: torch.Tensor,  # (batch, kv_heads | 1, L) logical position of each key
+    key_valid: torch.Tensor,  # (batch, kv_heads | 1, L) bool, False on padding slots
+    query_positions: torch.Tensor,  # (T,)
+    query_weight: torch.Tensor,  # (batch, T) float, 0 for queries that must not count
+    scaling: float,
+) -> torch.Tensor:  # (batch, kv_heads, L) float32
+    """Softmax attention each key received from the weighted queries, causal by logical position,
+    averaged over each GQA group: `attention_probs_sum` over `causal_allowed`, or the Triton kernel
+    (`kvforge.kernels.received`) where the kernels are enabled.
+
+    The two differ only for a query that may read no key: the kernel counts it nowhere, the torch
+    path lets it read everything. Callers give such a query (a padding query) weight 0."""
+    if kernels.enabled(query.device) and kernels.fits(query.shape[-1]):
+        from kvforge.kernels.received import received_padded  # imports Triton: only when a kernel runs
+
+        kernels.calls["received"] += 1
+        return received_padded(query, keys, key_positions, key_valid, query_positions, query_weight, scaling)
+    allowed = causal_allowed(key_positions, key_valid, query_positions)
+    return attention_probs_sum(query, keys, allowed, query_weight, scaling)
 
 
 def kvforge_attention(

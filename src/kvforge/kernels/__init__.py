@@ -1,11 +1,12 @@
-"""Triton kernels for the decoding step (one new query per sequence) over kvforge's layouts.
+"""Triton kernels over kvforge's layouts: the decoding step (one new query per sequence), and the
+attention each held entry received from a chunk of queries (what scoring policies observe).
 
 The torch code in `kvforge.storage` is the reference and the CPU implementation; the kernels are
 chosen when the tensors are on CUDA and Triton is importable (`enabled`). Tests run the same
 kernels on CPU under Triton's interpreter (`TRITON_INTERPRET=1`), against the torch reference.
 
-Importing this package imports nothing heavy: `kvforge.kernels.decode` (which needs Triton) is
-loaded on first use.
+Importing this package imports nothing heavy: `kvforge.kernels.decode` and
+`kvforge.kernels.received` (which need Triton) are loaded on first use.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def enabled(device: torch.device) -> bool:
     if not _allowed or flag == "0" or not triton_importable():
         return False
     return device.type == "cuda" or (flag == "1" and interpreted())
+
+
+def fits(head_dim: int) -> bool:
+    """Whether the received-attention kernel takes this head_dim: a power of two (tl.arange) of at
+    least 16 (tl.dot's inner dimension). Other sizes take the torch path."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 @contextlib.contextmanager

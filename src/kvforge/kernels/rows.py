@@ -1,4 +1,4 @@
-"""What the decoding kernels read: a layout's rows described by addresses, offsets and lengths.
+"""What the kernels read: a layout's rows described by addresses, offsets and lengths.
 
 Rows are (sequence, KV head) pairs, row b * kv_heads + h. Building these reads no K/V: it only
 collects where each row starts and how long it is, so the kernels read the layout in place.
@@ -43,6 +43,18 @@ class QuantRows:
 Source = DenseRows | QuantRows
 
 
+@dataclass
+class KeyRows:
+    """Full-precision keys and their logical positions, row by row: what the kernel of the
+    attention each entry received reads (`kvforge.kernels.received`)."""
+
+    keys: torch.Tensor  # (rows,) int64 address of each row's first key; entries head_dim elements apart
+    positions: torch.Tensor  # (rows,) int64 address of each row's first position (int32, one per entry)
+    lengths: torch.Tensor  # (rows,) int32
+    like: torch.Tensor  # any tensor of the keys' dtype
+    longest: int  # an upper bound of lengths, known on the host: the width of the result
+
+
 def dense_rows(keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int], device: torch.device) -> DenseRows:
     """Rows held as one (capacity, head_dim) tensor each (the in-place layout; rows must be
     contiguous, which its buffers and slab views are)."""
@@ -52,6 +64,25 @@ def dense_rows(keys: list[torch.Tensor], values: list[torch.Tensor], lengths: li
 
     counts = torch.tensor(lengths, dtype=torch.int32).to(device, non_blocking=True)
     return DenseRows(addresses(keys), addresses(values), counts, keys[0], max(lengths, default=0))
+
+
+def key_rows(keys: list[torch.Tensor], positions: list[torch.Tensor], lengths: list[int], device: torch.device) -> KeyRows:
+    """Rows held as one (capacity, head_dim) key tensor and one (capacity,) int32 position tensor
+    each (the in-place layout; rows must be contiguous)."""
+    assert all(p.dtype == torch.int32 for p in positions)
+    addresses = torch.tensor([[t.data_ptr() for t in keys], [p.data_ptr() for p in positions]], dtype=torch.int64)
+    key_at, pos_at = addresses.to(device, non_blocking=True)  # one copy; each (rows,) contiguous
+    counts = torch.tensor(lengths, dtype=torch.int32).to(device, non_blocking=True)
+    return KeyRows(key_at, pos_at, counts, keys[0], max(lengths, default=0))
+
+
+def segment_key_rows(seg: Segments, longest: int) -> KeyRows:
+    """The keys (field k) and positions (field pos, int32) of flat ragged `Segments`."""
+    keys, positions = seg.fields["k"], seg.fields["pos"]
+    assert positions.dtype == torch.int32
+    offsets = seg.offsets().flatten()  # (rows,) on the device: no host round trip
+    key_at = keys.data_ptr() + offsets * keys.shape[1] * keys.element_size()
+    return KeyRows(key_at, positions.data_ptr() + offsets * positions.element_size(), seg.lengths.flatten().int(), keys, longest)
 
 
 def segment_rows(seg: Segments, longest: int) -> DenseRows:
@@ -78,3 +109,20 @@ def decode(query: torch.Tensor, sources: list[Source], kv_heads: int, scaling: f
 
     calls["decode"] += 1
     return decode_attention(query, sources, kv_heads, scaling)
+
+
+def received(
+    query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+    rows: KeyRows,
+    query_positions: torch.Tensor,  # (T,)
+    query_weight: torch.Tensor,  # (batch, T) float, 0 for queries that must not count
+    kv_heads: int,
+    scaling: float,
+) -> torch.Tensor:  # (batch * kv_heads, rows.longest) float32
+    """The softmax attention each entry of `rows` received from the weighted queries, causal by
+    position, averaged over each GQA group (Triton; see `kvforge.kernels.received`)."""
+    from kvforge.kernels import calls
+    from kvforge.kernels.received import received_rows  # imports Triton: only when a kernel runs
+
+    calls["received"] += 1
+    return received_rows(query, rows, query_positions, query_weight, kv_heads, scaling)

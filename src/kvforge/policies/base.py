@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from kvforge.attention import attention_probs_sum, causal_allowed
+from kvforge.attention import causal_allowed, received_attention
 from kvforge.calibration import Calibration
 from kvforge.storage.base import KVStorage, PaddedView
 
@@ -88,10 +88,12 @@ class StepContext:
             raise ValueError("this policy needs the chunk's queries, and a deferred compression has none")
         if key not in self._cache:
             start = 0 if last is None else max(0, self.query.shape[2] - last)
-            self._cache[key] = attention_probs_sum(
+            self._cache[key] = received_attention(
                 self.query[:, :, start:],
                 self.view.keys,
-                self.allowed(start),
+                self.view.positions,
+                self.view.valid,
+                self.query_positions[start:],
                 self.query_valid[:, start:],
                 self.scaling,
             )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from kvforge import kernels
 from kvforge.attention import attention_probs_sum, every_real
-from kvforge.kernels.rows import decode, dense_rows
+from kvforge.kernels.rows import decode, dense_rows, key_rows, received
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, time_ordered
 
 GROWTH = 1.25
@@ -247,6 +247,10 @@ class InPlaceKV(KVStorage):
         self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
     ) -> torch.Tensor:
         batch, q_heads, t, dim = query.shape
+        if t > 1 and accumulate is not None and self._received_by_kernel():
+            # The policy state from one kernel over every row; the attention below needs none.
+            self.accumulate_attention(accumulate, query, positions, valid, scaling)
+            accumulate = None
         if t == 1 and accumulate is None and kernels.enabled(self.device) and self._decoding_rows(valid):
             # A decoding step: one Triton kernel reads every row where it lies.
             rows = dense_rows(self.k, self.v, self.len, self.device)
@@ -314,9 +318,21 @@ class InPlaceKV(KVStorage):
     def accumulate_attention(
         self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
     ) -> None:
+        if self._received_by_kernel():
+            # Every row in one kernel, read where it lies. A valid query reads the entries at or
+            # before its position: everything held before the chunk, and the chunk causally, as
+            # ChunkMasks says. Padding queries weigh 0.
+            rows = key_rows(self.k, self.pos, self.len, self.device)
+            got = received(query, rows, positions, valid, self.kv_heads, scaling)  # (rows, longest)
+            for r, n in enumerate(self.len):
+                self.aux[name][r][:n] += got[r, :n]
+            return
         masks = ChunkMasks(query.device)
         for r, _, _, q in self._reading_rows(query, valid):
             self._accumulate_row(name, r, q, masks, scaling)
+
+    def _received_by_kernel(self) -> bool:
+        return kernels.enabled(self.device) and kernels.fits(self.head_dim)
 
     def _accumulate_row(self, name: str, r: int, q: torch.Tensor, masks: ChunkMasks, scaling: float) -> None:
         """Add the attention row r's entries receive from q, (group, n, dim), to aux[name]."""

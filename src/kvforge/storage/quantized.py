@@ -31,7 +31,7 @@ import torch
 from kvforge import kernels
 from kvforge.attention import attend as dense_attend
 from kvforge.attention import attention_probs_sum, every_real
-from kvforge.kernels.rows import Source, decode, part_rows, segment_rows
+from kvforge.kernels.rows import Source, decode, part_rows, received, segment_key_rows, segment_rows
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, spans, time_ordered
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.qattention import attention_chunks, blocks, tail_allowed
@@ -219,9 +219,14 @@ class QuantizedKV(KVStorage):
 
     def accumulate_attention(self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
         if not self._quantized():
-            keys = self.tail.padded("k")
-            allowed = tail_allowed(self.tail, positions)
-            self._add_received(name, [None] * len(self.parts) + [attention_probs_sum(query, keys, allowed, valid, scaling)])
+            if kernels.enabled(self.device) and kernels.fits(self.head_dim):
+                # The tail read where it lies (no padded copy), causal by each entry's position.
+                rows = segment_key_rows(self.tail, self.tail.longest)
+                got = received(query, rows, positions, valid, self.kv_heads, scaling).view(self.batch, self.kv_heads, rows.longest)
+            else:
+                keys = self.tail.padded("k")
+                got = attention_probs_sum(query, keys, tail_allowed(self.tail, positions), valid, scaling)
+            self._add_received(name, [None] * len(self.parts) + [got])
             return
         for _, _, got in attention_chunks(self.parts, self.tail, query, positions, valid, scaling, True):
             assert got is not None

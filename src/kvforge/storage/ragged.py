@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kvforge.attention import attend, attention_probs_sum, causal_allowed, every_real
+from kvforge.attention import attend, causal_allowed, every_real, received_attention
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, exclusive_cumsum, gather_slots, sequence_rows, spans, time_ordered
 
 
@@ -193,8 +193,7 @@ class RaggedKV(KVStorage):
         self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
     ) -> None:
         view = self.view()
-        allowed = causal_allowed(view.positions, view.valid, positions)
-        self.add_aux(name, view, attention_probs_sum(query, view.keys, allowed, valid, scaling))
+        self.add_aux(name, view, received_attention(query, view.keys, view.positions, view.valid, positions, valid, scaling))
 
     def add_aux(self, name: str, view: PaddedView, delta: torch.Tensor) -> None:
         delta = delta.float().masked_fill(~view.valid, 0.0)
