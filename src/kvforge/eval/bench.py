@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from kvforge.cache import KVCache
 from kvforge.eval.baselines import BASELINES, DYNAMIC, Baseline, held_nbytes
 from kvforge.eval.tasks import make_case
@@ -285,8 +286,8 @@ def run_bench(
 ) -> list[BenchRow]:
     """Benchmark every policy at every prompt length against the full cache.
 
-    Per length: transformers' own caches (`baselines`; default: DynamicCache), then every policy with a one-shot
-    prefill, then (with `prefill_chunk`) every policy again prefilled chunk by chunk.
+    Per length: transformers' own caches (`baselines`; default: DynamicCache), then every policy
+    with a one-shot prefill, then (with `prefill_chunk`) every policy again prefilled chunk by chunk.
     Times are the minimum over `repeats` (the least disturbed run); peak memory is the maximum
     (on CPU, pages still resident from earlier runs can only hide growth, never add it).
     `on_row` is called with each row as soon as it is measured. `quants`: every policy once per
