@@ -161,14 +161,19 @@ def test_a_chunked_prefill_and_decoding_keep_what_the_torch_path_keeps(tiny_mode
             state = [v.aux["h2o_attention"].masked_fill(~v.valid, 0) if policy == "h2o" else v.positions for v in state]
             held = [held_positions(layer.storage) for layer in cache.layers]
             steps = []
+            before = calls["received"], calls["decode"]
             for _ in range(3):
                 logits, positions = feed(tiny_model, cache, [[int(t)] for t in logits.argmax(-1)], positions, DECODE)
                 steps.append(logits)
+            decoded = calls["received"] - before[0], calls["decode"] - before[1]
         results.append((logits_after_prefill, state, held, steps, [held_positions(layer.storage) for layer in cache.layers]))
         if flag == "0":
-            assert prefilled == 0
+            assert prefilled == 0 and decoded == (0, 0)
         elif policy == "h2o":
             assert prefilled == 3 * 2  # 3 chunks x 2 layers, each observed by one kernel call
+            if (layout, quant) == ("inplace", None):
+                # A decoding step of H2O: its state from the received kernel, its output from the decoding kernel.
+                assert decoded == (3 * 2, 3 * 2)
         else:
             assert prefilled > 0  # SnapKV scores a compressing chunk's window through it
     (logits_t, state_t, held_t, steps_t, after_t), (logits_k, state_k, held_k, steps_k, after_k) = results

@@ -247,8 +247,9 @@ class InPlaceKV(KVStorage):
         self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
     ) -> torch.Tensor:
         batch, q_heads, t, dim = query.shape
-        if t > 1 and accumulate is not None and self._received_by_kernel():
-            # The policy state from one kernel over every row; the attention below needs none.
+        if accumulate is not None and self._received_by_kernel():
+            # The policy state from one kernel over every row (a decoding step of H2O too: then
+            # the decoding kernel below gives the output), so the attention below needs none.
             self.accumulate_attention(accumulate, query, positions, valid, scaling)
             accumulate = None
         if t == 1 and accumulate is None and kernels.enabled(self.device) and self._decoding_rows(valid):
