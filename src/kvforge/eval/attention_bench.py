@@ -118,7 +118,7 @@ def _evict_chunk(one: KVStorage, n: int, ratio: float, gen: torch.Generator) -> 
     view = one.view()
     held = view.valid.shape[-1]
     keep_new = (n * (1.0 - ratio) * head_shares(one.kv_heads)).round().long().clamp(1, n).to(one.device)
-    budget = (one.lengths.to(one.device) - n + keep_new)  # (1, kv_heads)
+    budget = one.lengths.to(one.device) - n + keep_new  # (1, kv_heads)
     scores = torch.rand(1, one.kv_heads, held, generator=gen, device=one.device)
     scores[..., : held - n] = float("inf")  # slots are time ordered: the chunk is the last n
     one.keep(view, *top_slots(scores, budget, view.valid))
