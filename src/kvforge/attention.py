@@ -170,10 +170,9 @@ def received_attention(
 
     The two differ only for a query that may read no key: the kernel counts it nowhere, the torch
     path lets it read everything. Callers give such a query (a padding query) weight 0."""
-    if kernels.enabled(query.device) and kernels.fits(query.shape[-1]):
+    if kernels.received_enabled(query.device, query.shape[-1]):
         from kvforge.kernels.received import received_padded  # imports Triton: only when a kernel runs
 
-        kernels.calls["received"] += 1
         return received_padded(query, keys, key_positions, key_valid, query_positions, query_weight, scaling)
     allowed = causal_allowed(key_positions, key_valid, query_positions)
     return attention_probs_sum(query, keys, allowed, query_weight, scaling)

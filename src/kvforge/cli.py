@@ -389,14 +389,20 @@ def cmd_attention_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fit_bench(args: argparse.Namespace) -> int:
-    from kvforge.eval.fit import format_fit_table, run_fit
+def bench_policies(args: argparse.Namespace) -> tuple[list[str], list[Any]]:
+    """bench's --policies (default: every registered one) at --ratio or --budget; full keeps all."""
     from kvforge.policies import methods
 
-    lengths, _ = size_lists(args)
     names = split_list(args.policies) if args.policies else methods()
     ratio = None if args.budget is not None else args.ratio
-    policies = [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
+    return names, [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
+
+
+def cmd_fit_bench(args: argparse.Namespace) -> int:
+    from kvforge.eval.fit import format_fit_table, run_fit
+
+    lengths, _ = size_lists(args)
+    _, policies = bench_policies(args)
     quants = quant_specs(args)
     loaded = load(args)
     ensure_calibration(loaded, policies)
@@ -422,15 +428,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from kvforge.eval.baselines import check_baselines
     from kvforge.eval.bench import format_batch_table, format_table, ratios_to_full, run_batch_bench, run_bench
-    from kvforge.policies import make_policy, methods
+    from kvforge.policies import make_policy
 
     baselines = [] if args.no_baseline else check_baselines(split_list(args.baselines))
     lengths, batches = size_lists(args)
     if min(batches, default=0) < 1:
         raise ValueError(f"--batches {args.batches!r} must be positive integers, e.g. 1,8,32")
-    names = split_list(args.policies) if args.policies else methods()
-    ratio = None if args.budget is not None else args.ratio
-    policies = [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
+    names, policies = bench_policies(args)
     quants = quant_specs(args)
     loaded = load(args)
     device = str(loaded.model.device)

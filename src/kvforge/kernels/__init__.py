@@ -45,10 +45,11 @@ def enabled(device: torch.device) -> bool:
     return device.type == "cuda" or (flag == "1" and interpreted())
 
 
-def fits(head_dim: int) -> bool:
-    """Whether the received-attention kernel takes this head_dim: a power of two (tl.arange) of at
-    least 16 (tl.dot's inner dimension). Other sizes take the torch path."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+def received_enabled(device: torch.device, head_dim: int) -> bool:
+    """Whether the attention each entry received (`kvforge.kernels.received`) is computed by its
+    kernel: where the kernels are `enabled` and head_dim is a power of two (tl.arange) of at least
+    16 (tl.dot's inner dimension). Other sizes take the torch path."""
+    return enabled(device) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvforge.kernels import calls
 from kvforge.kernels.rows import KeyRows
 
 BLOCK_L = 64  # keys per block (both passes)
@@ -159,6 +160,7 @@ def received_rows(
 ) -> torch.Tensor:  # (rows, rows.longest) float32; 0 past each row's length
     """Softmax attention each key of `rows` received from the weighted queries, causal by
     position, averaged over each GQA group."""
+    calls["received"] += 1  # every launch goes through here, from the in-place, quantized and padded paths
     batch, q_heads, t, dim = query.shape
     n_rows, group = batch * kv_heads, q_heads // kv_heads
     assert rows.keys.is_contiguous() and rows.positions.is_contiguous() and rows.lengths.is_contiguous()

@@ -121,8 +121,6 @@ def received(
 ) -> torch.Tensor:  # (batch * kv_heads, rows.longest) float32
     """The softmax attention each entry of `rows` received from the weighted queries, causal by
     position, averaged over each GQA group (Triton; see `kvforge.kernels.received`)."""
-    from kvforge.kernels import calls
     from kvforge.kernels.received import received_rows  # imports Triton: only when a kernel runs
 
-    calls["received"] += 1
     return received_rows(query, rows, query_positions, query_weight, kv_heads, scaling)

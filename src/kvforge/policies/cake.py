@@ -20,7 +20,6 @@ from typing import ClassVar
 
 import torch
 
-from kvforge.attention import causal_allowed
 from kvforge.policies.base import StepContext, check_range, top_slots
 from kvforge.policies.registry import register
 from kvforge.policies.wrapper import Wrapper
@@ -36,7 +35,7 @@ def window_attention(ctx: StepContext, window: int) -> torch.Tensor:
     keys = ctx.view.keys.float()
     group = q.shape[1] // keys.shape[1]
     logits = torch.einsum("bhqd,bhsd->bhqs", q, keys.repeat_interleave(group, 1)) * ctx.scaling
-    allowed = causal_allowed(ctx.view.positions, ctx.view.valid, ctx.query_positions[start:])
+    allowed = ctx.allowed(start)  # (batch, kv_heads, w, slots)
     return logits.masked_fill(~allowed.repeat_interleave(group, 1), float("-inf")).softmax(-1)
 
 

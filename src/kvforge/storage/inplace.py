@@ -247,7 +247,7 @@ class InPlaceKV(KVStorage):
         self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
     ) -> torch.Tensor:
         batch, q_heads, t, dim = query.shape
-        if accumulate is not None and self._received_by_kernel():
+        if accumulate is not None and kernels.received_enabled(self.device, self.head_dim):
             # The policy state from one kernel over every row (a decoding step of H2O too: then
             # the decoding kernel below gives the output), so the attention below needs none.
             self.accumulate_attention(accumulate, query, positions, valid, scaling)
@@ -319,7 +319,7 @@ class InPlaceKV(KVStorage):
     def accumulate_attention(
         self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
     ) -> None:
-        if self._received_by_kernel():
+        if kernels.received_enabled(self.device, self.head_dim):
             # Every row in one kernel, read where it lies. A valid query reads the entries at or
             # before its position: everything held before the chunk, and the chunk causally, as
             # ChunkMasks says. Padding queries weigh 0.
@@ -331,9 +331,6 @@ class InPlaceKV(KVStorage):
         masks = ChunkMasks(query.device)
         for r, _, _, q in self._reading_rows(query, valid):
             self._accumulate_row(name, r, q, masks, scaling)
-
-    def _received_by_kernel(self) -> bool:
-        return kernels.enabled(self.device) and kernels.fits(self.head_dim)
 
     def _accumulate_row(self, name: str, r: int, q: torch.Tensor, masks: ChunkMasks, scaling: float) -> None:
         """Add the attention row r's entries receive from q, (group, n, dim), to aux[name]."""

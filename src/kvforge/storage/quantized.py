@@ -219,7 +219,7 @@ class QuantizedKV(KVStorage):
 
     def accumulate_attention(self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
         if not self._quantized():
-            if kernels.enabled(self.device) and kernels.fits(self.head_dim):
+            if kernels.received_enabled(self.device, self.head_dim):
                 # The tail read where it lies (no padded copy), causal by each entry's position.
                 rows = segment_key_rows(self.tail, self.tail.longest)
                 got = received(query, rows, positions, valid, self.kv_heads, scaling).view(self.batch, self.kv_heads, rows.longest)
