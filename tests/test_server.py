@@ -18,27 +18,30 @@ from kvforge.generate import DECODE, feed, prefill, stop_ids
 from kvforge.models import load_model
 from kvforge.policies import make_policy
 from kvforge.server.app import create_app
+from kvforge.server.limits import ServerLimits
 from kvforge import KVCache
 
 PROMPTS = [f"w{i} w{i + 3} w{i + 7} w{2 * i + 1} " * 6 for i in range(10)]
 
 
 class Served:
-    def __init__(self, loaded, kv_memory: int | None = None) -> None:
-        self.loaded = loaded
-        self.engine = Engine(loaded, KVSettings(), kv_memory, prefill_chunk=32)
-        self.engine.start()
+    def __init__(self, loaded, kv_memory: int | None = None, limits: ServerLimits | None = None, start: bool = True, **engine_options) -> None:
+        self.loaded, self.limits = loaded, limits or ServerLimits()
+        self.engine = Engine(loaded, KVSettings(), kv_memory, prefill_chunk=32, **engine_options)
+        if start:
+            self.engine.start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(create_app(self.engine, "tiny"), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(create_app(self.engine, "tiny", limits=self.limits), host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
             time.sleep(0.01)
         self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+        self.api_key = self.limits.api_key or "none"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key, max_retries=0)
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -46,7 +49,7 @@ class Served:
         self.engine.stop()
 
     def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
+        for line in httpx.get(self.url + "/metrics", headers={"authorization": f"Bearer {self.api_key}"}).text.splitlines():
             if line.startswith(f"kvforge_{name} "):
                 return float(line.split()[1])
         raise KeyError(name)
@@ -68,6 +71,12 @@ def expected(loaded, text: str, policy: str, ratio: float, max_tokens: int) -> s
     """What greedy decoding with kvforge's own loop gives for the chat prompt of `text`."""
     tok = loaded.tokenizer
     ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    return greedy(loaded, list(ids), policy, ratio, max_tokens)
+
+
+def greedy(loaded, ids: list[int], policy: str, ratio: float, max_tokens: int) -> str:
+    """What greedy decoding with kvforge's own loop gives for the prompt `ids` (chunks of 32)."""
+    tok = loaded.tokenizer
     made = make_policy(policy) if policy == "full" else make_policy(policy, ratio=ratio)
     with torch.inference_mode():
         cache = KVCache(loaded.model, made, tokenizer=tok)

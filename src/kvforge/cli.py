@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -498,6 +499,16 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds {text!r} is not a number; give e.g. 30 or 2.5") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds {value} is outside the allowed range [0, inf)")
+    return value
+
+
 def size_arg(text: str) -> int:
     """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
     units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -513,25 +524,40 @@ def size_arg(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from kvforge.engine import Engine, KVSettings
+    from kvforge.engine.prefixes import default_limit
     from kvforge.server.app import create_app
+    from kvforge.server.limits import ServerLimits, allowed_hosts
+    from kvforge.server.run import serve
 
     policy = build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)
     quant = quant_spec(args)
+    limits = ServerLimits(
+        max_body_bytes=args.max_request_size, max_queued=args.max_queued, max_messages=args.max_messages,
+        api_key=args.api_key or os.environ.get("KVFORGE_API_KEY") or None, allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
+        shutdown_timeout=args.shutdown_timeout,
+    )  # fmt: skip
     loaded = load(args)
     ensure_calibration(loaded, [policy])
-    engine = Engine(loaded, KVSettings(args.policy, policy.ratio, quant), args.kv_memory, args.prefill_chunk)
+    prefix_memory = args.prefix_memory
+    if prefix_memory is None and args.kv_memory is None:  # kept prefixes are bounded either way
+        prefix_memory = default_limit(loaded.model.device)
+    engine = Engine(
+        loaded, KVSettings(args.policy, policy.ratio, quant), args.kv_memory, args.prefill_chunk,
+        prefix_memory=prefix_memory, max_waiting=args.max_queued,
+    )  # fmt: skip
     engine.check_defaults()
+    app = create_app(engine, loaded.name, args.ratio, limits)
     engine.start()
     budget = "no KV memory budget" if args.kv_memory is None else f"KV memory budget {args.kv_memory / 2**20:.0f} MiB"
-    err_console.print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({policy.full_name} {policy.ratio:g}, quant {quant.mode}, {budget})")
-    try:
-        uvicorn.run(create_app(engine, loaded.name, args.ratio), host=args.host, port=args.port, log_level="warning")
-    finally:
-        engine.stop()
-    return 0
+    prefixes = "" if prefix_memory is None else f", kept prefixes <= {prefix_memory / 2**20:.0f} MiB"
+    access = "API key required" if limits.api_key else "no API key"
+    hosts = "any Host" if limits.allowed_hosts is None else "Host " + ",".join(limits.allowed_hosts)
+    err_console.print(
+        f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({policy.full_name} {policy.ratio:g}, quant {quant.mode}, "
+        f"{budget}{prefixes}; {access}, {hosts})"
+    )
+    return serve(app, engine, args.host, args.port, limits.shutdown_timeout)
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -554,7 +580,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     extra = {k: v for k, v in (("kv_policy", args.kv_policy), ("kv_ratio", args.kv_ratio), ("kv_quant", args.kv_quant)) if v is not None}
     reports = {}
     with err_console.status(f"{args.requests} requests, {args.clients} clients at a time, against {args.url} ..."):
-        reports["server"] = loadtest(args.url, args.model, prompts, args.clients, args.max_tokens, extra, cases)
+        api_key = args.api_key or os.environ.get("KVFORGE_API_KEY") or "none"
+        reports["server"] = loadtest(args.url, args.model, prompts, args.clients, args.max_tokens, extra, cases, api_key)
     if args.hf_baseline:
         with err_console.status("the same requests one at a time with plain transformers generate ..."):
             reports["transformers, one at a time"] = hf_baseline(args.model, prompts, args.max_tokens)
@@ -693,12 +720,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="KV cache budget, e.g. 2GiB: requests that do not fit wait (default: none)")
     srv.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=256, metavar="N",
                      help="prompt tokens prefilled per engine step (default 256)")
+    srv.add_argument("--prefix-memory", type=size_arg, default=None, metavar="SIZE",
+                     help="memory kept prompt prefixes may hold (default: within --kv-memory, else 1/8 of the memory available at start)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' on every route but /health (default: $KVFORGE_API_KEY, else none)")
+    srv.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                     help="comma list of Host header names answered, * for any (default: loopback names when bound to loopback, else any)")
+    srv.add_argument("--max-request-size", type=size_arg, default=8 * 2**20, metavar="SIZE", help="largest request body (default 8MiB; 413 beyond)")
+    srv.add_argument("--max-queued", type=positive_int("--max-queued"), default=256, metavar="N",
+                     help="requests waiting for the engine at most (default 256; 429 with Retry-After beyond)")
+    srv.add_argument("--max-messages", type=positive_int("--max-messages"), default=1024, metavar="N", help="messages per chat request (default 1024)")
+    srv.add_argument("--shutdown-timeout", type=seconds_arg, default=30.0, metavar="S",
+                     help="on SIGTERM, wait at most S seconds for requests in flight, then cancel them (default 30; a second signal exits at once)")
     srv.set_defaults(func=cmd_serve)
 
     lt = sub.add_parser("loadtest", help="drive a running OpenAI-compatible server with the openai client and measure it")
     lt.add_argument("--url", default="http://127.0.0.1:8000")
+    lt.add_argument("--api-key", default=None, metavar="KEY", help="the server's --api-key (default: $KVFORGE_API_KEY)")
     lt.add_argument("--model", default=DEFAULT_MODEL, help="model name sent (and loaded by --hf-baseline)")
     lt.add_argument("--clients", type=positive_int("--clients"), default=16, help="requests in flight at once")
     lt.add_argument("--requests", type=positive_int("--requests"), default=64)

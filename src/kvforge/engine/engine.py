@@ -18,6 +18,14 @@ fork of its compressed cache at the last chunk boundary before the prompt's end;
 with the same settings whose prompt starts with those tokens (the same document, another
 question) starts from that fork and prefills only the rest. Chunks always start at the prompt's
 first token, so a reused prefix is exactly what prefilling it again would give, for every policy.
+
+Failures stay with the request that caused them. A step of one request that raises fails that
+request alone. A batched step that raises (several prompts' chunks, or a decoding group) cannot
+say whose row broke it, and its caches may be half-written: every request in it is *isolated*,
+recomputed from its tokens so far (prompt + generated, as vLLM's recompute preemption does) on a
+fresh cache, and from then on prefilled and decoded alone, so a request that fails again fails by
+itself while the others go on. (For a compressing policy the recomputed cache is what a prefill
+of those tokens keeps, which may differ from what decoding had kept.)
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,14 +53,32 @@ from kvforge.policies.base import Policy
 log = logging.getLogger(__name__)
 
 PREFILL_BATCH = 4  # prompts whose chunks share one forward
+MAX_POLICIES = 32  # policies built for distinct KV settings, kept for reuse (least recently used go)
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is at its limit (`max_waiting`): try again later."""
+
+
+def settings_policy(kv: KVSettings) -> Policy:
+    """The policy a KV setting names (raises ValueError naming what is wrong)."""
+    return make_policy(kv.policy) if kv.policy == "full" else make_policy(kv.policy, ratio=kv.ratio)
 
 
 @dataclass
 class Prefilling:
     request: Request
     cache: KVCache
-    done: int = 0  # prompt tokens fed so far
+    done: int = 0  # tokens fed so far
     logits: torch.Tensor | None = None  # (vocab,) after the last chunk
+    tokens: list[int] = field(default_factory=list)  # what to prefill: the prompt, or prompt + generated when recomputing
+
+    def __post_init__(self) -> None:
+        self.tokens = self.tokens or self.request.prompt
+
+    @property
+    def recomputing(self) -> bool:
+        return self.tokens is not self.request.prompt
 
 
 @dataclass
@@ -77,21 +104,37 @@ class Stats:
     peak_running: int = 0  # the largest decoding batch so far
     prefix_hits: int = 0
     prefix_reused_tokens: int = 0
+    failed: int = 0  # requests ended by an error inside the engine
+    isolated: int = 0  # requests recomputed alone after a batched step failed
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, defaults: KVSettings, kv_memory: int | None = None, prefill_chunk: int = 256) -> None:
+    """`kv_memory` bounds the K/V bytes of everything (None: no bound); `prefix_memory` bounds the
+    kept prefixes alone (None: only `kv_memory` does); `max_waiting` bounds the requests waiting
+    for admission (`submit` raises QueueFull beyond it); `policies` builds a KV setting's policy."""
+
+    def __init__(
+        self, loaded: LoadedModel, defaults: KVSettings, kv_memory: int | None = None, prefill_chunk: int = 256,
+        *, prefix_memory: int | None = None, max_waiting: int | None = None,
+        policies: Callable[[KVSettings], Policy] = settings_policy,
+    ) -> None:  # fmt: skip
         if prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk {prefill_chunk} must be at least 1")
+        if max_waiting is not None and max_waiting < 1:
+            raise ValueError(f"--max-queued {max_waiting} must be at least 1")
         self.loaded, self.defaults, self.kv_memory, self.prefill_chunk = loaded, defaults, kv_memory, prefill_chunk
+        self.prefix_memory, self.max_waiting, self.build_policy = prefix_memory, max_waiting, policies
+        self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         text = loaded.model.config.get_text_config()
         self.shape = Shape(text.num_hidden_layers, text.num_key_value_heads, head_dim(loaded.model), loaded.model.dtype)
         self.stop_ids = stop_ids(loaded.tokenizer)
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Prefilling] = deque()
-        self.groups: dict[KVSettings, Group] = {}
+        # Running groups by KV setting; an isolated request decodes in a group of its own (its id).
+        self.groups: dict[tuple[KVSettings, int | None], Group] = {}
         self.reserved: dict[int, int] = {}  # request id -> bytes
-        self.policies: dict[tuple[str, float], Policy] = {}
+        self.policies: OrderedDict[KVSettings, Policy] = OrderedDict()
+        self.policies_lock = threading.Lock()  # built from request threads and the engine thread
         self.prefixes = PrefixCache(prefill_chunk)
         self.stats = Stats()
         self.wake = threading.Condition()
@@ -102,19 +145,40 @@ class Engine:
     # --- from other threads ------------------------------------------------------------------
 
     def policy(self, kv: KVSettings) -> Policy:
-        """The policy of a KV setting (raises ValueError naming what is wrong)."""
-        key = (kv.policy, kv.ratio)
-        if key not in self.policies:
-            self.policies[key] = make_policy(kv.policy) if kv.policy == "full" else make_policy(kv.policy, ratio=kv.ratio)
-        return self.policies[key]
+        """The policy of a KV setting (raises ValueError naming what is wrong). The most recently
+        used MAX_POLICIES are kept, so clients naming ever new ratios cannot grow the server."""
+        with self.policies_lock:
+            if kv in self.policies:
+                self.policies.move_to_end(kv)
+                return self.policies[kv]
+        policy = self.build_policy(kv)
+        with self.policies_lock:
+            self.policies[kv] = policy
+            while len(self.policies) > MAX_POLICIES:
+                self.policies.popitem(last=False)
+        return policy
 
     def check(self, request: Request) -> None:
-        """Refuse what can never run: a prompt beyond the model's window, a request larger than
-        the whole budget, an unknown policy, a policy whose calibration is missing, a quantization
-        that does not fit the model (ValueError, naming the value)."""
+        """Refuse what can never run: an empty prompt, a token id outside the vocabulary, a prompt
+        beyond the model's window, a request larger than the whole budget, an unknown policy, a
+        policy whose calibration is missing, a quantization that does not fit the model
+        (ValueError, naming the value)."""
+        if not request.prompt:
+            raise ValueError("the prompt is empty (0 tokens); send at least one token")
+        low, high = min(request.prompt), max(request.prompt)
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {self.vocab_size - 1}]")
         policy = self.policy(request.kv)
         if policy.needs_calibration:
-            require_calibration(fingerprint(self.loaded.model), policy.full_name)
+            try:
+                require_calibration(fingerprint(self.loaded.model), policy.full_name)
+            except ValueError as err:  # its message names this machine's paths: for the log only
+                log.warning("%s", err)
+                raise ValueError(
+                    f"policy {policy.full_name!r} needs the model's calibration, which this server does not have; "
+                    f"choose another kv_policy, or ask the operator to run `kvforge calibrate`"
+                ) from None
         request.kv.quant.check_head_dim(self.shape.head_dim)
         window = self.loaded.context_length
         if window is not None and len(request.prompt) + request.params.max_tokens > window:
@@ -138,8 +202,11 @@ class Engine:
         return reservation(self.shape, request.kv, len(request.prompt), request.params.max_tokens, self.prefill_chunk)
 
     def submit(self, request: Request) -> None:
+        """Queue a checked request (ValueError: it can never run; QueueFull: try again later)."""
         self.check(request)
         with self.wake:
+            if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit); try again shortly")
             self.waiting.append(request)
             self.wake.notify()
 
@@ -153,12 +220,14 @@ class Engine:
         self.thread = threading.Thread(target=self.run, name="kvforge-engine", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the engine thread after its current step (waiting at most `timeout` seconds for
+        it); requests still in it end as cancelled."""
         with self.wake:
             self.stopping = True
             self.wake.notify()
         if self.thread is not None:
-            self.thread.join()
+            self.thread.join(timeout)
 
     # --- what /metrics shows -----------------------------------------------------------------
 
@@ -203,6 +272,7 @@ class Engine:
             while True:
                 with self.wake:
                     if self.stopping:
+                        self._cancel_all()
                         break
                     self._admit()
                     self._publish()
@@ -216,8 +286,8 @@ class Engine:
                         if group.requests:
                             self._decode_step(group)
                     self._publish()
-                except Exception as err:  # a bug must not hang every client: fail what is in flight
-                    log.exception("engine step failed")
+                except Exception as err:  # a bug outside any request's step: fail what is in flight, never hang
+                    log.exception("engine turn failed")
                     self._fail_all(f"{type(err).__name__}: {err}")
 
     def _admit(self) -> None:
@@ -255,56 +325,93 @@ class Engine:
         for item in [p for p in self.prefilling if p.request.cancelled]:
             self.prefilling.remove(item)
             self._end(item.request, "cancelled")
-        for group in self.groups.values():
+        for group in list(self.groups.values()):
             self._leave(group, [r for r in group.requests if r.cancelled], "cancelled")
 
+    def _prefill_batch(self) -> list[Prefilling]:
+        """The prompts whose next chunks go in one forward: up to PREFILL_BATCH with the oldest
+        one's KV settings, all just started or all under way (an empty cache cannot be stacked);
+        an isolated request goes alone."""
+        head = self.prefilling[0]
+        if head.request.isolated:
+            return [head]
+        kv, fresh = head.request.kv, head.done == 0
+        same = [p for p in self.prefilling if not p.request.isolated and p.request.kv == kv and (p.done == 0) == fresh]
+        return same[:PREFILL_BATCH]
+
     def _prefill_step(self) -> None:
-        """One chunk for each of up to PREFILL_BATCH admitted prompts with the oldest one's KV
-        settings, in one forward (their caches stacked for it, then split again): batching the
-        chunks of several prompts costs much less than running them one by one."""
+        """One chunk for each prompt of `_prefill_batch`, in one forward (their caches stacked for
+        it, then split again): batching the chunks of several prompts costs much less than running
+        them one by one."""
         if not self.prefilling:
             return
-        kv, fresh = self.prefilling[0].request.kv, self.prefilling[0].done == 0
-        # Prompts just started share a new cache; the others are stacked (an empty cache cannot be).
-        items = [p for p in self.prefilling if p.request.kv == kv and (p.done == 0) == fresh][:PREFILL_BATCH]
-        rows = [p.request.prompt[p.done : p.done + self.prefill_chunk] for p in items]
+        items = self._prefill_batch()
+        kv = items[0].request.kv
+        rows = [p.tokens[p.done : p.done + self.prefill_chunk] for p in items]
         positions = torch.tensor([p.done for p in items])
-        if len(items) == 1:
-            logits, _ = feed(self.loaded.model, items[0].cache, rows, positions, PREFILL)
-        else:
-            batch = self._new_cache(kv) if fresh else KVCache.stack([p.cache for p in items], take=True)
-            logits, _ = feed(self.loaded.model, batch, rows, positions, PREFILL)
-            for b, item in enumerate(items):
-                item.cache = batch.select([b])
+        try:
+            if len(items) == 1:
+                logits, _ = feed(self.loaded.model, items[0].cache, rows, positions, PREFILL)
+            else:
+                batch = self._new_cache(kv) if items[0].done == 0 else KVCache.stack([p.cache for p in items], take=True)
+                logits, _ = feed(self.loaded.model, batch, rows, positions, PREFILL)
+                for b, item in enumerate(items):
+                    item.cache = batch.select([b])
+        except Exception as err:
+            self._step_failed([p.request for p in items], err, "prefill")
+            return
         for item, row, row_logits in zip(items, rows, logits):
             item.done += len(row)
             item.logits = row_logits
-            prompt = item.request.prompt
-            if item.done < len(prompt):
-                # Counted as a copy: the request it comes from copies what it writes next.
-                if item.done == self.prefixes.boundary(len(prompt)) and self._room_for(item.cache.nbytes):
-                    self.prefixes.keep(kv, prompt[: item.done], item.cache)
+            if item.done < len(item.tokens):
+                self._maybe_keep_prefix(item)
                 continue
             self.prefilling.remove(item)
             self._start_decoding(item)
 
+    def _maybe_keep_prefix(self, item: Prefilling) -> None:
+        """Keep a fork of a prompt's cache at its prefix boundary, within the memory limits.
+        Counted as a copy: the request it comes from copies what it writes next."""
+        prompt = item.request.prompt
+        if item.recomputing or item.done != self.prefixes.boundary(len(prompt)) or not self._room_for(item.cache.nbytes):
+            return
+        if self.prefix_memory is not None and item.cache.nbytes > self.prefix_memory:
+            return
+        self.prefixes.keep(item.request.kv, prompt[: item.done], item.cache)
+        while self.prefix_memory is not None and self.prefixes.nbytes > self.prefix_memory:
+            self.prefixes.evict_one()
+
     def _start_decoding(self, item: Prefilling) -> None:
         """A prompt is in: sample its first token and join the running batch of its settings."""
         assert item.logits is not None
-        request, prompt = item.request, item.request.prompt
-        self.stats.prompt_tokens += len(prompt)
-        token = sample(item.logits, request.params, request.generator)
-        reason = request.add(token, self.loaded.tokenizer, self.stop_ids)
-        self.stats.generated_tokens += 1
+        request = item.request
+        if not item.recomputing:
+            self.stats.prompt_tokens += len(request.prompt)
+        token, reason = self._advance(request, item.logits)
+        if token is None:
+            return
         if reason is not None:
             self._end(request, reason)
             return
-        group = self.groups.setdefault(request.kv, Group())
+        group = self.groups.setdefault((request.kv, request.id if request.isolated else None), Group())
         group.cache = item.cache if group.cache is None else KVCache.stack([group.cache, item.cache], take=True)
         group.requests.append(request)
         group.next_tokens.append(token)
-        group.positions = torch.cat([group.positions, torch.tensor([len(prompt)])])
+        group.positions = torch.cat([group.positions, torch.tensor([len(item.tokens)])])
         self.stats.peak_running = max(self.stats.peak_running, sum(len(g.requests) for g in self.groups.values()))
+
+    def _advance(self, request: Request, logits: torch.Tensor) -> tuple[int | None, str | None]:
+        """Sample `request`'s next token from logits (vocab,) and deliver its text: the token and
+        the finish reason, if any. A failure here is this request's alone: it ends with an error
+        (token None) and the caller drops it."""
+        try:
+            token = sample(logits, request.params, request.generator)
+            self.stats.generated_tokens += 1
+            return token, request.add(token, self.loaded.tokenizer, self.stop_ids)
+        except Exception as err:
+            log.exception("request %d failed while sampling or detokenizing", request.id)
+            self._end(request, "error", f"{type(err).__name__}: {err}")
+            return None, None
 
     def _room_for(self, extra: int) -> bool:
         """Whether `extra` bytes fit beside the reservations and the kept prefixes; kept prefixes
@@ -318,19 +425,55 @@ class Engine:
 
     def _decode_step(self, group: Group) -> None:
         assert group.cache is not None
-        logits, group.positions = feed(self.loaded.model, group.cache, [[t] for t in group.next_tokens], group.positions, DECODE)
-        finished: list[tuple[Request, str]] = []
+        try:
+            logits, group.positions = feed(self.loaded.model, group.cache, [[t] for t in group.next_tokens], group.positions, DECODE)
+        except Exception as err:
+            self._drop_group(group)
+            self._step_failed(group.requests, err, "decode")
+            return
+        leaving: list[tuple[Request, str]] = []
         for b, request in enumerate(group.requests):
-            token = sample(logits[b], request.params, request.generator)
+            token, reason = self._advance(request, logits[b])
+            if token is None:  # it failed and has ended; it leaves the batch without a second end
+                leaving.append((request, ""))
+                continue
             group.next_tokens[b] = token
-            self.stats.generated_tokens += 1
-            reason = request.add(token, self.loaded.tokenizer, self.stop_ids)
             if reason is not None:
-                finished.append((request, reason))
-        for request, reason in finished:
+                leaving.append((request, reason))
+        for request, reason in leaving:
             self._leave(group, [request], reason)
 
+    def _step_failed(self, requests: list[Request], err: Exception, step: str) -> None:
+        """A forward over `requests` raised; their caches may be half-written. One request: it
+        fails alone. Several: each is isolated and recomputed from its tokens on a fresh cache
+        (see the module docstring), ahead of the other prompts."""
+        ids = ", ".join(str(r.id) for r in requests)
+        if len(requests) == 1:
+            log.error("%s step of request %s failed: %s: %s", step, ids, type(err).__name__, err, exc_info=err)
+            for item in [p for p in self.prefilling if p.request is requests[0]]:
+                self.prefilling.remove(item)
+            self._end(requests[0], "error", f"{type(err).__name__}: {err}")
+            return
+        log.warning("batched %s step of requests %s failed (%s: %s); recomputing each alone", step, ids, type(err).__name__, err)
+        for request in reversed(requests):
+            for item in [p for p in self.prefilling if p.request is request]:
+                self.prefilling.remove(item)
+            request.isolated = True
+            self.stats.isolated += 1
+            try:
+                cache = self._new_cache(request.kv)
+            except Exception as new_err:
+                self._end(request, "error", f"{type(new_err).__name__}: {new_err}")
+                continue
+            tokens = request.prompt + request.generated if request.generated else request.prompt
+            self.prefilling.appendleft(Prefilling(request, cache, tokens=tokens))
+
+    def _drop_group(self, group: Group) -> None:
+        for key in [k for k, g in self.groups.items() if g is group]:
+            del self.groups[key]
+
     def _leave(self, group: Group, leaving: list[Request], reason: str) -> None:
+        """`leaving` leave the batch; each ends with `reason` ("": it has ended already)."""
         if not leaving:
             return
         keep = [b for b, r in enumerate(group.requests) if r not in leaving]
@@ -339,22 +482,36 @@ class Engine:
         group.positions = group.positions[keep]
         assert group.cache is not None
         group.cache = group.cache.select(keep) if keep else None
+        if not keep:  # settings no request runs with any more hold no group (their number is the clients')
+            self._drop_group(group)
         for request in leaving:
-            self._end(request, reason)
+            if reason:
+                self._end(request, reason)
 
     def _end(self, request: Request, reason: str, error: str | None = None) -> None:
         self.reserved.pop(request.id, None)
         if reason == "cancelled":
             self.stats.cancelled += 1
+        elif reason == "error":
+            self.stats.failed += 1
         else:
             self.stats.completed += 1
         request.finish(reason, error)
 
+    def _every_request(self) -> list[Request]:
+        running = [r for g in self.groups.values() for r in g.requests]
+        return [p.request for p in self.prefilling] + running
+
     def _fail_all(self, error: str) -> None:
-        for item in list(self.prefilling):
-            self._end(item.request, "error", error)
+        for request in self._every_request():
+            self._end(request, "error", error)
         self.prefilling.clear()
-        for group in self.groups.values():
-            for request in group.requests:
-                self._end(request, "error", error)
+        self.groups.clear()
+
+    def _cancel_all(self) -> None:
+        """The engine stops: whatever is still in it ends as cancelled (caller holds the lock)."""
+        for request in list(self.waiting) + self._every_request():
+            self._end(request, "cancelled")
+        self.waiting.clear()
+        self.prefilling.clear()
         self.groups.clear()

@@ -10,13 +10,36 @@ token ids; entries are dropped oldest-unused first when memory is needed (`evict
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+
+import torch
 
 from kvforge.cache import KVCache
 from kvforge.engine.request import KVSettings
 
 MAX_ENTRIES = 8  # prefixes kept at most (each holds a compressed document)
 MARGIN = 64  # prompt tokens after a kept prefix at the least: room for a question
+DEFAULT_SHARE = 8  # without a limit given, kept prefixes hold at most 1/8 of the memory available at start
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the device has available now: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_limit(device: torch.device) -> int:
+    """The kept prefixes' memory limit when no one sets it: a share of what is available."""
+    return available_memory(device) // DEFAULT_SHARE
 
 
 class PrefixCache:

@@ -4,6 +4,7 @@ held, and the text it has produced so far (detokenized incrementally, stop strin
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from kvforge.engine.sampling import SamplingParams
 from kvforge.storage import QuantSpec
 
+log = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
@@ -50,6 +52,7 @@ class Request:
     cancelled: bool = False
     first_token_at: float | None = None
     reused_tokens: int = 0  # prompt tokens served from the prefix cache
+    isolated: bool = False  # a batched step with it failed: from then on it runs alone
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
@@ -85,4 +88,10 @@ class Request:
             self.sent = text
 
     def finish(self, reason: str, error: str | None = None) -> None:
-        self.deliver(Event(finish_reason=reason, error=error, prompt_tokens=len(self.prompt), completion_tokens=len(self.generated)))
+        """Deliver the end. It never raises: a consumer that cannot take it (gone, say) is only
+        logged, so ending one request can never disturb the engine or the others."""
+        event = Event(finish_reason=reason, error=error, prompt_tokens=len(self.prompt), completion_tokens=len(self.generated))
+        try:
+            self.deliver(event)
+        except Exception:
+            log.exception("request %d: its consumer did not take the end (%s)", self.id, reason)

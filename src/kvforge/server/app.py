@@ -1,9 +1,13 @@
 """kvforge's OpenAI-compatible HTTP API over the engine (FastAPI).
 
 Routes: POST /v1/chat/completions and /v1/completions (streamed as server-sent events with
-`stream: true`), GET /v1/models, /health and /metrics (Prometheus text). A bad request gets a 4xx
-with an OpenAI-style error body and the server goes on serving everyone else; a client that goes
-away has its request cancelled and its KV memory freed at the engine's next turn.
+`stream: true`), GET /v1/models, /health and /metrics (Prometheus text). Before a route runs, the
+guard (`guard.py`) checks the Host header, the API key and the body size. A route reads the body
+and hands it to a worker thread (`prepare.py`: parse, validate, template, tokenize), so a large
+request never stalls the event loop; then it submits the request to the engine and relays its
+events. A bad request gets a 4xx in OpenAI's error shape and touches nothing else; a client that
+goes away, streamed or not, has its request cancelled and its KV memory freed at the engine's
+next step.
 """
 
 from __future__ import annotations
@@ -11,110 +15,119 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
-from kvforge.engine import Engine, Event, KVSettings, Request, SamplingParams
+from kvforge.engine import Engine, Event, Request
+from kvforge.engine.engine import QueueFull
+from kvforge.server import errors
+from kvforge.server.errors import APIError
+from kvforge.server.guard import Guard
+from kvforge.server.limits import ServerLimits
 from kvforge.server.metrics import prometheus
-from kvforge.server.schemas import ChatRequest, CompletionRequest, KVFields
-from kvforge.storage import QuantSpec
+from kvforge.server.prepare import Preparer
 
-DEFAULT_MAX_TOKENS = 256
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+PREPARE_THREADS = 2  # bodies parsed and tokenized at once (each is CPU-bound)
+RETRY_AFTER = "1"  # seconds a client told 429 waits: the queue moves every engine step
+T = TypeVar("T")
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5) -> FastAPI:
+def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5, limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (already started) as model `model_name`. A request that
     names a compressing `kv_policy` without `kv_ratio` gets `default_ratio` (the server's --ratio)."""
-    app = FastAPI(title="kvforge", docs_url=None, redoc_url=None)
-    tokenizer = engine.loaded.tokenizer
-    names = {model_name, "default", engine.loaded.name}
+    limits = limits or ServerLimits()
+    refused: Counter[int] = Counter()  # refused requests by status, for /metrics
+    pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="kvforge-prepare")
+    preparer = Preparer(engine, {model_name, "default", engine.loaded.name}, model_name, default_ratio, limits)
+    preparing = 0  # requests whose bodies are being read or prepared (changed on the event loop only)
 
-    @app.exception_handler(APIError)
-    async def api_error(_: HTTPRequest, err: APIError) -> JSONResponse:
-        return JSONResponse(error_body(err.message, param=err.param, code=err.code), status_code=err.status)
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: HTTPRequest, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = f"{first.get('msg', 'invalid request')}" + (f" (field {where})" if where else "")
-        return JSONResponse(error_body(message, param=where), status_code=400)
+    app = FastAPI(title="kvforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    errors.install(app, refused)
+    app.add_middleware(Guard, limits=limits, refused=refused)
 
-    def settings(body: KVFields, prompt: list[int]) -> Request:
-        """The engine request for `body`, validated: ValueErrors become 400s naming the field."""
-        if body.model not in names:
-            raise APIError(404, f"model {body.model!r} is not served here; use {model_name!r}", "model", "model_not_found")
-        if body.n != 1:
-            raise APIError(400, f"n={body.n} is not supported; use n=1", "n")
+    async def prepared(http: HTTPRequest, prepare: Callable[[bytes], T]) -> T:
+        """The body, read and prepared on a worker thread; 429 while the queue is full."""
+        nonlocal preparing
+        if preparing + len(engine.waiting) >= limits.max_queued:
+            raise full(f"{limits.max_queued} requests are already queued (--max-queued)")
+        preparing += 1
         try:
-            stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-            params = SamplingParams(body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS, body.temperature, body.top_p, body.seed, stop)
-            base = engine.defaults
-            quant = base.quant if body.kv_quant is None else QuantSpec(body.kv_quant, base.quant.group, base.quant.residual, base.quant.split)
-            policy = body.kv_policy or base.policy
-            ratio = body.kv_ratio if body.kv_ratio is not None else (base.ratio if body.kv_policy is None else default_ratio)
-            kv = KVSettings(policy, 0.0 if policy == "full" else ratio, quant)
-            request = Request(prompt, params, kv, deliver=lambda _: None)
-            engine.check(request)
-        except ValueError as err:
-            raise APIError(400, str(err)) from err
-        return request
+            raw = await http.body()
+            return await asyncio.get_running_loop().run_in_executor(pool, prepare, raw)
+        finally:
+            preparing -= 1
 
-    async def run(http: HTTPRequest, request: Request) -> AsyncIterator[Event]:
-        """Submit `request` and yield its events; cancel it when the client goes away."""
+    def submit(request: Request) -> asyncio.Queue[Event]:
+        """Hand `request` to the engine; its events arrive on the returned queue."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         request.deliver = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
-        engine.submit(request)
+        try:
+            engine.submit(request)
+        except QueueFull as err:
+            raise full(str(err)) from None
+        except ValueError as err:  # checked while preparing; the engine's state moved since
+            raise APIError(400, str(err)) from None
+        return queue
+
+    async def relay(queue: asyncio.Queue[Event], request: Request) -> AsyncIterator[Event]:
+        """The request's events up to its end; cancelled if the consumer stops early."""
         finished = False
         try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
+            while not finished:
+                event = await queue.get()
+                finished = event.finish_reason is not None
                 yield event
-                if event.finish_reason is not None:
-                    finished = True
-                    return
         finally:
             if not finished:
                 engine.cancel(request)
 
+    async def cancel_on_disconnect(http: HTTPRequest, request: Request) -> None:
+        """Wait for the client to hang up (the body is read: the next message is the disconnect)."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        engine.cancel(request)
+
     async def complete(http: HTTPRequest, request: Request) -> tuple[str, Event]:
+        queue = submit(request)
+        watcher = asyncio.create_task(cancel_on_disconnect(http, request))
         text, last = [], Event()
-        async for event in run(http, request):
-            text.append(event.text)
-            last = event
+        try:
+            async for event in relay(queue, request):
+                text.append(event.text)
+                last = event
+        finally:
+            watcher.cancel()
         if last.finish_reason == "error":
-            raise APIError(500, f"generation failed: {last.error}")
+            raise APIError(500, f"generation failed inside the server (request {request.id}); the server's log has the details", code="internal_error")
+        if last.finish_reason == "cancelled":
+            raise APIError(503, "the request was cancelled: the server is shutting down", code="shutting_down")
         return "".join(text), last
 
     def usage(event: Event) -> dict:
         return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
                 "total_tokens": event.prompt_tokens + event.completion_tokens}  # fmt: skip
 
-    def stream(http: HTTPRequest, request: Request, chunk: callable, include_usage: bool) -> StreamingResponse:  # type: ignore[valid-type]
+    def stream(request: Request, chunk: Callable, include_usage: bool) -> StreamingResponse:
+        queue = submit(request)  # before the 200: a refusal is still an error status
+
         async def events() -> AsyncIterator[str]:
             first = chunk(None, None, True)
             if first is not None:
                 yield f"data: {json.dumps(first)}\n\n"
-            async for event in run(http, request):
+            async for event in relay(queue, request):
                 if event.text:
                     yield f"data: {json.dumps(chunk(event.text, None, False))}\n\n"
                 if event.finish_reason is not None:
@@ -124,16 +137,13 @@ def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5) -> F
                     yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # The background task runs however the response ends: a client gone before the first
+        # event (the generator never started) is cancelled too. Cancelling a finished request is a no-op.
+        return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(engine.cancel, request))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, http: HTTPRequest) -> object:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        except Exception as err:  # a template the messages do not fit
-            raise APIError(400, f"messages do not fit the model's chat template: {err}", "messages") from err
-        request = settings(body, list(prompt))
+    async def chat(http: HTTPRequest) -> object:
+        body, request = await prepared(http, preparer.chat)
         ident, created = f"chatcmpl-{request.id}", int(time.time())
 
         def chunk(text: str | None, reason: str | None, first: bool) -> dict:
@@ -142,19 +152,15 @@ def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5) -> F
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}  # fmt: skip
 
         if body.stream:
-            return stream(http, request, chunk, bool((body.stream_options or {}).get("include_usage")))
+            return stream(request, chunk, bool((body.stream_options or {}).get("include_usage")))
         text, last = await complete(http, request)
         return {"id": ident, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason}],
                 "usage": usage(last)}  # fmt: skip
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: HTTPRequest) -> object:
-        if isinstance(body.prompt, list):
-            if len(body.prompt) != 1:
-                raise APIError(400, "prompt takes one string here (one completion per request)", "prompt")
-            body.prompt = body.prompt[0]
-        request = settings(body, tokenizer(body.prompt)["input_ids"])
+    async def completions(http: HTTPRequest) -> object:
+        body, request = await prepared(http, preparer.completion)
         ident, created = f"cmpl-{request.id}", int(time.time())
 
         def chunk(text: str | None, reason: str | None, first: bool) -> dict | None:
@@ -164,7 +170,7 @@ def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5) -> F
                     "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}]}  # fmt: skip
 
         if body.stream:
-            return stream(http, request, chunk, bool((body.stream_options or {}).get("include_usage")))
+            return stream(request, chunk, bool((body.stream_options or {}).get("include_usage")))
         text, last = await complete(http, request)
         return {"id": ident, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
@@ -180,6 +186,10 @@ def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5) -> F
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(prometheus(engine), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus(engine, refused), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def full(why: str) -> APIError:
+    return APIError(429, f"the server is busy: {why}; retry after {RETRY_AFTER} s", code="queue_full", headers={"Retry-After": RETRY_AFTER})

@@ -111,10 +111,12 @@ async def _one(client, model: str, prompt: str, max_tokens: int, extra: dict) ->
     return Outcome(True, time.perf_counter() - start, first, pieces if tokens is None else tokens, text="".join(text))
 
 
-async def _run(url: str, model: str, prompts: list[str], clients: int, max_tokens: int, extra: dict) -> tuple[list[Outcome], float]:
+async def _run(
+    url: str, model: str, prompts: list[str], clients: int, max_tokens: int, extra: dict, api_key: str
+) -> tuple[list[Outcome], float]:  # fmt: skip
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=600)
+    client = AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=0, timeout=600)
     gate = asyncio.Semaphore(clients)
 
     async def limited(prompt: str) -> Outcome:
@@ -126,10 +128,10 @@ async def _run(url: str, model: str, prompts: list[str], clients: int, max_token
     return list(outcomes), time.perf_counter() - start
 
 
-def kvforge_metric(url: str, name: str) -> float | None:
+def kvforge_metric(url: str, name: str, api_key: str = "none") -> float | None:
     """A value of a kvforge server's /metrics (None for other servers)."""
     try:
-        text = httpx.get(url.rstrip("/") + "/metrics", timeout=5).text
+        text = httpx.get(url.rstrip("/") + "/metrics", timeout=5, headers={"authorization": f"Bearer {api_key}"}).text
     except httpx.HTTPError:
         return None
     for line in text.splitlines():
@@ -139,11 +141,13 @@ def kvforge_metric(url: str, name: str) -> float | None:
 
 
 def loadtest(
-    url: str, model: str, prompts: list[str], clients: int, max_tokens: int, extra: dict | None = None, cases: list[Case] | None = None
-) -> Report:
+    url: str, model: str, prompts: list[str], clients: int, max_tokens: int, extra: dict | None = None, cases: list[Case] | None = None,
+    api_key: str = "none",
+) -> Report:  # fmt: skip
+    """`api_key`: what a server started with --api-key asks for (anything, for one without)."""
     if clients < 1 or not prompts:
         raise ValueError("--clients and --requests must be at least 1")
-    outcomes, seconds = asyncio.run(_run(url, model, prompts, clients, max_tokens, extra or {}))
+    outcomes, seconds = asyncio.run(_run(url, model, prompts, clients, max_tokens, extra or {}, api_key))
     done = [o for o in outcomes if o.ok]
     tokens = sum(o.completion_tokens for o in done)
     latencies = [o.seconds for o in done]
@@ -153,7 +157,7 @@ def loadtest(
         completion_tokens=tokens, tokens_per_second=tokens / seconds, requests_per_second=len(done) / seconds,
         ttft_first=outcomes[0].first_token_seconds, ttft_p50=percentile(ttfts, 0.5), ttft_p90=percentile(ttfts, 0.9),
         latency_p50=percentile(latencies, 0.5), latency_p90=percentile(latencies, 0.9), latency_p99=percentile(latencies, 0.99),
-        peak_kv_bytes=kvforge_metric(url, "kv_peak_bytes"), max_running=kvforge_metric(url, "peak_running"),
+        peak_kv_bytes=kvforge_metric(url, "kv_peak_bytes", api_key), max_running=kvforge_metric(url, "peak_running", api_key),
         error_examples=sorted({o.error for o in outcomes if not o.ok})[:3],
         score=None if cases is None else sum(score(o.text, c) for o, c in zip(outcomes, cases)) / len(cases),
     )  # fmt: skip

@@ -1,8 +1,10 @@
-"""/metrics in Prometheus text format: requests, KV memory against its budget, tokens."""
+"""/metrics in Prometheus text format: requests, KV memory against its budget, tokens, and the
+requests the server refused (by status)."""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from kvforge.engine import Engine
 
@@ -20,7 +22,7 @@ GAUGES = {
 }
 
 
-def prometheus(engine: Engine) -> str:
+def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
     lines = []
 
     def metric(name: str, kind: str, help_text: str, value: float) -> None:
@@ -32,6 +34,8 @@ def prometheus(engine: Engine) -> str:
     stats = engine.stats
     metric("requests_completed_total", "counter", "requests finished", stats.completed)
     metric("requests_cancelled_total", "counter", "requests cancelled (client gone)", stats.cancelled)
+    metric("requests_failed_total", "counter", "requests ended by an error inside the engine (the others went on)", stats.failed)
+    metric("requests_isolated_total", "counter", "requests recomputed alone after a batched step with them failed", stats.isolated)
     metric("prompt_tokens_total", "counter", "prompt tokens prefilled", stats.prompt_tokens)
     metric("generated_tokens_total", "counter", "tokens generated", stats.generated_tokens)
     metric("prefix_hits_total", "counter", "requests that started from a kept compressed prefix", stats.prefix_hits)
@@ -39,4 +43,7 @@ def prometheus(engine: Engine) -> str:
     metric("peak_running", "gauge", "the most requests decoded in one batch so far", stats.peak_running)
     uptime = time.perf_counter() - stats.started
     metric("generated_tokens_per_second", "gauge", "tokens generated per second since start", stats.generated_tokens / max(uptime, 1e-9))
+    name = "kvforge_requests_refused_total"
+    lines.extend([f"# HELP {name} requests answered with an error status (4xx, 5xx), by status", f"# TYPE {name} counter"])
+    lines.extend(f'{name}{{status="{status}"}} {count}' for status, count in sorted((refused or Counter()).items()))
     return "\n".join(lines) + "\n"

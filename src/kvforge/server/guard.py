@@ -1,0 +1,114 @@
+"""What every HTTP request passes before any route sees it: the Host header (against DNS
+rebinding), the API key, and the body size. A pure ASGI middleware: a refused request costs no
+parsing, and a body over the limit is never held in memory."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from kvforge.server.errors import error_body
+from kvforge.server.limits import ServerLimits
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = ("/health",)  # answered without the API key (load balancers probe it)
+DRAIN_LIMIT = 64 * 2**20  # bytes of a refused body read and dropped, so the client sees the 413
+
+
+def host_name(header: str) -> str:
+    """'Example.com:8000' -> 'example.com'; '[::1]:8000' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, limits: ServerLimits, refused: Counter) -> None:
+        self.app, self.limits, self.refused = app, limits, refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self.refuse(scope, headers)
+        if refusal is not None:
+            await self.reply(send, *refusal)
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+            await self.too_large(receive, send)
+            return
+        body, more = bytearray(), True
+        while more:  # chunked bodies declare no length: count as they come
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limits.max_body_bytes:
+                await self.too_large(receive, send, more)
+                return
+        await self.app(scope, replay(bytes(body), receive), send)
+
+    def refuse(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str, str, dict[str, str]] | None:
+        """(status, message, code, headers) for a request refused before its body is read."""
+        allowed = self.limits.allowed_hosts
+        host = host_name(headers.get("host", ""))
+        if allowed is not None and host not in allowed:
+            names = ", ".join(allowed)
+            return 400, f"Host header {host!r} is not allowed; this server answers to {names} (--allowed-hosts)", "host_not_allowed", {}
+        key = self.limits.api_key
+        if key is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else ""
+            # compare_digest takes time independent of where the strings differ
+            if not hmac.compare_digest(token.encode("utf-8", "replace"), key.encode("utf-8")):
+                why = "no API key was given" if not given else "the API key is not valid"
+                message = f"{why}; send the header 'Authorization: Bearer <key>' with the server's --api-key"
+                return 401, message, "invalid_api_key", {"www-authenticate": "Bearer"}
+        return None
+
+    async def too_large(self, receive: Receive, send: Send, more: bool = True) -> None:
+        limit = self.limits.max_body_bytes
+        drained = 0
+        while more and drained < DRAIN_LIMIT:  # a client that is still sending reads no reply
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        message = f"the request body is over the limit of {limit} bytes ({limit / 2**20:.1f} MiB); shorten it, or start the server with a larger --max-request-size"
+        await self.reply(send, 413, message, "request_too_large", {})
+
+    async def reply(self, send: Send, status: int, message: str, code: str, extra: dict[str, str]) -> None:
+        self.refused[status] += 1
+        payload = json.dumps(error_body(status, message, code=code)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the app the body already read, then the connection's own events
+    (the disconnect a handler waits for)."""
+    sent = False
+
+    async def next_message() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return next_message

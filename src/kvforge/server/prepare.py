@@ -1,0 +1,151 @@
+"""From a request body to an engine request: parse, validate, apply the chat template, tokenize,
+resolve the KV settings and check them against the engine. It is CPU work that grows with the
+body (a 5 MB prompt takes seconds to tokenize), so the server runs it on worker threads, never on
+the event loop. Every refusal is an `APIError` naming the field."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+from jinja2.exceptions import TemplateError
+from pydantic import BaseModel, ValidationError
+
+from kvforge.engine import Engine, KVSettings, Request, SamplingParams
+from kvforge.server.errors import APIError
+from kvforge.server.limits import ServerLimits
+from kvforge.server.schemas import ChatRequest, CompletionRequest, KVFields
+from kvforge.storage import QuantSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+
+
+def parse(raw: bytes, schema: type[BaseModel]) -> BaseModel:
+    """The body as `schema`, or a 400 saying what is wrong and in which field."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise APIError(400, f"the request body is not UTF-8 (byte {err.start}); send JSON encoded as UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise APIError(400, f"the request body is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = field_path(first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        shown = message if where is None or where.split(".")[0] in message else f"{where}: {message}"
+        raise APIError(400, shown, where) from None
+
+
+def field_path(loc: tuple[int | str, ...]) -> str | None:
+    """pydantic's error location as the field a client sent: ('messages', 0, 'role') ->
+    'messages.0.role'; the union member pydantic tried is left out (('prompt', 'str') -> 'prompt')."""
+    kept: list[str] = []
+    for part in loc:
+        # a name right after a list index is a field of an item; any other name after the
+        # first is the union member pydantic tried
+        if not kept or isinstance(part, int) or (kept[-1].isdigit()):
+            kept.append(str(part))
+    return ".".join(kept) or None
+
+
+class Preparer:
+    """Builds checked engine requests for one engine, as the server's flags say."""
+
+    def __init__(self, engine: Engine, names: set[str], served_as: str, default_ratio: float, limits: ServerLimits) -> None:
+        self.engine, self.names, self.served_as, self.default_ratio, self.limits = engine, names, served_as, default_ratio, limits
+        self.tokenizer = engine.loaded.tokenizer
+        # No token covers more characters than the longest vocabulary entry (byte-level entries
+        # hold one character per byte), so a prompt of C characters has at least C / this many
+        # tokens: if the tokenizer drops no characters (whitespace, say), which a round trip of a
+        # probe text checks. Byte-level BPE tokenizers (SmolLM2's, Llama 3's, GPT's) pass.
+        self.longest_token = max(len(t) for t in self.tokenizer.get_vocab())
+        probe = "a  b\n\n\tc  \u00e9 \u65e5\u672c \U0001f642 x"
+        ids = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        self.keeps_every_char = self.tokenizer.decode(ids, skip_special_tokens=True) == probe
+
+    def chat(self, raw: bytes) -> tuple[ChatRequest, Request]:
+        body = parse(raw, ChatRequest)
+        assert isinstance(body, ChatRequest)
+        self.check_model(body)
+        if len(body.messages) > self.limits.max_messages:
+            raise APIError(400, f"{len(body.messages)} messages is over the limit of {self.limits.max_messages} (--max-messages)", "messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        self.check_length(sum(len(m["content"]) for m in messages), "messages")
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except TemplateError as err:  # raised by the template itself: its message is for the client
+            raise APIError(400, f"messages do not fit the model's chat template: {err.message}", "messages") from None
+        return body, self.request(body, list(prompt), "messages")
+
+    def completion(self, raw: bytes) -> tuple[CompletionRequest, Request]:
+        body = parse(raw, CompletionRequest)
+        assert isinstance(body, CompletionRequest)
+        self.check_model(body)
+        self.check_length(len(body.text()), "prompt")
+        return body, self.request(body, self.tokenizer(body.text())["input_ids"], "prompt")
+
+    def check_model(self, body: KVFields) -> None:
+        if body.model not in self.names:
+            raise APIError(404, f"model {body.model!r} is not served here; use {self.served_as!r}", "model", "model_not_found")
+
+    def check_length(self, chars: int, field: str) -> None:
+        """Refuse, before tokenizing it (seconds for megabytes), a prompt certain to be beyond the
+        model's window."""
+        window = self.engine.loaded.context_length
+        at_least = math.ceil(chars / self.longest_token)
+        if window is not None and self.keeps_every_char and at_least > window:
+            raise APIError(
+                400, f"the prompt has {chars} characters, so at least {at_least} tokens: more than the model's context "
+                f"window of {window} tokens; shorten it", field, "context_length_exceeded",
+            )  # fmt: skip
+
+    def kv_settings(self, body: KVFields) -> KVSettings:
+        """The request's KV settings over the server's defaults: a compressing kv_policy without
+        kv_ratio takes the server's --ratio; a kv_ratio the policy would ignore is refused."""
+        base = self.engine.defaults
+        policy = body.kv_policy or base.policy
+        if policy == "full" and body.kv_ratio:
+            raise APIError(
+                400, f"kv_ratio={body.kv_ratio!r} has no effect with kv_policy 'full', which keeps every entry; "
+                "leave kv_ratio out, or name a compressing kv_policy (see `kvforge policies`)", "kv_ratio",
+            )  # fmt: skip
+        if body.kv_ratio is not None:
+            ratio = body.kv_ratio
+        else:
+            ratio = base.ratio if body.kv_policy is None else self.default_ratio
+        try:
+            quant = base.quant if body.kv_quant is None else QuantSpec(body.kv_quant, base.quant.group, base.quant.residual, base.quant.split)
+            quant.check_head_dim(self.engine.shape.head_dim)
+        except ValueError as err:
+            raise APIError(400, str(err), "kv_quant") from None
+        kv = KVSettings(policy, 0.0 if policy == "full" else ratio, quant)
+        try:
+            self.engine.policy(kv)
+        except ValueError as err:
+            raise APIError(400, str(err), "kv_policy") from None
+        return kv
+
+    def request(self, body: KVFields, prompt: list[int], prompt_field: str) -> Request:
+        """The engine request for `body`, checked by the engine (window, budget, calibration)."""
+        kv = self.kv_settings(body)
+        new_tokens = body.new_tokens()
+        if new_tokens is None:  # not asked: the default, within what the window leaves
+            window = self.engine.loaded.context_length
+            new_tokens = DEFAULT_MAX_TOKENS if window is None else max(min(DEFAULT_MAX_TOKENS, window - len(prompt)), 1)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        params = SamplingParams(new_tokens, body.temperature, body.top_p, body.seed, stop)
+        request = Request(prompt, params, kv, deliver=lambda _: None)
+        try:
+            self.engine.check(request)
+        except ValueError as err:
+            raise APIError(400, str(err), prompt_field) from None
+        return request

@@ -1,0 +1,47 @@
+"""Running the server process: uvicorn with kvforge's shutdown. The first SIGTERM or SIGINT stops
+accepting connections and lets the requests in flight finish for at most `shutdown_timeout`
+seconds, then cancels what is left, stops the engine and exits 0. A second signal exits at once
+(status 1), whatever is running."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from kvforge.engine import Engine
+
+log = logging.getLogger(__name__)
+
+ENGINE_STOP_SECONDS = 10.0  # at most one engine step: it checks for stop between steps
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a second SIGTERM forces the exit as a second SIGINT does (uvicorn's
+    own handler forces only on SIGINT), and no signal is raised again after the shutdown (uvicorn
+    re-raises what it caught, which would kill the process before the engine stops)."""
+
+    forced = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = self.forced = True
+            log.warning("second %s: exiting now", signal.Signals(sig).name)
+        else:
+            self.should_exit = True
+            log.warning("%s: draining requests in flight (at most %s s; send it again to exit now)",
+                        signal.Signals(sig).name, self.config.timeout_graceful_shutdown)  # fmt: skip
+
+
+def serve(app: FastAPI, engine: Engine, host: str, port: int, shutdown_timeout: float) -> int:
+    """Serve until a signal; the process's exit status (0: drained, 1: forced)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
+    server = DrainingServer(config)
+    try:
+        server.run()
+    finally:
+        engine.stop(timeout=0 if server.forced else ENGINE_STOP_SECONDS)
+    return 1 if server.forced else 0
