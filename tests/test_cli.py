@@ -166,3 +166,23 @@ def test_attention_bench_prints_a_table(capsys):
 def test_bench_batches_must_be_positive(capsys, tiny_checkpoint):
     code, _, err = run(capsys, "bench", "--model", str(tiny_checkpoint), "--device", "cpu", "--batches", "1,0")
     assert code == 2 and "--batches '1,0' must be positive integers, e.g. 1,8,32" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--api-key", ""], "the API key is empty or holds spaces"),
+        (["--api-key", "two words"], "the API key is empty or holds spaces"),
+        (["--max-queued", "0"], "--max-queued 0 is outside the allowed range [1, inf)"),
+        (["--max-messages", "x"], "--max-messages 'x' is not an integer"),
+        (["--max-request-size", "big"], "size 'big' is not understood"),
+        (["--shutdown-timeout", "-1"], "seconds -1.0 is outside the allowed range [0, inf)"),
+        (["--shutdown-timeout", "nan"], "seconds nan is outside the allowed range [0, inf)"),
+        (["--allowed-hosts", "localhost,,x"], "--allowed-hosts 'localhost,,x' names an empty host"),
+    ],
+)
+def test_bad_serve_flags_give_one_line_errors_before_loading_the_model(capsys, argv, message):
+    code, _, err = run(capsys, "serve", "--model", "/nonexistent", *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

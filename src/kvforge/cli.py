@@ -534,7 +534,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     quant = quant_spec(args)
     limits = ServerLimits(
         max_body_bytes=args.max_request_size, max_queued=args.max_queued, max_messages=args.max_messages,
-        api_key=args.api_key or os.environ.get("KVFORGE_API_KEY") or None, allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
+        api_key=args.api_key if args.api_key is not None else (os.environ.get("KVFORGE_API_KEY") or None), allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
         shutdown_timeout=args.shutdown_timeout,
     )  # fmt: skip
     loaded = load(args)

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -34,7 +37,10 @@ from kvforge.server.limits import ServerLimits
 from kvforge.server.metrics import prometheus
 from kvforge.server.prepare import Preparer
 
+log = logging.getLogger(__name__)
+
 PREPARE_THREADS = 2  # bodies parsed and tokenized at once (each is CPU-bound)
+PREPARE_NICENESS = 10  # how much lower the preparing threads' CPU priority is than the engine's
 RETRY_AFTER = "1"  # seconds a client told 429 waits: the queue moves every engine step
 T = TypeVar("T")
 
@@ -44,7 +50,7 @@ def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5, limi
     names a compressing `kv_policy` without `kv_ratio` gets `default_ratio` (the server's --ratio)."""
     limits = limits or ServerLimits()
     refused: Counter[int] = Counter()  # refused requests by status, for /metrics
-    pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="kvforge-prepare")
+    pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="kvforge-prepare", initializer=lower_priority)
     preparer = Preparer(engine, {model_name, "default", engine.loaded.name}, model_name, default_ratio, limits)
     preparing = 0  # requests whose bodies are being read or prepared (changed on the event loop only)
 
@@ -189,6 +195,15 @@ def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5, limi
         return PlainTextResponse(prometheus(engine, refused), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def lower_priority() -> None:
+    """Run this thread at a lower CPU priority (Linux: a thread has its own nice value), so that
+    tokenizing a large prompt takes the cores the engine leaves, not the ones it decodes on."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + PREPARE_NICENESS)
+    except (AttributeError, OSError) as err:  # not Linux, or not allowed: the same priority then
+        log.info("preparing threads keep the engine's CPU priority (%s)", err)
 
 
 def full(why: str) -> APIError:

@@ -30,9 +30,10 @@ def good_chat(model: str, text: str = "Say hello.", max_tokens: int = 8) -> dict
     return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
 
 
-def catalogue(context_window: int, max_body_bytes: int) -> list[Fault]:
-    """Every fault, for a server whose model has `context_window` tokens and whose body limit is
-    `max_body_bytes` (with an API key and loopback Host names, as the tests start it)."""
+def catalogue(context_window: int, max_body_bytes: int, max_messages: int = 1024) -> list[Fault]:
+    """Every fault, for a server whose model has `context_window` tokens and whose limits are
+    `max_body_bytes` and `max_messages` (with an API key and loopback Host names, as the tests
+    start it)."""
     nan = b'{"model": "MODEL", "messages": [{"role": "user", "content": "hi"}], "kv_policy": "knorm", "kv_ratio": NaN}'
     return [
         Fault("empty prompt (completions)", 400, "prompt", {"prompt": ""}, path=COMPLETIONS),
@@ -58,6 +59,7 @@ def catalogue(context_window: int, max_body_bytes: int) -> list[Fault]:
         Fault("stream as a string", 400, "stream", {"stream": "yes"}),
         Fault("unknown role", 400, "messages.0.role", {"messages": [{"role": "wizard", "content": "hi"}]}),
         Fault("messages not a list", 400, "messages", {"messages": "hi"}),
+        Fault("too many messages", 400, "messages", {"messages": [{"role": "user", "content": "hi"}] * (max_messages + 1)}),
         Fault("prompt as token ids", 400, "prompt", {"prompt": [1, 2, 3]}, path=COMPLETIONS),
         Fault("unknown model", 404, "model", {"model": "gpt-4"}),
         Fault("prompt beyond the window", 400, "messages", {"max_tokens": context_window}),

@@ -6,7 +6,9 @@ seconds, then cancels what is left, stops the engine and exits 0. A second signa
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
@@ -15,9 +17,6 @@ from fastapi import FastAPI
 from kvforge.engine import Engine
 
 log = logging.getLogger(__name__)
-
-ENGINE_STOP_SECONDS = 10.0  # at most one engine step: it checks for stop between steps
-
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, but a second SIGTERM forces the exit as a second SIGINT does (uvicorn's
@@ -37,11 +36,17 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(app: FastAPI, engine: Engine, host: str, port: int, shutdown_timeout: float) -> int:
-    """Serve until a signal; the process's exit status (0: drained, 1: forced)."""
+    """Serve until a signal, then stop the engine (after its current step); returns 0. Forced by
+    a second signal, the process ends here with status 1, without waiting for the engine: an
+    interpreter shutting down under a thread that is inside a forward would abort instead."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
     server = DrainingServer(config)
     try:
         server.run()
     finally:
-        engine.stop(timeout=0 if server.forced else ENGINE_STOP_SECONDS)
-    return 1 if server.forced else 0
+        if server.forced:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        engine.stop()
+    return 0
