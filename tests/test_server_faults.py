@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from kvforge.engine import Engine, Event, KVSettings, Request, SamplingParams
 from kvforge.engine.engine import QueueFull
 from kvforge.policies.base import StepContext
 from kvforge.policies.knorm import KNorm
-from kvforge.server.faults import catalogue, problems, send
+from kvforge.server.faults import catalogue, good_chat, problems, send
 from kvforge.server.limits import ServerLimits, allowed_hosts
 from test_server import PROMPTS, Served, expected, greedy
 
@@ -74,6 +75,28 @@ def test_every_fault_is_refused_while_8_good_requests_run(guarded, loaded):
     assert answers == [good_expected(loaded, i, 120) for i in range(8)]
     assert guarded.metric("requests_failed_total") == 0 and guarded.metric("running") == 0
     assert guarded.metric("kv_allocated_bytes") == 0
+
+
+OPENAI_ERRORS = {400: openai.BadRequestError, 401: openai.AuthenticationError, 404: openai.NotFoundError, 405: openai.APIStatusError}
+
+
+def test_the_official_client_reads_every_refusal_it_can_send(guarded):
+    """Every fault with a JSON body, sent by the openai client: the exception class its status
+    maps to, and the field and code it parses out of the body."""
+    sent = 0
+    for fault in catalogue(context_window=512, max_body_bytes=LIMITS.max_body_bytes):
+        if isinstance(fault.body, bytes) or fault.status not in OPENAI_ERRORS:
+            continue  # bytes no client would send: raw HTTP covers them in the test above
+        client = guarded.client if fault.authorized else guarded.client.with_options(api_key="wrong-key")
+        body = None if fault.body is None else {**good_chat("tiny"), **fault.body}
+        with pytest.raises(OPENAI_ERRORS[fault.status]) as caught:
+            if fault.method == "GET":
+                client.get(fault.path.removeprefix("/v1"), cast_to=object)
+            else:
+                client.post(fault.path.removeprefix("/v1"), body=body, cast_to=object, options={"headers": fault.headers})
+        assert caught.value.status_code == fault.status and caught.value.param == fault.param, fault.name
+        sent += 1
+    assert sent >= 30
 
 
 def test_refusals_name_the_field_and_keep_details_out(guarded):
@@ -219,11 +242,17 @@ def test_a_full_queue_answers_429_with_retry_after(loaded):
         server.close()
 
 
-def test_a_non_streamed_client_that_hangs_up_is_cancelled_within_a_second(guarded):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_client_that_hangs_up_is_cancelled_within_a_second(guarded, streamed):
     cancelled = guarded.metric("requests_cancelled_total")
-    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[4]}], "max_tokens": 450, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(guarded.url + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=0.3)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[4]}], "max_tokens": 450, "temperature": 0, "stream": streamed}
+    auth = {"authorization": f"Bearer {KEY}"}
+    if streamed:
+        with httpx.stream("POST", guarded.url + "/v1/chat/completions", json=body, headers=auth) as response:
+            next(line for line in response.iter_lines() if '"content": "w' in line)  # a token arrived: hang up
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(guarded.url + "/v1/chat/completions", json=body, headers=auth, timeout=0.3)
     gone = time.time()
     while time.time() < gone + 5 and guarded.metric("requests_cancelled_total") == cancelled:
         time.sleep(0.02)
