@@ -6,7 +6,9 @@ server loads itself (default: the embedded SmolLM2), and print three tables:
 2. 32 good clients while one bad client sends a fault every 100 ms for at least a minute: failed
    good requests and answers against a run without the bad client;
 3. the inter-token gaps of 8 streams alone, and while one large body arrives (a 5 MB prompt, a
-   600 kB prompt that is tokenized, 100k messages): p50, p99 and the largest.
+   600 kB prompt that is tokenized, 100k messages): p50, p99 and the largest;
+4. under --kv-memory 150MiB, a non-streamed client that hangs up 1 s into a 2500-token answer:
+   how soon it is cancelled, the K/V bytes then held, and the next request's latency.
 
     .venv/bin/python scripts/hostile.py [--model default] [--seconds 60] [--json out.json]
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -39,13 +42,13 @@ console = Console()
 
 
 class Server:
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *flags: str) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "kvforge"), "serve", "--model", model, "--port", str(self.port), "--api-key", KEY],
+            [str(Path(sys.executable).parent / "kvforge"), "serve", "--model", model, "--port", str(self.port), "--api-key", KEY, *flags],
             stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w"),
         )  # fmt: skip
         deadline = time.time() + 600
@@ -219,13 +222,42 @@ def gaps_table(server: Server, tokens: int = 96) -> dict:
     return results
 
 
+def metric(server: Server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers=headers()).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"kvforge_{name} ")))
+
+
+def abandoned(model: str) -> dict:
+    server = Server(model, "--kv-memory", "150MiB")
+    try:
+        body = good_chat("default", prompts(1)[0], 2500)
+        with contextlib.suppress(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers(), timeout=1.0)
+        gone = time.perf_counter()
+        while metric(server, "requests_cancelled_total") < 1 and time.perf_counter() - gone < 600:
+            time.sleep(0.01)
+        cancelled_after = time.perf_counter() - gone
+        held = metric(server, "kv_allocated_bytes") - metric(server, "prefix_cache_bytes")
+        start = time.perf_counter()
+        httpx.post(server.url + "/v1/chat/completions", json=good_chat("default", prompts(2)[1], 16), headers=headers(), timeout=600)
+        next_seconds = time.perf_counter() - start
+    finally:
+        server.stop()
+    table = Table(title="--kv-memory 150MiB: a non-streamed client hangs up 1 s into a 2500-token answer")
+    for col in ("cancelled after (s)", "K/V MiB then held by requests", "next request's latency (s)"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{cancelled_after:.2f}", f"{held / 2**20:.1f}", f"{next_seconds:.2f}")
+    console.print(table)
+    return {"cancelled_after": cancelled_after, "held_bytes": held, "next_seconds": next_seconds}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--window", type=int, default=8192, help="the model's context window (tokens)")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the bad client sends at least")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--only", default="faults,storm,gaps", help="which tables (comma list)")
+    parser.add_argument("--only", default="faults,storm,gaps,abandoned", help="which tables (comma list)")
     args = parser.parse_args()
     with console.status("starting kvforge serve ..."):
         server = Server(args.model)
@@ -238,6 +270,8 @@ def main() -> int:
             report["storm"] = storm(server, args.window, args.seconds)
         if "gaps" in parts:
             report["gaps"] = gaps_table(server)
+        if "abandoned" in parts:
+            report["abandoned"] = abandoned(args.model)
     finally:
         status = server.stop()
     console.print(f"server exit status after SIGTERM: {status}")

@@ -11,7 +11,6 @@ import uuid
 from collections import Counter
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -55,10 +54,6 @@ def install(app: FastAPI, refused: Counter) -> None:
         else:
             message = str(err.detail)
         return await api_error(request, APIError(err.status_code, message, headers=err.headers))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        return await api_error(request, APIError(400, "the request does not have the expected shape"))
 
     @app.exception_handler(Exception)
     async def bug(request: Request, err: Exception) -> JSONResponse:

@@ -6,12 +6,10 @@ the event loop. Every refusal is an `APIError` naming the field."""
 from __future__ import annotations
 
 import json
-import logging
 import math
-
-from jinja2.exceptions import TemplateError
 from typing import TypeVar
 
+from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, ValidationError
 
 from kvforge.engine import Engine, KVSettings, Request, SamplingParams
@@ -19,8 +17,6 @@ from kvforge.server.errors import APIError
 from kvforge.server.limits import ServerLimits
 from kvforge.server.schemas import ChatRequest, CompletionRequest, KVFields
 from kvforge.storage import QuantSpec
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
 M = TypeVar("M", bound=BaseModel)
@@ -74,7 +70,7 @@ class Preparer:
         # No token covers more characters than the longest vocabulary entry (byte-level entries
         # hold one character per byte), so a prompt of C characters has at least C / this many
         # tokens: if the tokenizer drops no characters (whitespace, say), which a round trip of a
-        # probe text checks. Byte-level BPE tokenizers (SmolLM2's, Llama 3's, GPT's) pass.
+        # probe text checks. Byte-level BPE tokenizers pass (SmolLM2's does; a word-level one does not).
         self.longest_token = max(len(t) for t in self.tokenizer.get_vocab())
         probe = "a  b\n\n\tc  \u00e9 \u65e5\u672c \U0001f642 x"
         ids = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
