@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def recorded_prefill(loaded: LoadedModel, ids: list[int], policy: str = "full") -> KVCache:
     """A cache holding `ids`, each layer's prefill queries recorded (policy `full`), or scored
     by another uncompressing policy (kvzip at ratio 0)."""
-    made = make_policy(policy) if policy == "full" else make_policy(policy, ratio=0.0)
+    made = make_policy(policy, ratio=0.0)
     cache = KVCache(loaded.model, made, record_prefill=policy == "full", tokenizer=loaded.tokenizer)
     with torch.inference_mode():
         prefill(loaded.model, cache, ids)

@@ -225,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     case = make_case(loaded.tokenizer, "niah_single", args.length, seed=args.seed, chat=loaded.is_instruct, max_length=loaded.context_length)
     case.max_new_tokens = args.max_new_tokens
     combos = [(name, 0.0 if name == "full" else args.ratio, "none") for name in methods()]
-    policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r, _ in combos}
+    policies = {(n, r): make_policy(n, ratio=r) for n, r, _ in combos}
     ensure_calibration(loaded, list(policies.values()))
     rows = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
@@ -326,7 +326,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
     names = split_list(args.policies) if args.policies else [n for n in methods() if n != "full"]
     ratios = [ratio_arg(r) for r in split_list(args.ratios)]
-    policies = [make_policy(n) if n == "full" else make_policy(n, ratio=r) for n in names for r in ([0.0] if n == "full" else ratios)]
+    policies = [make_policy(n, ratio=r) for n in names for r in ([0.0] if n == "full" else ratios)]
     if args.text_file:
         try:
             text = Path(args.text_file).read_text(encoding="utf-8")

@@ -62,7 +62,7 @@ class QueueFull(Exception):
 
 def settings_policy(kv: KVSettings) -> Policy:
     """The policy a KV setting names (raises ValueError naming what is wrong)."""
-    return make_policy(kv.policy) if kv.policy == "full" else make_policy(kv.policy, ratio=kv.ratio)
+    return make_policy(kv.policy, ratio=kv.ratio)
 
 
 @dataclass

@@ -420,7 +420,7 @@ def _run_locked(
     rows = prepare_out(out, cfg, force)
     done = {r.key for r in rows}
     combos = cfg.combos()
-    policies = {(n, r): make_policy(n) if n == "full" else make_policy(n, ratio=r) for n, r, _ in combos}
+    policies = {(n, r): make_policy(n, ratio=r) for n, r, _ in combos}
     stats = SweepStats()
     start = time.perf_counter()
     for group in groups(loaded, cfg):
