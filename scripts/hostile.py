@@ -1,7 +1,7 @@
 """Measure `kvforge serve` under careless and hostile clients (issue 19's aims), on a model the
 server loads itself (default: the embedded SmolLM2), and print three tables:
 
-1. every fault of `kvforge.server.faults` sent while 8 good requests run: status, param, the
+1. every fault of `kvforge.client.faults` sent while 8 good requests run: status, param, the
    message, and whether the 8 answered exactly as in a run without faults;
 2. 32 good clients while one bad client sends a fault every 100 ms for at least a minute: failed
    good requests and answers against a run without the bad client;
@@ -34,8 +34,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from kvforge.server.faults import catalogue, good_chat, problems, send
-from kvforge.server.loadtest import QUESTIONS, percentile
+from kvforge.client.faults import catalogue, good_chat, problems, send
+from kvforge.client.loadtest import QUESTIONS, percentile
 
 KEY = "hostile-bench-key"
 console = Console()

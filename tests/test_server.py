@@ -194,7 +194,7 @@ def test_a_document_asked_again_reuses_its_compressed_prefix(served, loaded):
 
 
 def test_loadtest_drives_the_server(served, loaded):
-    from kvforge.server.loadtest import loadtest, synthetic_prompts, task_prompts
+    from kvforge.client.loadtest import loadtest, synthetic_prompts, task_prompts
 
     prompts = synthetic_prompts(6, 20, None)
     report = loadtest(served.url, "tiny", prompts, clients=3, max_tokens=4)

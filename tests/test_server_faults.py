@@ -21,7 +21,7 @@ from kvforge.engine import Engine, Event, KVSettings, Request, SamplingParams
 from kvforge.engine.engine import QueueFull
 from kvforge.policies.base import StepContext
 from kvforge.policies.knorm import KNorm
-from kvforge.server.faults import catalogue, good_chat, problems, send
+from kvforge.client.faults import catalogue, good_chat, problems, send
 from kvforge.server.limits import ServerLimits, allowed_hosts
 from test_server import PROMPTS, Served, expected, greedy
 

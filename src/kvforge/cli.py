@@ -561,7 +561,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from kvforge.server.loadtest import hf_baseline, loadtest, synthetic_prompts, task_prompts
+    from kvforge.client.loadtest import hf_baseline, loadtest, synthetic_prompts, task_prompts
 
     document = None
     if args.document:

@@ -1,0 +1,116 @@
+"""What the routes share, and a request's way through the server: its body read and prepared on
+a worker thread (429 while the queue is full), submitted to the engine, its events relayed
+until it ends; a client that goes away, streamed or not, has its request cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request as HTTPRequest
+
+from kvforge.engine import Engine, Event, Request
+from kvforge.engine.engine import QueueFull
+from kvforge.server.errors import APIError
+from kvforge.server.limits import ServerLimits
+from kvforge.server.prepare import Preparer
+
+log = logging.getLogger(__name__)
+
+PREPARE_THREADS = 2  # bodies parsed and tokenized at once (each is CPU-bound)
+PREPARE_NICENESS = 10  # how much lower the preparing threads' CPU priority is than the engine's
+RETRY_AFTER = "1"  # seconds a client told 429 waits: the queue moves every engine step
+T = TypeVar("T")
+
+
+def lower_priority() -> None:
+    """Run this thread at a lower CPU priority (Linux: a thread has its own nice value), so that
+    tokenizing a large prompt takes the cores the engine leaves, not the ones it decodes on."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + PREPARE_NICENESS)
+    except (AttributeError, OSError) as err:  # not Linux, or not allowed: the same priority then
+        log.info("preparing threads keep the engine's CPU priority (%s)", err)
+
+
+def queue_full(why: str) -> APIError:
+    return APIError(429, f"the server is busy: {why}; retry after {RETRY_AFTER} s", code="queue_full", headers={"Retry-After": RETRY_AFTER})
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    model_name: str
+    preparer: Preparer
+    limits: ServerLimits
+    refused: Counter[int] = field(default_factory=Counter)  # refused requests by status, for /metrics
+    pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="kvforge-prepare", initializer=lower_priority)
+    )
+    preparing: int = 0  # requests whose bodies are being read or prepared (changed on the event loop only)
+
+    async def prepared(self, http: HTTPRequest, prepare: Callable[[bytes], T]) -> T:
+        """The body, read and prepared on a worker thread; 429 while the queue is full."""
+        if self.preparing + len(self.engine.waiting) >= self.limits.max_queued:
+            raise queue_full(f"{self.limits.max_queued} requests are already queued (--max-queued)")
+        self.preparing += 1
+        try:
+            raw = await http.body()
+            return await asyncio.get_running_loop().run_in_executor(self.pool, prepare, raw)
+        finally:
+            self.preparing -= 1
+
+    def submit(self, request: Request) -> asyncio.Queue[Event]:
+        """Hand `request` to the engine; its events arrive on the returned queue."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        request.deliver = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+        try:
+            self.engine.submit(request)
+        except QueueFull as err:
+            raise queue_full(str(err)) from None
+        except ValueError as err:  # checked while preparing; the engine's state moved since
+            raise APIError(400, str(err)) from None
+        return queue
+
+    async def relay(self, queue: asyncio.Queue[Event], request: Request) -> AsyncIterator[Event]:
+        """The request's events up to its end; cancelled if the consumer stops early."""
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            if not finished:
+                self.engine.cancel(request)
+
+    async def complete(self, http: HTTPRequest, request: Request) -> tuple[str, Event]:
+        """Run `request` to its end: its text and last event. The body is read, so the next
+        message on the connection is the client's disconnect, which cancels the request."""
+        queue = self.submit(request)
+
+        async def cancel_on_disconnect() -> None:
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+            self.engine.cancel(request)
+
+        watcher = asyncio.create_task(cancel_on_disconnect())
+        text, last = [], Event()
+        try:
+            async for event in self.relay(queue, request):
+                text.append(event.text)
+                last = event
+        finally:
+            watcher.cancel()
+        if last.finish_reason == "error":
+            raise APIError(500, f"generation failed inside the server (request {request.id}); the server's log has the details", code="internal_error")
+        if last.finish_reason == "cancelled":
+            raise APIError(503, "the request was cancelled: the server is shutting down", code="shutting_down")
+        return "".join(text), last
