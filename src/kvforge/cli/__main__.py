@@ -1,0 +1,7 @@
+"""`python -m kvforge.cli`."""
+
+import sys
+
+from kvforge.cli import main
+
+sys.exit(main())

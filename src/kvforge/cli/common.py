@@ -1,0 +1,185 @@
+"""What every `kvforge` command shares: the consoles, option types and groups, loading the model,
+building policies and quantization specs from options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from kvforge.models import DEFAULT_MODEL
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """'window=32' -> ('window', 32); values are read as JSON when they parse, else as strings."""
+    if "=" not in text:
+        raise ValueError(f"--param {text!r} must look like NAME=VALUE, e.g. --param window=32")
+    name, raw = text.split("=", 1)
+    try:
+        return name.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return name.strip(), raw
+
+
+def build_policy(name: str, ratio: float | None, params: list[str], args: argparse.Namespace | None = None) -> Any:
+    """A policy from the command line: its name, --ratio, --param NAME=VALUE and the budget
+    options (--budget, --decode-budget, --evict-every) where the command has them."""
+    from kvforge.policies import make_policy
+
+    kwargs = dict(parse_param(p) for p in params)
+    if ratio is not None:
+        kwargs["ratio"] = ratio
+    if args is not None and name != "full":
+        if getattr(args, "budget", None) is not None:
+            if ratio is not None:
+                raise ValueError("give either --ratio or --budget, not both")
+            kwargs["budget"], kwargs["ratio"] = args.budget, 0.0  # the budget replaces the ratio
+        for option in ("decode_budget", "evict_every"):
+            if getattr(args, option, None) is not None:
+                kwargs[option] = getattr(args, option)
+    return make_policy(name, **kwargs)
+
+
+def add_budget_args(parser: argparse.ArgumentParser, chunk_help: str) -> None:
+    """The options that bound memory, shared by generate and bench."""
+    parser.add_argument("--budget", type=positive_int("--budget"), default=None, metavar="TOKENS",
+                        help="instead of --ratio: keep at most TOKENS entries per sequence and KV head")
+    parser.add_argument("--decode-budget", type=positive_int("--decode-budget"), default=None, metavar="TOKENS",
+                        help="entries per sequence and KV head held while decoding (default: streaming and h2o "
+                             "hold the prompt's size, the others grow)")
+    parser.add_argument("--evict-every", type=positive_int("--evict-every"), default=None, metavar="K",
+                        help="while decoding, compress when a row exceeds its budget by K (default 16; 1 = every step)")
+    parser.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N", help=chunk_help)
+
+
+def add_quant_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """How kept entries are held: shared by generate, eval and bench."""
+    from kvforge.storage.codec import MODES
+
+    what = "comma list of modes, each a set of rows" if many else "one mode"
+    parser.add_argument("--quant", default="none", help=f"K/V quantization ({what}): {', '.join(MODES)}")
+    parser.add_argument("--quant-group", type=int, default=32, metavar="G",
+                        help="tokens per key group and channels per value group (must divide head_dim; default 32)")
+    parser.add_argument("--quant-residual", type=int, default=128, metavar="R",
+                        help="recent tokens per row kept in full precision (default 128)")
+    parser.add_argument("--quant-split", type=float, default=0.25, metavar="F",
+                        help="mixed: the fraction of entries held in int4, those the policy scores highest "
+                             "(the others in int2; default 0.25)")
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """Where and in what precision the model runs: shared by every command that loads one."""
+    from kvforge.models import DTYPES
+
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when torch sees one, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="weights, activations and K/V (default float32; bfloat16 halves the bytes held)")
+
+
+def load(args: argparse.Namespace) -> Any:
+    """The model --model, --device and --dtype name, with a spinner while it loads."""
+    from kvforge.models import load_model, parse_device, parse_dtype
+
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)  # bad values fail before the spinner
+    first = " (the first run converts the default model once)" if args.model == DEFAULT_MODEL else ""
+    with err_console.status(f"loading {args.model} on {device} ({args.dtype}){first} ..."):
+        return load_model(args.model, dtype=dtype, device=device)
+
+
+def quant_specs(args: argparse.Namespace) -> list[Any]:
+    """The QuantSpec of each mode --quant names (validated: a bad value names its option)."""
+    from kvforge.storage import QuantSpec
+
+    return [QuantSpec(mode, args.quant_group, args.quant_residual, args.quant_split) for mode in split_list(args.quant)]
+
+
+def quant_spec(args: argparse.Namespace) -> Any:
+    specs = quant_specs(args)
+    if len(specs) != 1:
+        raise ValueError(f"--quant takes one mode here, got {args.quant!r}")
+    return specs[0]
+
+
+def ensure_calibration(loaded: Any, policies: list[Any]) -> None:
+    """Measure the model's calibration once (kept on disk) when one of `policies` needs it."""
+    from kvforge.calibrate import calibrate
+    from kvforge.calibration import find_calibration, fingerprint
+
+    if not any(p.needs_calibration for p in policies) or find_calibration(fingerprint(loaded.model)):
+        return
+    with err_console.status(f"calibrating {loaded.name} once (retrieval heads, query directions, kvzap surrogate) ..."):
+        calibration = calibrate(loaded)
+    err_console.print(f"[dim]calibrated {loaded.name} in {sum(calibration.seconds.values()):.0f}s (once per model)[/dim]")
+
+
+def positive_int(option: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{option} {text!r} is not an integer; give a whole number >= 1") from err
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{option} {value} is outside the allowed range [1, inf); give a whole number >= 1")
+        return value
+
+    return parse
+
+
+def split_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write `data` as JSON atomically: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def ratio_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"ratio {text!r} is not a number; use a value in [0, 1)") from err
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio {value} is outside [0, 1): 0 keeps all, 0.75 keeps a quarter")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line (what was wrong and what is allowed), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"kvforge: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds {text!r} is not a number; give e.g. 30 or 2.5") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds {value} is outside the allowed range [0, inf)")
+    return value
+
+
+def size_arg(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number) :].lower()
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"size {text!r} is not understood; write e.g. 2GiB, 512MiB or a number of bytes") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return int(value)

@@ -1,0 +1,213 @@
+"""`kvforge` commands: the demo, the task sweep (eval) and fidelity against the full cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kvforge.cli.common import (
+    console,
+    err_console,
+    add_quant_args,
+    add_device_args,
+    load,
+    quant_specs,
+    ensure_calibration,
+    positive_int,
+    split_list,
+    ratio_arg,
+)
+from kvforge.models import DEFAULT_MODEL
+
+
+# A few minutes: the reference, the methods that keep the needle question-agnostic on the default
+# model, and the classic baselines (every method: `kvforge demo`, or name them with --policies).
+QUICK = dict(
+    tasks="niah_single,niah_multikey,vt", ratios="0.5,0.75", length=1024, samples=3,
+    policies="full,kvzip,kvzap,razor,keydiff,knorm,streaming,snapkv",
+)  # fmt: skip
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: one built-in long-context question, full cache vs every method, all derived
+    from one prefill of the sample (as the eval does)."""
+    from dataclasses import asdict
+
+    from kvforge.eval.runner import SweepStats, run_group
+    from kvforge.eval.tasks import make_case
+    from kvforge.policies import make_policy, methods
+
+    loaded = load(args)
+    case = make_case(loaded.tokenizer, "niah_single", args.length, seed=args.seed, chat=loaded.is_instruct, max_length=loaded.context_length)
+    case.max_new_tokens = args.max_new_tokens
+    combos = [(name, 0.0 if name == "full" else args.ratio, "none") for name in methods()]
+    policies = {(n, r): make_policy(n, ratio=r) for n, r, _ in combos}
+    ensure_calibration(loaded, list(policies.values()))
+    rows = []
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
+        task = progress.add_task("one prefill, then every method", total=len(combos))
+        for row in run_group(loaded, [(0, case)], args.query_aware, combos, policies, SweepStats()):
+            rows.append(row)
+            progress.update(task, description=f"{row.policy:<20}", advance=1)
+    setting = "query-aware" if args.query_aware else "question-agnostic"
+    table = Table(
+        title=f"{loaded.name}: {rows[0].prompt_tokens}-token needle prompt, {setting}, answer {case.answers[0]}",
+        caption=f"one prefill ({rows[0].prefill_seconds:.1f}s) serves every method; s policy: scoring and "
+        f"compressing (kvzip's reconstruction passes included); s answer: the question and the answer",
+    )
+    table.add_column("method", no_wrap=True, min_width=18)
+    table.add_column("answer", no_wrap=True, max_width=12)
+    for col in ("ratio", "correct", "MiB kept", "saved", "s policy", "s answer"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r.policy,
+            r.answer.strip().replace("\n", " ")[:24],
+            f"{r.ratio:g}",
+            "yes" if r.score == 100 else "no",
+            f"{r.cache_bytes / 2**20:.2f}",
+            f"{1 - r.cache_bytes / max(r.dense_bytes, 1):.0%}",
+            f"{r.compress_seconds:.2f}",
+            f"{r.decode_seconds:.1f}",
+        )
+    console.print(table)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows]))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvforge.eval.report import write_reports
+    from kvforge.eval.runner import EvalConfig, run_eval, total_rows
+    from kvforge.calibration import find_calibration, fingerprint
+    from kvforge.policies import make_policy, methods
+
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    tasks = split_list(args.tasks or ("" if args.task_file else "niah_single"))
+    policies = split_list(args.policies) if args.policies else methods()
+    ratios = [ratio_arg(r) for r in split_list(args.ratios or "0.5")]
+    settings = [False, True] if (args.quick or args.both_settings) else [args.query_aware]
+    cfg = EvalConfig(
+        model=args.model, tasks=tasks, policies=policies, ratios=ratios, length=args.length or 2048,
+        samples=args.samples if args.samples is not None else 20, settings=settings, seed=args.seed,
+        task_file=args.task_file, batch=args.batch, prefill_chunk=args.prefill_chunk,
+        questions=args.questions_per_context, quant=split_list(args.quant),
+        quant_group=args.quant_group, quant_residual=args.quant_residual, quant_split=args.quant_split, dtype=args.dtype,
+    )  # fmt: skip
+    cfg.validate()
+    loaded = load(args)
+    made = [make_policy(n) for n in cfg.policies]
+    ensure_calibration(loaded, made)
+    out = Path(args.out)
+    total = total_rows(cfg)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
+        bar = progress.add_task("eval", total=total)
+
+        def on_row(row) -> None:
+            quant = "" if row.quant == "none" else f" {row.quant}"
+            progress.update(bar, description=f"{row.task} #{row.sample} {row.policy} {row.ratio:g}{quant}")
+            progress.advance(bar)
+
+        rows, stats = run_eval(loaded, cfg, out, force=args.force, on_row=on_row)
+        progress.update(bar, completed=total)
+    calibration = find_calibration(fingerprint(loaded.model))
+    needed = any(p.needs_calibration for p in made)
+    write_reports(out, rows, stats, calibration.seconds if calibration and needed else None)
+    print((out / "summary.md").read_text())
+    err_console.print(f"results in {out}/: rows.jsonl, summary.json, summary.md, score_vs_ratio.png")
+    return 0
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from kvforge.eval import corpus
+    from kvforge.eval.fidelity import fidelity
+    from kvforge.policies import make_policy, methods
+
+    names = split_list(args.policies) if args.policies else [n for n in methods() if n != "full"]
+    ratios = [ratio_arg(r) for r in split_list(args.ratios)]
+    policies = [make_policy(n, ratio=r) for n in names for r in ([0.0] if n == "full" else ratios)]
+    if args.text_file:
+        try:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read --text-file {args.text_file!r}: {err}") from err
+    else:
+        text = " ".join(corpus.paragraphs())
+    loaded = load(args)
+    ensure_calibration(loaded, policies)
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context + args.continuation]
+    quants = quant_specs(args)
+    with err_console.status(f"teacher-forcing {args.continuation} tokens for {len(policies) * len(quants)} caches ..."):
+        results = fidelity(loaded, ids, args.context, policies, quants)
+    table = Table(title=f"fidelity to the full cache: {args.context}-token context, {len(ids) - args.context} tokens teacher-forced")
+    for col in ("policy", "ratio", "quant", "KL (nats)", "top-1 agree %", "cache MiB", "kept", "bits"):
+        table.add_column(col, justify="left" if col in ("policy", "quant") else "right")
+    for r in results:
+        table.add_row(
+            r.policy, f"{r.ratio:g}", r.quant, f"{r.kl:.4f}", f"{r.top1_agreement:.1f}", f"{r.cache_bytes / 2**20:.2f}",
+            f"{r.kept_bytes / max(r.dense_bytes, 1):.0%}", f"{r.bits_per_element:.2f}",
+        )  # fmt: skip
+    console.print(table)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results]))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add this group's commands to the `kvforge` parser's subcommands."""
+    demo = sub.add_parser("demo", help="answer a built-in long-context question with every method, from one prefill")
+    demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--length", type=int, default=3000, help="prompt tokens of the sample")
+    demo.add_argument("--ratio", type=ratio_arg, default=0.5)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument("--query-aware", action="store_true")
+    demo.add_argument("--json", action="store_true")
+    add_device_args(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="score policies on long-context tasks; resumable; writes reports")
+    ev.add_argument("--model", default=DEFAULT_MODEL)
+    ev.add_argument("--tasks", default=None, help="comma list of: " + "niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, niah_prose")
+    ev.add_argument("--task-file", default=None, help="JSON lines with context, question, answers")
+    ev.add_argument("--policies", default=None, help="comma list (default: every registered policy)")
+    ev.add_argument("--ratios", default=None, help="comma list of ratios in [0, 1) (default 0.5)")
+    ev.add_argument("--length", type=int, default=None, help="prompt tokens (default 2048)")
+    ev.add_argument("--samples", type=int, default=None, help="samples per task (default 20)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--query-aware", action="store_true", help="compress with the question in the prompt")
+    ev.add_argument("--both-settings", action="store_true", help="run question-agnostic and query-aware")
+    ev.add_argument("--quick", action="store_true", help="a few-minute preset: 3 tasks, 1024 tokens, 3 samples, 8 methods, both settings")
+    ev.add_argument("--batch", type=int, default=8, help="samples decoded together (speed only)")
+    ev.add_argument("--questions-per-context", type=positive_int("--questions-per-context"), default=1, metavar="N",
+                    help="compress each context once, then answer N of its questions, each from a fork of the "
+                         "compressed cache (niah_multikey, niah_multiquery; N <= 4)")
+    ev.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N",
+                    help="prefill N tokens at a time, compressing after each chunk (each policy prefills itself)")
+    add_quant_args(ev, many=True)
+    add_device_args(ev)
+    ev.add_argument("--out", default="results/eval")
+    ev.add_argument("--force", action="store_true", help="discard results of another configuration in --out")
+    ev.set_defaults(func=cmd_eval)
+
+    fid = sub.add_parser("fidelity", help="KL from the full cache and top-1 agreement over a teacher-forced text")
+    fid.add_argument("--model", default=DEFAULT_MODEL)
+    fid.add_argument("--text-file", default=None, help="UTF-8 text (default: the built-in documentation prose)")
+    fid.add_argument("--policies", default=None)
+    fid.add_argument("--ratios", default="0.5")
+    fid.add_argument("--context", type=int, default=1024, help="tokens prefilled and compressed")
+    fid.add_argument("--continuation", type=int, default=64, help="tokens teacher-forced after it")
+    add_quant_args(fid, many=True)
+    add_device_args(fid)
+    fid.add_argument("--json", action="store_true")
+    fid.set_defaults(func=cmd_fidelity)

@@ -1,0 +1,131 @@
+"""`kvforge` commands: generate with a compressed cache, calibrate a model, list the policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from kvforge.cli.common import (
+    console,
+    err_console,
+    build_policy,
+    add_budget_args,
+    add_quant_args,
+    add_device_args,
+    load,
+    quant_spec,
+    ensure_calibration,
+    ratio_arg,
+)
+from kvforge.models import DEFAULT_MODEL
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvforge.generate import answer, build_prompt
+
+    policy = build_policy(args.policy, args.ratio, args.param, args)
+    quant = quant_spec(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    try:
+        if args.prompt_file is None:
+            context = ""  # nothing to compress but what is generated
+        elif args.prompt_file == "-":
+            context = sys.stdin.read()
+        else:
+            context = Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read --prompt-file {args.prompt_file!r}: {err}") from err
+    loaded = load(args)
+    ensure_calibration(loaded, [policy])
+    chat = loaded.is_instruct if args.chat is None else args.chat
+    prompt = build_prompt(loaded.tokenizer, context, args.question, chat)
+    with err_console.status(f"prefill {len(prompt.ids)} tokens and generate ..."):
+        result = answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware, args.prefill_chunk, args.layout, quant)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        console.print(result.text)
+        saved = 1 - result.kept_bytes / max(result.dense_cache_bytes, 1)
+        err_console.print(
+            f"[dim]{result.policy} {policy.setting}: {result.prompt_tokens} prompt tokens, "
+            f"{result.generated_tokens} generated, cache {result.cache_bytes / 2**20:.2f} MiB allocated "
+            f"({result.kept_bytes / 2**20:.2f} MiB kept, peak {result.peak_cache_bytes / 2**20:.2f} MiB) "
+            f"of {result.dense_cache_bytes / 2**20:.2f} MiB dense ({saved:.0%} saved), "
+            f"{result.bits_per_element:.2f} bits per element ({result.quant}), {result.seconds:.2f}s[/dim]"
+        )
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvforge.calibrate import calibrate
+    from kvforge.calibration import calibration_path
+    from kvforge.policies.razor import retrieval_heads
+
+    loaded = load(args)
+    with err_console.status(f"calibrating {loaded.name} (retrieval heads, query directions, kvzap surrogate) ..."):
+        cal = calibrate(loaded, force=args.force)
+    table = Table(title=f"calibration of {loaded.name} ({cal.model})", caption=str(calibration_path(cal.model)))
+    table.add_column("measurement")
+    table.add_column("seconds", justify="right")
+    table.add_column("result")
+    heads = retrieval_heads(cal.retrieval, 0.15).nonzero().tolist()
+    table.add_row("retrieval heads", f"{cal.seconds.get('retrieval heads', 0):.1f}",
+                  f"top 15%: {len(heads)} of {cal.retrieval.numel()} KV heads, (layer, head) " + " ".join(f"{l}.{h}" for l, h in heads))
+    table.add_row("query directions", f"{cal.seconds.get('query directions', 0):.1f}", f"{tuple(cal.query_direction.shape)}")
+    table.add_row("kvzap surrogate", f"{cal.seconds.get('kvzap surrogate', 0):.1f}",
+                  f"Spearman on a held-out context: mean {cal.kvzap_fit.mean():.2f}, min {cal.kvzap_fit.min():.2f} over layers")
+    console.print(table)
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from kvforge.policies import all_policies
+
+    from kvforge.policies.base import BUDGET_FIELDS
+
+    shared = ", ".join(f for f in BUDGET_FIELDS if f != "ratio")
+    table = Table(title="kvforge policies", caption=f"every compressing policy also takes {shared} (see `kvforge generate --help`)")
+    for col in ("name", "parameters (default)", "description"):
+        table.add_column(col)
+    for name, cls in all_policies().items():
+        own = [(p, d) for p, _, d in cls.parameters() if p == "ratio" or p not in BUDGET_FIELDS]
+        params = ", ".join(f"{p}={d!r}" for p, d in own)
+        table.add_row(f"{name}:<policy>" if cls.wraps else name, params, cls.description)
+    console.print(table)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add this group's commands to the `kvforge` parser's subcommands."""
+    gen = sub.add_parser("generate", help="answer a question about a context file with a compressed cache")
+    gen.add_argument("question", help="the question; appended after the compressed context")
+    gen.add_argument("--prompt-file", default=None,
+                     help="the context (compressed), a UTF-8 text file; - reads standard input; none: no context")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="'default', a local HF checkpoint dir, a .gguf file, or random:<shape> (random weights)")
+    gen.add_argument("--policy", default="snapkv", help="compression policy (see `kvforge policies`)")
+    gen.add_argument("--ratio", type=ratio_arg, default=None, help="fraction of cached tokens removed, in [0, 1)")
+    gen.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="policy hyperparameter")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help="apply the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--query-aware", action="store_true", help="compress after the question (SnapKV setting)")
+    add_budget_args(gen, "prefill the compressed part N tokens at a time, compressing after each chunk")
+    gen.add_argument("--layout", default="inplace", help="K/V storage layout: inplace (default) or ragged (the reference)")
+    add_quant_args(gen)
+    add_device_args(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=cmd_generate)
+
+    cal = sub.add_parser("calibrate", help="measure once per model what razor, qfilters and kvzap need (cached on disk)")
+    cal.add_argument("--model", default=DEFAULT_MODEL)
+    cal.add_argument("--force", action="store_true", help="measure again even if the cache holds a calibration")
+    add_device_args(cal)
+    cal.set_defaults(func=cmd_calibrate)
+
+    pol = sub.add_parser("policies", help="list every policy with its parameters")
+    pol.set_defaults(func=cmd_policies)
