@@ -49,7 +49,7 @@ def tiny_model() -> LlamaForCausalLM:
 def tiny_calibration(tiny_model: LlamaForCausalLM, tmp_path_factory: pytest.TempPathFactory):
     """The tiny model's calibration, measured once per session (in a temporary cache directory)
     and remembered in-process, so policies that need one (razor, qfilters, kvzap) find it."""
-    from kvforge.calibrate import calibrate
+    from kvforge.calibration.measure import calibrate
     from kvforge.models import LoadedModel
 
     mp = pytest.MonkeyPatch()

@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 
 import kvforge
 from conftest import tiny_config, word_tokenizer
-from kvforge.calibrate import calibrate
+from kvforge.calibration.measure import calibrate
 from kvforge.calibration import _KNOWN, Calibration, calibration_path, fingerprint
 from kvforge.models import LoadedModel
 

@@ -316,7 +316,7 @@ def tiny_bf16(tiny_model, tmp_path_factory):
     """The tiny model in bfloat16, calibrated for its own activations (calibrations are per dtype)."""
     import copy
 
-    from kvforge.calibrate import calibrate
+    from kvforge.calibration.measure import calibrate
     from kvforge.models import LoadedModel
 
     model = copy.deepcopy(tiny_model).to(torch.bfloat16)

@@ -6,7 +6,7 @@ one model to kvforge attention explicitly.
 
 from kvforge.attention import enable
 from kvforge.cache import KVCache
-from kvforge.calibrate import calibrate
+from kvforge.calibration.measure import calibrate
 from kvforge.generate import prefill
 from kvforge.models import load_model
 from kvforge.policies import Policy, all_policies, make_policy

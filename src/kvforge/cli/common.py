@@ -109,7 +109,7 @@ def quant_spec(args: argparse.Namespace) -> Any:
 
 def ensure_calibration(loaded: Any, policies: list[Any]) -> None:
     """Measure the model's calibration once (kept on disk) when one of `policies` needs it."""
-    from kvforge.calibrate import calibrate
+    from kvforge.calibration.measure import calibrate
     from kvforge.calibration import find_calibration, fingerprint
 
     if not any(p.needs_calibration for p in policies) or find_calibration(fingerprint(loaded.model)):

@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from kvforge.calibrate import calibrate
+    from kvforge.calibration.measure import calibrate
     from kvforge.calibration import calibration_path
     from kvforge.policies.razor import retrieval_heads
 

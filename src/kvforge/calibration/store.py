@@ -2,7 +2,7 @@
 
 Some methods need facts about the model that no single prompt gives: which heads retrieve
 (RazorAttention), the main direction of each head's queries (Q-Filters), a cheap surrogate of
-KVzip's scores (KVzap). `kvforge calibrate` measures them (see `calibrate.py`) and writes one
+KVzip's scores (KVzap). `kvforge calibrate` measures them (see `measure.py`) and writes one
 safetensors file per model under $KVFORGE_CACHE (else ~/.cache/kvforge), named by a fingerprint
 of the model's configuration and weights; the fingerprint is also stored inside the file, so a
 file copied or renamed onto another model is refused rather than silently misapplied.
