@@ -171,8 +171,9 @@ def test_bench_batches_must_be_positive(capsys, tiny_checkpoint):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--api-key", ""], "the API key is empty or holds spaces"),
-        (["--api-key", "two words"], "the API key is empty or holds spaces"),
+        (["--api-key", ""], "the API key is empty, or holds spaces, control or non-ASCII characters"),
+        (["--api-key", "two words"], "the API key is empty, or holds spaces"),
+        (["--api-key", "clé"], "choose a printable ASCII token"),
         (["--max-queued", "0"], "--max-queued 0 is outside the allowed range [1, inf)"),
         (["--max-messages", "x"], "--max-messages 'x' is not an integer"),
         (["--max-request-size", "big"], "size 'big' is not understood"),

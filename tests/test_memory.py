@@ -198,3 +198,27 @@ def test_the_memory_package_imports_nothing_above_it():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert not name.startswith("kvforge") or name.startswith("kvforge.memory"), f"{path.name} imports {name}"
+
+
+def test_a_block_compacted_in_place_no_longer_stands_for_its_hash():
+    pool = BlockPool(4)
+    rows = RowBlocks(pool, 4)
+    row = Row()
+    rows.append(row, 8)
+    pool.mark(0, 7)
+    plan = rows.keep(row, [1, 3, 5, 7])
+    assert plan.in_place and row.blocks == [0] and pool.lookup(7) is None
+    pool.check()
+
+
+def test_bad_ids_and_counts_change_nothing():
+    pool = BlockPool(4)
+    ids = pool.allocate(2)
+    with pytest.raises(ValueError, match="released more often"):
+        pool.release([ids[0], ids[1], ids[1]])
+    with pytest.raises(ValueError, match="block 2 is free"):
+        pool.share([ids[0], 2])
+    assert [pool.blocks[i].ref_count for i in ids] == [1, 1] and pool.num_free == 2
+    with pytest.raises(ValueError, match="count=-3"):
+        RowBlocks(pool, 4).append(Row(), -3)
+    pool.check()

@@ -33,7 +33,8 @@ class Served:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(create_app(self.engine, "tiny", limits=self.limits), host="127.0.0.1", port=self.port, log_level="warning")
+        self.app = create_app(self.engine, "tiny", limits=self.limits)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -42,6 +43,9 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = self.limits.api_key or "none"
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key, max_retries=0)
+
+    def app_state(self):
+        return self.app.state.kv
 
     def close(self) -> None:
         self.server.should_exit = True

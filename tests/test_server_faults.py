@@ -6,6 +6,7 @@ limits, and the API key and Host header are enforced."""
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -117,6 +118,11 @@ def test_refusals_name_the_field_and_keep_details_out(guarded):
         # A body without a declared length is counted as it arrives.
         chunks = (b"x" * 1024 for _ in range(80))
         assert client.post(guarded.url + "/v1/completions", content=chunks, headers=auth).status_code == 413
+    # A client waiting for "100 Continue" before sending too much is answered at once.
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " + KEY.encode()
+                    + b"\r\nContent-Type: application/json\r\nContent-Length: 99999999\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+        assert raw.recv(64).startswith(b"HTTP/1.1 413")
     text = httpx.get(guarded.url + "/metrics", headers={"authorization": f"Bearer {KEY}"}).text
     assert 'kvforge_requests_refused_total{status="401"}' in text and 'kvforge_requests_refused_total{status="413"}' in text
 
@@ -192,6 +198,39 @@ def test_a_failed_batched_decoding_step_recomputes_each_request_alone(loaded):
     assert all(len(t) > 0 for t in texts)
 
 
+@dataclass
+class Unbuildable(KNorm):
+    """KNorm whose cache cannot be built (as when the device has no memory left): the engine's
+    check at submit reads `needs_calibration` once; building the cache reads it again and fails."""
+
+    name: ClassVar[str] = "knorm"
+    reads: int = 0
+
+    @property  # type: ignore[override]
+    def needs_calibration(self) -> bool:
+        self.reads += 1
+        if self.reads > 1:
+            raise RuntimeError("injected: no memory for the cache")
+        return False
+
+
+def test_a_request_that_cannot_start_fails_alone_and_the_engine_goes_on(loaded):
+    broken = KVSettings("knorm", 0.5)
+    engine = Engine(loaded, KVSettings(), prefill_chunk=32, policies=lambda kv: Unbuildable(ratio=0.5) if kv == broken else KNorm())
+    got: dict[str, list[Event]] = {"bad": [], "good": []}
+    engine.submit(Request(ids(30, 1), SamplingParams(4, temperature=0), broken, got["bad"].append))
+    engine.submit(Request(ids(30, 2), SamplingParams(4, temperature=0), KVSettings(), got["good"].append))
+    engine.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not (got["good"] and got["good"][-1].finish_reason):
+        time.sleep(0.01)
+    alive = engine.thread is not None and engine.thread.is_alive()
+    engine.stop()
+    assert got["bad"][-1].finish_reason == "error" and "no memory" in got["bad"][-1].error
+    assert got["good"][-1].finish_reason == "length" and alive
+    assert engine.live == {} and engine.reserved == {}
+
+
 def test_a_consumer_that_raises_fails_only_its_own_request(loaded):
     kv = KVSettings()
     engine = Engine(loaded, kv, prefill_chunk=32)
@@ -216,13 +255,36 @@ def test_the_engine_refuses_what_it_cannot_run_and_bounds_its_queue(loaded):
     for prompt, text in (([], "prompt is empty"), ([5, 500], "token id 500 is outside the model's vocabulary [0, 127]")):
         with pytest.raises(ValueError, match=re.escape(text)):
             engine.submit(Request(prompt, SamplingParams(4), KVSettings(), lambda _: None))
-    for seed in range(2):
-        engine.submit(Request(ids(10, seed), SamplingParams(4), KVSettings(), lambda _: None))
+    first, second = (Request(ids(10, seed), SamplingParams(4), KVSettings(), lambda _: None) for seed in range(2))
+    engine.submit(first)
+    engine.submit(second)
     with pytest.raises(QueueFull, match="2 requests are already waiting"):
         engine.submit(Request(ids(10, 3), SamplingParams(4), KVSettings(), lambda _: None))
+    engine.cancel(first)  # a client that hung up holds no place in the queue
+    engine.submit(Request(ids(10, 4), SamplingParams(4), KVSettings(), lambda _: None))
+    assert engine.queued() == 2
     for ratio in range(100):  # the policies built for settings clients send are bounded
         engine.policy(KVSettings("knorm", ratio / 100))
     assert len(engine.policies) == 32
+
+
+def test_bodies_being_read_count_against_the_queue(loaded):
+    server = Served(loaded, limits=ServerLimits(max_queued=1))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow:
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"model\": ")  # fmt: skip
+            deadline = time.time() + 10
+            while time.time() < deadline and server.app_state().reading == 0:
+                time.sleep(0.01)
+            refused = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "w1", "max_tokens": 1})
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        deadline = time.time() + 10  # the slow client gone, its place is free again
+        while time.time() < deadline and server.app_state().reading:
+            time.sleep(0.01)
+        assert httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "w1", "max_tokens": 1}).status_code == 200
+    finally:
+        server.close()
 
 
 def test_a_full_queue_answers_429_with_retry_after(loaded):

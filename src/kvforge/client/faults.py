@@ -62,7 +62,10 @@ def catalogue(context_window: int, max_body_bytes: int, max_messages: int = 1024
         Fault("too many messages", 400, "messages", {"messages": [{"role": "user", "content": "hi"}] * (max_messages + 1)}),
         Fault("prompt as token ids", 400, "prompt", {"prompt": [1, 2, 3]}, path=COMPLETIONS),
         Fault("unknown model", 404, "model", {"model": "gpt-4"}),
-        Fault("prompt beyond the window", 400, "messages", {"max_tokens": context_window}),
+        Fault("prompt + max_tokens beyond the window", 400, "max_tokens", {"max_tokens": context_window}),
+        Fault("kv_policy nesting 3000 wrappers", 400, "kv_policy", {"kv_policy": "chunk:" * 3000 + "knorm"}),
+        Fault("a number of 5000 digits", 400, None, b'{"model": "MODEL", "messages": [], "max_tokens": ' + b"9" * 5000 + b"}", bare=True),
+        Fault("JSON nested 20k deep", 400, None, b"[" * 20_000 + b"]" * 20_000, bare=True),
         Fault("huge prompt, just under the body limit", 400, "messages",
               {"messages": [{"role": "user", "content": "x " * ((max_body_bytes - 4096) // 2)}]}),  # fmt: skip
         Fault("malformed JSON", 400, None, b'{"model": ', bare=True),

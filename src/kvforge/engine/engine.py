@@ -133,6 +133,8 @@ class Engine:
         # Running groups by KV setting; an isolated request decodes in a group of its own (its id).
         self.groups: dict[tuple[KVSettings, int | None], Group] = {}
         self.reserved: dict[int, int] = {}  # request id -> bytes
+        # Every admitted request not yet ended, wherever it is (a turn that fails ends them all).
+        self.live: dict[int, Request] = {}
         self.policies: OrderedDict[KVSettings, Policy] = OrderedDict()
         self.policies_lock = threading.Lock()  # built from request threads and the engine thread
         self.prefixes = PrefixCache(prefill_chunk)
@@ -205,10 +207,15 @@ class Engine:
         """Queue a checked request (ValueError: it can never run; QueueFull: try again later)."""
         self.check(request)
         with self.wake:
-            if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting (the limit); try again shortly")
+            waiting = self.queued()
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise QueueFull(f"{waiting} requests are already waiting (the limit); try again shortly")
             self.waiting.append(request)
             self.wake.notify()
+
+    def queued(self) -> int:
+        """Requests waiting for admission (those whose clients hung up do not count)."""
+        return sum(1 for r in list(self.waiting) if not r.cancelled)
 
     def cancel(self, request: Request) -> None:
         """Stop a request (its client went away): its memory is freed at the engine's next turn."""
@@ -255,7 +262,7 @@ class Engine:
         self.published = {
             "running": sum(len(g.requests) for g in self.groups.values()),
             "prefilling": len(self.prefilling),
-            "waiting": len(self.waiting),
+            "waiting": self.queued(),
             "kv_allocated_bytes": allocated,
             "kv_kept_bytes": sum(c.kept_nbytes for c in self.caches()),
             "kv_reserved_bytes": sum(self.reserved.values()),
@@ -269,54 +276,60 @@ class Engine:
 
     def run(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self.wake:
-                    if self.stopping:
-                        self._cancel_all()
-                        break
-                    self._admit()
-                    self._publish()
-                    if not (self.prefilling or any(g.requests for g in self.groups.values()) or self.waiting):
-                        self.wake.wait(timeout=0.5)
-                        continue
+            while not self.stopping:
                 try:
-                    self._drop_cancelled()
-                    self._prefill_step()
-                    for group in list(self.groups.values()):
-                        if group.requests:
-                            self._decode_step(group)
-                    self._publish()
+                    self._turn()
                 except Exception as err:  # a bug outside any request's step: fail what is in flight, never hang
                     log.exception("engine turn failed")
-                    self._fail_all(f"{type(err).__name__}: {err}")
+                    with self.wake:
+                        self._fail_all(f"{type(err).__name__}: {err}")
+            with self.wake:
+                self._cancel_all()
+
+    def _turn(self) -> None:
+        """Admit what fits, then one prefill chunk and one decoding step for every group."""
+        with self.wake:
+            self._admit()
+            self._publish()
+            if not (self.prefilling or any(g.requests for g in self.groups.values()) or self.waiting):
+                self.wake.wait(timeout=0.5)
+                return
+        self._drop_cancelled()
+        self._prefill_step()
+        for group in list(self.groups.values()):
+            if group.requests:
+                self._decode_step(group)
+        self._publish()
 
     def _admit(self) -> None:
         """Waiting -> prefilling, in arrival order, while reservations fit (caller holds the lock)."""
+        for request in [r for r in self.waiting if r.cancelled]:  # hung up while waiting: they hold no place
+            self.waiting.remove(request)
+            self._end(request, "cancelled")
         while self.waiting:
             request = self.waiting[0]
-            if request.cancelled:
-                self.waiting.popleft()
-                self._end(request, "cancelled")
-                continue
             need = self.reservation(request)
             if not self._room_for(need):
                 return  # it waits for memory to be freed (the head of the queue goes first)
             self.waiting.popleft()
             self.reserved[request.id] = need
-            hit = self.prefixes.lookup(request.kv, request.prompt)
-            if hit is not None:
-                cache, done = hit
-                request.reused_tokens = done
-                self.stats.prefix_hits += 1
-                self.stats.prefix_reused_tokens += done
-                self.prefilling.append(Prefilling(request, cache, done))
-                continue
+            self.live[request.id] = request
             try:
-                cache = self._new_cache(request.kv)
-            except ValueError as err:  # checked at submit; a calibration deleted since, say
-                self._end(request, "error", str(err))
-                continue
-            self.prefilling.append(Prefilling(request, cache))
+                self.prefilling.append(self._started(request))
+            except Exception as err:  # a calibration deleted since submit, memory the device lacks, ...
+                log.exception("request %d could not start", request.id)
+                self._end(request, "error", f"{type(err).__name__}: {err}")
+
+    def _started(self, request: Request) -> Prefilling:
+        """A request's prefill: from a kept prefix of its prompt when there is one."""
+        hit = self.prefixes.lookup(request.kv, request.prompt)
+        if hit is None:
+            return Prefilling(request, self._new_cache(request.kv))
+        cache, done = hit
+        request.reused_tokens = done
+        self.stats.prefix_hits += 1
+        self.stats.prefix_reused_tokens += done
+        return Prefilling(request, cache, done)
 
     def _new_cache(self, kv: KVSettings) -> KVCache:
         return KVCache(self.loaded.model, self.policy(kv), tokenizer=self.loaded.tokenizer, quant=kv.quant)
@@ -377,7 +390,11 @@ class Engine:
             return
         if self.prefix_memory is not None and item.cache.nbytes > self.prefix_memory:
             return
-        self.prefixes.keep(item.request.kv, prompt[: item.done], item.cache)
+        try:
+            self.prefixes.keep(item.request.kv, prompt[: item.done], item.cache)
+        except Exception:  # a cache kept for later is an optimisation: fail no one for it
+            log.exception("keeping the prefix of request %d failed", item.request.id)
+            return
         while self.prefix_memory is not None and self.prefixes.nbytes > self.prefix_memory:
             self.prefixes.evict_one()
 
@@ -394,7 +411,12 @@ class Engine:
             self._end(request, reason)
             return
         group = self.groups.setdefault((request.kv, request.id if request.isolated else None), Group())
-        group.cache = item.cache if group.cache is None else KVCache.stack([group.cache, item.cache], take=True)
+        try:
+            group.cache = item.cache if group.cache is None else KVCache.stack([group.cache, item.cache], take=True)
+        except Exception as err:  # the group's cache may be consumed: every request in it starts again
+            self._drop_group(group)
+            self._step_failed([*group.requests, request], err, "join", blame=False)
+            return
         group.requests.append(request)
         group.next_tokens.append(token)
         group.positions = torch.cat([group.positions, torch.tensor([len(item.tokens)])])
@@ -443,18 +465,18 @@ class Engine:
         for request, reason in leaving:
             self._leave(group, [request], reason)
 
-    def _step_failed(self, requests: list[Request], err: Exception, step: str) -> None:
-        """A forward over `requests` raised; their caches may be half-written. One request: it
-        fails alone. Several: each is isolated and recomputed from its tokens on a fresh cache
-        (see the module docstring), ahead of the other prompts."""
+    def _step_failed(self, requests: list[Request], err: Exception, step: str, blame: bool = True) -> None:
+        """A step over `requests` raised; their caches may be half-written. One request (when
+        `blame`: the step was its own): it fails alone. Otherwise each is isolated and recomputed
+        from its tokens on a fresh cache (see the module docstring), ahead of the other prompts."""
         ids = ", ".join(str(r.id) for r in requests)
-        if len(requests) == 1:
+        if len(requests) == 1 and blame:
             log.error("%s step of request %s failed: %s: %s", step, ids, type(err).__name__, err, exc_info=err)
             for item in [p for p in self.prefilling if p.request is requests[0]]:
                 self.prefilling.remove(item)
             self._end(requests[0], "error", f"{type(err).__name__}: {err}")
             return
-        log.warning("batched %s step of requests %s failed (%s: %s); recomputing each alone", step, ids, type(err).__name__, err)
+        log.warning("%s step of requests %s failed (%s: %s); recomputing each alone", step, ids, type(err).__name__, err)
         for request in reversed(requests):
             for item in [p for p in self.prefilling if p.request is request]:
                 self.prefilling.remove(item)
@@ -481,7 +503,12 @@ class Engine:
         group.next_tokens = [group.next_tokens[b] for b in keep]
         group.positions = group.positions[keep]
         assert group.cache is not None
-        group.cache = group.cache.select(keep) if keep else None
+        try:
+            group.cache = group.cache.select(keep) if keep else None
+        except Exception as err:  # the group's cache may be consumed: those staying start again
+            self._drop_group(group)
+            self._step_failed(group.requests, err, "leave", blame=False)
+            keep = []
         if not keep:  # settings no request runs with any more hold no group (their number is the clients')
             self._drop_group(group)
         for request in leaving:
@@ -490,6 +517,7 @@ class Engine:
 
     def _end(self, request: Request, reason: str, error: str | None = None) -> None:
         self.reserved.pop(request.id, None)
+        self.live.pop(request.id, None)
         if reason == "cancelled":
             self.stats.cancelled += 1
         elif reason == "error":
@@ -498,19 +526,16 @@ class Engine:
             self.stats.completed += 1
         request.finish(reason, error)
 
-    def _every_request(self) -> list[Request]:
-        running = [r for g in self.groups.values() for r in g.requests]
-        return [p.request for p in self.prefilling] + running
-
     def _fail_all(self, error: str) -> None:
-        for request in self._every_request():
+        """Every admitted request ends with `error` (caller holds the lock); those waiting stay."""
+        for request in list(self.live.values()):
             self._end(request, "error", error)
         self.prefilling.clear()
         self.groups.clear()
 
     def _cancel_all(self) -> None:
         """The engine stops: whatever is still in it ends as cancelled (caller holds the lock)."""
-        for request in list(self.waiting) + self._every_request():
+        for request in list(self.waiting) + list(self.live.values()):
             self._end(request, "cancelled")
         self.waiting.clear()
         self.prefilling.clear()

@@ -19,7 +19,7 @@ Invariants (checked by `check()` in the tests):
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 
@@ -72,29 +72,27 @@ class BlockPool:
         ids = []
         for _ in range(count):
             block_id, _ = self.free_queue.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.hash is not None:
-                del self.hash_to_block[block.hash]
-                block.hash = None
-            block.ref_count = 1
+            self.forget(block_id)
+            self.blocks[block_id].ref_count = 1
             ids.append(block_id)
         return ids
 
     def share(self, ids: list[int]) -> None:
         """One more reference to each of `ids` (blocks in use)."""
-        for block_id in ids:
-            block = self.blocks[block_id]
-            if block.ref_count < 1:
+        for block_id in ids:  # checked first: a bad id changes nothing
+            if self.blocks[block_id].ref_count < 1:
                 raise ValueError(f"block {block_id} is free; only a block in use can be shared")
-            block.ref_count += 1
+        for block_id in ids:
+            self.blocks[block_id].ref_count += 1
 
     def release(self, ids: list[int]) -> None:
         """One reference less to each of `ids`; a block left with none goes to the end of the free
         queue (keeping its hash: it stays findable until it is reused)."""
+        for block_id, times in Counter(ids).items():  # checked first: a bad id changes nothing
+            if self.blocks[block_id].ref_count < times:
+                raise ValueError(f"block {block_id} is released more often than it was handed out")
         for block_id in ids:
             block = self.blocks[block_id]
-            if block.ref_count < 1:
-                raise ValueError(f"block {block_id} is released more often than it was handed out")
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
@@ -114,6 +112,13 @@ class BlockPool:
         block.hash = block_hash
         self.hash_to_block[block_hash] = block_id
         return block_id
+
+    def forget(self, block_id: int) -> None:
+        """Block `block_id` is about to hold other entries: it no longer stands for its hash."""
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            del self.hash_to_block[block.hash]
+            block.hash = None
 
     def lookup(self, block_hash: int) -> int | None:
         """The block standing for `block_hash`, with one more reference (taken out of the free

@@ -62,6 +62,8 @@ class RowBlocks:
     def append(self, row: Row, count: int) -> Append:
         """Room for `count` more entries at the end of `row` (raises OutOfBlocks, changing
         nothing, when the pool cannot give it)."""
+        if count < 0:
+            raise ValueError(f"count={count} is outside the allowed range [0, inf)")
         need = self.blocks_to_append(row, count)
         fresh = self.pool.allocate(need)  # all or nothing: raises before any change
         copies = []
@@ -82,8 +84,9 @@ class RowBlocks:
 
     def keep(self, row: Row, kept: list[int]) -> Keep:
         """Keep only the entries `kept` (ascending entry indices) of `row`, in order, at its front.
-        Blocks no one else holds are compacted in place and the rest released; a row sharing any
-        block writes its kept entries to fresh blocks and lets go of every old one."""
+        Blocks no one else holds are compacted in place (they stop standing for their prefix
+        hashes: their entries change) and the rest released; a row sharing any block writes its
+        kept entries to fresh blocks and lets go of every old one."""
         if any(b <= a for a, b in zip(kept, kept[1:])) or (kept and not 0 <= kept[0] <= kept[-1] < row.length):
             raise ValueError(f"kept entries must ascend within [0, {row.length}), got {kept[:8]}...")
         sources = [self.slot(row, i) for i in kept]
@@ -92,6 +95,8 @@ class RowBlocks:
         if exclusive:
             self.pool.release(row.blocks[count:])
             row.blocks = row.blocks[:count]
+            for block_id in row.blocks:
+                self.pool.forget(block_id)
         else:
             fresh = self.pool.allocate(count)
             self.pool.release(row.blocks)

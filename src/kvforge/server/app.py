@@ -40,6 +40,6 @@ def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5, limi
     app = FastAPI(title="kvforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.kv = kv
     errors.install(app, kv.refused)
-    app.add_middleware(Guard, limits=limits, refused=kv.refused)
+    app.add_middleware(Guard, limits=limits, refused=kv.refused, backlog=kv)
     app.include_router(router)
     return app

@@ -8,9 +8,9 @@ import hmac
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
-from kvforge.server.errors import error_body
+from kvforge.server.errors import APIError, error_body
 from kvforge.server.limits import ServerLimits
 
 Scope = MutableMapping[str, Any]
@@ -31,9 +31,17 @@ def host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+class Backlog(Protocol):
+    """What the guard asks of the server's queue: it counts the bodies it is reading."""
+
+    reading: int
+
+    def full(self) -> APIError | None: ...
+
+
 class Guard:
-    def __init__(self, app: ASGIApp, limits: ServerLimits, refused: Counter) -> None:
-        self.app, self.limits, self.refused = app, limits, refused
+    def __init__(self, app: ASGIApp, limits: ServerLimits, refused: Counter, backlog: Backlog) -> None:
+        self.app, self.limits, self.refused, self.backlog = app, limits, refused, backlog
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,19 +54,38 @@ class Guard:
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
-            await self.too_large(receive, send)
+            # A client that waits for "100 Continue" before sending gets the answer without it.
+            waiting = "100-continue" in headers.get("expect", "").lower()
+            await self.too_large(receive, send, more=not waiting)
             return
+        if scope["method"] == "POST":
+            busy = self.backlog.full()
+            if busy is not None:  # bodies being read count against the queue: memory stays bounded
+                if await self.drain(receive):
+                    await self.reply(send, busy.status, busy.message, busy.code or "", busy.headers or {})
+                return
+        self.backlog.reading += 1
+        try:
+            body = await self.read_body(receive, send)
+        finally:
+            self.backlog.reading -= 1
+        if body is not None:
+            await self.app(scope, replay(body, receive), send)
+
+    async def read_body(self, receive: Receive, send: Send) -> bytes | None:
+        """The whole body, counted as it comes (chunked bodies declare no length); None when the
+        client went away or the body is over the limit (answered 413 then)."""
         body, more = bytearray(), True
-        while more:  # chunked bodies declare no length: count as they come
+        while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limits.max_body_bytes:
                 await self.too_large(receive, send, more)
-                return
-        await self.app(scope, replay(bytes(body), receive), send)
+                return None
+        return bytes(body)
 
     def refuse(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str, str, dict[str, str]] | None:
         """(status, message, code, headers) for a request refused before its body is read."""
@@ -71,22 +98,30 @@ class Guard:
         if key is not None and scope["path"] not in OPEN_PATHS:
             given = headers.get("authorization", "")
             token = given[7:] if given[:7].lower() == "bearer " else ""
-            # compare_digest takes time independent of where the strings differ
-            if not hmac.compare_digest(token.encode("utf-8", "replace"), key.encode("utf-8")):
+            # compare_digest takes time independent of where the strings differ; headers arrive as
+            # latin-1 bytes, and keys are ASCII (ServerLimits checks), so the bytes compare alike
+            if not hmac.compare_digest(token.encode("latin-1"), key.encode("ascii")):
                 why = "no API key was given" if not given else "the API key is not valid"
                 message = f"{why}; send the header 'Authorization: Bearer <key>' with the server's --api-key"
                 return 401, message, "invalid_api_key", {"www-authenticate": "Bearer"}
         return None
 
-    async def too_large(self, receive: Receive, send: Send, more: bool = True) -> None:
-        limit = self.limits.max_body_bytes
+    async def drain(self, receive: Receive, more: bool = True) -> bool:
+        """Read and drop what the client still sends (up to DRAIN_LIMIT bytes): a client that is
+        still sending reads no reply. False when it went away."""
         drained = 0
-        while more and drained < DRAIN_LIMIT:  # a client that is still sending reads no reply
+        while more and drained < DRAIN_LIMIT:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return False
             drained += len(message.get("body", b""))
             more = message.get("more_body", False)
+        return True
+
+    async def too_large(self, receive: Receive, send: Send, more: bool) -> None:
+        if not await self.drain(receive, more):
+            return
+        limit = self.limits.max_body_bytes
         message = f"the request body is over the limit of {limit} bytes ({limit / 2**20:.1f} MiB); shorten it, or start the server with a larger --max-request-size"
         await self.reply(send, 413, message, "request_too_large", {})
 

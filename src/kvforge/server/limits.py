@@ -12,7 +12,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 @dataclass(frozen=True)
 class ServerLimits:
     max_body_bytes: int = 8 * 2**20  # 413 beyond: a 128k-token prompt is about 0.5 MB of text
-    max_queued: int = 256  # requests waiting for the engine (being read or tokenized, or queued); 429 beyond
+    max_queued: int = 256  # requests before the engine (bodies being read or prepared, or queued); 429 beyond
     max_messages: int = 1024  # messages of one chat request; 400 beyond
     api_key: str | None = None  # None: no key asked
     allowed_hosts: tuple[str, ...] | None = None  # Host header names answered; None: any
@@ -25,8 +25,9 @@ class ServerLimits:
                 raise ValueError(f"{name}={value!r} is outside the allowed range [1, inf); give a whole number >= 1")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout={self.shutdown_timeout!r} is outside the allowed range [0, inf) seconds")
-        if self.api_key is not None and (not self.api_key or not self.api_key.isprintable() or " " in self.api_key):
-            raise ValueError("the API key is empty or holds spaces or control characters; choose a printable token")
+        key = self.api_key
+        if key is not None and (not key or not key.isascii() or not key.isprintable() or " " in key):
+            raise ValueError("the API key is empty, or holds spaces, control or non-ASCII characters; choose a printable ASCII token")
         if self.allowed_hosts is not None and not all(self.allowed_hosts):
             raise ValueError(f"--allowed-hosts {','.join(self.allowed_hosts)!r} names an empty host")
 

@@ -19,6 +19,7 @@ from kvforge.server.schemas import ChatRequest, CompletionRequest, KVFields
 from kvforge.storage import QuantSpec
 
 DEFAULT_MAX_TOKENS = 256
+MAX_WRAPPERS = 4  # policies wrapped around a policy in one kv_policy name
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -32,6 +33,9 @@ def load(raw: bytes) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise APIError(400, f"the request body is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # a number of thousands of digits; nesting too deep
+        what = "nested too deeply" if isinstance(err, RecursionError) else "holds a number too long to read"
+        raise APIError(400, f"the request body is JSON that {what}; send a plain request object") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, not {type(data).__name__}")
     return data
@@ -118,6 +122,8 @@ class Preparer:
         kv_ratio takes the server's --ratio; a kv_ratio the policy would ignore is refused."""
         base = self.engine.defaults
         policy = body.kv_policy or base.policy
+        if policy.count(":") > MAX_WRAPPERS:
+            raise APIError(400, f"kv_policy nests {policy.count(':')} wrappers; at most {MAX_WRAPPERS} (e.g. adakv:chunk:snapkv)", "kv_policy")
         if policy == "full" and body.kv_ratio:
             raise APIError(
                 400, f"kv_ratio={body.kv_ratio!r} has no effect with kv_policy 'full', which keeps every entry; "
@@ -152,5 +158,14 @@ class Preparer:
         try:
             self.engine.check(request)
         except ValueError as err:
-            raise APIError(400, str(err), prompt_field) from None
+            raise APIError(400, str(err), self.blamed(body, len(prompt), new_tokens, prompt_field)) from None
         return request
+
+    def blamed(self, body: KVFields, prompt_tokens: int, new_tokens: int, prompt_field: str) -> str | None:
+        """The field an engine refusal names: beyond the window, max_tokens when the client asked
+        for that many and the prompt alone fits, else the prompt; the other refusals (budget,
+        calibration) say in words what is wrong."""
+        window = self.engine.loaded.context_length
+        if window is None or prompt_tokens + new_tokens <= window:
+            return None
+        return "max_tokens" if prompt_tokens < window and body.new_tokens() is not None else prompt_field

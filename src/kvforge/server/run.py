@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from types import FrameType
 
 import uvicorn
@@ -45,8 +46,18 @@ def serve(app: FastAPI, engine: Engine, host: str, port: int, shutdown_timeout: 
         server.run()
     finally:
         if server.forced:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+            exit_now()
+        # uvicorn has put the default handlers back: a signal while the engine finishes its step
+        # must still mean "exit at once", not a traceback or death by signal
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: exit_now())
         engine.stop()
     return 0
+
+
+def exit_now() -> None:
+    log.warning("exiting now")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

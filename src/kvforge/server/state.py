@@ -53,12 +53,23 @@ class ServerState:
     pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="kvforge-prepare", initializer=lower_priority)
     )
-    preparing: int = 0  # requests whose bodies are being read or prepared (changed on the event loop only)
+    # Requests in the server before the engine, each counted on the event loop only: bodies being
+    # read (by the guard) and bodies being prepared (on the worker threads).
+    reading: int = 0
+    preparing: int = 0
+
+    def queued(self) -> int:
+        """Requests not yet running: being read, being prepared, or waiting in the engine."""
+        return self.reading + self.preparing + self.engine.queued()
+
+    def full(self) -> APIError | None:
+        """The 429 to answer when the queue is at its limit (--max-queued), else None."""
+        if self.queued() < self.limits.max_queued:
+            return None
+        return queue_full(f"{self.limits.max_queued} requests are already queued (--max-queued)")
 
     async def prepared(self, http: HTTPRequest, prepare: Callable[[bytes], T]) -> T:
-        """The body, read and prepared on a worker thread; 429 while the queue is full."""
-        if self.preparing + len(self.engine.waiting) >= self.limits.max_queued:
-            raise queue_full(f"{self.limits.max_queued} requests are already queued (--max-queued)")
+        """The body (read by the guard already) prepared on a worker thread."""
         self.preparing += 1
         try:
             raw = await http.body()
