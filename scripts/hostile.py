@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvforge.client.faults import catalogue, good_chat, problems, send
-from kvforge.client.loadtest import QUESTIONS, percentile
+from kvforge.client.loadtest import QUESTIONS, kvforge_metric, percentile
 
 KEY = "hostile-bench-key"
 console = Console()
@@ -223,8 +223,9 @@ def gaps_table(server: Server, tokens: int = 96) -> dict:
 
 
 def metric(server: Server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics", headers=headers()).text
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"kvforge_{name} ")))
+    value = kvforge_metric(server.url, name, KEY)
+    assert value is not None, f"kvforge_{name} is not in /metrics"
+    return value
 
 
 def abandoned(model: str) -> dict:

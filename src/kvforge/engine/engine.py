@@ -227,14 +227,13 @@ class Engine:
         self.thread = threading.Thread(target=self.run, name="kvforge-engine", daemon=True)
         self.thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop the engine thread after its current step (waiting at most `timeout` seconds for
-        it); requests still in it end as cancelled."""
+    def stop(self) -> None:
+        """Stop the engine thread after its current step; requests still in it end as cancelled."""
         with self.wake:
             self.stopping = True
             self.wake.notify()
         if self.thread is not None:
-            self.thread.join(timeout)
+            self.thread.join()
 
     # --- what /metrics shows -----------------------------------------------------------------
 
@@ -470,16 +469,13 @@ class Engine:
         `blame`: the step was its own): it fails alone. Otherwise each is isolated and recomputed
         from its tokens on a fresh cache (see the module docstring), ahead of the other prompts."""
         ids = ", ".join(str(r.id) for r in requests)
+        self.prefilling = deque(p for p in self.prefilling if p.request not in requests)
         if len(requests) == 1 and blame:
             log.error("%s step of request %s failed: %s: %s", step, ids, type(err).__name__, err, exc_info=err)
-            for item in [p for p in self.prefilling if p.request is requests[0]]:
-                self.prefilling.remove(item)
             self._end(requests[0], "error", f"{type(err).__name__}: {err}")
             return
         log.warning("%s step of requests %s failed (%s: %s); recomputing each alone", step, ids, type(err).__name__, err)
         for request in reversed(requests):
-            for item in [p for p in self.prefilling if p.request is request]:
-                self.prefilling.remove(item)
             request.isolated = True
             self.stats.isolated += 1
             try:

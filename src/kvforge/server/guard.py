@@ -5,12 +5,11 @@ parsing, and a body over the limit is never held in memory."""
 from __future__ import annotations
 
 import hmac
-import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
-from kvforge.server.errors import APIError, error_body
+from kvforge.server.errors import APIError, error_response
 from kvforge.server.limits import ServerLimits
 
 Scope = MutableMapping[str, Any]
@@ -50,29 +49,29 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         refusal = self.refuse(scope, headers)
         if refusal is not None:
-            await self.reply(send, *refusal)
+            await self.reply(scope, send, refusal)
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             # A client that waits for "100 Continue" before sending gets the answer without it.
             waiting = "100-continue" in headers.get("expect", "").lower()
-            await self.too_large(receive, send, more=not waiting)
+            await self.too_large(scope, receive, send, more=not waiting)
             return
         if scope["method"] == "POST":
             busy = self.backlog.full()
             if busy is not None:  # bodies being read count against the queue: memory stays bounded
                 if await self.drain(receive):
-                    await self.reply(send, busy.status, busy.message, busy.code or "", busy.headers or {})
+                    await self.reply(scope, send, busy)
                 return
         self.backlog.reading += 1
         try:
-            body = await self.read_body(receive, send)
+            body = await self.read_body(scope, receive, send)
         finally:
             self.backlog.reading -= 1
         if body is not None:
             await self.app(scope, replay(body, receive), send)
 
-    async def read_body(self, receive: Receive, send: Send) -> bytes | None:
+    async def read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         """The whole body, counted as it comes (chunked bodies declare no length); None when the
         client went away or the body is over the limit (answered 413 then)."""
         body, more = bytearray(), True
@@ -83,17 +82,17 @@ class Guard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limits.max_body_bytes:
-                await self.too_large(receive, send, more)
+                await self.too_large(scope, receive, send, more)
                 return None
         return bytes(body)
 
-    def refuse(self, scope: Scope, headers: dict[str, str]) -> tuple[int, str, str, dict[str, str]] | None:
-        """(status, message, code, headers) for a request refused before its body is read."""
+    def refuse(self, scope: Scope, headers: dict[str, str]) -> APIError | None:
+        """The error of a request refused before its body is read (None: it may go on)."""
         allowed = self.limits.allowed_hosts
         host = host_name(headers.get("host", ""))
         if allowed is not None and host not in allowed:
             names = ", ".join(allowed)
-            return 400, f"Host header {host!r} is not allowed; this server answers to {names} (--allowed-hosts)", "host_not_allowed", {}
+            return APIError(400, f"Host header {host!r} is not allowed; this server answers to {names} (--allowed-hosts)", code="host_not_allowed")
         key = self.limits.api_key
         if key is not None and scope["path"] not in OPEN_PATHS:
             given = headers.get("authorization", "")
@@ -103,7 +102,7 @@ class Guard:
             if not hmac.compare_digest(token.encode("latin-1"), key.encode("ascii")):
                 why = "no API key was given" if not given else "the API key is not valid"
                 message = f"{why}; send the header 'Authorization: Bearer <key>' with the server's --api-key"
-                return 401, message, "invalid_api_key", {"www-authenticate": "Bearer"}
+                return APIError(401, message, code="invalid_api_key", headers={"www-authenticate": "Bearer"})
         return None
 
     async def drain(self, receive: Receive, more: bool = True) -> bool:
@@ -118,20 +117,22 @@ class Guard:
             more = message.get("more_body", False)
         return True
 
-    async def too_large(self, receive: Receive, send: Send, more: bool) -> None:
+    async def too_large(self, scope: Scope, receive: Receive, send: Send, more: bool) -> None:
         if not await self.drain(receive, more):
             return
         limit = self.limits.max_body_bytes
         message = f"the request body is over the limit of {limit} bytes ({limit / 2**20:.1f} MiB); shorten it, or start the server with a larger --max-request-size"
-        await self.reply(send, 413, message, "request_too_large", {})
+        await self.reply(scope, send, APIError(413, message, code="request_too_large"))
 
-    async def reply(self, send: Send, status: int, message: str, code: str, extra: dict[str, str]) -> None:
-        self.refused[status] += 1
-        payload = json.dumps(error_body(status, message, code=code)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        headers += [(k.encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+    async def reply(self, scope: Scope, send: Send, err: APIError) -> None:
+        """Answer with `err` in the shape every route's errors have (the body is read or dropped:
+        nothing more is received)."""
+        self.refused[err.status] += 1
+        await error_response(err)(scope, nothing_more, send)
+
+
+async def nothing_more() -> Message:
+    return {"type": "http.disconnect"}
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

@@ -8,8 +8,6 @@ names the field, the value and the allowed range (the server turns it into a 400
 
 from __future__ import annotations
 
-import math
-
 from pydantic import BaseModel, ConfigDict, field_validator
 
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; a signed bound keeps every backend happy
@@ -94,7 +92,7 @@ class KVFields(BaseModel):
     @classmethod
     def _ratio(cls, value: float | None) -> float | None:
         # allow_inf_nan=False refused NaN and infinities already; this is the range
-        if value is not None and not (math.isfinite(value) and 0 <= value < 1):
+        if value is not None and not 0 <= value < 1:
             raise outside("kv_ratio", value, "[0, 1) (0 keeps every entry, 0.75 keeps a quarter)")
         return value
 
