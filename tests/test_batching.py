@@ -15,6 +15,8 @@ SETUPS = [
     ("inplace", None, "full"),
     ("inplace", None, "knorm"),
     ("ragged", None, "h2o"),
+    ("paged", None, "h2o"),
+    ("paged", None, "full"),
     ("inplace", QuantSpec("int4", group=4, residual=4), "knorm"),
     ("inplace", QuantSpec("mixed", group=2, residual=0), "streaming"),
 ]

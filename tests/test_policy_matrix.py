@@ -14,6 +14,7 @@ from kvforge.policies.pyramidkv import depth_factor
 from kvforge import KVCache, all_policies, make_policy
 from kvforge.generate import DECODE, PREFILL, feed, settle
 from kvforge.generate import prefill as prefill_ids
+from kvforge.storage import LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -297,18 +298,19 @@ def test_decode_budget_holds_after_every_step(tiny_model, row):
 
 
 @pytest.mark.parametrize("row", MATRIX, ids=lambda r: r.name)
-def test_inplace_layout_keeps_and_predicts_what_the_ragged_one_does(tiny_model, row):
+def test_every_layout_keeps_and_predicts_what_the_ragged_one_does(tiny_model, row):
     ids, mask = left_padded(LENGTHS)
     policy = build(row, 0.5) if row.name == "full" else build(row, 0.5, evict_every=2)
-    results = []
-    for layout in ("inplace", "ragged"):
+    results = {}
+    for layout in LAYOUTS:
         cache, logits = prefill_logits(tiny_model, policy, ids, mask, layout)
         steps = [logits] + decode(tiny_model, cache, logits, ids.shape[1], 5)
-        results.append((steps, [held_positions(layer.storage) for layer in cache.layers], cache.kept_nbytes))
-    (a, pos_a, kept_a), (b, pos_b, kept_b) = results
-    assert pos_a == pos_b and kept_a == kept_b
-    for la, lb in zip(a, b):
-        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+        results[layout] = (steps, [held_positions(layer.storage) for layer in cache.layers], cache.kept_nbytes)
+    b, pos_b, kept_b = results.pop("ragged")
+    for a, pos_a, kept_a in results.values():
+        assert pos_a == pos_b and kept_a == kept_b
+        for la, lb in zip(a, b):
+            torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ Invariants (checked by `check()` in the tests):
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -35,14 +36,24 @@ class Block:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks={num_blocks} is outside the allowed range [1, inf)")
+    """`expand(short)`, when given, is called when an allocation finds `short` blocks too few: it
+    may `grow` the pool (an unbounded pool, whose tensors grow with it) before the pool gives up."""
+
+    def __init__(self, num_blocks: int, expand: Callable[[int], None] | None = None) -> None:
+        if num_blocks < 0 or (num_blocks == 0 and expand is None):
+            raise ValueError(f"num_blocks={num_blocks} is outside the allowed range [1, inf) (0 only for a pool that grows)")
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free block ids, oldest freed first; an OrderedDict so a cache hit can take a free block
         # out of the middle in O(1).
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        self.expand = expand
+
+    def grow(self, count: int) -> None:
+        """`count` more blocks, free, ids after the last (the tensors behind them grow first)."""
+        first = self.num_blocks
+        self.blocks.extend(Block(i) for i in range(first, first + count))
+        self.free_queue.update(dict.fromkeys(range(first, first + count)))
 
     @property
     def num_blocks(self) -> int:
@@ -67,6 +78,8 @@ class BlockPool:
     def allocate(self, count: int) -> list[int]:
         """`count` free blocks, one reference each, oldest freed first. A reused block forgets the
         hash it carried: its entries are about to be overwritten."""
+        if count > self.num_free and self.expand is not None:
+            self.expand(count - self.num_free)
         if count > self.num_free:
             raise OutOfBlocks(f"{count} blocks asked, {self.num_free} free of {self.num_blocks}")
         ids = []

@@ -77,6 +77,21 @@ class RowBlocks:
         row.length += count
         return Append(copies, [self.slot(row, i) for i in range(start, row.length)])
 
+    def own(self, row: Row, block_indices: list[int]) -> list[tuple[int, int]]:
+        """The row is about to overwrite entries in its blocks at `block_indices`: each one held by
+        another row is first replaced by a fresh copy (copy on write of that block alone), and
+        each stops standing for its prefix hash. Returns the (source, new block) copies to make."""
+        wanted = list(dict.fromkeys(block_indices))
+        shared = [i for i in wanted if self.pool.blocks[row.blocks[i]].ref_count > 1]
+        fresh = self.pool.allocate(len(shared))  # all or nothing: raises before any change
+        copies = [(row.blocks[i], new) for i, new in zip(shared, fresh)]
+        self.pool.release([source for source, _ in copies])
+        for i, new in zip(shared, fresh):
+            row.blocks[i] = new
+        for i in wanted:
+            self.pool.forget(row.blocks[i])
+        return copies
+
     def fork(self, row: Row) -> Row:
         """A row holding the same entries in the same blocks (one more reference each)."""
         self.pool.share(row.blocks)

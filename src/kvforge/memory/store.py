@@ -31,8 +31,26 @@ class Swapped:
 class BlockStore:
     def __init__(self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.block_size, self.head_dim = block_size, head_dim
-        self.keys = torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
+        with torch.inference_mode(False):  # see grow()
+            self.keys = torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device)
+            self.values = torch.zeros_like(self.keys)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.keys.shape[0]
+
+    def grow(self, count: int) -> None:
+        """`count` more blocks after the last (zeros: a padded read of them is never NaN). The
+        tensors are reallocated: hold block ids, never views, across a growth. Made outside
+        inference mode whatever the caller's mode: a store outlives the call that grew it, and an
+        inference tensor could not be written outside that mode later."""
+        with torch.inference_mode(False):
+            extra = self.keys.new_zeros(count, self.block_size, self.head_dim)
+            self.keys, self.values = torch.cat([self.keys, extra]), torch.cat([self.values, extra])
+
+    def shrink_to_nothing(self) -> None:
+        with torch.inference_mode(False):
+            self.keys, self.values = self.keys[:0].clone(), self.values[:0].clone()
 
     @property
     def capacity_nbytes(self) -> int:
@@ -40,7 +58,8 @@ class BlockStore:
 
     @property
     def block_nbytes(self) -> int:
-        return self.capacity_nbytes // self.keys.shape[0]
+        """Bytes of one block: its keys and its values."""
+        return 2 * self.block_size * self.head_dim * self.keys.element_size()
 
     def allocated_nbytes(self, pool: BlockPool) -> int:
         return pool.num_used * self.block_nbytes
@@ -49,12 +68,14 @@ class BlockStore:
         """keys, values as (num_blocks * block_size, head_dim): a flat slot indexes both."""
         return self.keys.view(-1, self.head_dim), self.values.view(-1, self.head_dim)
 
-    def write(self, slots: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Entry i of keys, values (n, head_dim) goes to flat slot slots[i]."""
+    def write(self, slots: list[int], keys: torch.Tensor | None, values: torch.Tensor) -> None:
+        """Entry i of keys, values (n, head_dim) goes to flat slot slots[i] (keys None: values only)."""
         flat_k, flat_v = self._flat()
         index = torch.tensor(slots, dtype=torch.long, device=self.keys.device)
-        flat_k[index] = keys.to(self.keys.dtype)
-        flat_v[index] = values.to(self.values.dtype)
+        # Detached: the store outlives every forward; it must never join an autograd graph.
+        if keys is not None:
+            flat_k.index_copy_(0, index, keys.detach().to(self.keys.dtype))
+        flat_v.index_copy_(0, index, values.detach().to(self.values.dtype))
 
     def read(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """keys, values (n, head_dim) of the entries in `slots`, in order (a copy)."""
@@ -70,9 +91,11 @@ class BlockStore:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Whole blocks (source, target): a row's copy on write of its shared last block."""
-        for source, target in pairs:
-            self.keys[target] = self.keys[source]
-            self.values[target] = self.values[source]
+        if not pairs:
+            return
+        sources, targets = (torch.tensor(ids, dtype=torch.long, device=self.keys.device) for ids in zip(*pairs))
+        self.keys[targets] = self.keys[sources]
+        self.values[targets] = self.values[sources]
 
     def swap_out(self, ids: list[int], device: torch.device | str = "cpu") -> Swapped:
         """A copy of blocks `ids` on `device`, bytes as they are (the caller releases the ids)."""

@@ -7,10 +7,11 @@ import torch
 from kvforge.storage.base import KVStorage, PaddedView
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.inplace import InPlaceKV
+from kvforge.storage.paged import PagedKV
 from kvforge.storage.quantized import QuantizedKV
 from kvforge.storage.ragged import RaggedKV
 
-LAYOUTS: dict[str, type[KVStorage]] = {"inplace": InPlaceKV, "ragged": RaggedKV}
+LAYOUTS: dict[str, type[KVStorage]] = {"inplace": InPlaceKV, "paged": PagedKV, "ragged": RaggedKV}
 DEFAULT_LAYOUT = "inplace"
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from kvforge.attention import attend, causal_allowed, every_real, received_attention
+from kvforge.attention import every_real
+from kvforge.storage.viewread import ReadsView
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, exclusive_cumsum, gather_slots, sequence_rows, spans, time_ordered
 
 
-class RaggedKV(KVStorage):
+class RaggedKV(ReadsView):
     """The K/V entries one attention layer holds, ragged over (sequence, KV head), in one flat tensor."""
 
     def __init__(
@@ -114,13 +115,6 @@ class RaggedKV(KVStorage):
         other.aux = {name: torch.zeros(self.entries, dtype=torch.float32, device=self.keys.device) for name in aux_names}
         return other
 
-    def uniform_length(self) -> int | None:
-        """The common row length when every (sequence, head) holds the same count, else None."""
-        if self.lengths.numel() == 0:
-            return None
-        first = int(self.lengths.view(-1)[0])
-        return first if bool((self.lengths == first).all()) else None
-
     def _append_dense(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Fast path: rows all equal and every new token real, so the flat layout is a dense
         (batch, heads, L, dim) tensor and appending is one concatenation along time."""
@@ -175,25 +169,6 @@ class RaggedKV(KVStorage):
             valid=valid,
             aux={name: take(state) for name, state in self.aux.items()},
         )
-
-    def attend(
-        self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
-    ) -> torch.Tensor:
-        if accumulate is not None:
-            self.accumulate_attention(accumulate, query, positions, valid, scaling)
-        view = self.view()
-        # One new token per row and no padding slot: every held entry is in its past, so
-        # plain unmasked attention is exact (the common decoding step).
-        dense_step = query.shape[2] == 1 and every_real(valid) and self.uniform_length() is not None
-        allowed = None if dense_step else causal_allowed(view.positions, view.valid, positions)
-        out = attend(query, view.keys, view.values, allowed, scaling)
-        return out.masked_fill(~valid[:, None, :, None], 0.0)
-
-    def accumulate_attention(
-        self, name: str, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float
-    ) -> None:
-        view = self.view()
-        self.add_aux(name, view, received_attention(query, view.keys, view.positions, view.valid, positions, valid, scaling))
 
     def add_aux(self, name: str, view: PaddedView, delta: torch.Tensor) -> None:
         delta = delta.float().masked_fill(~view.valid, 0.0)

@@ -1,0 +1,106 @@
+"""One owner of K/V memory for a (device, dtype, head dim): the block ids (`BlockPool`), the
+tensors behind them (`BlockStore`) and what rows do to their block tables (`RowBlocks`).
+
+Every layer's rows of every cache built over one `KVMemory` take their blocks from it, so a fork,
+a prefix hit or a sequence joining a batch is a block-table edit, and what the memory holds is
+counted once, from its own tensors:
+
+    capacity_nbytes  = blocks in the store x block bytes   (what the tensors hold)
+    allocated_nbytes = blocks handed out x block bytes     (what rows stand on)
+    free_nbytes      = capacity_nbytes - allocated_nbytes
+
+A memory made with `num_blocks` is bounded: an allocation past it raises `OutOfBlocks` (the engine
+then waits or preempts). One made without doubles when it runs out (at least
+MIN_GROWTH blocks: each growth copies the store once, so growing rarely matters more than a
+tight capacity) and gives its tensors back once no block is in use (`trim`); rows therefore
+reach the pool and the row tables through this object, never by holding `pool` or `rows` themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvforge.memory.pool import BlockPool
+from kvforge.memory.rows import RowBlocks
+from kvforge.memory.store import BlockStore
+
+BLOCK_SIZE = 32  # entries per block: with 2k kept entries a row wastes under 1.6% in its last block
+MIN_GROWTH = 256  # blocks an unbounded memory grows by at the least
+
+
+class KVMemory:
+    def __init__(
+        self,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        num_blocks: int | None = None,  # None: unbounded, grows on demand
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        self.bounded = num_blocks is not None
+        self.store = BlockStore(num_blocks or 0, block_size, head_dim, dtype, device)
+        self.pool = BlockPool(num_blocks or 0, expand=None if self.bounded else self._grow)
+        self.rows = RowBlocks(self.pool, block_size)
+
+    @classmethod
+    def of_bytes(cls, nbytes: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu", block_size: int = BLOCK_SIZE) -> KVMemory:
+        """A bounded memory of as many blocks as `nbytes` holds (at least one)."""
+        block = 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
+        if nbytes < block:
+            raise ValueError(f"a K/V memory of {nbytes} bytes holds no block of {block} bytes; give at least {block}")
+        return cls(head_dim, dtype, device, nbytes // block, block_size)
+
+    @property
+    def block_size(self) -> int:
+        return self.rows.block_size
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.store.block_nbytes
+
+    @property
+    def capacity_nbytes(self) -> int:
+        return self.store.capacity_nbytes
+
+    @property
+    def allocated_nbytes(self) -> int:
+        return self.pool.num_used * self.block_nbytes
+
+    @property
+    def free_nbytes(self) -> int:
+        return self.capacity_nbytes - self.allocated_nbytes
+
+    def _grow(self, short: int) -> None:
+        count = max(short, self.pool.num_blocks, MIN_GROWTH)
+        self.store.grow(count)
+        self.pool.grow(count)
+
+    def trim(self) -> None:
+        """An unbounded memory with no block in use gives its tensors back."""
+        if not self.bounded and self.pool.num_blocks and self.pool.num_used == 0:
+            self.store.shrink_to_nothing()
+            self.pool = BlockPool(0, expand=self._grow)
+            self.rows = RowBlocks(self.pool, self.rows.block_size)
+
+    def stats(self) -> dict[str, int]:
+        """Blocks used, shared and free, and the bytes above (for /metrics and benchmarks)."""
+        return {
+            "blocks_used": self.pool.num_used,
+            "blocks_shared": self.pool.num_shared,
+            "blocks_free": self.pool.num_free,
+            "block_size": self.block_size,
+            "capacity_bytes": self.capacity_nbytes,
+            "allocated_bytes": self.allocated_nbytes,
+        }
+
+
+_shared: dict[tuple[str, torch.dtype, int], KVMemory] = {}
+
+
+def shared_memory(device: torch.device, dtype: torch.dtype, head_dim: int) -> KVMemory:
+    """The process's unbounded memory for (device, dtype, head dim), made on first use: caches
+    built without a memory of their own share it, so forks and stacks of them copy nothing."""
+    key = (str(torch.device(device)), dtype, head_dim)
+    if key not in _shared:
+        _shared[key] = KVMemory(head_dim, dtype, device)
+    return _shared[key]

@@ -1,0 +1,128 @@
+"""The paged layout over one block memory: forks and stacks hold no second copy, a write to a
+shared row copies its last block alone, eviction and leaving a batch give blocks back, a bounded
+memory refuses what it cannot hold without changing anything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import held_positions
+from kvforge.memory import OutOfBlocks
+from kvforge.memory.kvmemory import KVMemory
+from kvforge.storage.paged import PagedKV
+
+HEADS, DIM, BLOCK = 2, 8, 4
+ENTRY = 2 * DIM * 4  # one K row and one V row, float32
+
+
+def memory(num_blocks: int | None = None) -> KVMemory:
+    return KVMemory(DIM, torch.float32, "cpu", num_blocks, block_size=BLOCK)
+
+
+def filled(mem: KVMemory, batch: int, t: int, seed: int = 0) -> tuple[PagedKV, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(batch, HEADS, t, DIM, generator=gen), torch.randn(batch, HEADS, t, DIM, generator=gen)
+    storage = PagedKV(batch, HEADS, DIM, torch.float32, torch.device("cpu"), memory=mem)
+    storage.append(keys, values, torch.arange(t), torch.ones(batch, t, dtype=torch.bool))
+    return storage, keys, values
+
+
+def one_token(storage: PagedKV, position: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(storage.batch, HEADS, 1, DIM, generator=gen), torch.randn(storage.batch, HEADS, 1, DIM, generator=gen)
+    storage.append(k, v, torch.tensor([position]), torch.ones(storage.batch, 1, dtype=torch.bool))
+    return k, v
+
+
+def test_rows_take_exact_blocks_and_read_back_what_was_written():
+    mem = memory()
+    storage, keys, values = filled(mem, 1, 10)
+    assert [row.blocks for row in storage.rows] == [[0, 1, 2], [3, 4, 5]]  # 10 entries: 3 blocks per row
+    assert storage.allocated_nbytes == mem.allocated_nbytes == 6 * BLOCK * ENTRY
+    view = storage.view()
+    torch.testing.assert_close(view.keys, keys)
+    torch.testing.assert_close(view.values, values)
+
+
+def test_a_fork_holds_no_second_copy_and_copies_only_its_last_block_on_write():
+    mem = memory()
+    base, keys, _ = filled(mem, 1, 10)
+    fork = base.share(())
+    union = {**base.buffers(), **fork.buffers()}
+    assert sum(union.values()) == base.allocated_nbytes  # the same blocks, counted once
+    assert mem.pool.num_shared == 6
+    k, _ = one_token(fork, 10, seed=1)
+    # Each row's last block (2 of 4 entries filled) was shared: that block alone is copied.
+    assert [row.blocks for row in fork.rows] == [[0, 1, 6], [3, 4, 7]]
+    assert [row.blocks for row in base.rows] == [[0, 1, 2], [3, 4, 5]]
+    assert mem.pool.num_used == 8
+    torch.testing.assert_close(fork.view().keys, torch.cat([keys, k], 2))
+    torch.testing.assert_close(base.view().keys, keys)  # the lender is unchanged
+
+
+def test_evicting_compacts_in_place_and_returns_the_rest_to_the_pool():
+    mem = memory()
+    storage, keys, _ = filled(mem, 1, 10)
+    view = storage.view()
+    index = torch.tensor([[[0, 2, 9], [1, 5, 8]]])
+    storage.keep(view, index, torch.ones_like(index, dtype=torch.bool))
+    assert [row.blocks for row in storage.rows] == [[0], [3]] and mem.pool.num_used == 2
+    assert held_positions(storage) == [[0, 2, 9], [1, 5, 8]]
+    torch.testing.assert_close(storage.view().keys[0, 0], keys[0, 0, [0, 2, 9]])
+
+
+def test_evicting_a_shared_row_writes_fresh_blocks_and_leaves_the_lender_whole():
+    mem = memory()
+    base, keys, _ = filled(mem, 1, 10)
+    fork = base.share(())
+    index = torch.tensor([[[0, 9], [3, 4]]])
+    fork.keep(fork.view(), index, torch.ones_like(index, dtype=torch.bool))
+    assert [row.blocks for row in fork.rows] == [[6], [7]]
+    torch.testing.assert_close(fork.view().keys[0, 1], keys[0, 1, [3, 4]])
+    torch.testing.assert_close(base.view().keys, keys)
+
+
+def test_stack_take_and_select_move_blocks_and_dropping_returns_them():
+    mem = memory()
+    a, ka, _ = filled(mem, 1, 5, seed=1)
+    b, kb, _ = filled(mem, 1, 3, seed=2)
+    batch = PagedKV.stack([a, b], [0, 2], take=True)
+    assert mem.pool.num_used == 6 and mem.pool.num_shared == 0  # nothing copied, nothing shared
+    assert held_positions(batch)[2] == [2, 3, 4]  # b's positions moved right by its padding
+    del a, b
+    assert mem.pool.num_used == 6  # consumed parts return nothing: their blocks are the batch's
+    left = batch.select([1])
+    assert mem.pool.num_used == 2  # a's rows went back to the pool
+    torch.testing.assert_close(left.view().keys, kb)
+    del batch, left
+    assert mem.pool.num_used == 0 and mem.capacity_nbytes == 0  # an unbounded memory trims itself
+
+
+def test_set_values_copies_a_shared_block_before_overwriting_it():
+    mem = memory()
+    base, _, values = filled(mem, 1, 6)
+    fork = base.share(())
+    view = fork.view()
+    changed = torch.zeros(1, HEADS, 6, dtype=torch.bool)
+    changed[0, 0, 5] = True
+    fork.set_values(view, torch.zeros(1, HEADS, 6, DIM), changed)
+    assert fork.rows[0].blocks == [0, 4] and fork.rows[1].blocks == base.rows[1].blocks
+    assert float(fork.view().values[0, 0, 5].abs().sum()) == 0.0
+    torch.testing.assert_close(base.view().values, values)
+
+
+def test_a_bounded_memory_refuses_an_append_it_cannot_hold_and_changes_nothing():
+    mem = memory(num_blocks=5)
+    storage, keys, _ = filled(mem, 1, 8)  # 2 blocks per row: 4 used, 1 free
+    before = [list(row.blocks) for row in storage.rows]
+    with pytest.raises(OutOfBlocks, match="takes 2 blocks, 1 free of 5"):
+        one_token(storage, 8, seed=3)
+    assert [row.blocks for row in storage.rows] == before and storage.entries == 16
+    torch.testing.assert_close(storage.view().keys, keys)
+
+
+def test_a_memory_sized_in_bytes_names_the_least_it_can_be():
+    assert KVMemory.of_bytes(10 * BLOCK * ENTRY, DIM, torch.float32, block_size=BLOCK).pool.num_blocks == 10
+    with pytest.raises(ValueError, match=f"give at least {BLOCK * ENTRY}"):
+        KVMemory.of_bytes(100, DIM, torch.float32, block_size=BLOCK)
