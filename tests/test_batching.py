@@ -17,6 +17,8 @@ SETUPS = [
     ("ragged", None, "h2o"),
     ("paged", None, "h2o"),
     ("paged", None, "full"),
+    ("paged", None, "streaming"),
+    ("paged", None, "knorm"),
     ("inplace", QuantSpec("int4", group=4, residual=4), "knorm"),
     ("inplace", QuantSpec("mixed", group=2, residual=0), "streaming"),
 ]

@@ -93,10 +93,27 @@ def test_stack_take_and_select_move_blocks_and_dropping_returns_them():
     del a, b
     assert mem.pool.num_used == 6  # consumed parts return nothing: their blocks are the batch's
     left = batch.select([1])
-    assert mem.pool.num_used == 2  # a's rows went back to the pool
+    assert mem.pool.num_used == 6  # the batch still holds a's rows until it is dropped
+    del batch
+    assert mem.pool.num_used == 2  # a's rows went back to the pool, b's are left's
     torch.testing.assert_close(left.view().keys, kb)
-    del batch, left
+    del left
     assert mem.pool.num_used == 0 and mem.capacity_nbytes == 0  # an unbounded memory trims itself
+
+
+def test_a_batch_split_by_several_selects_hands_each_row_out_once():
+    mem = memory()
+    batch, keys, _ = filled(mem, 3, 5)
+    parts = [batch.select([b]) for b in (0, 1, 2)]
+    again = batch.select([1])  # a row handed out already is forked, never handed out twice
+    assert mem.pool.num_used == 12 and mem.pool.num_shared == 4
+    del batch
+    assert mem.pool.num_used == 12
+    for b, part in enumerate(parts):
+        torch.testing.assert_close(part.view().keys, keys[b : b + 1])
+    torch.testing.assert_close(again.view().keys, keys[1:2])
+    del parts, part, again
+    assert mem.pool.num_used == 0
 
 
 def test_set_values_copies_a_shared_block_before_overwriting_it():

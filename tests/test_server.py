@@ -71,11 +71,15 @@ def served(loaded):
     server.close()
 
 
+def template(loaded, text: str) -> list[int]:
+    """The token ids of the chat prompt of `text`."""
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids)
+
+
 def expected(loaded, text: str, policy: str, ratio: float, max_tokens: int) -> str:
     """What greedy decoding with kvforge's own loop gives for the chat prompt of `text`."""
-    tok = loaded.tokenizer
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
-    return greedy(loaded, list(ids), policy, ratio, max_tokens)
+    return greedy(loaded, template(loaded, text), policy, ratio, max_tokens)
 
 
 def greedy(loaded, ids: list[int], policy: str, ratio: float, max_tokens: int) -> str:
@@ -226,3 +230,36 @@ def test_sampling_stop_strings_and_models(served, loaded):
     assert greedy.startswith(cut.choices[0].message.content)
     assert [m.id for m in served.client.models.list().data] == ["tiny"]
     assert httpx.get(served.url + "/health").json()["status"] == "ok"
+
+
+def test_a_pool_too_small_for_everyone_preempts_and_still_answers_everyone_exactly(served, loaded):
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[5]}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    one = served.engine.reservation(Request(list(ids), SamplingParams(48), KVSettings(), lambda _: None))
+    limited = Served(loaded, kv_memory=int(1.2 * one))  # one request's whole life fits; four at once do not
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda t: chat(limited, t, max_tokens=48), PROMPTS[5:9]))
+        assert [r.choices[0].message.content for r in replies] == [expected(loaded, t, "full", 0.0, 48) for t in PROMPTS[5:9]]
+        assert limited.metric("requests_preempted_total") >= 1
+        assert limited.metric("kv_peak_bytes") <= limited.metric("kv_pool_capacity_bytes") <= int(1.2 * one)
+        assert limited.metric("kv_blocks_used") == 0 and limited.metric("kv_blocks_free") > 0
+    finally:
+        limited.close()
+
+
+def test_a_prompt_sharing_only_some_blocks_reuses_them_and_answers_the_same(served, loaded):
+    document = " ".join(f"w{(11 * i) % 120 + 5}" for i in range(160))
+    hits, reused = served.metric("prefix_hits_total"), served.metric("prefix_reused_tokens_total")
+    first = chat(served, document + " w9 w10")
+    used = served.metric("kv_blocks_used")
+    # Shares the first half of the document only: no kept prefix matches, whole blocks do.
+    other_text = " ".join(document.split()[:100]) + " w77 w78 w79 w80"
+    other = chat(served, other_text)
+    assert served.metric("prefix_hits_total") == hits + 1
+    gained = served.metric("prefix_reused_tokens_total") - reused
+    ids = [template(loaded, t) for t in (document + " w9 w10", other_text)]
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert shared > 64 and gained == shared // 32 * 32  # every whole block of 32 shared tokens
+    assert first.choices[0].message.content == expected(loaded, document + " w9 w10", "full", 0.0, 8)
+    assert other.choices[0].message.content == expected(loaded, other_text, "full", 0.0, 8)
+    assert served.metric("kv_blocks_used") == used  # the blocks found hold nothing new once it ends

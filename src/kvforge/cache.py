@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvforge.attention import ATTN_NAME, every_real, probe_attention, tag_layer
 from kvforge.calibration import Calibration, fingerprint, require_calibration
 from kvforge.policies.base import Policy, StepContext
+from kvforge.memory.kvmemory import KVMemory
 from kvforge.storage import DEFAULT_LAYOUT, KVStorage, QuantSpec, check_layout, make_storage
 
 
@@ -89,14 +90,15 @@ class KVForgeLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(
-        self, layer_idx: int, num_layers: int, policy: Policy, phase: Phase, held: HeldBytes, layout: str, quant: QuantSpec
-    ) -> None:
+        self, layer_idx: int, num_layers: int, policy: Policy, phase: Phase, held: HeldBytes, layout: str, quant: QuantSpec,
+        memory: KVMemory | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self.policy = policy
         self.phase = phase
         self.held = held
-        self.layout, self.quant = layout, quant
+        self.layout, self.quant, self.memory = layout, quant, memory
         self.storage: KVStorage | None = None
         self.seen = 0  # logical tokens seen, padding included
         self.chunks = 0  # forward chunks processed
@@ -115,7 +117,7 @@ class KVForgeLayer(CacheLayerMixin):
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self.storage = make_storage(
-            self.layout, batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names, self.quant
+            self.layout, batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names, self.quant, self.memory
         )
         self.tokens = torch.zeros(batch, dtype=torch.int64)
         self.is_initialized = True
@@ -246,6 +248,14 @@ class KVForgeLayer(CacheLayerMixin):
             valid if valid is not None else torch.zeros(self.storage.batch, 0, dtype=torch.bool, device=device),
             scaling, num_layers=self.num_layers, decoding=decoding, calibration=self.calibration, state=self.policy_state,
         )  # fmt: skip
+
+    def start_from(self, storage: KVStorage, tokens: int) -> None:
+        """Begin from `storage`, which already holds the first `tokens` tokens of one sequence
+        uncompressed (a prefix found block by block); what follows is prefilled as usual."""
+        self.storage = storage
+        self.is_initialized, self.dtype, self.device = True, storage.dtype, storage.device
+        self.seen, self.chunks, self.tokens = tokens, 1, torch.tensor([tokens], dtype=torch.int64)
+        self.held.update(self.layer_idx, storage.allocated_nbytes)
 
     def adopt(self, base: KVForgeLayer, storage: KVStorage, sequences: list[int] | None = None) -> None:
         """Take over `base`'s state over `storage`: all of it (a fork), or only the given
@@ -397,7 +407,9 @@ def head_dim(model: PreTrainedModel) -> int:
     return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
-def restored(storage: KVStorage, record: PrefillRecord, layout: str, aux_names: tuple[str, ...], quant: QuantSpec) -> KVStorage:
+def restored(
+    storage: KVStorage, record: PrefillRecord, layout: str, aux_names: tuple[str, ...], quant: QuantSpec, memory: KVMemory | None
+) -> KVStorage:
     """A new storage (of `layout`, or quantized) holding what an uncompressed one-chunk prefill
     stored in `storage`, appended as that chunk was: the same tokens, padding left out."""
     view = storage.view()
@@ -409,7 +421,7 @@ def restored(storage: KVStorage, record: PrefillRecord, layout: str, aux_names: 
         n = int(record.valid[b].sum())
         keys[b][:, record.valid[b]] = view.keys[b, :, :n]
         values[b][:, record.valid[b]] = view.values[b, :, :n]
-    out = make_storage(layout, batch, heads, dim, keys.dtype, keys.device, aux_names, quant)
+    out = make_storage(layout, batch, heads, dim, keys.dtype, keys.device, aux_names, quant, memory)
     out.append(keys, values, record.positions, record.valid, exact=True)
     return out
 
@@ -424,6 +436,8 @@ class KVCache(Cache):
         cache.nbytes  # bytes of K/V actually allocated
 
     `layout` picks how entries are held (`kvforge.storage.LAYOUTS`); the policy never knows.
+    `memory`: the block memory the paged layout takes its blocks from (default: the process's
+    shared one); every cache derived from this one (fork, derive, stack, select) uses it too.
     """
 
     def __init__(
@@ -434,6 +448,7 @@ class KVCache(Cache):
         layout: str = DEFAULT_LAYOUT,
         tokenizer: PreTrainedTokenizerBase | None = None,  # for policies that prompt the model (kvzip)
         quant: QuantSpec | str | None = None,
+        memory: KVMemory | None = None,
     ) -> None:
         if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
             raise ValueError(
@@ -443,16 +458,17 @@ class KVCache(Cache):
         check_layout(layout)
         spec = quant if isinstance(quant, QuantSpec) else QuantSpec(quant or "none")
         spec.check_head_dim(head_dim(model))
-        self._setup(policy, model.config.get_text_config().num_hidden_layers, layout, fingerprint(model), spec)
+        self._setup(policy, model.config.get_text_config().num_hidden_layers, layout, fingerprint(model), spec, memory)
         self.tokenizer = tokenizer
         for layer in self.layers:
             layer.record_prefill = record_prefill
 
-    def _setup(self, policy: Policy, num_layers: int, layout: str, model: str, quant: QuantSpec) -> None:
+    def _setup(self, policy: Policy, num_layers: int, layout: str, model: str, quant: QuantSpec, memory: KVMemory | None = None) -> None:
         self.policy, self.num_layers, self.phase, self.layout, self.quant = policy, num_layers, Phase(), layout, quant
+        self.memory = memory
         self.model_fingerprint = model  # which model's calibration applies (`calibration.py`)
         self.held = HeldBytes()
-        layers = [KVForgeLayer(i, num_layers, policy, self.phase, self.held, layout, quant) for i in range(num_layers)]
+        layers = [KVForgeLayer(i, num_layers, policy, self.phase, self.held, layout, quant, memory) for i in range(num_layers)]
         if policy.needs_calibration:
             calibration = require_calibration(model, policy.full_name)
             for layer in layers:
@@ -460,10 +476,10 @@ class KVCache(Cache):
         Cache.__init__(self, layers=layers)
 
     @classmethod
-    def _empty(cls, policy: Policy, num_layers: int, layout: str, model: str, quant: QuantSpec) -> KVCache:
+    def _empty(cls, policy: Policy, num_layers: int, layout: str, model: str, quant: QuantSpec, memory: KVMemory | None) -> KVCache:
         """A cache with fresh layers, built without a model (derive and stack fill the layers)."""
         cache = cls.__new__(cls)
-        cache._setup(policy, num_layers, layout, model, quant)
+        cache._setup(policy, num_layers, layout, model, quant, memory)
         cache.tokenizer = None
         return cache
 
@@ -484,7 +500,7 @@ class KVCache(Cache):
         state_key = policy.state_key()
         if self.policy.compresses or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
-        derived = KVCache._empty(policy, self.num_layers, self.layout, self.model_fingerprint, quant)
+        derived = KVCache._empty(policy, self.num_layers, self.layout, self.model_fingerprint, quant, self.memory)
         derived.tokenizer = self.tokenizer
         for base, layer in zip(self.layers, derived.layers):
             record = base.prefill_record
@@ -493,7 +509,7 @@ class KVCache(Cache):
             if quant == self.quant:
                 layer.storage = base.storage.share(policy.aux_names)
             else:
-                layer.storage = restored(base.storage, record, self.layout, policy.aux_names, quant)
+                layer.storage = restored(base.storage, record, self.layout, policy.aux_names, quant, self.memory)
             layer.is_initialized, layer.dtype, layer.device = True, base.dtype, base.device
             layer.seen, layer.tokens = base.seen, base.tokens.clone()
             derived.held.update(layer.layer_idx, layer.storage.allocated_nbytes)
@@ -510,7 +526,7 @@ class KVCache(Cache):
     def fork(self) -> KVCache:
         """A cache over the same entries and policy state that can be written without changing
         this one (copy on write): one compressed context answers many questions, each on a fork."""
-        forked = KVCache._empty(self.policy, self.num_layers, self.layout, self.model_fingerprint, self.quant)
+        forked = KVCache._empty(self.policy, self.num_layers, self.layout, self.model_fingerprint, self.quant, self.memory)
         forked.tokenizer = self.tokenizer
         for base, layer in zip(self.layers, forked.layers):
             if base.storage is None or base.tokens is None:
@@ -602,7 +618,7 @@ class KVCache(Cache):
         if any(b.policy != bases[0].policy or (b.layout, b.quant) != (bases[0].layout, bases[0].quant) for b in bases):
             raise ValueError("stack() takes caches of one policy, one layout and one quantization")
         first = bases[0]
-        stacked = KVCache._empty(first.policy, first.num_layers, first.layout, first.model_fingerprint, first.quant)
+        stacked = KVCache._empty(first.policy, first.num_layers, first.layout, first.model_fingerprint, first.quant, first.memory)
         stacked.tokenizer = first.tokenizer
         width = max(b.get_seq_length() for b in bases)
         for i, layer in enumerate(stacked.layers):
@@ -634,7 +650,7 @@ class KVCache(Cache):
     def select(self, sequences: list[int]) -> KVCache:
         """A cache of only these sequences, in this order; this cache is consumed (finished
         requests leave a running batch, their memory freed)."""
-        kept = KVCache._empty(self.policy, self.num_layers, self.layout, self.model_fingerprint, self.quant)
+        kept = KVCache._empty(self.policy, self.num_layers, self.layout, self.model_fingerprint, self.quant, self.memory)
         kept.tokenizer = self.tokenizer
         for layer, out in zip(self.layers, kept.layers):
             if layer.storage is None or layer.tokens is None:

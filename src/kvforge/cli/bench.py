@@ -25,6 +25,7 @@ from kvforge.cli.common import (
     size_arg,
 )
 from kvforge.models import DEFAULT_MODEL
+from kvforge.storage import LAYOUTS
 
 
 def size_lists(args: argparse.Namespace) -> tuple[list[int], list[int]]:
@@ -120,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = run_bench(
             loaded, lengths, policies, decode_tokens=args.decode_tokens, repeats=args.repeats,
             prefill_chunk=args.prefill_chunk, baselines=baselines, on_row=lambda row: progress.advance(bar),
-            quants=quants,
+            quants=quants, layout=args.layout,
         )  # fmt: skip
         batch_rows = []
         if args.batch_compare:
@@ -128,7 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for policy in [make_policy("full")] + compare:
                 progress.update(bar, description=f"batch of {args.batch_compare}, {policy.full_name}")
                 batch_rows += run_batch_bench(loaded, lengths[0], args.batch_compare, policy, args.decode_tokens, args.repeats)
-    print(f"kvforge bench on {device}, {loaded.name}:")
+    print(f"kvforge bench on {device}, {loaded.name}, {args.layout} layout:")
     print(format_table(rows))
     if batches != [1]:
         from kvforge.eval.batch_decode import format_decode_table, run_batched_decode
@@ -164,6 +165,8 @@ def register(sub: Any) -> None:
     ben.add_argument("--no-baseline", action="store_true", help="no transformers rows (same as --baselines '')")
     add_quant_args(ben, many=True)
     ben.add_argument("--decode-tokens", type=int, default=32)
+    ben.add_argument("--layout", default="inplace", choices=sorted(LAYOUTS),
+                     help="how full-precision rows are held: inplace (default), paged (blocks of one pool, as `serve` holds them) or ragged")
     ben.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
     add_device_args(ben)
     ben.add_argument("--attention-only", action="store_true",

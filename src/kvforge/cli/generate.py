@@ -115,7 +115,7 @@ def register(sub: Any) -> None:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--query-aware", action="store_true", help="compress after the question (SnapKV setting)")
     add_budget_args(gen, "prefill the compressed part N tokens at a time, compressing after each chunk")
-    gen.add_argument("--layout", default="inplace", help="K/V storage layout: inplace (default) or ragged (the reference)")
+    gen.add_argument("--layout", default="inplace", help="K/V storage layout: inplace (default), paged (blocks of one pool) or ragged (the reference)")
     add_quant_args(gen)
     add_device_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object")

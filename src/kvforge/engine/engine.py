@@ -1,8 +1,10 @@
 """The serving engine: continuous batching over kvforge caches, within a KV memory budget.
 
 One thread runs the model. Each turn it
-  1. admits waiting requests, first come first served, while their reservations
-     (`memory.reservation`) fit the budget: the cache never grows past it;
+  1. admits waiting requests, first come first served, while the engine's block memory
+     (`KVMemory`, sized by `kv_memory`) has the free blocks their prompts take
+     (`memory.prompt_blocks`; a quantized cache, held outside the pool, sets its whole
+     `memory.reservation` aside in blocks): the cache never grows past the memory;
   2. prefills one chunk of the oldest admitted prompts (up to PREFILL_BATCH of one KV setting,
      in one forward), each on its request's own cache, compressing as it goes (a long prompt
      never stalls the running requests for more than one chunk); a prompt done joins the
@@ -18,6 +20,13 @@ fork of its compressed cache at the last chunk boundary before the prompt's end;
 with the same settings whose prompt starts with those tokens (the same document, another
 question) starts from that fork and prefills only the rest. Chunks always start at the prompt's
 first token, so a reused prefix is exactly what prefilling it again would give, for every policy.
+
+Every full-precision cache is paged over that one memory, so a prefix hit, a request joining or
+leaving a batch and a kept prefix are block-table edits (`storage/paged.py`), never copies. Before
+each step the engine makes sure the pool has the blocks the step takes; when it has not, it drops
+kept prefixes, then preempts the most recently admitted requests (their blocks freed, they go back
+to the head of the queue and are recomputed from their tokens so far when memory allows, as vLLM
+does) instead of failing anyone.
 
 Failures stay with the request that caused them. A step of one request that raises fails that
 request alone. A batched step that raises (several prompts' chunks, or a decoding group) cannot
@@ -41,14 +50,18 @@ import torch
 
 from kvforge.cache import KVCache, head_dim
 from kvforge.calibration import fingerprint, require_calibration
-from kvforge.engine.memory import Shape, reservation
+from kvforge.engine.blocks import BlockIndex, reusable
+from kvforge.engine.memory import Shape, kept_entries, prompt_blocks, reservation, row_blocks
 from kvforge.engine.prefixes import PrefixCache
 from kvforge.engine.request import KVSettings, Request
 from kvforge.engine.sampling import sample
 from kvforge.generate import DECODE, PREFILL, feed, stop_ids
+from kvforge.memory import OutOfBlocks
+from kvforge.memory.kvmemory import KVMemory
 from kvforge.models import LoadedModel
 from kvforge.policies import make_policy
 from kvforge.policies.base import Policy
+from kvforge.storage.paged import PagedKV
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +119,7 @@ class Stats:
     prefix_reused_tokens: int = 0
     failed: int = 0  # requests ended by an error inside the engine
     isolated: int = 0  # requests recomputed alone after a batched step failed
+    preempted: int = 0  # requests whose memory was taken back to make room (recomputed later)
 
 
 class Engine:
@@ -127,12 +141,20 @@ class Engine:
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         text = loaded.model.config.get_text_config()
         self.shape = Shape(text.num_hidden_layers, text.num_key_value_heads, head_dim(loaded.model), loaded.model.dtype)
+        device = loaded.model.device
+        # The one owner of full-precision K/V: bounded by kv_memory, else growing on demand.
+        self.memory = (
+            KVMemory(self.shape.head_dim, self.shape.dtype, device, keeps=True)
+            if kv_memory is None
+            else KVMemory.of_bytes(kv_memory, self.shape.head_dim, self.shape.dtype, device)
+        )
         self.stop_ids = stop_ids(loaded.tokenizer)
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Prefilling] = deque()
         # Running groups by KV setting; an isolated request decodes in a group of its own (its id).
         self.groups: dict[tuple[KVSettings, int | None], Group] = {}
-        self.reserved: dict[int, int] = {}  # request id -> bytes
+        self.block_index = BlockIndex(self.memory, fingerprint(loaded.model))
+        self.reserved: dict[int, list[int]] = {}  # quantized request id -> blocks set aside for it
         # Every admitted request not yet ended, wherever it is (a turn that fails ends them all).
         self.live: dict[int, Request] = {}
         self.policies: OrderedDict[KVSettings, Policy] = OrderedDict()
@@ -189,10 +211,10 @@ class Engine:
                 f"context window of {window} tokens; shorten the prompt or lower max_tokens"
             )
         need = self.reservation(request)
-        if self.kv_memory is not None and need > self.kv_memory:
+        if self.memory.bounded and need > self.memory.capacity_nbytes:
             raise ValueError(
-                f"this request may need {need / 2**20:.1f} MiB of KV cache, more than the server's whole budget of "
-                f"{self.kv_memory / 2**20:.1f} MiB (--kv-memory); shorten it, lower max_tokens, or ask for compression"
+                f"this request may need {need / 2**20:.1f} MiB of KV cache, more than the server's whole memory of "
+                f"{self.memory.capacity_nbytes / 2**20:.1f} MiB (--kv-memory); shorten it, lower max_tokens, or ask for compression"
             )
 
     def check_defaults(self) -> None:
@@ -201,7 +223,9 @@ class Engine:
         self.policy(self.defaults)
 
     def reservation(self, request: Request) -> int:
-        return reservation(self.shape, request.kv, len(request.prompt), request.params.max_tokens, self.prefill_chunk)
+        return reservation(
+            self.shape, request.kv, len(request.prompt), request.params.max_tokens, self.prefill_chunk, self.memory.block_size
+        )
 
     def submit(self, request: Request) -> None:
         """Queue a checked request (ValueError: it can never run; QueueFull: try again later)."""
@@ -258,17 +282,23 @@ class Engine:
     def _publish(self) -> None:
         allocated = self.allocated()
         self.stats.peak_bytes = max(self.stats.peak_bytes, allocated)
+        pool = self.memory.pool
         self.published = {
             "running": sum(len(g.requests) for g in self.groups.values()),
             "prefilling": len(self.prefilling),
             "waiting": self.queued(),
             "kv_allocated_bytes": allocated,
             "kv_kept_bytes": sum(c.kept_nbytes for c in self.caches()),
-            "kv_reserved_bytes": sum(self.reserved.values()),
+            "kv_reserved_bytes": sum(len(ids) for ids in self.reserved.values()) * self.memory.block_nbytes,
             "kv_peak_bytes": self.stats.peak_bytes,
             "kv_budget_bytes": self.kv_memory or 0,
             "prefix_cache_entries": len(self.prefixes),
             "prefix_cache_bytes": self.prefixes.nbytes,
+            "kv_blocks_used": pool.num_used,
+            "kv_blocks_shared": pool.num_shared,
+            "kv_blocks_free": pool.num_free,
+            "kv_block_size": self.memory.block_size,
+            "kv_pool_capacity_bytes": self.memory.capacity_nbytes,
         }
 
     # --- the engine thread -------------------------------------------------------------------
@@ -307,11 +337,9 @@ class Engine:
             self._end(request, "cancelled")
         while self.waiting:
             request = self.waiting[0]
-            need = self.reservation(request)
-            if not self._room_for(need):
+            if not self._admissible(request):
                 return  # it waits for memory to be freed (the head of the queue goes first)
             self.waiting.popleft()
-            self.reserved[request.id] = need
             self.live[request.id] = request
             try:
                 self.prefilling.append(self._started(request))
@@ -319,19 +347,120 @@ class Engine:
                 log.exception("request %d could not start", request.id)
                 self._end(request, "error", f"{type(err).__name__}: {err}")
 
+    def _admissible(self, request: Request) -> bool:
+        """Whether the pool can start `request` now (kept prefixes give way, the oldest unused
+        first; nothing running is preempted for a newcomer). A quantized request's blocks are set
+        aside here, for its whole life."""
+        if not self.memory.bounded:
+            return True
+        if request.kv.quant.enabled:
+            blocks = -(-self.reservation(request) // self.memory.block_nbytes)
+            if not self._free_blocks(blocks, self._promised()):
+                return False
+            self.reserved[request.id] = self.memory.pool.allocate(blocks)
+            return True
+        need = prompt_blocks(self.shape, request.kv, len(request.prompt) + len(request.generated), self.prefill_chunk, self.memory.block_size)
+        return self._free_blocks(need, self._promised())
+
+    def _promised(self) -> int:
+        """Blocks the prompts being prefilled will still take: the rest of each as kept."""
+        rows = self.shape.layers * self.shape.kv_heads
+        return sum(
+            rows * row_blocks(kept_entries(p.request.kv, len(p.tokens) - p.done), self.memory.block_size)
+            for p in self.prefilling
+            if not p.request.kv.quant.enabled
+        )
+
+    def _free_blocks(self, need: int, promised: int = 0) -> bool:
+        """Whether `need` blocks are free beside `promised` ones, after dropping kept prefixes."""
+        while self.memory.pool.num_free - promised < need:
+            if not self.prefixes.evict_one():
+                return False
+        return True
+
     def _started(self, request: Request) -> Prefilling:
-        """A request's prefill: from a kept prefix of its prompt when there is one."""
+        """A request's prefill: from a kept prefix of its prompt when there is one. A preempted
+        request prefills its prompt and what it generated before (recomputed, as vLLM does)."""
+        tokens = request.prompt + request.generated if request.generated else request.prompt
         hit = self.prefixes.lookup(request.kv, request.prompt)
+        if reusable(request.kv):
+            found = self._from_blocks(request.kv, tokens)
+            if found is not None and (hit is None or found[1] > hit[1]):
+                hit = found
         if hit is None:
-            return Prefilling(request, self._new_cache(request.kv))
+            return Prefilling(request, self._new_cache(request.kv), tokens=tokens)
         cache, done = hit
         request.reused_tokens = done
         self.stats.prefix_hits += 1
         self.stats.prefix_reused_tokens += done
-        return Prefilling(request, cache, done)
+        return Prefilling(request, cache, done, tokens=tokens)
+
+    def _from_blocks(self, kv: KVSettings, tokens: list[int]) -> tuple[KVCache, int] | None:
+        """A cache starting from the blocks that already hold a prefix of `tokens` (`blocks.py`)."""
+        found = self.block_index.find(kv, tokens, self.shape.layers, self.shape.kv_heads)
+        if found is None:
+            return None
+        tables, done = found
+        cache = self._new_cache(kv)
+        device = self.loaded.model.device
+        for layer, table in zip(cache.layers, tables):
+            layer.start_from(PagedKV.over_blocks(table, done, self.memory, device), done)
+        return cache, done
 
     def _new_cache(self, kv: KVSettings) -> KVCache:
-        return KVCache(self.loaded.model, self.policy(kv), tokenizer=self.loaded.tokenizer, quant=kv.quant)
+        """Full precision: paged over the engine's memory; quantized: its own layout (its blocks
+        set aside at admission)."""
+        return KVCache(
+            self.loaded.model, self.policy(kv), tokenizer=self.loaded.tokenizer, quant=kv.quant, layout="paged", memory=self.memory
+        )
+
+    # --- making room -------------------------------------------------------------------------
+
+    def _step_blocks(self, cache: KVCache | None, tokens: int) -> int:
+        """Blocks appending `tokens` to every row of `cache` takes from the pool (its last blocks'
+        copies included); a fresh cache's rows take that many entries' worth; a quantized cache
+        none (its blocks were set aside at admission)."""
+        if cache is not None and cache.quant.enabled:
+            return 0
+        if cache is None or cache.layers[0].storage is None:
+            return self.shape.layers * self.shape.kv_heads * (row_blocks(tokens, self.memory.block_size) + 1)
+        return sum(l.storage.blocks_to_append(tokens) for l in cache.layers if isinstance(l.storage, PagedKV))
+
+    def _make_room(self, need: Callable[[], int], keep: Request) -> bool:
+        """Free blocks until `need()` of them are free: kept prefixes go first, then the most
+        recently admitted requests other than `keep` are preempted. False when even that is not
+        enough (then `keep` needs more than the whole memory)."""
+        while self.memory.bounded and self.memory.pool.num_free < need():
+            if self.prefixes.evict_one():
+                continue
+            victim = next((r for r in reversed(self.live.values()) if r is not keep), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Take back `request`'s memory: it leaves wherever it is and goes back to the head of the
+        queue, to be recomputed from its tokens so far when memory allows."""
+        log.info("preempting request %d (%d tokens generated) to free KV memory", request.id, len(request.generated))
+        self.prefilling = deque(p for p in self.prefilling if p.request is not request)
+        for group in list(self.groups.values()):
+            if request in group.requests:
+                self._leave(group, [request], "")
+        self._requeue([request])
+
+    def _requeue(self, requests: list[Request]) -> None:
+        with self.wake:
+            for request in reversed(requests):
+                self._release_reserved(request)
+                self.live.pop(request.id, None)
+                self.stats.preempted += 1
+                self.waiting.appendleft(request)
+
+    def _release_reserved(self, request: Request) -> None:
+        held = self.reserved.pop(request.id, None)
+        if held:
+            self.memory.pool.release(held)
 
     def _drop_cancelled(self) -> None:
         for item in [p for p in self.prefilling if p.request.cancelled]:
@@ -358,6 +487,18 @@ class Engine:
         if not self.prefilling:
             return
         items = self._prefill_batch()
+        head = items[0]
+
+        def need() -> int:
+            return sum(self._step_blocks(p.cache, self.prefill_chunk) for p in items if p in self.prefilling)
+
+        if not self._make_room(need, head.request):
+            self.prefilling.remove(head)
+            self._end(head.request, "error", "the prompt needs more KV memory than the server has (--kv-memory)")
+            return
+        items = [p for p in items if p in self.prefilling]
+        if not items:
+            return
         kv = items[0].request.kv
         rows = [p.tokens[p.done : p.done + self.prefill_chunk] for p in items]
         positions = torch.tensor([p.done for p in items])
@@ -373,6 +514,13 @@ class Engine:
             self._step_failed([p.request for p in items], err, "prefill")
             return
         for item, row, row_logits in zip(items, rows, logits):
+            if item not in self.prefilling:  # preempted while keeping another's prefix
+                continue
+            if reusable(kv):
+                try:
+                    self.block_index.mark(kv, item.tokens[: item.done + len(row)], item.cache, since=item.done)
+                except Exception:  # blocks found again later are an optimisation: fail no one for it
+                    log.exception("marking the blocks of request %d failed", item.request.id)
             item.done += len(row)
             item.logits = row_logits
             if item.done < len(item.tokens):
@@ -385,7 +533,7 @@ class Engine:
         """Keep a fork of a prompt's cache at its prefix boundary, within the memory limits.
         Counted as a copy: the request it comes from copies what it writes next."""
         prompt = item.request.prompt
-        if item.recomputing or item.done != self.prefixes.boundary(len(prompt)) or not self._room_for(item.cache.nbytes):
+        if item.recomputing or item.done != self.prefixes.boundary(len(prompt)):
             return
         if self.prefix_memory is not None and item.cache.nbytes > self.prefix_memory:
             return
@@ -434,18 +582,12 @@ class Engine:
             self._end(request, "error", f"{type(err).__name__}: {err}")
             return None, None
 
-    def _room_for(self, extra: int) -> bool:
-        """Whether `extra` bytes fit beside the reservations and the kept prefixes; kept prefixes
-        give way, the oldest unused first."""
-        if self.kv_memory is None:
-            return True
-        while sum(self.reserved.values()) + self.prefixes.nbytes + extra > self.kv_memory:
-            if not self.prefixes.evict_one():
-                return False
-        return True
-
     def _decode_step(self, group: Group) -> None:
         assert group.cache is not None
+        oldest = group.requests[0]
+        self._make_room(lambda: self._step_blocks(group.cache, 1), oldest)  # reserves no more than the oldest alone
+        if not group.requests or group.cache is None:
+            return
         try:
             logits, group.positions = feed(self.loaded.model, group.cache, [[t] for t in group.next_tokens], group.positions, DECODE)
         except Exception as err:
@@ -470,6 +612,10 @@ class Engine:
         from its tokens on a fresh cache (see the module docstring), ahead of the other prompts."""
         ids = ", ".join(str(r.id) for r in requests)
         self.prefilling = deque(p for p in self.prefilling if p.request not in requests)
+        if isinstance(err, OutOfBlocks):  # the pool ran dry inside the step: no one's fault
+            log.info("%s step of requests %s ran out of KV blocks (%s); recomputing them when memory allows", step, ids, err)
+            self._requeue(requests)
+            return
         if len(requests) == 1 and blame:
             log.error("%s step of request %s failed: %s: %s", step, ids, type(err).__name__, err, exc_info=err)
             self._end(requests[0], "error", f"{type(err).__name__}: {err}")
@@ -512,7 +658,7 @@ class Engine:
                 self._end(request, reason)
 
     def _end(self, request: Request, reason: str, error: str | None = None) -> None:
-        self.reserved.pop(request.id, None)
+        self._release_reserved(request)
         self.live.pop(request.id, None)
         if reason == "cancelled":
             self.stats.cancelled += 1

@@ -1,9 +1,11 @@
-"""What a request may hold at most, so the engine admits only what fits its KV memory budget.
+"""How many blocks or bytes a request needs, so the engine admits what its KV memory can hold.
 
-A reservation is an upper bound on the K/V bytes a request's cache allocates over its whole life:
-its prompt as the policy keeps it, every token it may generate, one prompt chunk not yet
-compressed (in one layer at a time: each layer compresses it before the next sees it), and the
-spare room the in-place layout keeps (at most a quarter, plus a few entries per row). Quantized caches hold all but their full-precision tail at the codes' size.
+Full-precision caches take their blocks from the engine's `KVMemory` (the paged layout): a
+request is admitted when the pool's free blocks cover its prompt as the policy keeps it plus one
+uncompressed chunk (`prompt_blocks`); what decoding adds later is taken as it comes, and when the
+pool runs dry the engine preempts. `reservation` is the most a request can ever hold, in bytes:
+a request beyond the whole memory is refused at once, and a quantized cache (held outside the
+pool) sets that many blocks aside for its whole life.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import torch
 
 from kvforge.engine.request import KVSettings
 from kvforge.storage.codec import META_DTYPE, QuantSpec
-from kvforge.storage.inplace import GROWTH, GROWTH_MIN
 
 EVICT_SLACK = 16  # room a decoding-time budget keeps between evictions (the default evict_every)
 
@@ -44,16 +45,33 @@ def quantized_entry_bytes(spec: QuantSpec, head_dim: int) -> float:
     return codes + meta * head_dim / part.group + meta * head_dim / part.group  # value scales + key group share
 
 
-def reservation(shape: Shape, kv: KVSettings, prompt_tokens: int, max_tokens: int, chunk: int) -> int:
-    """Upper bound of the K/V bytes a request allocates (see the module docstring)."""
-    kept = prompt_tokens if kv.ratio == 0 else math.ceil(prompt_tokens * (1 - kv.ratio))
-    entries = kept + max_tokens  # per row
-    # A prompt chunk sits uncompressed (and unquantized) in one layer at a time.
-    transient = GROWTH * chunk * shape.entry_bytes * shape.kv_heads
+def kept_entries(kv: KVSettings, tokens: int) -> int:
+    """Entries per row a prompt of `tokens` leaves once compressed to the setting's ratio."""
+    return tokens if kv.ratio == 0 else math.ceil(tokens * (1 - kv.ratio))
+
+
+def row_blocks(entries: int, block_size: int) -> int:
+    return -(-entries // block_size)
+
+
+def prompt_blocks(shape: Shape, kv: KVSettings, prompt_tokens: int, chunk: int, block_size: int) -> int:
+    """Blocks a prompt takes from the pool: every row of every layer holds the prompt as kept plus
+    one chunk not yet compressed, and may copy its shared last block once (a prefix hit)."""
+    per_row = row_blocks(kept_entries(kv, prompt_tokens) + min(chunk, prompt_tokens), block_size) + 1
+    return shape.layers * shape.kv_heads * per_row
+
+
+def reservation(shape: Shape, kv: KVSettings, prompt_tokens: int, max_tokens: int, chunk: int, block_size: int) -> int:
+    """Upper bound of the K/V bytes a request holds over its whole life (see the module docstring):
+    its prompt as kept, every token it may generate, the room a decoding-time budget keeps between
+    evictions, one chunk not yet compressed (in one layer at a time: each layer compresses it
+    before the next sees it), and the last blocks' unused entries."""
+    entries = kept_entries(kv, prompt_tokens) + max_tokens  # per row
+    transient = chunk * shape.entry_bytes * shape.kv_heads
     if kv.quant.enabled:
         groups, _ = kv.quant.batch
         exact = min(entries, kv.quant.residual + groups * kv.quant.group)  # the full-precision tail
         per_row = exact * shape.entry_bytes + (entries - exact) * quantized_entry_bytes(kv.quant, shape.head_dim)
     else:
-        per_row = (GROWTH * (entries + EVICT_SLACK) + GROWTH_MIN) * shape.entry_bytes
+        per_row = (row_blocks(entries + EVICT_SLACK, block_size) + 1) * block_size * shape.entry_bytes
     return math.ceil(shape.layers * shape.kv_heads * per_row + transient)

@@ -34,7 +34,7 @@ from kvforge.generate import build_prompt, check_chunk, check_length, greedy, pr
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
 from kvforge.policies.registry import make_policy
-from kvforge.storage import QuantSpec
+from kvforge.storage import DEFAULT_LAYOUT, QuantSpec
 from kvforge.storage.codec import labelled
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,10 @@ def _measure_once(
     meter: PeakMeter,
     chunk: int | None,
     quant: QuantSpec | None = None,
+    layout: str = DEFAULT_LAYOUT,
 ) -> _Measure:
     model = loaded.model
-    cache = KVCache(model, policy, tokenizer=loaded.tokenizer, quant=quant)
+    cache = KVCache(model, policy, tokenizer=loaded.tokenizer, quant=quant, layout=layout)
     meter.start()
     start = time.perf_counter()
     logits = prefill(model, cache, ids, chunk)
@@ -283,6 +284,7 @@ def run_bench(
     baselines: list[Baseline] | None = None,
     on_row: Callable[[BenchRow], None] | None = None,
     quants: list[QuantSpec] | None = None,
+    layout: str = DEFAULT_LAYOUT,
 ) -> list[BenchRow]:
     """Benchmark every policy at every prompt length against the full cache.
 
@@ -292,6 +294,7 @@ def run_bench(
     (on CPU, pages still resident from earlier runs can only hide growth, never add it).
     `on_row` is called with each row as soon as it is measured. `quants`: every policy once per
     quantization mode (default: full precision only); the reference stays the full-precision full.
+    `layout`: how kvforge's rows hold full-precision entries (`kvforge.storage.LAYOUTS`).
     """
     specs = quants or [QuantSpec()]
     baselines = [BASELINES["dynamic"]] if baselines is None else baselines
@@ -317,7 +320,7 @@ def run_bench(
     for policy in policies:
         for chunk in chunks:
             for spec in specs:
-                _measure_once(loaded, warm, policy, 1, meter, chunk and min(chunk, WARMUP_TOKENS // 2), spec)
+                _measure_once(loaded, warm, policy, 1, meter, chunk and min(chunk, WARMUP_TOKENS // 2), spec, layout)
 
     rows: list[BenchRow] = []
     for length in lengths:
@@ -329,7 +332,7 @@ def run_bench(
         for chunk in chunks:
             for spec in specs:
                 for policy in policies:
-                    run = lambda p=policy, c=chunk, q=spec: _measure_once(loaded, ids, p, decode_tokens, meter, c, q)  # noqa: E731
+                    run = lambda p=policy, c=chunk, q=spec: _measure_once(loaded, ids, p, decode_tokens, meter, c, q, layout)  # noqa: E731
                     jobs.append((policy.full_name, policy.ratio, chunk, spec.mode, run))
         for name, ratio, chunk, mode, run in jobs:
             runs = [run() for _ in range(repeats)]

@@ -18,3 +18,9 @@ def block_hashes(tokens: list[int], block_size: int, key: bytes) -> list[int]:
         previous = hashlib.blake2b(previous + block, digest_size=16).digest()
         hashes.append(int.from_bytes(previous, "little"))
     return hashes
+
+
+def row_block_hash(block_hash: int, layer: int, head: int) -> int:
+    """The hash of one row's block: a block of `block_hashes` as one layer's KV head holds it."""
+    digest = hashlib.blake2b(block_hash.to_bytes(16, "little") + struct.pack("<ii", layer, head), digest_size=16).digest()
+    return int.from_bytes(digest, "little")

@@ -36,8 +36,9 @@ class KVMemory:
         device: torch.device | str = "cpu",
         num_blocks: int | None = None,  # None: unbounded, grows on demand
         block_size: int = BLOCK_SIZE,
+        keeps: bool = False,  # unbounded but never trimmed: freed blocks stay findable by their hashes
     ) -> None:
-        self.bounded = num_blocks is not None
+        self.bounded, self.keeps = num_blocks is not None, keeps
         self.store = BlockStore(num_blocks or 0, block_size, head_dim, dtype, device)
         self.pool = BlockPool(num_blocks or 0, expand=None if self.bounded else self._grow)
         self.rows = RowBlocks(self.pool, block_size)
@@ -76,8 +77,9 @@ class KVMemory:
         self.pool.grow(count)
 
     def trim(self) -> None:
-        """An unbounded memory with no block in use gives its tensors back."""
-        if not self.bounded and self.pool.num_blocks and self.pool.num_used == 0:
+        """An unbounded memory with no block in use gives its tensors back (unless it `keeps`
+        them: a server's, whose freed blocks may be found again by a later prompt)."""
+        if not self.bounded and not self.keeps and self.pool.num_blocks and self.pool.num_used == 0:
             self.store.shrink_to_nothing()
             self.pool = BlockPool(0, expand=self._grow)
             self.rows = RowBlocks(self.pool, self.rows.block_size)

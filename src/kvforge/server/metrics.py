@@ -19,6 +19,11 @@ GAUGES = {
     "kv_budget_bytes": "the KV memory budget (--kv-memory; 0: none)",
     "prefix_cache_entries": "compressed prompt prefixes kept for reuse",
     "prefix_cache_bytes": "K/V bytes of the kept prefixes (shared with running requests, copy on write)",
+    "kv_blocks_used": "blocks of the K/V memory in use (a block holds kv_block_size entries of one layer's KV head)",
+    "kv_blocks_shared": "blocks in use by more than one row (forks, kept prefixes)",
+    "kv_blocks_free": "blocks of the K/V memory free",
+    "kv_block_size": "entries per block",
+    "kv_pool_capacity_bytes": "bytes of the K/V memory's tensors (--kv-memory, or what it grew to without one)",
 }
 
 
@@ -36,6 +41,7 @@ def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
     metric("requests_cancelled_total", "counter", "requests cancelled (client gone)", stats.cancelled)
     metric("requests_failed_total", "counter", "requests ended by an error inside the engine (the others went on)", stats.failed)
     metric("requests_isolated_total", "counter", "requests recomputed alone after a batched step with them failed", stats.isolated)
+    metric("requests_preempted_total", "counter", "times a request's memory was taken back to make room (it was recomputed later)", stats.preempted)
     metric("prompt_tokens_total", "counter", "prompt tokens prefilled", stats.prompt_tokens)
     metric("generated_tokens_total", "counter", "tokens generated", stats.generated_tokens)
     metric("prefix_hits_total", "counter", "requests that started from a kept compressed prefix", stats.prefix_hits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kvforge.memory.kvmemory import KVMemory
 from kvforge.storage.base import KVStorage, PaddedView
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.inplace import InPlaceKV
@@ -30,11 +31,15 @@ def make_storage(
     device: torch.device,
     aux_names: tuple[str, ...] = (),
     quant: QuantSpec | None = None,
+    memory: KVMemory | None = None,
 ) -> KVStorage:
     """A storage of `layout`; with a quantization mode, the quantized layout instead (it holds its
-    full-precision tail in its own flat form)."""
+    full-precision tail in its own flat form). `memory`: where the paged layout takes its blocks
+    (default: the process's shared memory for the dtype)."""
     if quant is not None and quant.enabled:
         return QuantizedKV(batch, kv_heads, head_dim, dtype, device, aux_names, quant)
+    if check_layout(layout) is PagedKV:
+        return PagedKV(batch, kv_heads, head_dim, dtype, device, aux_names, memory)
     return check_layout(layout)(batch, kv_heads, head_dim, dtype, device, aux_names)
 
 

@@ -60,8 +60,10 @@ class PagedKV(ReadsView):
         self.pos = torch.zeros(batch * kv_heads, 0, dtype=torch.int32, device=self.device)
         self.aux = {name: torch.zeros(batch * kv_heads, 0, device=self.device) for name in aux_names}
         self._table: torch.Tensor | None = None  # padded block table, rebuilt after any table edit
-        # False once consumed (`stack(take=True)`, `select`): its rows are another storage's now;
-        # they may still be read (sizes), never written or released from here.
+        # Rows handed to another storage (`select`), and False once all are (`stack(take=True)`):
+        # those rows are the other storage's now; they may still be read here (sizes), never
+        # written or released from here. Dropping this storage releases the rest.
+        self.given: set[int] = set()
         self.owns = True
 
     def __del__(self) -> None:
@@ -72,10 +74,23 @@ class PagedKV(ReadsView):
 
     def _release_all(self) -> None:
         if self.owns:
-            for row in self.rows:
-                self.memory.rows.release(row)
+            for r, row in enumerate(self.rows):
+                if r not in self.given:
+                    self.memory.rows.release(row)
             self.owns = False
         self.memory.trim()
+
+    @classmethod
+    def over_blocks(cls, tables: list[list[int]], length: int, memory: KVMemory, device: torch.device) -> PagedKV:
+        """One sequence whose rows (one per KV head) hold the first `length` tokens in blocks found
+        by their hashes (`tables[h]`, one reference each already taken): a prefix hit at block
+        granularity. Positions are 0 .. length - 1."""
+        store = memory.store
+        out = cls(1, len(tables), store.head_dim, store.keys.dtype, device, (), memory)
+        out.rows = [Row(list(blocks), length) for blocks in tables]
+        out._ensure_columns(length)
+        out.pos[:, :length] = torch.arange(length, dtype=torch.int32, device=out.device)
+        return out
 
     # --- sizes -------------------------------------------------------------------------------
 
@@ -112,6 +127,10 @@ class PagedKV(ReadsView):
     def meta_nbytes(self) -> int:
         tables = 8 * sum(len(row.blocks) + 1 for row in self.rows)
         return self.pos.nbytes + sum(t.nbytes for t in self.aux.values()) + tables
+
+    def blocks_to_append(self, count: int) -> int:
+        """Blocks appending `count` entries to every row takes from the pool (admission asks)."""
+        return sum(self.memory.rows.blocks_to_append(row, count) for row in self.rows)
 
     def _ensure_columns(self, needed: int) -> None:
         """Positions and policy state get room for `needed` entries per row (grown 1.25x)."""
@@ -329,15 +348,10 @@ class PagedKV(ReadsView):
         out = self._empty_like(len(sequences), self.aux_names)
         picked = [b * self.kv_heads + h for b in sequences for h in range(self.kv_heads)]
         index = torch.tensor(picked, dtype=torch.long, device=self.device)
-        taken: set[int] = set()
         out.rows = []
-        for r in picked:  # a sequence picked twice holds a fork the second time
-            out.rows.append(self.rows[r] if r not in taken else self.memory.rows.fork(self.rows[r]))
-            taken.add(r)
-        for r, row in enumerate(self.rows):
-            if r not in taken:
-                self.memory.rows.release(row)
-        self.owns = False  # consumed
+        for r in picked:  # a row handed out already (picked twice, or by an earlier select) is forked
+            out.rows.append(self.rows[r] if r not in self.given else self.memory.rows.fork(self.rows[r]))
+            self.given.add(r)
         out.pos = self.pos.index_select(0, index)
         out.aux = {name: t.index_select(0, index) for name, t in self.aux.items()}
         return out

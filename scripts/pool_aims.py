@@ -1,0 +1,131 @@
+"""Measure the block pool's serving aims (issue 20) on the engine `kvforge serve` runs, in process,
+with the default model, and print one table:
+
+1. one ~2k-token document: a first request alone, then 8 questions on it at once (prefix hits):
+   the peak K/V bytes of each phase and their ratio;
+2. 16 clients with prompts of 256..3000 tokens, greedy, once without a memory limit and once with
+   `kv_memory` set to a third of what their reservations add up to: the peak bytes against the
+   limit, the preemptions, and whether every answer equals the unlimited run's.
+
+    .venv/bin/python scripts/pool_aims.py [--model default] [--json out.json]
+
+Peaks are the engine's `kv_peak_bytes` (the bytes of the blocks and buffers held, shared ones
+counted once, read after every engine step). The figures do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+
+from rich.console import Console
+from rich.table import Table
+
+from kvforge.client.loadtest import QUESTIONS
+from kvforge.engine import Engine, KVSettings, Request, SamplingParams
+from kvforge.eval import corpus
+from kvforge.models import DEFAULT_MODEL, load_model
+
+console = Console()
+MIB = 2**20
+
+
+def words(count: int, offset: int = 0) -> str:
+    text = " ".join(corpus.paragraphs()).split()
+    return " ".join((text * (1 + count // len(text) + 1))[offset : offset + count])
+
+
+def chat_ids(loaded, text: str) -> list[int]:  # type: ignore[no-untyped-def]
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Submit every prompt at once (greedy); wait for all; their generated token ids."""
+    done = threading.Semaphore(0)
+    requests = []
+    for ids in prompts:
+        request = Request(ids, SamplingParams(max_tokens, temperature=0.0), KVSettings(), lambda event: done.release() if event.finish_reason else None)
+        engine.submit(request)
+        requests.append(request)
+    for _ in requests:
+        done.acquire()
+    return [r.generated for r in requests]
+
+
+def prefix_sharing(loaded) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    engine = Engine(loaded, KVSettings(), prefill_chunk=256)
+    engine.start()
+    try:
+        document = words(1500)
+        first = chat_ids(loaded, f"{document}\n\nSummarise the text above in one sentence.")
+        run(engine, [first], 32)
+        single = engine.stats.peak_bytes
+        engine.stats.peak_bytes = 0
+        hits = engine.stats.prefix_hits
+        questions = [chat_ids(loaded, f"{document}\n\n{q}") for q in QUESTIONS[1:9]]
+        run(engine, questions, 32)
+        return {
+            "document_tokens": len(first),
+            "single_peak_bytes": single,
+            "eight_peak_bytes": engine.stats.peak_bytes,
+            "ratio": engine.stats.peak_bytes / single,
+            "prefix_hits": engine.stats.prefix_hits - hits,
+        }
+    finally:
+        engine.stop()
+
+
+def preemption(loaded) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    lengths = [256 + (3000 - 256) * i // 15 for i in range(16)]
+    prompts = [chat_ids(loaded, f"{words(int(n * 0.7), 131 * i)}\n\n{QUESTIONS[i % len(QUESTIONS)]}")[-n:] for i, n in enumerate(lengths)]
+    free = Engine(loaded, KVSettings(), prefill_chunk=256)
+    need = sum(free.reservation(Request(p, SamplingParams(32), KVSettings(), lambda _: None)) for p in prompts)
+    free.start()
+    try:
+        reference = run(free, prompts, 32)
+        free_peak = free.stats.peak_bytes
+    finally:
+        free.stop()
+    limit = need // 3
+    limited = Engine(loaded, KVSettings(), kv_memory=limit, prefill_chunk=256)
+    limited.start()
+    try:
+        answers = run(limited, prompts, 32)
+    finally:
+        limited.stop()
+    return {
+        "reservations_bytes": need,
+        "limit_bytes": limit,
+        "unlimited_peak_bytes": free_peak,
+        "limited_peak_bytes": limited.stats.peak_bytes,
+        "pool_capacity_bytes": limited.memory.capacity_nbytes,
+        "preempted": limited.stats.preempted,
+        "answered": sum(1 for a in answers if a),
+        "equal_answers": sum(1 for a, b in zip(answers, reference) if a == b),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    results = {"prefix_sharing": prefix_sharing(loaded), "preemption": preemption(loaded)}
+    table = Table(title="block pool aims (issue 20)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for group, values in results.items():
+        for name, value in values.items():
+            shown = f"{value / MIB:.1f} MiB" if name.endswith("bytes") else (f"{value:.2f}" if isinstance(value, float) else str(value))
+            table.add_row(f"{group}: {name}", shown)
+    console.print(table)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(results, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
