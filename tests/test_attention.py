@@ -2,7 +2,7 @@
 
 import torch
 
-from kvforge.attention import attention_probs_sum, causal_allowed
+from kvforge.reading import attention_probs_sum, causal_allowed
 
 
 def reference(query, keys, allowed, weight, scaling):

@@ -10,8 +10,8 @@ import torch
 
 triton = pytest.importorskip("triton")  # conftest sets TRITON_INTERPRET=1 where there is no GPU
 
-from kvforge.kernels.decode import decode_attention  # noqa: E402
-from kvforge.kernels.rows import DenseRows, QuantRows  # noqa: E402
+from kvforge.reading.kernels.decode import decode_attention  # noqa: E402
+from kvforge.reading.rows import DenseRows, QuantRows  # noqa: E402
 from kvforge.storage.codec import QuantSpec, dequantize_keys, dequantize_values, quantize_keys, quantize_values  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +89,7 @@ def quant_rows(keys: list[torch.Tensor], values: list[torch.Tensor], spec: Quant
         groups += n // spec.group
     lens = torch.tensor(lengths)
     rows = QuantRows(
-        spec, torch.cat(kc).to(DEVICE), torch.cat(vc).to(DEVICE), torch.cat(vm).to(DEVICE), torch.cat(km).to(DEVICE),
+        spec.bits, spec.code_bytes(dim), spec.meta_fields, spec.group, not spec.asymmetric, torch.cat(kc).to(DEVICE), torch.cat(vc).to(DEVICE), torch.cat(vm).to(DEVICE), torch.cat(km).to(DEVICE),
         torch.cat(eg).to(DEVICE, torch.int32), (torch.cumsum(lens, 0) - lens).to(DEVICE), lens.to(DEVICE, torch.int32),
         max(lengths),
     )  # fmt: skip
@@ -138,7 +138,7 @@ def test_decoding_through_the_kernels_predicts_what_the_torch_path_does(tiny_mod
     from test_policy_matrix import decode, prefill_logits
 
     from kvforge import make_policy
-    from kvforge.kernels import calls
+    from kvforge.reading.kernels import calls
     from kvforge.storage.codec import QuantSpec
 
     spec = QuantSpec(quant, group=8, residual=4) if quant else None
@@ -179,7 +179,7 @@ AOT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kvforge.kernels.decode as kd
+import kvforge.reading.kernels.decode as kd
 
 target = GPUTarget("cuda", 90, 32)  # Hopper (H100, H200): compiled ahead of time, no GPU needed
 state = {"m_out": "*fp32", "l_out": "*fp32", "acc_out": "*fp32", "split": "i32", "splits_total": "i32", "first_split": "i32"}
@@ -195,7 +195,7 @@ for dtype in ("bf16", "fp32"):  # fp16 takes bf16's path; fp32 the exact (IEEE) 
         constants = {**common, "IEEE": dtype == "fp32", "BITS": bits, "CB": 128 * bits // 8, "FIELDS": 1 if fp8 else 2, "VG": 32, "FP8": fp8}
         triton.compile(ASTSource(kd._quant_kernel, signature, constants), target=target)
 
-import kvforge.kernels.received as kr
+import kvforge.reading.kernels.received as kr
 
 # The received-attention kernel's two passes: half inputs (tl.dot's default precision) and
 # float32 (IEEE), short and long query blocks, head_dim 64 and 128, GQA groups 1, 3 and 8.

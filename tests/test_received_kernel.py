@@ -9,10 +9,10 @@ import torch
 
 triton = pytest.importorskip("triton")  # conftest sets TRITON_INTERPRET=1 where there is no GPU
 
-from kvforge.attention import attention_probs_sum, causal_allowed, received_attention  # noqa: E402
-from kvforge.kernels import calls  # noqa: E402
-from kvforge.kernels.received import received_padded, received_rows  # noqa: E402
-from kvforge.kernels.rows import key_rows  # noqa: E402
+from kvforge.reading import attention_probs_sum, causal_allowed, received_attention  # noqa: E402
+from kvforge.reading.kernels import calls  # noqa: E402
+from kvforge.reading.kernels.received import received_padded, received_rows  # noqa: E402
+from kvforge.reading.rows import key_rows  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Triton's interpreter computes bfloat16 wrongly (numpy has no bfloat16): it is checked compiled only.

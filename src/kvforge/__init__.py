@@ -10,7 +10,8 @@ from kvforge.calibration.measure import calibrate
 from kvforge.generate import prefill
 from kvforge.models import load_model
 from kvforge.policies import Policy, all_policies, make_policy
+from kvforge.spec import KVSpec
 from kvforge.storage import QuantSpec
 
-__all__ = ["KVCache", "Policy", "QuantSpec", "calibrate", "enable", "load_model", "all_policies", "make_policy", "prefill"]
+__all__ = ["KVCache", "KVSpec", "Policy", "QuantSpec", "calibrate", "enable", "load_model", "all_policies", "make_policy", "prefill"]
 __version__ = "0.1.0"

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvforge.attention import ATTN_NAME, every_real, probe_attention, tag_layer
+from kvforge.attention import ATTN_NAME, tag_layer
+from kvforge.reading import every_real, probe_attention
 from kvforge.calibration import Calibration, fingerprint, require_calibration
 from kvforge.policies.base import Policy, StepContext
 from kvforge.memory.kvmemory import KVMemory
@@ -162,6 +163,8 @@ class KVForgeLayer(CacheLayerMixin):
         # A chunk compressed at once is stored without spare room; otherwise rows grow
         # geometrically, so appends (decoding steps, uncompressed prompt chunks) are amortized.
         exact = mode == PREFILL and self.policy.compresses_prompt
+        if self.layer_idx == 0 and t > 1:
+            self.storage.expect(t, self.num_layers)  # every layer will append this chunk
         self.storage.append(keys, values, positions, new_valid, exact=exact)
         # (batch,) tokens stored per sequence: known on the host when the chunk has no padding.
         added = torch.full((keys.shape[0],), t) if every_real(new_valid) else new_valid.sum(1).cpu()

@@ -31,20 +31,24 @@ def parse_param(text: str) -> tuple[str, Any]:
 def build_policy(name: str, ratio: float | None, params: list[str], args: argparse.Namespace | None = None) -> Any:
     """A policy from the command line: its name, --ratio, --param NAME=VALUE and the budget
     options (--budget, --decode-budget, --evict-every) where the command has them."""
-    from kvforge.policies import make_policy
+    return cli_spec(name, ratio, params, args).build()
 
-    kwargs = dict(parse_param(p) for p in params)
-    if ratio is not None:
-        kwargs["ratio"] = ratio
+
+def cli_spec(name: str, ratio: float | None, params: list[str], args: argparse.Namespace | None = None) -> Any:
+    """The KV setting (`kvforge.spec.KVSpec`) the command line names: see `build_policy`."""
+    from kvforge.spec import KVSpec
+
+    own = dict(parse_param(p) for p in params)
+    budget = None
     if args is not None and name != "full":
-        if getattr(args, "budget", None) is not None:
-            if ratio is not None:
-                raise ValueError("give either --ratio or --budget, not both")
-            kwargs["budget"], kwargs["ratio"] = args.budget, 0.0  # the budget replaces the ratio
+        budget = getattr(args, "budget", None)
+        if budget is not None and ratio is not None:
+            raise ValueError("give either --ratio or --budget, not both")
         for option in ("decode_budget", "evict_every"):
             if getattr(args, option, None) is not None:
-                kwargs[option] = getattr(args, option)
-    return make_policy(name, **kwargs)
+                own[option] = getattr(args, option)
+    ratio = 0.0 if ratio is None or budget is not None else ratio
+    return KVSpec(name, ratio, budget=budget, params=tuple(own.items()))
 
 
 def add_budget_args(parser: argparse.ArgumentParser, chunk_help: str) -> None:

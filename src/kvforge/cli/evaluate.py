@@ -38,15 +38,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from one prefill of the sample (as the eval does)."""
     from dataclasses import asdict
 
-    from kvforge.eval.runner import SweepStats, run_group
+    from kvforge.eval.runner import SweepStats, built, run_group
     from kvforge.eval.tasks import make_case
-    from kvforge.policies import make_policy, methods
+    from kvforge.policies import methods
+    from kvforge.spec import KVSpec
 
     loaded = load(args)
     case = make_case(loaded.tokenizer, "niah_single", args.length, seed=args.seed, chat=loaded.is_instruct, max_length=loaded.context_length)
     case.max_new_tokens = args.max_new_tokens
-    combos = [(name, 0.0 if name == "full" else args.ratio, "none") for name in methods()]
-    policies = {(n, r): make_policy(n, ratio=r) for n, r, _ in combos}
+    combos = [KVSpec(name, 0.0 if name == "full" else args.ratio) for name in methods()]
+    policies = built(combos)
     ensure_calibration(loaded, list(policies.values()))
     rows = []
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
@@ -131,11 +132,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_fidelity(args: argparse.Namespace) -> int:
     from kvforge.eval import corpus
     from kvforge.eval.fidelity import fidelity
-    from kvforge.policies import make_policy, methods
+    from kvforge.policies import methods
+    from kvforge.spec import KVSpec
 
     names = split_list(args.policies) if args.policies else [n for n in methods() if n != "full"]
     ratios = [ratio_arg(r) for r in split_list(args.ratios)]
-    policies = [make_policy(n, ratio=r) for n in names for r in ([0.0] if n == "full" else ratios)]
+    policies = [KVSpec(n, r).build() for n in names for r in ([0.0] if n == "full" else ratios)]
     if args.text_file:
         try:
             text = Path(args.text_file).read_text(encoding="utf-8")

@@ -59,7 +59,6 @@ from kvforge.generate import DECODE, PREFILL, feed, stop_ids
 from kvforge.memory import OutOfBlocks
 from kvforge.memory.kvmemory import KVMemory
 from kvforge.models import LoadedModel
-from kvforge.policies import make_policy
 from kvforge.policies.base import Policy
 from kvforge.storage.paged import PagedKV
 
@@ -75,7 +74,7 @@ class QueueFull(Exception):
 
 def settings_policy(kv: KVSettings) -> Policy:
     """The policy a KV setting names (raises ValueError naming what is wrong)."""
-    return make_policy(kv.policy, ratio=kv.ratio)
+    return kv.build()
 
 
 @dataclass
@@ -427,16 +426,17 @@ class Engine:
         return sum(l.storage.blocks_to_append(tokens) for l in cache.layers if isinstance(l.storage, PagedKV))
 
     def _make_room(self, need: Callable[[], int], keep: Request) -> bool:
-        """Free blocks until `need()` of them are free: kept prefixes go first, then the most
-        recently admitted requests other than `keep` are preempted. False when even that is not
-        enough (then `keep` needs more than the whole memory)."""
+        """Free blocks until `need()` of them are free: kept prefixes go first, then the requests
+        admitted after `keep`, the most recent first, are preempted (an older request is never
+        preempted for a newer one). False when even that is not enough."""
         while self.memory.bounded and self.memory.pool.num_free < need():
             if self.prefixes.evict_one():
                 continue
-            victim = next((r for r in reversed(self.live.values()) if r is not keep), None)
-            if victim is None:
+            admitted = list(self.live)  # request ids in admission order
+            newer = admitted[admitted.index(keep.id) + 1 :] if keep.id in self.live else []
+            if not newer:
                 return False
-            self._preempt(victim)
+            self._preempt(self.live[newer[-1]])
         return True
 
     def _preempt(self, request: Request) -> None:
@@ -493,6 +493,8 @@ class Engine:
             return sum(self._step_blocks(p.cache, self.prefill_chunk) for p in items if p in self.prefilling)
 
         if not self._make_room(need, head.request):
+            if len(self.live) > 1:
+                return  # older requests hold the memory: this chunk waits for them to finish
             self.prefilling.remove(head)
             self._end(head.request, "error", "the prompt needs more KV memory than the server has (--kv-memory)")
             return
@@ -584,8 +586,11 @@ class Engine:
 
     def _decode_step(self, group: Group) -> None:
         assert group.cache is not None
-        oldest = group.requests[0]
-        self._make_room(lambda: self._step_blocks(group.cache, 1), oldest)  # reserves no more than the oldest alone
+        # Room for one more entry in every row; when there is none, newer requests give theirs back
+        # (this group's included); if even that is not enough the step runs and, should the pool
+        # run dry in it, its requests are recomputed later (`_step_failed`).
+        admitted = list(self.live)
+        self._make_room(lambda: self._step_blocks(group.cache, 1), min(group.requests, key=lambda r: admitted.index(r.id)))
         if not group.requests or group.cache is None:
             return
         try:

@@ -13,19 +13,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kvforge.engine.sampling import SamplingParams
-from kvforge.storage import QuantSpec
+from kvforge.spec import KVSpec
 
 log = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
-@dataclass(frozen=True)
-class KVSettings:
-    """How a request's cache is compressed and held; requests with equal settings share a batch."""
-
-    policy: str = "full"
-    ratio: float = 0.0
-    quant: QuantSpec = field(default_factory=QuantSpec)
+# How a request's cache is compressed and held; requests with equal settings share a batch. The
+# engine's name for `KVSpec` (kept: code written against `KVSettings` goes on working).
+KVSettings = KVSpec
 
 
 @dataclass

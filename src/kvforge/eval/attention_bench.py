@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvforge import kernels
+from kvforge.reading import kernels
 from kvforge.eval.bench import PeakMeter, sync
 from kvforge.policies.base import top_slots
 from kvforge.storage.base import KVStorage

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -26,8 +26,9 @@ from kvforge.cache import KVCache, head_dim
 from kvforge.eval.tasks import TASKS, Case, followups, load_task_file, make_case, score
 from kvforge.generate import Prompt, build_prompt, check_length, feed, greedy, prefill, settle, stop_ids
 from kvforge.models import LoadedModel
-from kvforge.policies import check_policy_name, make_policy
+from kvforge.policies import check_policy_name
 from kvforge.policies.base import Policy
+from kvforge.spec import KVSpec
 from kvforge.storage import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,13 @@ class EvalConfig:
         """Each quantization mode of the run, validated (a bad value names its option)."""
         return {mode: QuantSpec(mode, self.quant_group, self.quant_residual, self.quant_split) for mode in self.quant}
 
-    def combos(self) -> list[tuple[str, float, str]]:
-        """(policy, ratio, quant) rows of one sample: `full` once per quant mode, every other
-        policy at every ratio and quant mode."""
+    def combos(self) -> list[KVSpec]:
+        """The KV settings of one sample's rows: `full` once per quant mode, every other policy at
+        every ratio and quant mode."""
         pairs = [("full", 0.0)] if "full" in self.policies else []
         pairs += [(p, r) for p in self.policies if p != "full" for r in self.ratios if r > 0]
-        return [(p, r, q) for q in self.quant for p, r in pairs]
+        specs = self.specs()
+        return [KVSpec(p, r, specs[q]) for q in self.quant for p, r in pairs]
 
 
 @dataclass
@@ -223,7 +225,7 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
 
 def own_rows(rows: list[EvalRow], cfg: EvalConfig) -> list[EvalRow]:
     """The rows `cfg` asks for (a directory may hold more, from runs that asked for more)."""
-    combos = set(cfg.combos())
+    combos = {c.key for c in cfg.combos()}
     # A task-file case carries its own task name; only the generated tasks are chosen by --tasks.
     return [
         r
@@ -254,17 +256,26 @@ def total_rows(cfg: EvalConfig) -> int:
     return per_sample * (len(cfg.tasks) * cfg.samples + file_cases)
 
 
+def policy_key(kv: KVSpec) -> KVSpec:
+    """The setting at full precision: its quantized forms share its policy."""
+    return replace(kv, quant=QuantSpec())
+
+
+def built(combos: list[KVSpec]) -> dict[KVSpec, Policy]:
+    """Each setting's policy, built once per `policy_key`."""
+    return {policy_key(kv): policy_key(kv).build() for kv in combos}
+
+
 @torch.inference_mode()
 def run_group(
     loaded: LoadedModel,
     group: list[tuple[int, Case]],
     query_aware: bool,
-    combos: list[tuple[str, float, str]],
-    policies: dict[tuple[str, float], Policy],
+    combos: list[KVSpec],
+    policies: dict[KVSpec, Policy],
     stats: SweepStats,
     prefill_chunk: int | None = None,
     questions: int = 1,
-    specs: dict[str, QuantSpec] | None = None,
 ) -> Iterator[EvalRow]:
     """Prefill each case once with a full recording cache, stack them into one batch, then derive
     and answer every (policy, ratio) for the whole batch. With `prefill_chunk`, every (policy,
@@ -273,10 +284,9 @@ def run_group(
     Prefills run one prompt at a time (the fast causal path, one prompt's memory); derivation and
     decoding run batched. Per-row seconds are the batch's seconds divided by its size; prefill
     seconds are each prompt's own. With `questions` > 1 each compressed context answers that
-    many questions (`followups`), each on its own fork of the compressed cache. `specs` maps each
-    quant mode of `combos` to its QuantSpec ("none" needs none); quantized caches are derived
-    from the same full-precision prefill."""
-    specs = {"none": QuantSpec(), **(specs or {})}
+    many questions (`followups`), each on its own fork of the compressed cache. `policies` holds
+    each setting's policy, keyed by the setting at full precision (`policy_key`): quantized caches
+    are derived from the same full-precision prefill."""
     model, tok = loaded.model, loaded.tokenizer
     every = [followups(c, questions) for _, c in group]  # per sample, its questions' cases
     asked = [[(s, cases[q]) for (s, _), cases in zip(group, every)] for q in range(questions)]
@@ -306,20 +316,20 @@ def run_group(
         return KVCache.stack(caches), torch.stack(firsts), seconds, policy_seconds  # firsts: (batch, vocab)
 
     if prefill_chunk is None:
-        stacked, first_logits, prefill_seconds, _ = prefill_each(make_policy("full"), True, None)
+        stacked, first_logits, prefill_seconds, _ = prefill_each(KVSpec().build(), True, None)
         if stats.per_row_prefill_seconds is None:
             # What the sweep saves: one policy's prefill on its own, measured on one prompt.
-            name, ratio, _ = next((c for c in combos if c[0] != "full"), combos[0])
+            timed = next((c for c in combos if c.policy != "full"), combos[0])
             start = time.perf_counter()
-            prefill(model, KVCache(model, policies[(name, ratio)], tokenizer=tok), compressed[0])
+            prefill(model, KVCache(model, policies[policy_key(timed)], tokenizer=tok), compressed[0])
             stats.per_row_prefill_seconds = time.perf_counter() - start
-            stats.per_row_prefill_policy = f"{name} {ratio:g}"
+            stats.per_row_prefill_policy = f"{timed.policy} {timed.ratio:g}"
     prefill_len = torch.tensor([len(ids) for ids in compressed], device=model.device)
     # Shared by one policy's ratios: what it observed of these prefills. Quantized modes share it
     # too (a prompt is observed before it is quantized); its form differs from full precision's.
     observed: dict[bool, dict] = {}
-    for name, ratio, mode in combos:
-        policy, spec = policies[(name, ratio)], specs[mode]
+    for kv in combos:
+        policy, spec = policies[policy_key(kv)], kv.quant
         if prefill_chunk is None:
             start = time.perf_counter()
             seen = observed.setdefault(spec.enabled, {})
@@ -338,7 +348,7 @@ def run_group(
             # With several questions each answers on a fork: the compressed cache stays as it was.
             answering = cache if questions == 1 else cache.fork()
             yield from answer_group(
-                loaded, answering, asked_q, prompts_q, query_aware, (name, ratio, mode), logits, prefill_len,
+                loaded, answering, asked_q, prompts_q, query_aware, kv.key, logits, prefill_len,
                 max_new, (prefill_seconds, compress_seconds), question,
             )  # fmt: skip
 
@@ -420,7 +430,7 @@ def _run_locked(
     rows = prepare_out(out, cfg, force)
     done = {r.key for r in rows}
     combos = cfg.combos()
-    policies = {(n, r): make_policy(n, ratio=r) for n, r, _ in combos}
+    policies = built(combos)
     stats = SweepStats()
     start = time.perf_counter()
     for group in groups(loaded, cfg):
@@ -428,11 +438,11 @@ def _run_locked(
             # A combo is redone for the whole group when any of its samples lacks it.
             todo = [
                 c for c in combos
-                if any((case.task, s, query_aware, *c, q) not in done for s, case in group for q in range(cfg.questions))
+                if any((case.task, s, query_aware, *c.key, q) not in done for s, case in group for q in range(cfg.questions))
             ]  # fmt: skip
             if not todo:
                 continue
-            for row in run_group(loaded, group, query_aware, todo, policies, stats, cfg.prefill_chunk, cfg.questions, cfg.specs()):
+            for row in run_group(loaded, group, query_aware, todo, policies, stats, cfg.prefill_chunk, cfg.questions):
                 if row.key in done:
                     continue
                 append_row(out / ROWS, row)

@@ -10,10 +10,11 @@ counted once, from its own tensors:
     free_nbytes      = capacity_nbytes - allocated_nbytes
 
 A memory made with `num_blocks` is bounded: an allocation past it raises `OutOfBlocks` (the engine
-then waits or preempts). One made without doubles when it runs out (at least
-MIN_GROWTH blocks: each growth copies the store once, so growing rarely matters more than a
-tight capacity) and gives its tensors back once no block is in use (`trim`); rows therefore
-reach the pool and the row tables through this object, never by holding `pool` or `rows` themselves.
+then waits or preempts). One made without grows when it runs out, by what it
+lacks and at least a quarter of its size (MIN_GROWTH blocks at the least): a cache about to append
+a prompt chunk in every layer `reserve`s all of it at once. It gives its tensors back once no block
+is in use (`trim`), so rows reach the pool and the row tables through this object, never by
+holding `pool` or `rows` themselves.
 """
 
 from __future__ import annotations
@@ -71,8 +72,17 @@ class KVMemory:
     def free_nbytes(self) -> int:
         return self.capacity_nbytes - self.allocated_nbytes
 
+    def reserve(self, count: int) -> None:
+        """An unbounded memory makes sure `count` blocks are free, growing once by what it lacks
+        (a prompt chunk about to be appended by every layer: one copy of the store, not one per
+        layer). A bounded memory changes nothing: allocations past it raise."""
+        if not self.bounded and self.pool.num_free < count:
+            self._grow(count - self.pool.num_free)
+
     def _grow(self, short: int) -> None:
-        count = max(short, self.pool.num_blocks, MIN_GROWTH)
+        # By what is short, and at least a quarter (amortized growth for decoding's block at a
+        # time): each growth copies the store once, and old and new stores coexist meanwhile.
+        count = max(short, self.pool.num_blocks // 4, MIN_GROWTH)
         self.store.grow(count)
         self.pool.grow(count)
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from kvforge.attention import causal_allowed, received_attention
+from kvforge.reading import causal_allowed, received_attention
 from kvforge.calibration import Calibration
 from kvforge.storage.base import KVStorage, PaddedView
 

@@ -162,6 +162,11 @@ class KVStorage(ABC):
     def meta_nbytes(self) -> int:
         """Bytes held beside K/V: positions, lengths, policy state."""
 
+    def expect(self, count: int, layers: int) -> None:
+        """`layers` layers like this one are about to append up to `count` entries to every row
+        (a prompt chunk): a layout whose memory is shared and grows may get it all at once
+        instead of growing layer by layer. Nothing to do for the others."""
+
     @abstractmethod
     def append(
         self,

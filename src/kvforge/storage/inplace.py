@@ -28,9 +28,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from kvforge import kernels
-from kvforge.attention import attention_probs_sum, every_real
-from kvforge.kernels.rows import decode, dense_rows, key_rows, received
+from kvforge.reading import attention_probs_sum, decode, dense_rows, every_real, kernels, key_rows, received
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, time_ordered
 
 GROWTH = 1.25

@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from kvforge.attention import every_real
+from kvforge.reading import every_real
 from kvforge.memory import OutOfBlocks, Row
 from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
@@ -131,6 +131,9 @@ class PagedKV(ReadsView):
     def blocks_to_append(self, count: int) -> int:
         """Blocks appending `count` entries to every row takes from the pool (admission asks)."""
         return sum(self.memory.rows.blocks_to_append(row, count) for row in self.rows)
+
+    def expect(self, count: int, layers: int) -> None:
+        self.memory.reserve(layers * self.blocks_to_append(count))
 
     def _ensure_columns(self, needed: int) -> None:
         """Positions and policy state get room for `needed` entries per row (grown 1.25x)."""

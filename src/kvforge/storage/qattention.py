@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kvforge.attention import causal_allowed
+from kvforge.reading import causal_allowed
 from kvforge.storage.qpart import Part, Reader
 from kvforge.storage.segments import Segments
 

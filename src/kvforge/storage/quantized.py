@@ -28,10 +28,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from kvforge import kernels
-from kvforge.attention import attend as dense_attend
-from kvforge.attention import attention_probs_sum, every_real
-from kvforge.kernels.rows import Source, decode, part_rows, received, segment_key_rows, segment_rows
+from kvforge.reading import Source, attention_probs_sum, decode, every_real, kernels, received
+from kvforge.reading import attend as dense_attend
+from kvforge.storage.kernelrows import part_rows, segment_key_rows, segment_rows
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, spans, time_ordered
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.qattention import attention_chunks, blocks, tail_allowed

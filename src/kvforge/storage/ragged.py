@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kvforge.attention import every_real
+from kvforge.reading import every_real
 from kvforge.storage.viewread import ReadsView
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, exclusive_cumsum, gather_slots, sequence_rows, spans, time_ordered
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kvforge.attention import attend, causal_allowed, every_real, received_attention
+from kvforge.reading import attend, causal_allowed, every_real, received_attention
 from kvforge.storage.base import KVStorage, PaddedView
 
 

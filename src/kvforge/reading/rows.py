@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.storage.codec import QuantSpec
-from kvforge.storage.segments import Segments
 
 
 @dataclass
@@ -27,9 +25,14 @@ class DenseRows:
 
 @dataclass
 class QuantRows:
-    """One bit width of a quantized layout (`storage.qpart.Part`), flat ragged rows."""
+    """One bit width of a quantized layout (`storage.qpart.Part`), flat ragged rows. The codec is
+    described by what the kernel needs of it, so reading never imports storage."""
 
-    spec: QuantSpec  # one bit width (never `mixed`)
+    bits: int  # code width (never `mixed`: one part per width)
+    code_bytes: int  # bytes of one entry's packed codes, keys or values
+    fields: int  # 2: scale and minimum (asymmetric integers); 1: scale only (fp8)
+    group: int  # entries per key group, channels per value group
+    fp8: bool  # codes are float8 e4m3 bytes, not integers
     kc: torch.Tensor  # (N, code_bytes) uint8 key codes
     vc: torch.Tensor  # (N, code_bytes) uint8 value codes
     vm: torch.Tensor  # (N, fields, head_dim / group) float16 value scale (and minimum) per channel group
@@ -46,7 +49,7 @@ Source = DenseRows | QuantRows
 @dataclass
 class KeyRows:
     """Full-precision keys and their logical positions, row by row: what the kernel of the
-    attention each entry received reads (`kvforge.kernels.received`)."""
+    attention each entry received reads (`kvforge.reading.kernels.received`)."""
 
     keys: torch.Tensor  # (rows,) int64 address of each row's first key; entries head_dim elements apart
     positions: torch.Tensor  # (rows,) int64 address of each row's first position (int32, one per entry)
@@ -76,36 +79,10 @@ def key_rows(keys: list[torch.Tensor], positions: list[torch.Tensor], lengths: l
     return KeyRows(key_at, pos_at, counts, keys[0], max(lengths, default=0))
 
 
-def segment_key_rows(seg: Segments, longest: int) -> KeyRows:
-    """The keys (field k) and positions (field pos, int32) of flat ragged `Segments`."""
-    keys, positions = seg.fields["k"], seg.fields["pos"]
-    assert positions.dtype == torch.int32
-    offsets = seg.offsets().flatten()  # (rows,) on the device: no host round trip
-    key_at = keys.data_ptr() + offsets * keys.shape[1] * keys.element_size()
-    return KeyRows(key_at, positions.data_ptr() + offsets * positions.element_size(), seg.lengths.flatten().int(), keys, longest)
-
-
-def segment_rows(seg: Segments, longest: int) -> DenseRows:
-    """The full-precision fields k, v of flat ragged `Segments` (rows one after the other)."""
-    keys, values = seg.fields["k"], seg.fields["v"]
-    stride = keys.shape[1] * keys.element_size()  # bytes per entry
-    offsets = seg.offsets().flatten() * stride  # (rows,) on the device: no host round trip
-    return DenseRows(keys.data_ptr() + offsets, values.data_ptr() + offsets, seg.lengths.flatten().int(), keys, longest)
-
-
-def part_rows(spec: QuantSpec, quant: Segments, groups: Segments, entry_group: torch.Tensor, longest: int) -> QuantRows:
-    """A quantized part's codes and scales (see `storage.qpart`)."""
-    f = quant.fields
-    return QuantRows(
-        spec, f["kc"], f["vc"], f["vm"], groups.fields["km"], entry_group.int(), quant.offsets().flatten(),
-        quant.lengths.flatten().int(), longest,
-    )  # fmt: skip
-
-
 def decode(query: torch.Tensor, sources: list[Source], kv_heads: int, scaling: float) -> torch.Tensor:
     """(batch, q_heads, head_dim) one query per sequence -> its attention over `sources` (Triton)."""
-    from kvforge.kernels import calls
-    from kvforge.kernels.decode import decode_attention  # imports Triton: only when a kernel runs
+    from kvforge.reading.kernels import calls
+    from kvforge.reading.kernels.decode import decode_attention  # imports Triton: only when a kernel runs
 
     calls["decode"] += 1
     return decode_attention(query, sources, kv_heads, scaling)
@@ -120,7 +97,7 @@ def received(
     scaling: float,
 ) -> torch.Tensor:  # (batch * kv_heads, rows.longest) float32
     """The softmax attention each entry of `rows` received from the weighted queries, causal by
-    position, averaged over each GQA group (Triton; see `kvforge.kernels.received`)."""
-    from kvforge.kernels.received import received_rows  # imports Triton: only when a kernel runs
+    position, averaged over each GQA group (Triton; see `kvforge.reading.kernels.received`)."""
+    from kvforge.reading.kernels.received import received_rows  # imports Triton: only when a kernel runs
 
     return received_rows(query, rows, query_positions, query_weight, kv_heads, scaling)

@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvforge.kernels import calls
-from kvforge.kernels.rows import KeyRows
+from kvforge.reading.kernels import calls
+from kvforge.reading.rows import KeyRows
 
 BLOCK_L = 64  # keys per block (both passes)
 BLOCK_T = 64  # queries per block; a short chunk (a decoding step, a small window) takes SHORT_T

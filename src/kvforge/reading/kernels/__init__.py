@@ -1,12 +1,12 @@
 """Triton kernels over kvforge's layouts: the decoding step (one new query per sequence), and the
 attention each held entry received from a chunk of queries (what scoring policies observe).
 
-The torch code in `kvforge.storage` is the reference and the CPU implementation; the kernels are
+The torch code (`kvforge.reading.dense`, and the layouts' own torch paths) is the reference and the CPU implementation; the kernels are
 chosen when the tensors are on CUDA and Triton is importable (`enabled`). Tests run the same
 kernels on CPU under Triton's interpreter (`TRITON_INTERPRET=1`), against the torch reference.
 
-Importing this package imports nothing heavy: `kvforge.kernels.decode` and
-`kvforge.kernels.received` (which need Triton) are loaded on first use.
+Importing this package imports nothing heavy: `kvforge.reading.kernels.decode` and
+`kvforge.reading.kernels.received` (which need Triton) are loaded on first use.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def enabled(device: torch.device) -> bool:
 
 
 def received_enabled(device: torch.device, head_dim: int) -> bool:
-    """Whether the attention each entry received (`kvforge.kernels.received`) is computed by its
+    """Whether the attention each entry received (`kvforge.reading.kernels.received`) is computed by its
     kernel: where the kernels are `enabled` and head_dim is a power of two (tl.arange) of at least
     16 (tl.dot's inner dimension). Other sizes take the torch path."""
     return enabled(device) and head_dim >= 16 and head_dim & (head_dim - 1) == 0

@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvforge.kernels.rows import DenseRows, Source
-from kvforge.storage.codec import FP8
+from kvforge.reading.rows import DenseRows, Source
+
+FP8 = torch.float8_e4m3fn  # the codes of `fp8` rows (the quantized layout's codec writes these)
 
 BLOCK = 64  # entries per inner step
 MIN_GROUP_ROWS = 16  # tl.dot multiplies at least 16 rows: a GQA group is padded to this
@@ -184,11 +185,10 @@ def decode_attention(
                 q, source.keys, source.values, source.like, source.lengths, m, l, acc, split, total, first, **common
             )
         else:
-            spec = source.spec
             _quant_kernel[(rows, n)](
                 q, source.kc, source.vc, source.vm, source.km, source.entry_group, source.starts, source.lengths,
                 _fp8_lut(query.device), m, l, acc, split, total, first, **common,
-                BITS=spec.bits, CB=spec.code_bytes(dim), FIELDS=spec.meta_fields, VG=spec.group, FP8=not spec.asymmetric,
+                BITS=source.bits, CB=source.code_bytes, FIELDS=source.fields, VG=source.group, FP8=source.fp8,
             )  # fmt: skip
         first += n
     return combine(m, l, acc)[:, :group].reshape(batch, q_heads, dim).to(query.dtype)

@@ -1,0 +1,29 @@
+"""Reading what a layer holds: attention over it, and the attention each held entry receives.
+
+- `dense.py`: the torch math over dense (batch, heads, slots, head_dim) pictures and masks: the
+  reference, and the CPU's path;
+- `rows.py`: what the kernels read: rows (sequence, KV head) described by addresses, offsets and
+  lengths, so a layout is read where it lies, and the calls into the kernels;
+- `kernels/`: the Triton kernels (decoding, attention received), chosen on CUDA (`kernels.enabled`)
+  and tested on the CPU under Triton's interpreter.
+
+The layouts (`kvforge.storage`) read themselves through this package only; nothing here imports
+the layouts, the cache or the attention function transformers calls (`kvforge.attention`).
+"""
+
+from kvforge.reading import kernels
+from kvforge.reading.dense import (
+    all_real,
+    attend,
+    attention_probs_sum,
+    causal_allowed,
+    every_real,
+    probe_attention,
+    received_attention,
+)
+from kvforge.reading.rows import DenseRows, KeyRows, QuantRows, Source, decode, dense_rows, key_rows, received
+
+__all__ = [
+    "DenseRows", "KeyRows", "QuantRows", "Source", "all_real", "attend", "attention_probs_sum", "causal_allowed",
+    "decode", "dense_rows", "every_real", "kernels", "key_rows", "probe_attention", "received", "received_attention",
+]  # fmt: skip

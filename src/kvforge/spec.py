@@ -1,0 +1,57 @@
+"""One description of a KV setting: what a cache keeps and how it holds it.
+
+A `KVSpec` names a policy (and its parameters), how much it keeps (a ratio evicted, or a budget of
+entries per sequence and KV head) and how entries are stored (a quantization). The CLI, eval, the
+engine and the server pass this around; it is validated when made, and `build()` is the one place
+a policy is built from it. Specs are frozen and hashable: the engine batches requests of equal
+specs together, and eval keys its rows by `key`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvforge.policies.base import Policy
+from kvforge.policies.registry import make_policy
+from kvforge.storage.codec import QuantSpec
+
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    policy: str = FULL
+    ratio: float = 0.0  # fraction of the prompt's entries evicted, in [0, 1)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    budget: int | None = None  # instead of a ratio: entries kept per sequence and KV head
+    params: tuple[tuple[str, Any], ...] = ()  # the policy's own parameters, (name, value) in order
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, str) or not self.policy:
+            raise ValueError(f"policy {self.policy!r} must be a policy name, e.g. knorm or adakv:snapkv")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not math.isfinite(self.ratio) or not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio {self.ratio!r} is outside the allowed range [0, 1): the fraction of entries evicted")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1):
+            raise ValueError(f"budget {self.budget!r} must be a whole number of entries >= 1")
+        if self.budget is not None and self.ratio:
+            raise ValueError(f"give either a ratio ({self.ratio}) or a budget ({self.budget}), not both")
+        if not isinstance(self.quant, QuantSpec):
+            object.__setattr__(self, "quant", QuantSpec(str(self.quant)))
+        object.__setattr__(self, "ratio", float(self.ratio))
+
+    @property
+    def key(self) -> tuple[str, float, str]:
+        """(policy, ratio, quantization mode): how eval's rows name a setting."""
+        return self.policy, self.ratio, self.quant.mode
+
+    def build(self) -> Policy:
+        """The policy this spec names (ValueError naming what is wrong: an unknown policy, a
+        parameter it does not take, a value outside its range)."""
+        kwargs = dict(self.params)
+        if self.budget is not None:
+            kwargs["budget"], kwargs["ratio"] = self.budget, 0.0
+        elif self.policy != FULL or self.ratio:  # `full` refuses any ratio but 0 itself
+            kwargs["ratio"] = self.ratio
+        return make_policy(self.policy, **kwargs)
