@@ -3,7 +3,7 @@ with the default model, and print one table:
 
 1. one ~2k-token document: a first request alone, then 8 questions on it at once (prefix hits):
    the peak K/V bytes of each phase and their ratio;
-2. 16 clients with prompts of 256..3000 tokens, greedy, once without a memory limit and once with
+2. 16 clients with prompts of 256..3000 tokens, 96 new tokens each, greedy, once without a memory limit and once with
    `kv_memory` set to a third of what their reservations add up to: the peak bytes against the
    limit, the preemptions, and whether every answer equals the unlimited run's.
 
@@ -29,6 +29,7 @@ from kvforge.models import DEFAULT_MODEL, load_model
 
 console = Console()
 MIB = 2**20
+NEW_TOKENS = 96  # per client in the preemption run: enough decoding to outgrow what admission saw
 
 
 def words(count: int, offset: int = 0) -> str:
@@ -83,10 +84,10 @@ def preemption(loaded) -> dict[str, float]:  # type: ignore[no-untyped-def]
     lengths = [256 + (3000 - 256) * i // 15 for i in range(16)]
     prompts = [chat_ids(loaded, f"{words(int(n * 0.7), 131 * i)}\n\n{QUESTIONS[i % len(QUESTIONS)]}")[-n:] for i, n in enumerate(lengths)]
     free = Engine(loaded, KVSettings(), prefill_chunk=256)
-    need = sum(free.reservation(Request(p, SamplingParams(32), KVSettings(), lambda _: None)) for p in prompts)
+    need = sum(free.reservation(Request(p, SamplingParams(NEW_TOKENS), KVSettings(), lambda _: None)) for p in prompts)
     free.start()
     try:
-        reference = run(free, prompts, 32)
+        reference = run(free, prompts, NEW_TOKENS)
         free_peak = free.stats.peak_bytes
     finally:
         free.stop()
@@ -94,7 +95,7 @@ def preemption(loaded) -> dict[str, float]:  # type: ignore[no-untyped-def]
     limited = Engine(loaded, KVSettings(), kv_memory=limit, prefill_chunk=256)
     limited.start()
     try:
-        answers = run(limited, prompts, 32)
+        answers = run(limited, prompts, NEW_TOKENS)
     finally:
         limited.stop()
     return {
