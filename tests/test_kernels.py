@@ -11,7 +11,7 @@ import torch
 triton = pytest.importorskip("triton")  # conftest sets TRITON_INTERPRET=1 where there is no GPU
 
 from kvforge.reading.kernels.decode import decode_attention  # noqa: E402
-from kvforge.reading.rows import DenseRows, QuantRows  # noqa: E402
+from kvforge.reading.rows import DenseRows, PagedRows, QuantRows  # noqa: E402
 from kvforge.storage.codec import QuantSpec, dequantize_keys, dequantize_values, quantize_keys, quantize_values  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,6 +46,28 @@ CASES = [  # (batch, kv_heads, group, head_dim, row lengths)
     (1, 3, 3, 64, [5, 64, 65]),
     (2, 1, 8, 128, [200, 1]),
 ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("batch, kv_heads, group, dim, lengths", CASES)
+def test_paged_rows_match_the_reference(batch, kv_heads, group, dim, lengths, splits, dtype):
+    block_size = 16
+    gen = torch.Generator().manual_seed(len(lengths) * dim + group + 1)
+    counts = [-(-n // block_size) for n in lengths]
+    store_k = torch.randn(sum(counts) + 5, block_size, dim, generator=gen).to(DEVICE, dtype)
+    store_v = torch.randn(sum(counts) + 5, block_size, dim, generator=gen).to(DEVICE, dtype)
+    # Each row's blocks scattered over the store, in no order: the kernel follows the tables.
+    ids = torch.randperm(store_k.shape[0], generator=gen)[: sum(counts)].split(counts)
+    width = max(counts)
+    tables = torch.stack([torch.cat([b, b.new_zeros(width - len(b))]) for b in ids]).to(DEVICE)
+    keys = [store_k[b].reshape(-1, dim)[:n] for b, n in zip(ids, lengths)]
+    values = [store_v[b].reshape(-1, dim)[:n] for b, n in zip(ids, lengths)]
+    query = torch.randn(batch, kv_heads * group, dim, generator=gen).to(DEVICE, dtype)
+    rows = PagedRows(store_k, store_v, tables, torch.tensor(lengths, dtype=torch.int32, device=DEVICE), max(lengths))
+    got = decode_attention(query, [rows], kv_heads, 0.125, splits=splits)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), reference(query, keys, values, kv_heads, 0.125), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF])
@@ -130,7 +152,7 @@ def test_sources_share_one_softmax():
     torch.testing.assert_close(got, reference(query, keys, vals, kv_heads, 0.125), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("quant", [None, "int8", "int4", "int2", "fp8", "mixed"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4", "int2", "fp8", "mixed", "paged"])
 @pytest.mark.parametrize("policy", ["full", "knorm", "adakv:snapkv"])
 def test_decoding_through_the_kernels_predicts_what_the_torch_path_does(tiny_model, monkeypatch, policy, quant):
     """The whole decoding path of a model: the storages hand their rows to the kernel."""
@@ -141,14 +163,15 @@ def test_decoding_through_the_kernels_predicts_what_the_torch_path_does(tiny_mod
     from kvforge.reading.kernels import calls
     from kvforge.storage.codec import QuantSpec
 
-    spec = QuantSpec(quant, group=8, residual=4) if quant else None
+    layout = "paged" if quant == "paged" else "inplace"  # "paged": full precision, rows in blocks
+    spec = QuantSpec(quant, group=8, residual=4) if quant not in (None, "paged") else None
     ids, mask = left_padded([24, 17])
     results = []
     for flag in ("0", "1"):
         monkeypatch.setenv("KVFORGE_KERNELS", flag)
         made = make_policy(policy) if policy == "full" else make_policy(policy, ratio=0.5)
         with torch.inference_mode():
-            cache, logits = prefill_logits(tiny_model, made, ids, mask, quant=spec)
+            cache, logits = prefill_logits(tiny_model, made, ids, mask, layout, quant=spec)
             before = calls["decode"]
             results.append([logits, *decode(tiny_model, cache, logits, ids.shape[1], 4)])
             assert calls["decode"] - before == (4 * 2 if flag == "1" else 0)  # 4 steps x 2 layers, or none
@@ -188,6 +211,9 @@ for dtype in ("bf16", "fp32"):  # fp16 takes bf16's path; fp32 the exact (IEEE) 
     signature = {"q_ptr": "*" + dtype, "k_rows": "*i64", "v_rows": "*i64", "like": "*" + dtype, "lengths": "*i32", **state,
                  **{name: "constexpr" for name in ("G", "GP", "D", "BLOCK", "IEEE")}}
     triton.compile(ASTSource(kd._dense_kernel, signature, {**common, "IEEE": dtype == "fp32"}), target=target)
+    signature = {"q_ptr": "*" + dtype, "keys": "*" + dtype, "values": "*" + dtype, "tables": "*i64", "lengths": "*i32", **state,
+                 "width": "i32", **{name: "constexpr" for name in ("G", "GP", "D", "BLOCK", "BS", "IEEE")}}
+    triton.compile(ASTSource(kd._paged_kernel, signature, {**common, "BS": 32, "IEEE": dtype == "fp32"}), target=target)
     for bits, fp8 in ((8, False), (4, False), (2, False), (8, True)) if dtype == "bf16" else ((4, False),):
         signature = {"q_ptr": "*" + dtype, "kc": "*u8", "vc": "*u8", "vm": "*fp16", "km": "*fp16", "entry_group": "*i32",
                      "starts": "*i64", "lengths": "*i32", "lut": "*fp32", **state,

@@ -21,9 +21,9 @@ from kvforge.reading.dense import (
     probe_attention,
     received_attention,
 )
-from kvforge.reading.rows import DenseRows, KeyRows, QuantRows, Source, decode, dense_rows, key_rows, received
+from kvforge.reading.rows import DenseRows, KeyRows, PagedRows, QuantRows, Source, decode, dense_rows, key_rows, received
 
 __all__ = [
-    "DenseRows", "KeyRows", "QuantRows", "Source", "all_real", "attend", "attention_probs_sum", "causal_allowed",
+    "DenseRows", "KeyRows", "PagedRows", "QuantRows", "Source", "all_real", "attend", "attention_probs_sum", "causal_allowed",
     "decode", "dense_rows", "every_real", "kernels", "key_rows", "probe_attention", "received", "received_attention",
 ]  # fmt: skip

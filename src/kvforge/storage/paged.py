@@ -14,7 +14,8 @@ rest to the pool. Positions and policy state are this storage's own, padded per 
 
 Reading gathers whole blocks (one `index_select` of (blocks, block_size, head_dim) pieces, about
 15x faster on the CPU than gathering entry by entry) into a padded picture (`view`); attention
-reads that (`viewread.ReadsView`). Dropping the storage returns its blocks.
+reads that (`viewread.ReadsView`). On CUDA a decoding step is one Triton kernel reading every row's
+blocks where they lie (`reading.PagedRows`). Dropping the storage returns its blocks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 
 import torch
 
-from kvforge.reading import every_real
+from kvforge.reading import PagedRows, decode, every_real, kernels
 from kvforge.memory import OutOfBlocks, Row
 from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
@@ -238,6 +239,22 @@ class PagedKV(ReadsView):
             valid=valid,
             aux={name: t[:, :slots].reshape(shape) for name, t in self.aux.items()},
         )
+
+    def attend(
+        self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
+    ) -> torch.Tensor:
+        if query.shape[2] == 1 and accumulate is None and kernels.enabled(self.device) and self._decoding(valid):
+            # A decoding step on CUDA: one Triton kernel reads every row's blocks where they lie.
+            lengths = [row.length for row in self.rows]
+            counts = torch.tensor(lengths, dtype=torch.int32).to(self.device, non_blocking=True)
+            store = self.memory.store
+            rows = PagedRows(store.keys, store.values, self._block_table(), counts, max(lengths))
+            return decode(query[:, :, 0], [rows], self.kv_heads, scaling)[:, :, None]
+        return super().attend(query, positions, valid, scaling, accumulate)
+
+    def _decoding(self, valid: torch.Tensor) -> bool:
+        """Every sequence's one query is real and every row holds something (the new token)."""
+        return every_real(valid) and min((row.length for row in self.rows), default=0) > 0
 
     # --- policy state --------------------------------------------------------------------------
 

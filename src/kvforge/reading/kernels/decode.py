@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvforge.reading.rows import DenseRows, Source
+from kvforge.reading.rows import DenseRows, PagedRows, Source
 
 FP8 = torch.float8_e4m3fn  # the codes of `fp8` rows (the quantized layout's codec writes these)
 
@@ -92,6 +92,32 @@ def _dense_kernel(
         at = t.to(tl.int64)[:, None] * D + d[None, :]
         k = tl.load(k_base + at, mask=valid[:, None], other=0.0).to(q.dtype)
         v = tl.load(v_base + at, mask=valid[:, None], other=0.0).to(q.dtype)
+        m, l, acc = _step(q, k, v, valid, m, l, acc, IEEE)
+    _store(m_out, l_out, acc_out, r * splits_total + first_split + s, m, l, acc, GP, D)
+
+
+@triton.jit
+def _paged_kernel(
+    q_ptr, keys, values, tables, lengths, m_out, l_out, acc_out,
+    split, splits_total, first_split, width,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """`_dense_kernel` over block tables: each entry's address comes from its row's table (entry t
+    in block tables[r, t // BS], at offset t % BS), so rows are read where their blocks lie."""
+    r = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    n = tl.load(lengths + r)
+    start = s * split
+    stop = tl.minimum(start + split, n)
+    d = tl.arange(0, D)
+    q, m, l, acc = _begin(q_ptr, r, G, GP, D)
+    for off in range(start, stop, BLOCK):
+        t = off + tl.arange(0, BLOCK)
+        valid = t < stop
+        block = tl.load(tables + r * width + t // BS, mask=valid, other=0).to(tl.int64)
+        at = (block * BS + t % BS)[:, None] * D + d[None, :]
+        k = tl.load(keys + at, mask=valid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(values + at, mask=valid[:, None], other=0.0).to(q.dtype)
         m, l, acc = _step(q, k, v, valid, m, l, acc, IEEE)
     _store(m_out, l_out, acc_out, r * splits_total + first_split + s, m, l, acc, GP, D)
 
@@ -184,6 +210,11 @@ def decode_attention(
             _dense_kernel[(rows, n)](
                 q, source.keys, source.values, source.like, source.lengths, m, l, acc, split, total, first, **common
             )
+        elif isinstance(source, PagedRows):
+            _paged_kernel[(rows, n)](
+                q, source.keys, source.values, source.tables, source.lengths, m, l, acc, split, total, first,
+                source.tables.shape[1], **common, BS=source.keys.shape[1],
+            )  # fmt: skip
         else:
             _quant_kernel[(rows, n)](
                 q, source.kc, source.vc, source.vm, source.km, source.entry_group, source.starts, source.lengths,
