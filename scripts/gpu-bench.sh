@@ -96,9 +96,10 @@ fi
 #    smoke runs inside the test suite).
 collect=$([[ $mode == smoke ]] && echo --collect-only)
 stage tests "${limits[0]}" $py -m pytest -q -x -p no:cacheprovider $collect tests/test_kernels.py tests/test_received_kernel.py tests/test_syncs.py
-# 2. The aim's point: one layer's decode attention, int4 and eviction against bf16 SDPA, beside the copy-bandwidth bound.
+# 2. The aim's point: one layer's decode attention, int4, eviction and the paged layout's kernel against bf16 SDPA,
+#    beside the copy-bandwidth bound.
 stage attention-aim "${limits[1]}" "${kvforge[@]}" bench --attention-only "${device[@]}" --shape "$big" --lengths "$aim_len" \
-    --batches "$aim_batch" --quant none,int8,int4,int2,fp8 --ratios 0,0.5 --steps "$steps" --json "$out/attention-aim.json"
+    --batches "$aim_batch" --quant none,int8,int4,int2,fp8 --ratios 0,0.5 --layout paged --steps "$steps" --json "$out/attention-aim.json"
 # 3. The whole model at the aim's point: DynamicCache, full, knorm 0.5 with and without int4; compression vs prefill time.
 stage model-aim "${limits[2]}" "${kvforge[@]}" bench --model "$model" "${device[@]}" --lengths "$aim_len" --batches 1,"$aim_batch" \
     --policies full,knorm,snapkv,h2o --ratio 0.5 --quant none,int4 --baselines dynamic,fp8 --decode-tokens "$decode" \

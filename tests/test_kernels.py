@@ -198,6 +198,18 @@ def test_attention_bench_rows_report_real_bytes_and_both_paths(monkeypatch):
     assert "| default | 96 | 2 | kvforge int4 | triton | 0.5 |" in format_attention_table(rows)
 
 
+
+def test_attention_bench_paged_rows_hold_exact_blocks_on_both_paths(monkeypatch):
+    from kvforge.eval.attention_bench import run_attention_bench
+
+    monkeypatch.setenv("KVFORGE_KERNELS", "1")
+    rows = run_attention_bench("default", [96], [2], [QuantSpec("none")], torch.float32, DEVICE, steps=1, ratios=(0.0,), paged=True)
+    paged = {r.path: r for r in rows if r.layout == "kvforge paged"}
+    assert set(paged) == {"torch", "triton"}
+    dense = 2 * 2 * 3 * 96 * 64 * 4  # 96 tokens: three whole blocks of 32 per row, nothing spare
+    assert all(r.held_bytes == dense and r.ms_per_step > 0 for r in paged.values())
+
+
 AOT = """
 import triton
 from triton.backends.compiler import GPUTarget

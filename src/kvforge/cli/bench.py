@@ -52,9 +52,11 @@ def cmd_attention_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--ratios {args.ratios!r} must be comma-separated fractions in [0, 1), e.g. 0,0.5") from err
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
-        bar = progress.add_task("attention", total=len(lengths) * len(batches) * (1 + len(quants) * len(ratios)))
+        paged = args.layout == "paged"
+        per_ratio = len(quants) + (paged and any(not q.enabled for q in quants))
+        bar = progress.add_task("attention", total=len(lengths) * len(batches) * (1 + per_ratio * len(ratios)))
         rows = run_attention_bench(
-            args.shape, lengths, batches, quants, dtype, device, steps=args.steps, ratios=ratios,
+            args.shape, lengths, batches, quants, dtype, device, steps=args.steps, ratios=ratios, paged=paged,
             on_row=lambda row: progress.update(bar, advance=1 if row.path == "torch" else 0, description=f"{row.length} x {row.batch} {row.layout}"),
         )  # fmt: skip
     print(f"kvforge bench --attention-only on {device} ({args.dtype}): one layer of {args.shape}, one decoding step")
@@ -166,7 +168,8 @@ def register(sub: Any) -> None:
     add_quant_args(ben, many=True)
     ben.add_argument("--decode-tokens", type=int, default=32)
     ben.add_argument("--layout", default="inplace", choices=sorted(LAYOUTS),
-                     help="how full-precision rows are held: inplace (default), paged (blocks of one pool, as `serve` holds them) or ragged")
+                     help="how full-precision rows are held: inplace (default), paged (blocks of one pool, as `serve` holds them) "
+                          "or ragged; with --attention-only, paged adds rows of the paged layout beside the in-place ones")
     ben.add_argument("--repeats", type=int, default=1, help="take the fastest of this many runs")
     add_device_args(ben)
     ben.add_argument("--attention-only", action="store_true",

@@ -11,7 +11,9 @@ the device's copy bandwidth (`copy_bandwidth`, measured here, not taken from a d
   (`path` says which); at each `ratio`, that fraction of every chunk was evicted as it was stored
   (before it was quantized, as a compressing prefill does), the KV heads keeping unequal shares
   (from half to one and a half times the mean, as head-wise budgets leave them), so rows are
-  ragged. `vs_sdpa` always compares with SDPA over the whole, uncompressed cache.
+  ragged. `vs_sdpa` always compares with SDPA over the whole, uncompressed cache;
+- `kvforge paged` (with `paged`): the full-precision entries in the paged layout's blocks
+  (`storage/paged.py`), read by the paged kernel on CUDA, by a gather of whole blocks in torch.
 
 Weights do not matter to attention time, so no model is loaded: K/V are random, with the shape of
 the model named by `--shape` (a config dict; nothing is downloaded). Bytes are read from the
@@ -34,8 +36,7 @@ from kvforge.eval.bench import PeakMeter, sync
 from kvforge.policies.base import top_slots
 from kvforge.storage.base import KVStorage
 from kvforge.storage.codec import QuantSpec
-from kvforge.storage.inplace import InPlaceKV
-from kvforge.storage.quantized import QuantizedKV
+from kvforge.storage import make_storage
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _evict_chunk(one: KVStorage, n: int, ratio: float, gen: torch.Generator) -> 
 
 def build_storage(
     shape: AttnShape, length: int, batch: int, spec: QuantSpec, dtype: torch.dtype, device: torch.device,
-    seed: int = 0, ratio: float = 0.0,
+    seed: int = 0, ratio: float = 0.0, layout: str = "inplace",
 ) -> KVStorage:  # fmt: skip
     """One layer's storage holding `length` random entries per row for `batch` sequences (fewer
     with `ratio`: see the module's docstring), built a sequence and BUILD_CHUNK tokens at a time
@@ -134,10 +135,7 @@ def build_storage(
     gen = torch.Generator(device=device).manual_seed(seed)
     parts: list[KVStorage] = []
     for _ in range(batch):
-        if spec.enabled:
-            one: KVStorage = QuantizedKV(1, shape.kv_heads, shape.head_dim, dtype, device, spec=spec)
-        else:
-            one = InPlaceKV(1, shape.kv_heads, shape.head_dim, dtype, device)
+        one = make_storage(layout, 1, shape.kv_heads, shape.head_dim, dtype, device, quant=spec)
         for start in range(0, length, BUILD_CHUNK):
             n = min(BUILD_CHUNK, length - start)
             k, v = (torch.randn(1, shape.kv_heads, n, shape.head_dim, generator=gen, device=device, dtype=dtype) for _ in range(2))
@@ -172,11 +170,11 @@ def _sdpa(shape: AttnShape, query: torch.Tensor, length: int, scaling: float, st
 
 
 def _kvforge(
-    shape: AttnShape, query: torch.Tensor, length: int, spec: QuantSpec, ratio: float, scaling: float, steps: int
+    shape: AttnShape, query: torch.Tensor, length: int, spec: QuantSpec, ratio: float, scaling: float, steps: int, layout: str
 ) -> dict[str, tuple[float, int, int | None]]:
     """Per path (triton where it runs, torch): seconds per step, bytes held, peak."""
     batch, device = query.shape[0], query.device
-    storage = build_storage(shape, length, batch, spec, query.dtype, device, ratio=ratio)
+    storage = build_storage(shape, length, batch, spec, query.dtype, device, ratio=ratio, layout=layout)
     positions = torch.tensor([length], device=device)
     valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
     out = {}
@@ -197,7 +195,10 @@ def run_attention_bench(
     steps: int = 20,
     on_row: Callable[[AttnRow], None] | None = None,
     ratios: tuple[float, ...] = (0.0,),
+    paged: bool = False,
 ) -> list[AttnRow]:
+    """Every row of the module's docstring; `paged`: the full-precision rows in the paged layout
+    too."""
     shape = check_shape(shape_name)
     for ratio in ratios:
         if not 0 <= ratio < 1:
@@ -220,9 +221,12 @@ def run_attention_bench(
             add(AttnRow(shape_name, length, batch, "sdpa", "torch", 0.0, seconds * 1e3, held, held / bandwidth * 1e3, peak, 1.0))
             for ratio in ratios:
                 for spec in quants:
-                    for path, (secs, held, peak) in _kvforge(shape, query, length, spec, ratio, scaling, steps).items():
-                        add(AttnRow(shape_name, length, batch, f"kvforge {spec.mode}", path, ratio, secs * 1e3, held,
-                                    held / bandwidth * 1e3, peak, seconds / secs))  # fmt: skip
+                    layouts = ["inplace", "paged"] if paged and not spec.enabled else ["inplace"]
+                    for layout in layouts:
+                        label = "kvforge paged" if layout == "paged" else f"kvforge {spec.mode}"
+                        for path, (secs, held, peak) in _kvforge(shape, query, length, spec, ratio, scaling, steps, layout).items():
+                            add(AttnRow(shape_name, length, batch, label, path, ratio, secs * 1e3, held,
+                                        held / bandwidth * 1e3, peak, seconds / secs))  # fmt: skip
     return rows
 
 
