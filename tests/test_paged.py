@@ -143,3 +143,31 @@ def test_a_memory_sized_in_bytes_names_the_least_it_can_be():
     assert KVMemory.of_bytes(10 * BLOCK * ENTRY, DIM, torch.float32, block_size=BLOCK).pool.num_blocks == 10
     with pytest.raises(ValueError, match=f"give at least {BLOCK * ENTRY}"):
         KVMemory.of_bytes(100, DIM, torch.float32, block_size=BLOCK)
+
+
+def test_a_cache_swapped_out_and_in_decodes_exactly_as_one_that_stayed(tiny_model):
+    from conftest import left_padded
+    from test_policy_matrix import decode, prefill_logits
+
+    from kvforge import make_policy
+
+    ids, mask = left_padded([24, 17])
+    mem = KVMemory(16, torch.float32, "cpu", num_blocks=64)  # the shared memory's block size: blocks move as they are
+    with torch.inference_mode():
+        stayed, logits = prefill_logits(tiny_model, make_policy("knorm", ratio=0.5), ids, mask, "paged")
+        want = decode(tiny_model, stayed, logits, ids.shape[1], 3)
+        moved, logits = prefill_logits(tiny_model, make_policy("knorm", ratio=0.5), ids, mask, "paged")
+        held = moved.nbytes
+        for layer in moved.layers:  # into a bounded memory of its own, as an engine's
+            layer.storage = PagedKV.swap_in(layer.storage.swap_out("cpu"), mem, layer.device)
+        assert mem.pool.num_used > 0 and moved.nbytes == held
+        swapped = moved.swap_out("cpu")
+        assert mem.pool.num_used == 0 and moved.nbytes == 0  # every block went back
+        assert sum(part.nbytes for part in swapped) == held  # bytes as they were, codes stay codes
+        with pytest.raises(ValueError, match="same block size"):
+            PagedKV.swap_in(swapped[0], memory(), torch.device("cpu"))  # blocks of 4 entries: they do not fit
+        moved.memory = mem
+        moved.swap_in(swapped)
+        got = decode(tiny_model, moved, logits, ids.shape[1], 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -20,7 +20,9 @@ from kvforge.attention import ATTN_NAME, tag_layer
 from kvforge.reading import every_real, probe_attention
 from kvforge.calibration import Calibration, fingerprint, require_calibration
 from kvforge.policies.base import Policy, StepContext
-from kvforge.memory.kvmemory import KVMemory
+from kvforge.memory import OutOfBlocks
+from kvforge.memory.kvmemory import KVMemory, shared_memory
+from kvforge.storage.paged import PagedKV, SwappedPaged
 from kvforge.storage import DEFAULT_LAYOUT, KVStorage, QuantSpec, check_layout, make_storage
 
 
@@ -538,6 +540,34 @@ class KVCache(Cache):
             storage.import_aux(base.storage.export_aux())
             layer.adopt(base, storage)
         return forked
+
+    def swap_out(self, device: torch.device | str = "cpu") -> list[SwappedPaged]:
+        """Move every layer's K/V out of the block memory (to `device`, bytes as they are: what a
+        CPU or disk tier keeps) and give the blocks back; the cache holds nothing until `swap_in`.
+        Paged caches only (`layout="paged"`)."""
+        storages = [layer.storage for layer in self.layers]
+        if not all(isinstance(s, PagedKV) for s in storages):
+            raise ValueError(f"swap_out() moves blocks of the paged layout; this cache's layout is {self.layout!r}")
+        swapped = [s.swap_out(device) for s in storages]  # type: ignore[union-attr]
+        for layer in self.layers:
+            layer.storage = None
+            self.held.update(layer.layer_idx, 0)
+        return swapped
+
+    def swap_in(self, swapped: list[SwappedPaged]) -> None:
+        """Bring back what `swap_out` moved, into this cache's memory (the process's shared one
+        when it has none); raises OutOfBlocks, holding nothing, when a bounded memory is full."""
+        layers: list[PagedKV] = []
+        try:
+            for layer, part in zip(self.layers, swapped):
+                memory = self.memory if self.memory is not None else shared_memory(layer.device, layer.dtype, part.data.keys.shape[-1])
+                layers.append(PagedKV.swap_in(part, memory, layer.device))
+        except OutOfBlocks:
+            layers.clear()  # what was brought in goes back to the pool
+            raise
+        for layer, storage in zip(self.layers, layers):
+            layer.storage = storage
+            self.held.update(layer.layer_idx, storage.allocated_nbytes)
 
     def compress(self) -> None:
         """Compress every layer to the prompt budget now (see `KVForgeLayer.compress`); the

@@ -21,11 +21,12 @@ blocks where they lie (`reading.PagedRows`). Dropping the storage returns its bl
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from kvforge.reading import PagedRows, decode, every_real, kernels
-from kvforge.memory import OutOfBlocks, Row
+from kvforge.memory import OutOfBlocks, Row, Swapped
 from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
 from kvforge.storage.viewread import ReadsView
@@ -33,6 +34,25 @@ from kvforge.storage.viewread import ReadsView
 log = logging.getLogger(__name__)
 
 META_GROWTH_MIN = 16  # spare columns of positions and policy state grown at once
+
+
+@dataclass
+class SwappedPaged:
+    """A paged storage moved out of its memory (to the CPU, say): its blocks' bytes as they were,
+    row by row, and what it kept beside them. `PagedKV.swap_in` brings it back into a memory."""
+
+    batch: int
+    kv_heads: int
+    aux_names: tuple[str, ...]
+    lengths: list[int]  # entries per row
+    blocks: list[int]  # blocks per row; `data` holds them row after row
+    data: Swapped
+    pos: torch.Tensor  # (rows, columns) as the storage held them
+    aux: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
 
 
 class PagedKV(ReadsView):
@@ -91,6 +111,38 @@ class PagedKV(ReadsView):
         out.rows = [Row(list(blocks), length) for blocks in tables]
         out._ensure_columns(length)
         out.pos[:, :length] = torch.arange(length, dtype=torch.int32, device=out.device)
+        return out
+
+    def swap_out(self, device: torch.device | str = "cpu") -> SwappedPaged:
+        """Move what this storage holds out of its memory, bytes as they are, and give its blocks
+        back (this storage is consumed). A block two rows share travels once per row."""
+        ids = [b for row in self.rows for b in row.blocks]
+        data = self.memory.store.swap_out(ids, device)
+        out = SwappedPaged(
+            self.batch, self.kv_heads, self.aux_names, [row.length for row in self.rows], [len(row.blocks) for row in self.rows],
+            data, self.pos.to(device), {name: t.to(device) for name, t in self.aux.items()},
+        )  # fmt: skip
+        self._release_all()
+        return out
+
+    @classmethod
+    def swap_in(cls, swapped: SwappedPaged, memory: KVMemory, device: torch.device) -> PagedKV:
+        """A storage holding what `swapped` held, in blocks of `memory` (raises OutOfBlocks,
+        taking nothing, when a bounded memory cannot give them)."""
+        store = memory.store
+        if swapped.data.keys.shape[1:] != (store.block_size, store.head_dim):
+            raise ValueError(
+                f"blocks of {tuple(swapped.data.keys.shape[1:])} (entries, head_dim) cannot go into a memory of blocks of "
+                f"({store.block_size}, {store.head_dim}); swap into a memory with the same block size and head_dim"
+            )
+        out = cls(swapped.batch, swapped.kv_heads, store.head_dim, store.keys.dtype, device, swapped.aux_names, memory)
+        ids = store.swap_in(memory.pool, swapped.data)
+        out.rows = []
+        for length, count in zip(swapped.lengths, swapped.blocks):
+            out.rows.append(Row(ids[:count], length))
+            ids = ids[count:]
+        out.pos = swapped.pos.to(out.device)
+        out.aux = {name: t.to(out.device) for name, t in swapped.aux.items()}
         return out
 
     # --- sizes -------------------------------------------------------------------------------
