@@ -137,7 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from kvforge.eval.batch_decode import format_decode_table, run_batched_decode
 
         with err_console.status(f"decoding batches of {args.batches} ..."):
-            decoded = run_batched_decode(loaded, lengths, batches, policies, quants, args.decode_tokens)
+            decoded = run_batched_decode(loaded, lengths, batches, policies, quants, args.decode_tokens, layout=args.layout)
         print(f"\nDecoding batches (one prompt prefilled per setting, forked into the batch), {args.decode_tokens} steps timed:")
         print(format_decode_table(decoded))
     if batch_rows:

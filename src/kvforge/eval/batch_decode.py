@@ -21,7 +21,7 @@ from kvforge.eval.bench import MIB, PeakMeter, bench_ids, sync
 from kvforge.generate import DECODE, check_length, feed, prefill
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
-from kvforge.storage import QuantSpec
+from kvforge.storage import DEFAULT_LAYOUT, QuantSpec
 from kvforge.storage.codec import labelled
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,11 @@ class DecodeRow:
 
 
 @torch.inference_mode()
-def _measure(loaded: LoadedModel, ids: list[int], batch: int, policy: Policy, spec: QuantSpec, steps: int, meter: PeakMeter) -> DecodeRow:
+def _measure(
+    loaded: LoadedModel, ids: list[int], batch: int, policy: Policy, spec: QuantSpec, steps: int, meter: PeakMeter, layout: str
+) -> DecodeRow:
     model, device = loaded.model, loaded.model.device
-    base = KVCache(model, policy, tokenizer=loaded.tokenizer, quant=spec)
+    base = KVCache(model, policy, tokenizer=loaded.tokenizer, quant=spec, layout=layout)
     logits = prefill(model, base, ids)  # (vocab,)
     cache = KVCache.stack([base] + [base.fork() for _ in range(batch - 1)], take=True) if batch > 1 else base
     del base
@@ -72,6 +74,7 @@ def run_batched_decode(
     quants: list[QuantSpec],
     decode_tokens: int = 32,
     on_row: Callable[[DecodeRow], None] | None = None,
+    layout: str = DEFAULT_LAYOUT,
 ) -> list[DecodeRow]:
     if not batches or min(batches) < 1:
         raise ValueError(f"batches={batches!r} must be positive integers")
@@ -83,7 +86,7 @@ def run_batched_decode(
         for batch in batches:
             for spec in quants:
                 for policy in policies:
-                    row = _measure(loaded, ids, batch, policy, spec, decode_tokens, meter)
+                    row = _measure(loaded, ids, batch, policy, spec, decode_tokens, meter, layout)
                     log.info("%d x %d, %s %s: %.1f tok/s", length, batch, policy.full_name, spec.mode, row.tokens_per_s)
                     rows.append(row)
                     if on_row is not None:
