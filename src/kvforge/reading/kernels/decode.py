@@ -54,6 +54,14 @@ def _step(q, k, v, valid, m, l, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _span(lengths, split):
+    """Program (r, s): row r, and the entries [start, stop) of its split s."""
+    r = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * split
+    return r, start, tl.minimum(start + split, tl.load(lengths + r))
+
+
+@triton.jit
 def _begin(q_ptr, r, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
     """Row r's G queries, padded to GP rows with zeros, and an empty softmax state (m, l, acc)."""
     g = tl.arange(0, GP)
@@ -77,11 +85,7 @@ def _dense_kernel(
     split, splits_total, first_split,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1)
-    n = tl.load(lengths + r)
-    start = s * split
-    stop = tl.minimum(start + split, n)
+    r, start, stop = _span(lengths, split)
     d = tl.arange(0, D)
     q, m, l, acc = _begin(q_ptr, r, G, GP, D)
     k_base = tl.load(k_rows + r).to(like.dtype)
@@ -93,7 +97,7 @@ def _dense_kernel(
         k = tl.load(k_base + at, mask=valid[:, None], other=0.0).to(q.dtype)
         v = tl.load(v_base + at, mask=valid[:, None], other=0.0).to(q.dtype)
         m, l, acc = _step(q, k, v, valid, m, l, acc, IEEE)
-    _store(m_out, l_out, acc_out, r * splits_total + first_split + s, m, l, acc, GP, D)
+    _store(m_out, l_out, acc_out, r * splits_total + first_split + tl.program_id(1), m, l, acc, GP, D)
 
 
 @triton.jit
@@ -104,11 +108,7 @@ def _paged_kernel(
 ):  # fmt: skip
     """`_dense_kernel` over block tables: each entry's address comes from its row's table (entry t
     in block tables[r, t // BS], at offset t % BS), so rows are read where their blocks lie."""
-    r = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1)
-    n = tl.load(lengths + r)
-    start = s * split
-    stop = tl.minimum(start + split, n)
+    r, start, stop = _span(lengths, split)
     d = tl.arange(0, D)
     q, m, l, acc = _begin(q_ptr, r, G, GP, D)
     for off in range(start, stop, BLOCK):
@@ -119,7 +119,7 @@ def _paged_kernel(
         k = tl.load(keys + at, mask=valid[:, None], other=0.0).to(q.dtype)
         v = tl.load(values + at, mask=valid[:, None], other=0.0).to(q.dtype)
         m, l, acc = _step(q, k, v, valid, m, l, acc, IEEE)
-    _store(m_out, l_out, acc_out, r * splits_total + first_split + s, m, l, acc, GP, D)
+    _store(m_out, l_out, acc_out, r * splits_total + first_split + tl.program_id(1), m, l, acc, GP, D)
 
 
 @triton.jit
@@ -138,12 +138,8 @@ def _quant_kernel(
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
     BITS: tl.constexpr, CB: tl.constexpr, FIELDS: tl.constexpr, VG: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1)
-    n = tl.load(lengths + r)
+    r, start, stop = _span(lengths, split)
     first = tl.load(starts + r)
-    start = s * split
-    stop = tl.minimum(start + split, n)
     d = tl.arange(0, D)
     q, m, l, acc = _begin(q_ptr, r, G, GP, D)
     NV: tl.constexpr = D // VG
@@ -162,7 +158,7 @@ def _quant_kernel(
             k += tl.load(k_meta + D, mask=valid[:, None], other=0.0).to(tl.float32)
             v += tl.load(v_meta + NV, mask=valid[:, None], other=0.0).to(tl.float32)
         m, l, acc = _step(q, k.to(q.dtype), v.to(q.dtype), valid, m, l, acc, IEEE)
-    _store(m_out, l_out, acc_out, r * splits_total + first_split + s, m, l, acc, GP, D)
+    _store(m_out, l_out, acc_out, r * splits_total + first_split + tl.program_id(1), m, l, acc, GP, D)
 
 
 @functools.cache
