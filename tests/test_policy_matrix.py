@@ -208,13 +208,14 @@ def test_decoding_budget(tiny_model, row, evict_every):
     assert cache.get_seq_length() == max(LENGTHS) + new - 1
 
 
+@pytest.mark.parametrize("layout", ["inplace", "paged"])
 @pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
-def test_each_sequence_of_a_batch_is_compressed_on_its_own(tiny_model, row):
-    batch, _, _ = prefill(tiny_model, row, 0.5, LENGTHS)
+def test_each_sequence_of_a_batch_is_compressed_on_its_own(tiny_model, row, layout):
+    ids, mask = left_padded(LENGTHS)
+    batch = prefill_batch(tiny_model, build(row, 0.5), ids, mask, layout)
     width = max(LENGTHS)
     for b, n in enumerate(LENGTHS):
-        ids, mask = left_padded(LENGTHS)
-        alone = prefill_batch(tiny_model, build(row, 0.5), ids[b : b + 1, -n:], mask[b : b + 1, -n:])
+        alone = prefill_batch(tiny_model, build(row, 0.5), ids[b : b + 1, -n:], mask[b : b + 1, -n:], layout)
         for layer_idx in range(len(batch.layers)):
             in_batch = batch.layers[layer_idx].storage.view()
             solo = alone.layers[layer_idx].storage.view()
@@ -222,11 +223,12 @@ def test_each_sequence_of_a_batch_is_compressed_on_its_own(tiny_model, row):
             assert got.tolist() == solo.positions[0][solo.valid[0]].tolist()
 
 
+@pytest.mark.parametrize("layout", ["inplace", "paged"])
 @pytest.mark.parametrize("row", COMPRESSING, ids=lambda r: r.name)
-def test_deriving_from_one_full_prefill_equals_compressing_during_prefill(tiny_model, row):
+def test_deriving_from_one_full_prefill_equals_compressing_during_prefill(tiny_model, row, layout):
     ids, mask = left_padded([30], seed=4)
-    direct = prefill_batch(tiny_model, build(row, 0.5), ids, mask)
-    base = KVCache(tiny_model, make_policy("full"), record_prefill=True, tokenizer=word_tokenizer())
+    direct = prefill_batch(tiny_model, build(row, 0.5), ids, mask, layout)
+    base = KVCache(tiny_model, make_policy("full"), record_prefill=True, tokenizer=word_tokenizer(), layout=layout)
     tiny_model(input_ids=ids, past_key_values=base, use_cache=True)
     derived = base.derive(build(row, 0.5))
     settle(tiny_model, derived, ids.tolist(), torch.tensor([30]))

@@ -264,16 +264,20 @@ class PagedKV(ReadsView):
             self._table = torch.tensor(table, dtype=torch.long, device=self.device)
         return self._table
 
-    def _gathered(self, source: torch.Tensor, slots: int) -> torch.Tensor:
-        """(batch, kv_heads, slots, head_dim) of `source` (the memory's keys or values)."""
+    def _gathered(self, source: torch.Tensor, slots: int, valid: torch.Tensor, uniform: bool) -> torch.Tensor:
+        """(batch, kv_heads, slots, head_dim) of `source` (the memory's keys or values); slots
+        past a row's length are zeros, as in the in-place layout's picture (what a block holds
+        there is whatever it held before)."""
         table = self._block_table()
         blocks = source.index_select(0, table.flatten())  # (rows * width, block_size, head_dim)
-        return blocks.view(self.batch, self.kv_heads, -1, self.head_dim)[:, :, :slots]
+        picture = blocks.view(self.batch, self.kv_heads, -1, self.head_dim)[:, :, :slots]
+        return picture if uniform else picture.masked_fill(~valid[..., None], 0.0)
 
     def view(self) -> PaddedView:
         slots = max((row.length for row in self.rows), default=0)
         shape = (self.batch, self.kv_heads, slots)
-        if self.uniform_length() is not None:
+        uniform = self.uniform_length() is not None
+        if uniform:
             valid = torch.ones(shape, dtype=torch.bool, device=self.device)
         else:
             valid = torch.arange(slots, device=self.device) < self.lengths.to(self.device)[..., None]
@@ -282,8 +286,8 @@ class PagedKV(ReadsView):
             keys = values = lambda: empty  # noqa: E731
         else:
             store = self.memory.store
-            keys = lambda: self._gathered(store.keys, slots)  # noqa: E731  built only if read
-            values = lambda: self._gathered(store.values, slots)  # noqa: E731
+            keys = lambda: self._gathered(store.keys, slots, valid, uniform)  # noqa: E731  built only if read
+            values = lambda: self._gathered(store.values, slots, valid, uniform)  # noqa: E731
         return PaddedView(
             keys=keys,
             values=values,
