@@ -17,6 +17,7 @@ from kvforge.engine import Engine, KVSettings, Request, SamplingParams
 from kvforge.generate import DECODE, feed, prefill, stop_ids
 from kvforge.models import load_model
 from kvforge.policies import make_policy
+from kvforge.storage import QuantSpec
 from kvforge.server.app import create_app
 from kvforge.server.limits import ServerLimits
 from kvforge import KVCache
@@ -25,9 +26,12 @@ PROMPTS = [f"w{i} w{i + 3} w{i + 7} w{2 * i + 1} " * 6 for i in range(10)]
 
 
 class Served:
-    def __init__(self, loaded, kv_memory: int | None = None, limits: ServerLimits | None = None, start: bool = True, **engine_options) -> None:
+    def __init__(
+        self, loaded, kv_memory: int | None = None, limits: ServerLimits | None = None, start: bool = True,
+        defaults: KVSettings | None = None, **engine_options,
+    ) -> None:  # fmt: skip
         self.loaded, self.limits = loaded, limits or ServerLimits()
-        self.engine = Engine(loaded, KVSettings(), kv_memory, prefill_chunk=32, **engine_options)
+        self.engine = Engine(loaded, defaults or KVSettings(), kv_memory, prefill_chunk=32, **engine_options)
         if start:
             self.engine.start()
         with socket.socket() as s:
@@ -77,17 +81,17 @@ def template(loaded, text: str) -> list[int]:
     return list(ids)
 
 
-def expected(loaded, text: str, policy: str, ratio: float, max_tokens: int) -> str:
+def expected(loaded, text: str, policy: str, ratio: float, max_tokens: int, quant: str | None = None) -> str:
     """What greedy decoding with kvforge's own loop gives for the chat prompt of `text`."""
-    return greedy(loaded, template(loaded, text), policy, ratio, max_tokens)
+    return greedy(loaded, template(loaded, text), policy, ratio, max_tokens, quant)
 
 
-def greedy(loaded, ids: list[int], policy: str, ratio: float, max_tokens: int) -> str:
+def greedy(loaded, ids: list[int], policy: str, ratio: float, max_tokens: int, quant: str | None = None) -> str:
     """What greedy decoding with kvforge's own loop gives for the prompt `ids` (chunks of 32)."""
     tok = loaded.tokenizer
     made = make_policy(policy) if policy == "full" else make_policy(policy, ratio=ratio)
     with torch.inference_mode():
-        cache = KVCache(loaded.model, made, tokenizer=tok)
+        cache = KVCache(loaded.model, made, tokenizer=tok, quant=quant)
         logits = prefill(loaded.model, cache, list(ids), chunk=32)[None]
         positions, out, stops = torch.tensor([len(ids)]), [], stop_ids(tok)
         for _ in range(max_tokens):
@@ -263,3 +267,25 @@ def test_a_prompt_sharing_only_some_blocks_reuses_them_and_answers_the_same(serv
     assert first.choices[0].message.content == expected(loaded, document + " w9 w10", "full", 0.0, 8)
     assert other.choices[0].message.content == expected(loaded, other_text, "full", 0.0, 8)
     assert served.metric("kv_blocks_used") == used  # the blocks found hold nothing new once it ends
+
+
+def test_quantized_and_paged_requests_share_one_bounded_memory(served, loaded):
+    ids = template(loaded, PROMPTS[5])
+    one = served.engine.reservation(Request(list(ids), SamplingParams(16), KVSettings(), lambda _: None))
+    # The tiny model's head_dim is 16: quantized groups of 8 channels, a short full-precision tail.
+    limited = Served(loaded, kv_memory=int(2.5 * one), defaults=KVSettings(quant=QuantSpec("none", group=8, residual=4)))
+    settings = [{}, {"kv_quant": "int4"}, {"kv_policy": "knorm", "kv_ratio": 0.5, "kv_quant": "int8"}, {}]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda a: chat(limited, a[0], max_tokens=16, extra_body=a[1]), zip(PROMPTS[5:9], settings)))
+        want = [
+            expected(loaded, text, extra.get("kv_policy", "full"), extra.get("kv_ratio", 0.0), 16,
+                     QuantSpec(extra["kv_quant"], group=8, residual=4) if "kv_quant" in extra else None)
+            for text, extra in zip(PROMPTS[5:9], settings)
+        ]
+        assert [r.choices[0].message.content for r in replies] == want
+        # A quantized request's blocks are set aside while it runs and handed back when it ends.
+        assert limited.metric("kv_reserved_bytes") == 0 and limited.metric("kv_blocks_used") == 0
+        assert limited.metric("kv_peak_bytes") <= limited.metric("kv_pool_capacity_bytes") <= int(2.5 * one)
+    finally:
+        limited.close()
