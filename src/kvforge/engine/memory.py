@@ -46,8 +46,14 @@ def quantized_entry_bytes(spec: QuantSpec, head_dim: int) -> float:
 
 
 def kept_entries(kv: KVSettings, tokens: int) -> int:
-    """Entries per row a prompt of `tokens` leaves once compressed to the setting's ratio."""
+    """Entries per row a prompt of `tokens` leaves once compressed to the setting's ratio or budget."""
+    if kv.budget is not None:
+        return min(tokens, kv.budget)
     return tokens if kv.ratio == 0 else math.ceil(tokens * (1 - kv.ratio))
+
+
+def compresses(kv: KVSettings) -> bool:
+    return kv.ratio > 0 or kv.budget is not None
 
 
 def row_blocks(entries: int, block_size: int) -> int:
@@ -55,9 +61,11 @@ def row_blocks(entries: int, block_size: int) -> int:
 
 
 def prompt_blocks(shape: Shape, kv: KVSettings, prompt_tokens: int, chunk: int, block_size: int) -> int:
-    """Blocks a prompt takes from the pool: every row of every layer holds the prompt as kept plus
-    one chunk not yet compressed, and may copy its shared last block once (a prefix hit)."""
-    per_row = row_blocks(kept_entries(kv, prompt_tokens) + min(chunk, prompt_tokens), block_size) + 1
+    """Blocks a prompt takes from the pool: every row of every layer holds the prompt as kept, plus
+    (when the setting compresses) one chunk not yet compressed, and may copy its shared last
+    block once (a prefix hit)."""
+    transient = min(chunk, prompt_tokens) if compresses(kv) else 0
+    per_row = row_blocks(kept_entries(kv, prompt_tokens) + transient, block_size) + 1
     return shape.layers * shape.kv_heads * per_row
 
 
