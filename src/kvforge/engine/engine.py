@@ -354,12 +354,18 @@ class Engine:
             return True
         if request.kv.quant.enabled:
             blocks = -(-self.reservation(request) // self.memory.block_nbytes)
-            if not self._free_blocks(blocks, self._promised()):
+            if not self._free_blocks(blocks, self._promised() + self._watermark()):
                 return False
             self.reserved[request.id] = self.memory.pool.allocate(blocks)
             return True
         need = prompt_blocks(self.shape, request.kv, len(request.prompt) + len(request.generated), self.prefill_chunk, self.memory.block_size)
-        return self._free_blocks(need, self._promised())
+        return self._free_blocks(need, self._promised() + self._watermark())
+
+    def _watermark(self) -> int:
+        """Blocks kept free for the running requests' next step (each row may start a block):
+        a newcomer admitted into the last of them would only be preempted again at once."""
+        running = sum(len(g.requests) for g in self.groups.values())
+        return running * self.shape.layers * self.shape.kv_heads
 
     def _promised(self) -> int:
         """Blocks the prompts being prefilled will still take: the rest of each as kept."""
