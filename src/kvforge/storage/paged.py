@@ -20,7 +20,6 @@ blocks where they lie (`reading.PagedRows`). Dropping the storage returns its bl
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +29,6 @@ from kvforge.memory import OutOfBlocks, Row, Swapped
 from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
 from kvforge.storage.viewread import ReadsView
-
-log = logging.getLogger(__name__)
 
 META_GROWTH_MIN = 16  # spare columns of positions and policy state grown at once
 
