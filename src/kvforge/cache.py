@@ -21,7 +21,7 @@ from kvforge.reading import every_real, probe_attention
 from kvforge.calibration import Calibration, fingerprint, require_calibration
 from kvforge.policies.base import Policy, StepContext
 from kvforge.memory import OutOfBlocks
-from kvforge.memory.kvmemory import KVMemory, shared_memory
+from kvforge.memory.kvmemory import KVMemory
 from kvforge.storage.paged import PagedKV, SwappedPaged
 from kvforge.storage import DEFAULT_LAYOUT, KVStorage, QuantSpec, check_layout, make_storage
 
@@ -560,8 +560,7 @@ class KVCache(Cache):
         layers: list[PagedKV] = []
         try:
             for layer, part in zip(self.layers, swapped):
-                memory = self.memory if self.memory is not None else shared_memory(layer.device, layer.dtype, part.data.keys.shape[-1])
-                layers.append(PagedKV.swap_in(part, memory, layer.device))
+                layers.append(PagedKV.swap_in(part, self.memory, layer.device))
         except OutOfBlocks:
             layers.clear()  # what was brought in goes back to the pool
             raise

@@ -14,7 +14,9 @@ oldest-freed first, so a freed block stays findable as long as the pool can affo
 Invariants (checked by `check()` in the tests):
 - ref_count == 0  <=>  the block id is in the free queue;
 - hash_to_block[h] == b  =>  blocks[b].hash == h (a hash names at most one block);
-- a block in the free queue that carries a hash is still in hash_to_block (findable).
+- a block in the free queue that carries a hash is still in hash_to_block (findable);
+- shared == the number of blocks with ref_count > 1 (kept as references change, so /metrics
+  reads it without walking every block).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class BlockPool:
         # out of the middle in O(1).
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        self.shared = 0
         self.expand = expand
 
     def grow(self, count: int) -> None:
@@ -70,7 +73,7 @@ class BlockPool:
     @property
     def num_shared(self) -> int:
         """Blocks held by more than one row."""
-        return sum(1 for b in self.blocks if b.ref_count > 1)
+        return self.shared
 
     def can_allocate(self, count: int) -> bool:
         return count <= self.num_free
@@ -96,7 +99,7 @@ class BlockPool:
             if self.blocks[block_id].ref_count < 1:
                 raise ValueError(f"block {block_id} is free; only a block in use can be shared")
         for block_id in ids:
-            self.blocks[block_id].ref_count += 1
+            self._reference(self.blocks[block_id])
 
     def release(self, ids: list[int]) -> None:
         """One reference less to each of `ids`; a block left with none goes to the end of the free
@@ -107,6 +110,7 @@ class BlockPool:
         for block_id in ids:
             block = self.blocks[block_id]
             block.ref_count -= 1
+            self.shared -= block.ref_count == 1
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
 
@@ -142,8 +146,12 @@ class BlockPool:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free_queue[block_id]
-        block.ref_count += 1
+        self._reference(block)
         return block_id
+
+    def _reference(self, block: Block) -> None:
+        block.ref_count += 1
+        self.shared += block.ref_count == 2
 
     def check(self) -> None:
         """Raise AssertionError if an invariant of the module docstring does not hold."""
@@ -154,3 +162,4 @@ class BlockPool:
                 assert self.hash_to_block.get(block.hash) == block.id, f"block {block.id} carries a hash that names another"
         for block_hash, block_id in self.hash_to_block.items():
             assert self.blocks[block_id].hash == block_hash
+        assert self.shared == sum(1 for b in self.blocks if b.ref_count > 1), "the count of shared blocks drifted"

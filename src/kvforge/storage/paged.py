@@ -123,9 +123,12 @@ class PagedKV(ReadsView):
         return out
 
     @classmethod
-    def swap_in(cls, swapped: SwappedPaged, memory: KVMemory, device: torch.device) -> PagedKV:
-        """A storage holding what `swapped` held, in blocks of `memory` (raises OutOfBlocks,
-        taking nothing, when a bounded memory cannot give them)."""
+    def swap_in(cls, swapped: SwappedPaged, memory: KVMemory | None, device: torch.device) -> PagedKV:
+        """A storage holding what `swapped` held, in blocks of `memory` (None: the process's
+        shared one for its dtype); raises OutOfBlocks, taking nothing, when a bounded memory
+        cannot give them."""
+        if memory is None:
+            memory = shared_memory(torch.device(device), swapped.data.keys.dtype, swapped.data.keys.shape[-1])
         store = memory.store
         if swapped.data.keys.shape[1:] != (store.block_size, store.head_dim):
             raise ValueError(
@@ -161,13 +164,13 @@ class PagedKV(ReadsView):
         return {b for row in self.rows for b in row.blocks}
 
     def buffers(self) -> dict[int, int]:
-        """One buffer per block (its K half and its V half): blocks shared with another storage
-        have the same addresses there, so a union counts them once."""
+        """One buffer per block, named by the address of its keys and counting its keys and its
+        values: blocks shared with another storage have the same names there, so a union counts
+        them once."""
         store = self.memory.store
-        half = store.block_nbytes // 2
-        k0, v0 = store.keys.data_ptr(), store.values.data_ptr()
-        ids = self._block_ids()
-        return {**{k0 + b * half: half for b in ids}, **{v0 + b * half: half for b in ids}}
+        block, k0 = store.block_nbytes, store.keys.data_ptr()
+        step = block // 2  # the keys' bytes of one block
+        return dict.fromkeys((k0 + b * step for b in self._block_ids()), block)
 
     @property
     def allocated_nbytes(self) -> int:
