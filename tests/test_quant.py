@@ -289,3 +289,48 @@ def test_mixed_bytes_lie_between_int2_and_int4():
         assert storage.tail.entries == 0
         held[mode] = storage.allocated_nbytes
     assert held["int2"] < held["mixed"] < held["int4"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("row", MATRIX, ids=lambda r: r.name)
+def test_codes_over_blocks_keep_and_predict_what_the_flat_quantized_layout_does(tiny_model, row, mode):
+    """The paged layout with a quantization mode holds its codes in a codec memory's blocks and
+    its tail in the K/V memory's: the same entries, the same logits (prompt and decoding with a
+    budget that evicts quantized entries), and no more than a block's slack per row beyond."""
+    ids, mask = left_padded([24, 17])
+    policy = build(row, 0.5) if row.name == "full" else build(row, 0.5, evict_every=2)
+    results = {}
+    with torch.inference_mode():
+        for layout in ("inplace", "paged"):
+            cache, logits = prefill_logits(tiny_model, policy, ids, mask, layout, quant=spec_of(mode))
+            positions = [held_positions(layer.storage) for layer in cache.layers]
+            results[layout] = ([logits, *decode(tiny_model, cache, logits, ids.shape[1], 5)], positions, cache)
+    (flat_logits, flat_positions, flat), (paged_logits, paged_positions, paged) = results["inplace"], results["paged"]
+    assert paged_positions == flat_positions
+    for a, b in zip(flat_logits, paged_logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [layer.storage.lengths.tolist() for layer in paged.layers] == [layer.storage.lengths.tolist() for layer in flat.layers]
+    assert type(paged.layers[0].storage).__name__ == "PagedQuantKV"
+
+
+def test_a_quantized_fork_holds_no_second_copy_of_its_codes(tiny_model):
+    from kvforge.storage.pagedquant import codec_memory
+
+    ids, mask = left_padded([40, 33])
+    spec = QuantSpec("int4", **SPEC)
+    with torch.inference_mode():
+        cache, logits = prefill_logits(tiny_model, make_policy("knorm", ratio=0.5), ids, mask, "paged", quant=spec)
+        codes = codec_memory(spec, 16, torch.device("cpu"))
+        held, used = cache.nbytes, codes.pool.num_used
+        assert used > 0 and cache.layers[0].storage.parts[0].memory is codes
+        forks = [cache.fork() for _ in range(4)]
+        assert codes.pool.num_used == used  # the forks stand on the same blocks
+        assert sum(f.nbytes for f in forks) == 4 * held  # each counts what it holds
+        first = decode(tiny_model, forks[0], logits, ids.shape[1], 6)  # writes, and seals new groups
+        second = decode(tiny_model, forks[1], logits, ids.shape[1], 6)  # reads the blocks fork 0 shared
+        for a, b in zip(first, second):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        del forks, first, second
+        assert codes.pool.num_used == used
+    del cache
+    assert codes.pool.num_used == 0

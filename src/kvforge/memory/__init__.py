@@ -3,6 +3,6 @@ behind the block ids (`store.py`) and the hashes of full blocks for prefix shari
 
 from kvforge.memory.pool import BlockPool, OutOfBlocks
 from kvforge.memory.rows import Row, RowBlocks
-from kvforge.memory.store import BlockStore, Swapped
+from kvforge.memory.store import BlockLayout, BlockStore, Swapped
 
-__all__ = ["BlockPool", "BlockStore", "OutOfBlocks", "Row", "RowBlocks", "Swapped"]
+__all__ = ["BlockLayout", "BlockPool", "BlockStore", "OutOfBlocks", "Row", "RowBlocks", "Swapped"]

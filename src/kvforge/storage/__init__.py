@@ -9,6 +9,7 @@ from kvforge.storage.base import KVStorage, PaddedView
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.inplace import InPlaceKV
 from kvforge.storage.paged import PagedKV
+from kvforge.storage.pagedquant import PagedQuantKV
 from kvforge.storage.quantized import QuantizedKV
 from kvforge.storage.ragged import RaggedKV
 
@@ -33,10 +34,13 @@ def make_storage(
     quant: QuantSpec | None = None,
     memory: KVMemory | None = None,
 ) -> KVStorage:
-    """A storage of `layout`; with a quantization mode, the quantized layout instead (it holds its
-    full-precision tail in its own flat form). `memory`: where the paged layout takes its blocks
+    """A storage of `layout`; with a quantization mode, the quantized layout: over blocks for
+    `paged` (codes in a codec memory, the tail in `memory`), else in tensors of its own (its tail
+    in its own flat form). `memory`: where the paged layout takes its full-precision blocks
     (default: the process's shared memory for the dtype)."""
     if quant is not None and quant.enabled:
+        if check_layout(layout) is PagedKV:
+            return PagedQuantKV(batch, kv_heads, head_dim, dtype, device, aux_names, quant, memory)
         return QuantizedKV(batch, kv_heads, head_dim, dtype, device, aux_names, quant)
     if check_layout(layout) is PagedKV:
         return PagedKV(batch, kv_heads, head_dim, dtype, device, aux_names, memory)

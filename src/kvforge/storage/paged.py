@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.reading import PagedRows, decode, every_real, kernels
-from kvforge.memory import OutOfBlocks, Row, Swapped
+from kvforge.memory import BlockLayout, OutOfBlocks, Row, Swapped
 from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
 from kvforge.storage.viewread import ReadsView
@@ -69,9 +69,9 @@ class PagedKV(ReadsView):
         self.dtype, self.device, self.aux_names = dtype, torch.device(device), aux_names
         self.memory = memory if memory is not None else shared_memory(self.device, dtype, head_dim)
         store = self.memory.store
-        if (store.head_dim, store.keys.dtype, store.keys.device) != (head_dim, dtype, self.device):
+        if self.memory.layout != BlockLayout.full(head_dim, dtype) or store.keys.device != self.device:
             raise ValueError(
-                f"a K/V memory of head_dim {store.head_dim}, {store.keys.dtype} on {store.keys.device} cannot hold "
+                f"a K/V memory of {self.memory.layout} on {next(iter(store.tensors.values())).device} cannot hold "
                 f"entries of head_dim {head_dim}, {dtype} on {self.device}; give a memory made for them"
             )
         self.rows = [Row() for _ in range(batch * kv_heads)]
@@ -130,7 +130,7 @@ class PagedKV(ReadsView):
         if memory is None:
             memory = shared_memory(torch.device(device), swapped.data.keys.dtype, swapped.data.keys.shape[-1])
         store = memory.store
-        if swapped.data.keys.shape[1:] != (store.block_size, store.head_dim):
+        if not store.fits(swapped.data):
             raise ValueError(
                 f"blocks of {tuple(swapped.data.keys.shape[1:])} (entries, head_dim) cannot go into a memory of blocks of "
                 f"({store.block_size}, {store.head_dim}); swap into a memory with the same block size and head_dim"
