@@ -8,7 +8,10 @@ with the default model, and print one table:
    up to: the peak bytes against the limit, the preemptions, and whether every answer equals the
    unlimited run's.
 
-    .venv/bin/python scripts/pool_aims.py [--model default] [--json out.json]
+    .venv/bin/python scripts/pool_aims.py [--model default] [--policy full --ratio 0 --quant none] [--json out.json]
+
+`--policy`, `--ratio` and `--quant` pick the KV setting every request runs with (quantized caches
+hold their codes and tails in the same pool).
 
 Peaks are the engine's `kv_peak_bytes` (the bytes of the blocks and buffers held, shared ones
 counted once, read after every engine step). The figures do not depend on timing.
@@ -27,6 +30,7 @@ from kvforge.client.loadtest import QUESTIONS
 from kvforge.engine import Engine, KVSettings, Request, SamplingParams
 from kvforge.eval import corpus
 from kvforge.models import DEFAULT_MODEL, load_model
+from kvforge.storage import QuantSpec
 
 console = Console()
 MIB = 2**20
@@ -44,11 +48,12 @@ def chat_ids(loaded, text: str) -> list[int]:  # type: ignore[no-untyped-def]
 
 
 def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Submit every prompt at once (greedy); wait for all; their generated token ids."""
+    """Submit every prompt at once (greedy) with the engine's KV setting; wait for all; their
+    generated token ids."""
     done = threading.Semaphore(0)
     requests = []
     for ids in prompts:
-        request = Request(ids, SamplingParams(max_tokens, temperature=0.0), KVSettings(), lambda event: done.release() if event.finish_reason else None)
+        request = Request(ids, SamplingParams(max_tokens, temperature=0.0), engine.defaults, lambda event: done.release() if event.finish_reason else None)
         engine.submit(request)
         requests.append(request)
     for _ in requests:
@@ -56,8 +61,8 @@ def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[
     return [r.generated for r in requests]
 
 
-def prefix_sharing(loaded) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    engine = Engine(loaded, KVSettings(), prefill_chunk=256)
+def prefix_sharing(loaded, kv: KVSettings) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    engine = Engine(loaded, kv, prefill_chunk=256)
     engine.start()
     try:
         document = words(1500)
@@ -81,11 +86,11 @@ def prefix_sharing(loaded) -> dict[str, float]:  # type: ignore[no-untyped-def]
         engine.stop()
 
 
-def preemption(loaded) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def preemption(loaded, kv: KVSettings) -> dict[str, float]:  # type: ignore[no-untyped-def]
     lengths = [256 + (3000 - 256) * i // 15 for i in range(16)]
     prompts = [chat_ids(loaded, f"{words(int(n * 0.7), 131 * i)}\n\n{QUESTIONS[i % len(QUESTIONS)]}")[-n:] for i, n in enumerate(lengths)]
-    free = Engine(loaded, KVSettings(), prefill_chunk=256)
-    need = sum(free.reservation(Request(p, SamplingParams(NEW_TOKENS), KVSettings(), lambda _: None)) for p in prompts)
+    free = Engine(loaded, kv, prefill_chunk=256)
+    need = sum(free.reservation(Request(p, SamplingParams(NEW_TOKENS), kv, lambda _: None)) for p in prompts)
     free.start()
     try:
         reference = run(free, prompts, NEW_TOKENS)
@@ -94,7 +99,7 @@ def preemption(loaded) -> dict[str, float]:  # type: ignore[no-untyped-def]
         free.stop()
     out: dict[str, float] = {"reservations_bytes": need, "unlimited_peak_bytes": free_peak}
     for share in (3, 6):  # the aim's third, and a sixth: tight enough that decoding must preempt
-        limited = Engine(loaded, KVSettings(), kv_memory=need // share, prefill_chunk=256)
+        limited = Engine(loaded, kv, kv_memory=need // share, prefill_chunk=256)
         limited.start()
         try:
             answers = run(limited, prompts, NEW_TOKENS)
@@ -114,11 +119,15 @@ def preemption(loaded) -> dict[str, float]:  # type: ignore[no-untyped-def]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--policy", default="full")
+    parser.add_argument("--ratio", type=float, default=0.0)
+    parser.add_argument("--quant", default="none")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    kv = KVSettings(args.policy, args.ratio, QuantSpec(args.quant))
     loaded = load_model(args.model)
-    results = {"prefix_sharing": prefix_sharing(loaded), "preemption": preemption(loaded)}
-    table = Table(title="block pool aims (issue 20)")
+    results = {"prefix_sharing": prefix_sharing(loaded, kv), "preemption": preemption(loaded, kv)}
+    table = Table(title=f"block pool aims (issue 20): {kv.policy} {kv.ratio} {kv.quant.mode}")
     table.add_column("measure")
     table.add_column("value", justify="right")
     for group, values in results.items():

@@ -224,7 +224,7 @@ for dtype in ("bf16", "fp32"):  # fp16 takes bf16's path; fp32 the exact (IEEE) 
                  **{name: "constexpr" for name in ("G", "GP", "D", "BLOCK", "IEEE")}}
     triton.compile(ASTSource(kd._dense_kernel, signature, {**common, "IEEE": dtype == "fp32"}), target=target)
     signature = {"q_ptr": "*" + dtype, "keys": "*" + dtype, "values": "*" + dtype, "tables": "*i64", "lengths": "*i32", **state,
-                 "width": "i32", **{name: "constexpr" for name in ("G", "GP", "D", "BLOCK", "BS", "IEEE")}}
+                 "width": "i32", "block_stride": "i64", **{name: "constexpr" for name in ("G", "GP", "D", "BLOCK", "BS", "IEEE")}}
     triton.compile(ASTSource(kd._paged_kernel, signature, {**common, "BS": 32, "IEEE": dtype == "fp32"}), target=target)
     for bits, fp8 in ((8, False), (4, False), (2, False), (8, True)) if dtype == "bf16" else ((4, False),):
         signature = {"q_ptr": "*" + dtype, "kc": "*u8", "vc": "*u8", "vm": "*fp16", "km": "*fp16", "entry_group": "*i32",

@@ -314,23 +314,26 @@ def test_codes_over_blocks_keep_and_predict_what_the_flat_quantized_layout_does(
 
 
 def test_a_quantized_fork_holds_no_second_copy_of_its_codes(tiny_model):
-    from kvforge.storage.pagedquant import codec_memory
+    from kvforge.memory.kvmemory import KVMemory
 
     ids, mask = left_padded([40, 33])
     spec = QuantSpec("int4", **SPEC)
+    memory = KVMemory(16, torch.float32, "cpu")  # the tiny model's head_dim: codes and tail share its blocks
     with torch.inference_mode():
-        cache, logits = prefill_logits(tiny_model, make_policy("knorm", ratio=0.5), ids, mask, "paged", quant=spec)
-        codes = codec_memory(spec, 16, torch.device("cpu"))
-        held, used = cache.nbytes, codes.pool.num_used
-        assert used > 0 and cache.layers[0].storage.parts[0].memory is codes
+        cache = KVCache(tiny_model, make_policy("knorm", ratio=0.5), layout="paged", quant=spec, memory=memory)
+        logits = tiny_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+        storage = cache.layers[0].storage
+        assert storage.parts[0].memory is memory and storage.parts[0].rows[0].groups  # codes are held in blocks
+        held, used = cache.nbytes, memory.pool.num_used
+        assert held == used * memory.block_nbytes  # bytes are the blocks' (one layer's blocks are its own)
         forks = [cache.fork() for _ in range(4)]
-        assert codes.pool.num_used == used  # the forks stand on the same blocks
-        assert sum(f.nbytes for f in forks) == 4 * held  # each counts what it holds
+        assert memory.pool.num_used == used  # the forks stand on the same blocks
+        assert all(f.nbytes == held for f in forks)  # each counts what it holds
         first = decode(tiny_model, forks[0], logits, ids.shape[1], 6)  # writes, and seals new groups
         second = decode(tiny_model, forks[1], logits, ids.shape[1], 6)  # reads the blocks fork 0 shared
         for a, b in zip(first, second):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         del forks, first, second
-        assert codes.pool.num_used == used
-    del cache
-    assert codes.pool.num_used == 0
+        assert memory.pool.num_used == used
+    del cache, storage
+    assert memory.pool.num_used == 0

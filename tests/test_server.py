@@ -251,6 +251,21 @@ def test_a_pool_too_small_for_everyone_preempts_and_still_answers_everyone_exact
         limited.close()
 
 
+def test_quantized_requests_in_a_pool_too_small_for_everyone_take_turns_and_are_answered_exactly(served, loaded):
+    spec = QuantSpec("int4", group=8, residual=4)  # the tiny model's head_dim is 16
+    kv = KVSettings(quant=spec)
+    one = served.engine.reservation(Request(template(loaded, PROMPTS[5]), SamplingParams(48), kv, lambda _: None))
+    limited = Served(loaded, kv_memory=int(1.2 * one), defaults=kv)  # codes and tails share the one pool
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda t: chat(limited, t, max_tokens=48), PROMPTS[5:9]))
+        assert [r.choices[0].message.content for r in replies] == [expected(loaded, t, "full", 0.0, 48, spec) for t in PROMPTS[5:9]]
+        assert limited.metric("kv_peak_bytes") <= limited.metric("kv_pool_capacity_bytes") <= int(1.2 * one)
+        assert limited.metric("kv_blocks_used") == 0 and limited.metric("kv_allocated_bytes") == 0
+    finally:
+        limited.close()
+
+
 def test_a_prompt_sharing_only_some_blocks_reuses_them_and_answers_the_same(served, loaded):
     document = " ".join(f"w{(11 * i) % 120 + 5}" for i in range(160))
     hits, reused = served.metric("prefix_hits_total"), served.metric("prefix_reused_tokens_total")
@@ -284,7 +299,7 @@ def test_quantized_and_paged_requests_share_one_bounded_memory(served, loaded):
             for text, extra in zip(PROMPTS[5:9], settings)
         ]
         assert [r.choices[0].message.content for r in replies] == want
-        # A quantized request's blocks are set aside while it runs and handed back when it ends.
+        # Quantized requests take blocks of the same pool as they go and hand them back when they end.
         assert limited.metric("kv_reserved_bytes") == 0 and limited.metric("kv_blocks_used") == 0
         assert limited.metric("kv_peak_bytes") <= limited.metric("kv_pool_capacity_bytes") <= int(2.5 * one)
     finally:

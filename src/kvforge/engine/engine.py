@@ -3,8 +3,7 @@
 One thread runs the model. Each turn it
   1. admits waiting requests, first come first served, while the engine's block memory
      (`KVMemory`, sized by `kv_memory`) has the free blocks their prompts take
-     (`memory.prompt_blocks`; a quantized cache, held outside the pool, sets its whole
-     `memory.reservation` aside in blocks): the cache never grows past the memory;
+     (`memory.prompt_blocks`): the cache never grows past the memory;
   2. prefills one chunk of the oldest admitted prompts (up to PREFILL_BATCH of one KV setting,
      in one forward), each on its request's own cache, compressing as it goes (a long prompt
      never stalls the running requests for more than one chunk); a prompt done joins the
@@ -21,8 +20,9 @@ with the same settings whose prompt starts with those tokens (the same document,
 question) starts from that fork and prefills only the rest. Chunks always start at the prompt's
 first token, so a reused prefix is exactly what prefilling it again would give, for every policy.
 
-Every full-precision cache is paged over that one memory, so a prefix hit, a request joining or
-leaving a batch and a kept prefix are block-table edits (`storage/paged.py`), never copies. Before
+Every cache is paged over that one memory (full precision: `storage/paged.py`; quantized, codes
+and tail in its blocks: `storage/pagedquant.py`), so a prefix hit, a request joining or leaving a
+batch and a kept prefix are block-table edits, never copies. Before
 each step the engine makes sure the pool has the blocks the step takes; when it has not, it drops
 kept prefixes, then preempts the most recently admitted requests (their blocks freed, they go back
 to the head of the queue and are recomputed from their tokens so far when memory allows, as vLLM
@@ -34,7 +34,8 @@ say whose row broke it, and its caches may be half-written: every request in it 
 recomputed from its tokens so far (prompt + generated, as vLLM's recompute preemption does) on a
 fresh cache, and from then on prefilled and decoded alone, so a request that fails again fails by
 itself while the others go on. (For a compressing policy the recomputed cache is what a prefill
-of those tokens keeps, which may differ from what decoding had kept.)
+of those tokens keeps, which may differ from what decoding had kept; in a quantized one the
+generated tokens are recomputed attending to each other in full precision, as a prefill does.)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import torch
 from kvforge.cache import KVCache, head_dim
 from kvforge.calibration import fingerprint, require_calibration
 from kvforge.engine.blocks import BlockIndex, reusable
-from kvforge.engine.memory import Shape, kept_entries, prompt_blocks, reservation, row_blocks
+from kvforge.engine.memory import Shape, prompt_blocks, reservation, row_blocks
 from kvforge.engine.prefixes import PrefixCache
 from kvforge.engine.request import KVSettings, Request
 from kvforge.engine.sampling import sample
@@ -61,6 +62,7 @@ from kvforge.memory.kvmemory import KVMemory
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
 from kvforge.storage.paged import PagedKV
+from kvforge.storage.pagedquant import PagedQuantKV
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,6 @@ class Engine:
         # Running groups by KV setting; an isolated request decodes in a group of its own (its id).
         self.groups: dict[tuple[KVSettings, int | None], Group] = {}
         self.block_index = BlockIndex(self.memory, fingerprint(loaded.model))
-        self.reserved: dict[int, list[int]] = {}  # quantized request id -> blocks set aside for it
         # Every admitted request not yet ended, wherever it is (a turn that fails ends them all).
         self.live: dict[int, Request] = {}
         self.policies: OrderedDict[KVSettings, Policy] = OrderedDict()
@@ -288,7 +289,7 @@ class Engine:
             "waiting": self.queued(),
             "kv_allocated_bytes": allocated,
             "kv_kept_bytes": sum(c.kept_nbytes for c in self.caches()),
-            "kv_reserved_bytes": sum(len(ids) for ids in self.reserved.values()) * self.memory.block_nbytes,
+            "kv_reserved_bytes": 0,  # nothing is set aside any more: quantized caches are paged too
             "kv_peak_bytes": self.stats.peak_bytes,
             "kv_budget_bytes": self.kv_memory or 0,
             "prefix_cache_entries": len(self.prefixes),
@@ -348,18 +349,14 @@ class Engine:
 
     def _admissible(self, request: Request) -> bool:
         """Whether the pool can start `request` now (kept prefixes give way, the oldest unused
-        first; nothing running is preempted for a newcomer). A quantized request's blocks are set
-        aside here, for its whole life."""
+        first; nothing running is preempted for a newcomer)."""
         if not self.memory.bounded:
             return True
-        if request.kv.quant.enabled:
-            blocks = -(-self.reservation(request) // self.memory.block_nbytes)
-            if not self._free_blocks(blocks, self._promised() + self._watermark()):
-                return False
-            self.reserved[request.id] = self.memory.pool.allocate(blocks)
-            return True
-        need = prompt_blocks(self.shape, request.kv, len(request.prompt) + len(request.generated), self.prefill_chunk, self.memory.block_size)
+        need = self._prompt_blocks(request.kv, len(request.prompt) + len(request.generated))
         return self._free_blocks(need, self._promised() + self._watermark())
+
+    def _prompt_blocks(self, kv: KVSettings, tokens: int) -> int:
+        return prompt_blocks(self.shape, kv, tokens, self.prefill_chunk, self.memory.block_size, self.memory.block_nbytes)
 
     def _watermark(self) -> int:
         """Blocks kept free for the running requests' next step (each row may start a block):
@@ -369,12 +366,7 @@ class Engine:
 
     def _promised(self) -> int:
         """Blocks the prompts being prefilled will still take: the rest of each as kept."""
-        rows = self.shape.layers * self.shape.kv_heads
-        return sum(
-            rows * row_blocks(kept_entries(p.request.kv, len(p.tokens) - p.done), self.memory.block_size)
-            for p in self.prefilling
-            if not p.request.kv.quant.enabled
-        )
+        return sum(self._prompt_blocks(p.request.kv, len(p.tokens) - p.done) for p in self.prefilling)
 
     def _free_blocks(self, need: int, promised: int = 0) -> bool:
         """Whether `need` blocks are free beside `promised` ones, after dropping kept prefixes."""
@@ -413,23 +405,22 @@ class Engine:
         return cache, done
 
     def _new_cache(self, kv: KVSettings) -> KVCache:
-        """Full precision: paged over the engine's memory; quantized: its own layout (its blocks
-        set aside at admission)."""
+        """Paged over the engine's memory (quantized: codes and tail in its blocks)."""
         return KVCache(
             self.loaded.model, self.policy(kv), tokenizer=self.loaded.tokenizer, quant=kv.quant, layout="paged", memory=self.memory
         )
 
     # --- making room -------------------------------------------------------------------------
 
-    def _step_blocks(self, cache: KVCache | None, tokens: int) -> int:
+    def _step_blocks(self, cache: KVCache | None, tokens: int, kv: KVSettings) -> int:
         """Blocks appending `tokens` to every row of `cache` takes from the pool (its last blocks'
-        copies included); a fresh cache's rows take that many entries' worth; a quantized cache
-        none (its blocks were set aside at admission)."""
-        if cache is not None and cache.quant.enabled:
-            return 0
+        copies included, and for a quantized cache the groups it may seal); a fresh cache's rows
+        take that many entries' worth."""
         if cache is None or cache.layers[0].storage is None:
+            if kv.quant.enabled:
+                return self._prompt_blocks(kv, tokens)
             return self.shape.layers * self.shape.kv_heads * (row_blocks(tokens, self.memory.block_size) + 1)
-        return sum(l.storage.blocks_to_append(tokens) for l in cache.layers if isinstance(l.storage, PagedKV))
+        return sum(l.storage.blocks_to_append(tokens) for l in cache.layers if isinstance(l.storage, (PagedKV, PagedQuantKV)))
 
     def _make_room(self, need: Callable[[], int], keep: Request) -> bool:
         """Free blocks until `need()` of them are free: kept prefixes go first, then the requests
@@ -458,15 +449,9 @@ class Engine:
     def _requeue(self, requests: list[Request]) -> None:
         with self.wake:
             for request in reversed(requests):
-                self._release_reserved(request)
                 self.live.pop(request.id, None)
                 self.stats.preempted += 1
                 self.waiting.appendleft(request)
-
-    def _release_reserved(self, request: Request) -> None:
-        held = self.reserved.pop(request.id, None)
-        if held:
-            self.memory.pool.release(held)
 
     def _drop_cancelled(self) -> None:
         for item in [p for p in self.prefilling if p.request.cancelled]:
@@ -496,7 +481,7 @@ class Engine:
         head = items[0]
 
         def need() -> int:
-            return sum(self._step_blocks(p.cache, self.prefill_chunk) for p in items if p in self.prefilling)
+            return sum(self._step_blocks(p.cache, self.prefill_chunk, p.request.kv) for p in items if p in self.prefilling)
 
         if not self._make_room(need, head.request):
             if len(self.live) > 1:
@@ -596,7 +581,8 @@ class Engine:
         # (this group's included); if even that is not enough the step runs and, should the pool
         # run dry in it, its requests are recomputed later (`_step_failed`).
         admitted = list(self.live)
-        self._make_room(lambda: self._step_blocks(group.cache, 1), min(group.requests, key=lambda r: admitted.index(r.id)))
+        kv = group.requests[0].kv
+        self._make_room(lambda: self._step_blocks(group.cache, 1, kv), min(group.requests, key=lambda r: admitted.index(r.id)))
         if not group.requests or group.cache is None:
             return
         try:
@@ -669,7 +655,6 @@ class Engine:
                 self._end(request, reason)
 
     def _end(self, request: Request, reason: str, error: str | None = None) -> None:
-        self._release_reserved(request)
         self.live.pop(request.id, None)
         if reason == "cancelled":
             self.stats.cancelled += 1

@@ -1,6 +1,6 @@
-"""One owner of K/V memory for a (device, block layout): the block ids (`BlockPool`), the tensors
-behind them (`BlockStore`) and what rows do to their block tables (`RowBlocks`). The layout is
-full precision (a dtype and head dim) or a codec's (`storage/codecblocks.py`).
+"""One owner of K/V memory for a (device, dtype, head dim): the block ids (`BlockPool`), the bytes
+behind them (`BlockStore`, whose blocks hold full-precision entries or a codec's codes alike) and
+what full-precision rows do to their block tables (`RowBlocks`).
 
 Every layer's rows of every cache built over one `KVMemory` take their blocks from it, so a fork,
 a prefix hit or a sequence joining a batch is a block-table edit, and what the memory holds is
@@ -39,10 +39,9 @@ class KVMemory:
         num_blocks: int | None = None,  # None: unbounded, grows on demand
         block_size: int = BLOCK_SIZE,
         keeps: bool = False,  # unbounded but never trimmed: freed blocks stay findable by their hashes
-        layout: BlockLayout | None = None,  # None: full precision, BlockLayout.full(head_dim, dtype)
     ) -> None:
         self.bounded, self.keeps = num_blocks is not None, keeps
-        self.layout = layout if layout is not None else BlockLayout.full(head_dim, dtype)
+        self.layout = BlockLayout.full(head_dim, dtype, block_size)
         self.store = BlockStore(num_blocks or 0, block_size, device=device, layout=self.layout)
         self.pool = BlockPool(num_blocks or 0, expand=None if self.bounded else self._grow)
         self.rows = RowBlocks(self.pool, block_size)
@@ -50,7 +49,7 @@ class KVMemory:
     @classmethod
     def of_bytes(cls, nbytes: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu", block_size: int = BLOCK_SIZE) -> KVMemory:
         """A bounded memory of as many blocks as `nbytes` holds (at least one)."""
-        block = BlockLayout.full(head_dim, dtype).nbytes(block_size)
+        block = BlockLayout.full(head_dim, dtype, block_size).nbytes()
         if nbytes < block:
             raise ValueError(f"a K/V memory of {nbytes} bytes holds no block of {block} bytes; give at least {block}")
         return cls(head_dim, dtype, device, nbytes // block, block_size)
@@ -109,19 +108,13 @@ class KVMemory:
         }
 
 
-_shared: dict[tuple[str, BlockLayout, int], KVMemory] = {}
+_shared: dict[tuple[str, torch.dtype, int], KVMemory] = {}
 
 
 def shared_memory(device: torch.device, dtype: torch.dtype, head_dim: int) -> KVMemory:
-    """The process's unbounded full-precision memory for (device, dtype, head dim), made on first
-    use: caches built without a memory of their own share it, so forks and stacks copy nothing."""
-    return shared_layout_memory(device, BlockLayout.full(head_dim, dtype))
-
-
-def shared_layout_memory(device: torch.device, layout: BlockLayout, block_size: int = BLOCK_SIZE) -> KVMemory:
-    """The process's unbounded memory of blocks of `layout` on `device` (a codec's, say)."""
-    key = (str(torch.device(device)), layout, block_size)
+    """The process's unbounded memory for (device, dtype, head dim), made on first use: caches
+    built without a memory of their own share it, so forks and stacks of them copy nothing."""
+    key = (str(torch.device(device)), dtype, head_dim)
     if key not in _shared:
-        head_dim, dtype = layout.entry[0][1][-1], layout.entry[0][2]
-        _shared[key] = KVMemory(head_dim, dtype, device, block_size=block_size, layout=layout)
+        _shared[key] = KVMemory(head_dim, dtype, device)
     return _shared[key]

@@ -1,15 +1,18 @@
-"""The tensors behind a pool's block ids, and moving blocks between stores (a GPU pool and a CPU
-tier, say) as they are.
+"""The bytes behind a pool's block ids: one arena of equal blocks, read through block layouts,
+and moving blocks between stores (a GPU pool and a CPU tier, say) as they are.
 
-What a block holds is its `BlockLayout`: fields per entry and fields per block. Full precision
-(`BlockLayout.full`) is one key and one value row per entry:
+    arena: (num_blocks, block_nbytes) uint8   block b is row b, whatever layout it holds
 
-    k, v: (num_blocks, block_size, head_dim)   block b holds entries of one row
+A `BlockLayout` says what a block holds: fields per entry (`entries` of each) and fields per block.
+The memory's own layout is full precision, one key and one value row per entry:
 
-A codec's layout holds codes per entry and what the entries of a block share (a key group's
-scales, say) per block: `tensors[name]` is (num_blocks, block_size, *shape) for an entry field and
-(num_blocks, *shape) for a block field. Bytes are the tensors': `capacity_nbytes` is what the
-store holds whatever is in use.
+    k, v: (num_blocks, entries, head_dim)   views of the arena (k first, then v, in each block)
+
+A codec's layout (`storage/pagedquant.py`) holds codes per entry and what a key group's entries
+share per block, in the same bytes: a block handed to a full-precision row holds K/V, one handed
+to quantized rows holds codes, and the pool counts both alike. `fields(layout)` are views of the
+arena (rebuilt when the arena grows): field f of block b is arena[b, offset_f : offset_f + size_f].
+Bytes are the arena's: `capacity_nbytes` is what the store holds whatever is in use.
 """
 
 from __future__ import annotations
@@ -21,49 +24,60 @@ import torch
 from kvforge.memory.pool import BlockPool
 
 Field = tuple[str, tuple[int, ...], torch.dtype]  # name, shape of one entry's (or block's) part, dtype
+ALIGN = 16  # bytes: every field starts at a multiple (any dtype's element size divides it)
+
+
+def _size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """What one block holds: `entry` fields (block_size of each) and `block` fields (one each)."""
+    """What one block holds: `entries` entries of each `entry` field, one of each `block` field."""
 
+    entries: int
     entry: tuple[Field, ...]
     block: tuple[Field, ...] = ()
 
     @classmethod
-    def full(cls, head_dim: int, dtype: torch.dtype) -> BlockLayout:
-        return cls((("k", (head_dim,), dtype), ("v", (head_dim,), dtype)))
+    def full(cls, head_dim: int, dtype: torch.dtype, entries: int) -> BlockLayout:
+        return cls(entries, (("k", (head_dim,), dtype), ("v", (head_dim,), dtype)))
 
-    def nbytes(self, block_size: int) -> int:
-        """Bytes of one block."""
+    def offsets(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
+        """name -> (byte offset in the block, shape in the block, dtype)."""
+        out, at = {}, 0
+        for name, shape, dtype in self.entry:
+            out[name] = (at, (self.entries, *shape), dtype)
+            at = _aligned(at + _size((self.entries, *shape), dtype))
+        for name, shape, dtype in self.block:
+            out[name] = (at, shape, dtype)
+            at = _aligned(at + _size(shape, dtype))
+        return out
 
-        def size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-            return int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-
-        return block_size * sum(size(s, d) for _, s, d in self.entry) + sum(size(s, d) for _, s, d in self.block)
+    def nbytes(self) -> int:
+        """Bytes one block of this layout takes (fields aligned)."""
+        return max((at + _size(shape, dtype) for at, shape, dtype in self.offsets().values()), default=0)
 
 
 @dataclass
 class Swapped:
-    """Blocks taken out of a store, as they were: each field (count, ...) in block order."""
+    """Blocks taken out of a store, bytes as they were: (count, block_nbytes) uint8, and the layout
+    of the store they came from."""
 
-    tensors: dict[str, torch.Tensor]
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.tensors["k"]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.tensors["v"]
+    blocks: torch.Tensor
+    layout: BlockLayout
 
     @property
     def count(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
+        return self.blocks.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        return self.blocks.nbytes
 
 
 class BlockStore:
@@ -76,119 +90,162 @@ class BlockStore:
         device: torch.device | str = "cpu",
         layout: BlockLayout | None = None,  # None: full precision of head_dim and dtype
     ) -> None:
-        layout = layout if layout is not None else BlockLayout.full(head_dim, dtype)
-        self.block_size, self.layout = block_size, layout
-        self.entry_names = [name for name, _, _ in layout.entry]
+        self.layout = layout if layout is not None else BlockLayout.full(head_dim, dtype, block_size)
+        self.block_size = self.layout.entries
         with torch.inference_mode(False):  # see grow()
-            self.tensors = {name: torch.zeros(num_blocks, block_size, *shape, dtype=dtype, device=device) for name, shape, dtype in layout.entry}
-            self.tensors.update({name: torch.zeros(num_blocks, *shape, dtype=dtype, device=device) for name, shape, dtype in layout.block})
+            self.arena = torch.zeros(num_blocks, _aligned(self.layout.nbytes()), dtype=torch.uint8, device=device)
+        self._views: dict[BlockLayout, dict[str, torch.Tensor]] = {}
+
+    # --- layouts -------------------------------------------------------------------------------
+
+    def check(self, layout: BlockLayout) -> None:
+        if layout.nbytes() > self.block_nbytes:
+            raise ValueError(
+                f"a block of {layout.entries} entries of this layout takes {layout.nbytes()} bytes, more than the memory's "
+                f"blocks of {self.block_nbytes}; use a smaller --quant-group or a memory of larger blocks"
+            )
+
+    def fields(self, layout: BlockLayout | None = None) -> dict[str, torch.Tensor]:
+        """Views of the arena as `layout`'s fields: (num_blocks, entries, *shape) per entry field,
+        (num_blocks, *shape) per block field. Hold block ids, never these views, across a growth."""
+        layout = layout or self.layout
+        if layout not in self._views:
+            self.check(layout)
+            nb = self.num_blocks
+            # Made outside inference mode, as the arena: a view made inside could not be written outside.
+            with torch.inference_mode(False):
+                self._views[layout] = {
+                    name: self.arena[:, at : at + _size(shape, dtype)].view(dtype).view(nb, *shape)
+                    for name, (at, shape, dtype) in layout.offsets().items()
+                }
+        return self._views[layout]
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.fields()
 
     @property
     def keys(self) -> torch.Tensor:
-        """(num_blocks, block_size, head_dim): the keys of a full-precision layout."""
-        return self.tensors["k"]
+        """(num_blocks, block_size, head_dim): the keys of the memory's full-precision layout."""
+        return self.fields()["k"]
 
     @property
     def values(self) -> torch.Tensor:
-        return self.tensors["v"]
+        return self.fields()["v"]
 
     @property
     def head_dim(self) -> int:
         return self.layout.entry[0][1][-1]
 
     @property
+    def device(self) -> torch.device:
+        return self.arena.device
+
+    # --- sizes -------------------------------------------------------------------------------
+
+    @property
     def num_blocks(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
-
-    def grow(self, count: int) -> None:
-        """`count` more blocks after the last (zeros: a padded read of them is never NaN). The
-        tensors are reallocated: hold block ids, never views, across a growth. Made outside
-        inference mode whatever the caller's mode: a store outlives the call that grew it, and an
-        inference tensor could not be written outside that mode later."""
-        with torch.inference_mode(False):
-            self.tensors = {name: torch.cat([t, t.new_zeros(count, *t.shape[1:])]) for name, t in self.tensors.items()}
-
-    def shrink_to_nothing(self) -> None:
-        with torch.inference_mode(False):
-            self.tensors = {name: t[:0].clone() for name, t in self.tensors.items()}
+        return self.arena.shape[0]
 
     @property
     def capacity_nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        return self.arena.nbytes
 
     @property
     def block_nbytes(self) -> int:
-        return self.layout.nbytes(self.block_size)
+        return self.arena.shape[1]
 
     def allocated_nbytes(self, pool: BlockPool) -> int:
         return pool.num_used * self.block_nbytes
 
-    def flat(self, name: str) -> torch.Tensor:
-        """Entry field `name` as (num_blocks * block_size, *shape): a flat slot indexes it."""
-        t = self.tensors[name]
-        return t.view(-1, *t.shape[2:])
+    def block_names(self, ids: set[int]) -> dict[int, int]:
+        """{address of block b: its bytes} for each id: what a storage standing on them names
+        (`KVStorage.buffers`), so a block two storages share is counted once in a union."""
+        first, size = self.arena.data_ptr(), self.block_nbytes
+        return dict.fromkeys((first + b * size for b in ids), size)
+
+    def grow(self, count: int) -> None:
+        """`count` more blocks after the last (zeros: a padded read of them is never NaN). The
+        arena is reallocated: hold block ids, never views, across a growth. Made outside
+        inference mode whatever the caller's mode: a store outlives the call that grew it, and an
+        inference tensor could not be written outside that mode later."""
+        with torch.inference_mode(False):
+            self.arena = torch.cat([self.arena, self.arena.new_zeros(count, self.block_nbytes)])
+        self._views = {}
+
+    def shrink_to_nothing(self) -> None:
+        with torch.inference_mode(False):
+            self.arena = self.arena[:0].clone()
+        self._views = {}
+
+    # --- entries -------------------------------------------------------------------------------
 
     def _index(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
-        device = self.tensors[self.entry_names[0]].device
-        return ids.to(device) if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long, device=device)
+        return ids.to(self.device) if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    def write_fields(self, slots: list[int] | torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
-        """Entry i of each field (n, *shape) goes to flat slot slots[i]."""
+    def _places(self, slots: list[int] | torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat slots (block * entries + offset) -> (blocks, offsets)."""
         index = self._index(slots)
+        return index // layout.entries, index % layout.entries
+
+    def write_fields(self, slots: list[int] | torch.Tensor, fields: dict[str, torch.Tensor], layout: BlockLayout | None = None) -> None:
+        """Entry i of each field (n, *shape) goes to flat slot slots[i] of `layout`."""
+        layout = layout or self.layout
+        views = self.fields(layout)
+        blocks, offsets = self._places(slots, layout)
         for name, t in fields.items():
             # Detached: the store outlives every forward; it must never join an autograd graph.
-            self.flat(name).index_copy_(0, index, t.detach().to(self.tensors[name].dtype))
+            views[name].index_put_((blocks, offsets), t.detach().to(views[name].dtype))
 
-    def write_blocks(self, ids: list[int] | torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
-        """Block field i of each (n, *shape) goes to block ids[i]."""
-        index = self._index(ids)
+    def write_blocks(self, ids: list[int] | torch.Tensor, fields: dict[str, torch.Tensor], layout: BlockLayout, index: tuple[torch.Tensor, ...] = ()) -> None:
+        """Block field i of each (n, *shape) goes to block ids[i] (at `index` within the field)."""
+        views = self.fields(layout)
+        at = (self._index(ids), *(i.to(self.device) for i in index))
         for name, t in fields.items():
-            self.tensors[name].index_copy_(0, index, t.detach().to(self.tensors[name].dtype))
+            views[name].index_put_(at, t.detach().to(views[name].dtype))
 
     def write(self, slots: list[int], keys: torch.Tensor | None, values: torch.Tensor) -> None:
         """Full precision: entry i of keys, values (n, head_dim) goes to flat slot slots[i] (keys
         None: values only)."""
         self.write_fields(slots, {"v": values} if keys is None else {"k": keys, "v": values})
 
-    def read_fields(self, slots: list[int] | torch.Tensor, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def read_fields(self, slots: list[int] | torch.Tensor, names: list[str] | None = None, layout: BlockLayout | None = None) -> dict[str, torch.Tensor]:
         """Entry fields (n, *shape) of the entries in `slots`, in order (copies)."""
-        index = self._index(slots)
-        return {name: self.flat(name).index_select(0, index) for name in (names or self.entry_names)}
+        layout = layout or self.layout
+        views = self.fields(layout)
+        blocks, offsets = self._places(slots, layout)
+        return {name: views[name][blocks, offsets] for name in (names or [n for n, _, _ in layout.entry])}
 
     def read(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Full precision: keys, values (n, head_dim) of the entries in `slots`, in order."""
         got = self.read_fields(slots, ["k", "v"])
         return got["k"], got["v"]
 
-    def move(self, sources: list[int], targets: list[int]) -> None:
+    def move(self, sources: list[int], targets: list[int], layout: BlockLayout | None = None) -> None:
         """Entries from flat `sources` to `targets`; every source is read before any target is
         written, so the two may overlap (an eviction compacting a row in place)."""
         if sources:
-            self.write_fields(targets, self.read_fields(sources))
+            self.write_fields(targets, self.read_fields(sources, layout=layout), layout)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Whole blocks (source, target): a row's copy on write of one shared block."""
+        """Whole blocks (source, target), whatever they hold: a copy on write of one shared block."""
         if not pairs:
             return
         sources, targets = (self._index(list(ids)) for ids in zip(*pairs))
-        for t in self.tensors.values():
-            t[targets] = t[sources]
+        self.arena[targets] = self.arena[sources]
+
+    # --- moving between stores -----------------------------------------------------------------
 
     def swap_out(self, ids: list[int], device: torch.device | str = "cpu") -> Swapped:
         """A copy of blocks `ids` on `device`, bytes as they are (the caller releases the ids)."""
-        index = self._index(ids)
-        return Swapped({name: t[index].to(device) for name, t in self.tensors.items()})
+        return Swapped(self.arena[self._index(ids)].to(device), self.layout)
 
     def fits(self, swapped: Swapped) -> bool:
-        return set(swapped.tensors) == set(self.tensors) and all(
-            swapped.tensors[n].shape[1:] == t.shape[1:] and swapped.tensors[n].dtype == t.dtype for n, t in self.tensors.items()
-        )
+        return swapped.layout == self.layout and swapped.blocks.shape[1] == self.block_nbytes
 
     def swap_in(self, pool: BlockPool, swapped: Swapped) -> list[int]:
         """Blocks of `pool` (this store's) holding what `swapped` holds, in order (one reference
         each; raises OutOfBlocks when the pool cannot give them)."""
         ids = pool.allocate(swapped.count)
-        index = self._index(ids)
-        for name, t in self.tensors.items():
-            t[index] = swapped.tensors[name].to(t.device, t.dtype)
+        self.arena[self._index(ids)] = swapped.blocks.to(self.device)
         return ids

@@ -48,8 +48,8 @@ class PagedRows:
     """Full-precision rows as block tables over one block store (the paged layout): entry i of
     row r sits in block tables[r, i // block_size], at offset i % block_size."""
 
-    keys: torch.Tensor  # (num_blocks, block_size, head_dim) the store's keys
-    values: torch.Tensor  # (num_blocks, block_size, head_dim)
+    keys: torch.Tensor  # (num_blocks, block_size, head_dim) the store's keys; blocks stride(0) apart, entries contiguous
+    values: torch.Tensor  # (num_blocks, block_size, head_dim), strided as the keys
     tables: torch.Tensor  # (rows, width) int64 block ids; past a row's blocks any id (never read)
     lengths: torch.Tensor  # (rows,) int32
     longest: int  # an upper bound of lengths, known on the host

@@ -14,7 +14,7 @@ GAUGES = {
     "waiting": "requests waiting for KV memory",
     "kv_allocated_bytes": "K/V bytes allocated by every cache (blocks shared by several counted once)",
     "kv_kept_bytes": "K/V bytes of the entries kept",
-    "kv_reserved_bytes": "bytes of the blocks set aside for quantized requests (their caches are not paged yet: an upper bound each)",
+    "kv_reserved_bytes": "always 0: quantized caches take blocks as they go, as the others (kept for dashboards that read it)",
     "kv_peak_bytes": "the most K/V bytes allocated at once, checked every engine step",
     "kv_budget_bytes": "the KV memory budget (--kv-memory; 0: none)",
     "prefix_cache_entries": "compressed prompt prefixes kept for reuse",
@@ -22,7 +22,7 @@ GAUGES = {
     "kv_blocks_used": "blocks of the K/V memory in use (a block holds kv_block_size entries of one layer's KV head)",
     "kv_blocks_shared": "blocks in use by more than one row (forks, kept prefixes)",
     "kv_blocks_free": "blocks of the K/V memory free",
-    "kv_block_size": "entries per block",
+    "kv_block_size": "entries per full-precision block (a quantized block holds its codec's number of entries in the same bytes)",
     "kv_pool_capacity_bytes": "bytes of the K/V memory's tensors (--kv-memory, or what it grew to without one)",
 }
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.reading import PagedRows, decode, every_real, kernels
-from kvforge.memory import BlockLayout, OutOfBlocks, Row, Swapped
+from kvforge.memory import OutOfBlocks, Row, Swapped
 from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
 from kvforge.storage.viewread import ReadsView
@@ -69,9 +69,9 @@ class PagedKV(ReadsView):
         self.dtype, self.device, self.aux_names = dtype, torch.device(device), aux_names
         self.memory = memory if memory is not None else shared_memory(self.device, dtype, head_dim)
         store = self.memory.store
-        if self.memory.layout != BlockLayout.full(head_dim, dtype) or store.keys.device != self.device:
+        if (store.head_dim, store.keys.dtype, store.device) != (head_dim, dtype, self.device):
             raise ValueError(
-                f"a K/V memory of {self.memory.layout} on {next(iter(store.tensors.values())).device} cannot hold "
+                f"a K/V memory of head_dim {store.head_dim}, {store.keys.dtype} on {store.device} cannot hold "
                 f"entries of head_dim {head_dim}, {dtype} on {self.device}; give a memory made for them"
             )
         self.rows = [Row() for _ in range(batch * kv_heads)]
@@ -128,12 +128,13 @@ class PagedKV(ReadsView):
         shared one for its dtype); raises OutOfBlocks, taking nothing, when a bounded memory
         cannot give them."""
         if memory is None:
-            memory = shared_memory(torch.device(device), swapped.data.keys.dtype, swapped.data.keys.shape[-1])
+            (_, (head_dim,), dtype) = swapped.data.layout.entry[0]
+            memory = shared_memory(torch.device(device), dtype, head_dim)
         store = memory.store
         if not store.fits(swapped.data):
             raise ValueError(
-                f"blocks of {tuple(swapped.data.keys.shape[1:])} (entries, head_dim) cannot go into a memory of blocks of "
-                f"({store.block_size}, {store.head_dim}); swap into a memory with the same block size and head_dim"
+                f"blocks of {swapped.data.layout.entries} entries ({swapped.data.blocks.shape[1]} bytes) cannot go into a memory "
+                f"of blocks of {store.block_size} entries ({store.block_nbytes} bytes); swap into a memory with the same block size and head_dim"
             )
         out = cls(swapped.batch, swapped.kv_heads, store.head_dim, store.keys.dtype, device, swapped.aux_names, memory)
         ids = store.swap_in(memory.pool, swapped.data)
@@ -164,13 +165,9 @@ class PagedKV(ReadsView):
         return {b for row in self.rows for b in row.blocks}
 
     def buffers(self) -> dict[int, int]:
-        """One buffer per block, named by the address of its keys and counting its keys and its
-        values: blocks shared with another storage have the same names there, so a union counts
-        them once."""
-        store = self.memory.store
-        block, k0 = store.block_nbytes, store.keys.data_ptr()
-        step = block // 2  # the keys' bytes of one block
-        return dict.fromkeys((k0 + b * step for b in self._block_ids()), block)
+        """One buffer per block, named by its address: blocks shared with another storage have the
+        same names there, so a union counts them once."""
+        return self.memory.store.block_names(self._block_ids())
 
     @property
     def allocated_nbytes(self) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from kvforge.memory import BlockLayout, Row
-from kvforge.memory.kvmemory import KVMemory, shared_layout_memory, shared_memory
+from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, exclusive_cumsum, spans, time_ordered
 from kvforge.storage.codec import META_DTYPE, QuantSpec, quantize_keys, quantize_values
 from kvforge.storage.pooled import CodeBlocks, CodeRow, TailBlocks
@@ -36,19 +36,23 @@ from kvforge.storage.segments import Segments
 CODE_FIELDS = ["kc", "vc", "vm"]
 
 
-def codec_layout(spec: QuantSpec, head_dim: int) -> BlockLayout:
-    """A block of one key group of `spec` (one bit width): codes and value scales per entry, the
-    group's key scales per block."""
+def codec_layout(spec: QuantSpec, head_dim: int, block_nbytes: int) -> BlockLayout:
+    """Blocks of `block_nbytes` holding as many key groups of `spec` (one bit width) as fit: codes
+    and value scales per entry, each group's key scales (and minimums) per block. Raises when not
+    even one group fits."""
     cb, fields = spec.code_bytes(head_dim), spec.meta_fields
-    return BlockLayout(
-        entry=(("kc", (cb,), torch.uint8), ("vc", (cb,), torch.uint8), ("vm", (fields, head_dim // spec.group), META_DTYPE)),
-        block=(("km", (fields, head_dim), META_DTYPE),),
-    )
 
+    def layout(groups: int) -> BlockLayout:
+        return BlockLayout(
+            groups * spec.group,
+            (("kc", (cb,), torch.uint8), ("vc", (cb,), torch.uint8), ("vm", (fields, head_dim // spec.group), META_DTYPE)),
+            (("km", (groups, fields, head_dim), META_DTYPE),),
+        )
 
-def codec_memory(spec: QuantSpec, head_dim: int, device: torch.device) -> KVMemory:
-    """The process's memory of `spec`'s blocks (one key group each) on `device`."""
-    return shared_layout_memory(device, codec_layout(spec, head_dim), block_size=spec.group)
+    groups = max(block_nbytes // layout(1).nbytes(), 1)
+    while groups > 1 and layout(groups).nbytes() > block_nbytes:
+        groups -= 1
+    return layout(groups)
 
 
 class PagedQuantKV(KVStorage):
@@ -75,10 +79,15 @@ class PagedQuantKV(KVStorage):
         rows = batch * kv_heads
         self.tail = TailBlocks(memory, [Row() for _ in range(rows)], self._empty_meta(batch, aux_names))
         self.parts = [
-            CodeBlocks(codec_memory(s, head_dim, self.device), [CodeRow() for _ in range(rows)], self._empty_meta(batch, aux_names))
+            CodeBlocks(memory, [CodeRow() for _ in range(rows)], self._empty_meta(batch, aux_names), self._layout(s), s.group)
             for s in spec.parts
         ]
         self._pictures: list[Part | None] = [None] * len(self.parts)
+
+    def _layout(self, spec: QuantSpec) -> BlockLayout:
+        layout = codec_layout(spec, self.head_dim, self.memory.block_nbytes)
+        self.memory.store.check(layout)  # a group that does not fit a block is refused here
+        return layout
 
     def _empty_meta(self, batch: int, aux_names: tuple[str, ...]) -> Segments:
         shapes = {"pos": ((), torch.int32), **{aux_field(n): ((), torch.float32) for n in aux_names}}
@@ -125,9 +134,18 @@ class PagedQuantKV(KVStorage):
     def seq_nbytes(self) -> torch.Tensor:
         return sum(h.seq_blocks(self.batch) * h.memory.block_nbytes for h in self._held())  # type: ignore[return-value]
 
-    def expect(self, count: int, layers: int) -> None:
+    def blocks_to_append(self, count: int) -> int:
+        """Blocks appending `count` entries to every row may take (admission asks): the tail's,
+        and the blocks of the groups sealing them may move into codes (every part may take all
+        of them: `mixed` splits them by score)."""
         memory = self.memory
-        memory.reserve(layers * sum(memory.rows.blocks_to_append(row, count) for row in self.tail.rows))
+        tail = sum(memory.rows.blocks_to_append(row, count) for row in self.tail.rows)
+        batch_tokens = self.spec.batch[0] * self.spec.group
+        sealed = [max(row.length + count - self.spec.residual, 0) // batch_tokens * batch_tokens // self.spec.group for row in self.tail.rows]
+        return tail + sum(part.blocks_to_add(sealed) for part in self.parts)
+
+    def expect(self, count: int, layers: int) -> None:
+        self.memory.reserve(layers * self.blocks_to_append(count))
 
     # --- the picture the quantized layout reads -------------------------------------------------
 
@@ -273,7 +291,7 @@ class PagedQuantKV(KVStorage):
             return Segments({"pos": meta.fields["pos"], **zeros}, meta.lengths, meta.host)
 
         *parts, (tail_rows, tail_meta) = held
-        out.parts = [CodeBlocks(p.memory, rows, state(meta)) for p, (rows, meta) in zip(self.parts, parts)]
+        out.parts = [CodeBlocks(p.memory, rows, state(meta), p.layout, p.group) for p, (rows, meta) in zip(self.parts, parts)]
         out.tail = TailBlocks(self.tail.memory, tail_rows, state(tail_meta))
         out._pictures = [None] * len(out.parts)
         return out

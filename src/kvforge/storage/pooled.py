@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvforge.memory import OutOfBlocks, Row
+from kvforge.memory import BlockLayout, OutOfBlocks, Row
 from kvforge.memory.kvmemory import KVMemory
 from kvforge.storage.base import exclusive_cumsum
 from kvforge.storage.segments import Segments
@@ -33,8 +33,8 @@ from kvforge.storage.segments import Segments
 
 @dataclass
 class CodeRow:
-    blocks: list[int] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)  # live entries of each block, at its front
+    groups: list[int] = field(default_factory=list)  # group slots: block * per_block + region, oldest first
+    counts: list[int] = field(default_factory=list)  # live entries of each group, at the front of its region
 
     @property
     def length(self) -> int:
@@ -42,7 +42,11 @@ class CodeRow:
 
 
 class PooledRows:
-    """What the tail and the codes share: the memory, the rows' metadata, ownership, sizes."""
+    """What the tail and the codes share: the memory, the rows' metadata, ownership, sizes, and
+    copy on write. A row's entries sit in units (a tail block, a code group) of `_unit_size()`
+    entries, `_units(row)` naming them and their live counts in order."""
+
+    layout: BlockLayout
 
     def __init__(self, memory: KVMemory, rows: list, meta: Segments) -> None:
         self.memory, self.rows, self.meta = memory, rows, meta
@@ -52,49 +56,57 @@ class PooledRows:
         self.owns = True
         self._slots: torch.Tensor | None = None  # flat slot of every entry, rebuilt after any edit
 
+    def _units(self, row: Row | CodeRow) -> tuple[list[int], list[int]]:
+        raise NotImplementedError
+
+    def _unit_size(self) -> int:
+        raise NotImplementedError
+
+    def _blocks_of(self, row: Row | CodeRow) -> list[int]:
+        raise NotImplementedError
+
+    def _repoint(self, row: Row | CodeRow, old: int, new: int) -> None:
+        """The row's entries in block `old` are in block `new` now (a copy)."""
+        raise NotImplementedError
+
+    def _fork(self, row: Row | CodeRow) -> Row | CodeRow:
+        raise NotImplementedError
+
     # --- sizes and names -----------------------------------------------------------------------
 
     def block_ids(self) -> set[int]:
-        return {b for row in self.rows for b in row.blocks}
+        return {b for row in self.rows for b in self._blocks_of(row)}
 
     @property
     def allocated_nbytes(self) -> int:
         return len(self.block_ids()) * self.memory.block_nbytes
 
     def buffers(self) -> dict[int, int]:
-        """One buffer per block, named by the address of its part of the memory's first tensor:
-        a block shared with another storage has the same name there (a union counts it once)."""
-        first = next(iter(self.memory.store.tensors.values()))
-        step = first[0:1].nbytes
-        return dict.fromkeys((first.data_ptr() + b * step for b in self.block_ids()), self.memory.block_nbytes)
+        return self.memory.store.block_names(self.block_ids())
 
     def seq_blocks(self, batch: int) -> torch.Tensor:
         """(batch,) blocks each sequence's rows stand on."""
         heads = len(self.rows) // batch if batch else 0
-        return torch.tensor([sum(len(self.rows[b * heads + h].blocks) for h in range(heads)) for b in range(batch)], dtype=torch.int64)
+        return torch.tensor([sum(len(self._blocks_of(self.rows[b * heads + h])) for h in range(heads)) for b in range(batch)], dtype=torch.int64)
 
     @property
     def tables_nbytes(self) -> int:
-        return 8 * sum(len(row.blocks) + 1 for row in self.rows)
+        return 8 * sum(len(self._units(row)[0]) + 1 for row in self.rows)
 
     def slots(self) -> torch.Tensor:
-        """(N,) int64 flat slot (block * block_size + offset) of every entry, in `meta`'s order."""
+        """(N,) int64 flat slot (unit * unit size + offset, in `layout`) of every entry, in `meta`'s order."""
         if self._slots is None:
-            ids = torch.tensor([b for row in self.rows for b in row.blocks], dtype=torch.long)
-            counts = torch.tensor([n for row in self.rows for n in self._counts(row)], dtype=torch.long)
+            units = [self._units(row) for row in self.rows]
+            ids = torch.tensor([u for us, _ in units for u in us], dtype=torch.long)
+            counts = torch.tensor([n for _, ns in units for n in ns], dtype=torch.long)
             total = int(counts.sum())
-            firsts = torch.repeat_interleave(ids * self.memory.block_size - exclusive_cumsum(counts), counts, output_size=total)
+            firsts = torch.repeat_interleave(ids * self._unit_size() - exclusive_cumsum(counts), counts, output_size=total)
             self._slots = (firsts + torch.arange(total)).to(self.meta.lengths.device)
         return self._slots
 
-    def _counts(self, row: Row | CodeRow) -> list[int]:
-        raise NotImplementedError
-
     def picture(self, names: list[str]) -> Segments:
         """Entry fields `names` gathered into flat (N, ...) tensors, beside the metadata (shared)."""
-        slots = self.slots()
-        store = self.memory.store
-        gathered = {name: store.flat(name).index_select(0, slots) for name in names}
+        gathered = self.memory.store.read_fields(self.slots(), names, self.layout)
         return Segments({**gathered, **self.meta.fields}, self.meta.lengths, self.meta.host)
 
     def edited(self) -> None:
@@ -106,12 +118,12 @@ class PooledRows:
         if self.owns:
             for r, row in enumerate(self.rows):
                 if r not in self.given:
-                    self.memory.pool.release(row.blocks)
+                    self.memory.pool.release(self._blocks_of(row))
             self.owns = False
         self.memory.trim()
 
     def forked_rows(self) -> list:
-        raise NotImplementedError
+        return [self._fork(row) for row in self.rows]
 
     def taken_rows(self, sequences: list[int], heads: int) -> list:
         """The rows of `sequences`, in order: handed over the first time, forked after that."""
@@ -123,47 +135,24 @@ class PooledRows:
                 self.given.add(r)
         return out
 
-    def _fork(self, row: Row | CodeRow) -> Row | CodeRow:
-        raise NotImplementedError
-
-    def _own_blocks(self, row: Row | CodeRow, indices: list[int]) -> list[tuple[int, int]]:
-        """Replace each block of `row` at `indices` that another row holds by a fresh copy (the
-        copies to make, (source, new)); each stops standing for a prefix hash."""
-        pool = self.memory.pool
-        wanted = list(dict.fromkeys(indices))
-        shared = [i for i in wanted if pool.blocks[row.blocks[i]].ref_count > 1]
-        fresh = pool.allocate(len(shared))
-        copies = [(row.blocks[i], new) for i, new in zip(shared, fresh)]
-        pool.release([source for source, _ in copies])
-        for i, new in zip(shared, fresh):
-            row.blocks[i] = new
-        for i in wanted:
-            pool.forget(row.blocks[i])
-        return copies
-
     def write_entries(self, entries: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
         """Overwrite entry fields of the flat entries `entries` (M,) (in `meta`'s order) with
-        fields (M, ...): shared blocks are copied first."""
-        where = self._entry_places()
-        copies: list[tuple[int, int]] = []
-        for r, indices in _by_row(where, entries.tolist()).items():
-            copies += self._own_blocks(self.rows[r], indices)
-        if copies:
-            self.memory.store.copy_blocks(copies)
-            self.edited()
-        self.memory.store.write_fields(self.slots().index_select(0, entries.to(self.slots().device)), fields)
-
-    def _entry_places(self) -> list[tuple[int, int]]:
-        """(row, block index in the row) of every flat entry."""
-        return [(r, j) for r, row in enumerate(self.rows) for j, n in enumerate(self._counts(row)) for _ in range(n)]
-
-
-def _by_row(places: list[tuple[int, int]], entries: list[int]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for e in entries:
-        r, j = places[e]
-        out.setdefault(r, []).append(j)
-    return out
+        fields (M, ...): a block another row holds is copied first, for this row alone."""
+        pool = self.memory.pool
+        slots = self.slots().index_select(0, entries.to(self.slots().device)).tolist()
+        owner = torch.repeat_interleave(torch.arange(len(self.rows)), self.meta.counts.flatten()).index_select(0, entries.cpu()).tolist()
+        per_block = self.layout.entries
+        touched = list(dict.fromkeys((r, slot // per_block) for r, slot in zip(owner, slots)))
+        shared = [(r, b) for r, b in touched if pool.blocks[b].ref_count > 1]
+        fresh = pool.allocate(len(shared))  # all or nothing
+        self.memory.store.copy_blocks([(b, new) for (_, b), new in zip(shared, fresh)])
+        for (r, b), new in zip(shared, fresh):
+            self._repoint(self.rows[r], b, new)
+            pool.release([b])
+        for _, b in touched:
+            pool.forget(b)  # its entries change: it stops standing for a prefix hash
+        self.edited()
+        self.memory.store.write_fields(self.slots().index_select(0, entries.to(self.slots().device)), fields, self.layout)
 
 
 class TailBlocks(PooledRows):
@@ -172,15 +161,25 @@ class TailBlocks(PooledRows):
 
     rows: list[Row]
 
-    def _counts(self, row: Row) -> list[int]:  # type: ignore[override]
+    def __init__(self, memory: KVMemory, rows: list, meta: Segments) -> None:
+        super().__init__(memory, rows, meta)
+        self.layout = memory.layout
+
+    def _units(self, row: Row) -> tuple[list[int], list[int]]:  # type: ignore[override]
         bs = self.memory.block_size
-        return [min(bs, row.length - j * bs) for j in range(len(row.blocks))]
+        return row.blocks, [min(bs, row.length - j * bs) for j in range(len(row.blocks))]
+
+    def _unit_size(self) -> int:
+        return self.memory.block_size
+
+    def _blocks_of(self, row: Row) -> list[int]:  # type: ignore[override]
+        return row.blocks
+
+    def _repoint(self, row: Row, old: int, new: int) -> None:  # type: ignore[override]
+        row.blocks = [new if b == old else b for b in row.blocks]
 
     def _fork(self, row: Row) -> Row:  # type: ignore[override]
         return self.memory.rows.fork(row)
-
-    def forked_rows(self) -> list[Row]:
-        return [self.memory.rows.fork(row) for row in self.rows]
 
     def append(self, fields: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
         """Append each row's first counts[b, h] (host) entries of fields and meta, name ->
@@ -233,95 +232,135 @@ class TailBlocks(PooledRows):
 
 
 class CodeBlocks(PooledRows):
-    """Codes of one bit width: one key group per block (block_size entries of the codec's
-    layout), the group's key scales a block field; entries never leave their block."""
+    """Codes of one bit width in blocks of a codec layout (`layout`): a block holds `per_block`
+    key groups, each in a region of `group` entries with its scales in the block's fields.
+    Entries never leave their group's region, so a block's bytes stay decodable as they are."""
 
     rows: list[CodeRow]
 
-    def _counts(self, row: CodeRow) -> list[int]:  # type: ignore[override]
-        return row.counts
+    def __init__(self, memory: KVMemory, rows: list, meta: Segments, layout: BlockLayout, group: int) -> None:
+        super().__init__(memory, rows, meta)
+        self.layout, self.group = layout, group
+        self.per_block = layout.entries // group
+
+    def _units(self, row: CodeRow) -> tuple[list[int], list[int]]:  # type: ignore[override]
+        return row.groups, row.counts
+
+    def _unit_size(self) -> int:
+        return self.group
 
     def _fork(self, row: CodeRow) -> CodeRow:  # type: ignore[override]
-        self.memory.pool.share(row.blocks)
-        return CodeRow(list(row.blocks), list(row.counts))
+        self.memory.pool.share(self._blocks_of(row))
+        return CodeRow(list(row.groups), list(row.counts))
 
-    def forked_rows(self) -> list[CodeRow]:
-        return [self._fork(row) for row in self.rows]
+    def _repoint(self, row: CodeRow, old: int, new: int) -> None:  # type: ignore[override]
+        per = self.per_block
+        row.groups = [new * per + g % per if g // per == old else g for g in row.groups]
+
+    def _blocks_of(self, row: CodeRow) -> list[int]:  # type: ignore[override]
+        """The blocks `row` stands on, each once, oldest first."""
+        return list(dict.fromkeys(g // self.per_block for g in row.groups))
 
     def groups(self, names: list[str]) -> Segments:
-        """Block fields `names` of every row's blocks (NB, ...) in order, and `count` (NB,) int32:
+        """Block fields `names` of every row's groups (NG, ...) in order, and `count` (NG,) int32:
         the key groups of the quantized layout's `Part`."""
-        ids = [b for row in self.rows for b in row.blocks]
-        counts = [n for row in self.rows for n in row.counts]
         device = self.meta.lengths.device
-        index = torch.tensor(ids, dtype=torch.long, device=device)
-        fields = {name: self.memory.store.tensors[name].index_select(0, index) for name in names}
-        fields["count"] = torch.tensor(counts, dtype=torch.int32, device=device)
-        per_row = torch.tensor([len(row.blocks) for row in self.rows], dtype=torch.int64).view_as(self.meta.counts)
+        flat = torch.tensor([g for row in self.rows for g in row.groups], dtype=torch.long, device=device)
+        views = self.memory.store.fields(self.layout)
+        fields = {name: views[name][flat // self.per_block, flat % self.per_block] for name in names}
+        fields["count"] = torch.tensor([n for row in self.rows for n in row.counts], dtype=torch.int32, device=device)
+        per_row = torch.tensor([len(row.groups) for row in self.rows], dtype=torch.int64).view_as(self.meta.counts)
         return Segments(fields, per_row.to(device), per_row)
 
+    def _open_regions(self, row: CodeRow) -> int:
+        """Regions after the row's last group in its last block that the row may still fill: the
+        block is its alone (a shared block is never written into; new groups start a block)."""
+        if not row.groups:
+            return 0
+        last = row.groups[-1]
+        if self.memory.pool.blocks[last // self.per_block].ref_count > 1:
+            return 0
+        return self.per_block - 1 - last % self.per_block
+
+    def blocks_to_add(self, groups: list[int]) -> int:
+        """Fresh blocks adding groups[r] key groups to each row r takes (admission asks)."""
+        return sum(-(-max(n - self._open_regions(row), 0) // self.per_block) for row, n in zip(self.rows, groups))
+
     def add(self, fields: dict[str, torch.Tensor], block_fields: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
-        """Append whole groups: each row's first counts[b, h] (host, a multiple of the block size)
-        entries of fields (batch, heads, W, ...) and meta, into fresh blocks holding the first
-        counts // block_size groups of block_fields (batch, heads, W / block_size, ...)."""
-        memory, bs = self.memory, self.memory.block_size
-        groups = (counts // bs).flatten().tolist()
-        fresh = memory.pool.allocate(sum(groups))  # all or nothing
-        for row, n in zip(self.rows, groups):
-            taken, fresh = fresh[:n], fresh[n:]
-            row.blocks += taken
-            row.counts += [bs] * n
-        ids = [b for row, n in zip(self.rows, groups) for b in row.blocks[len(row.blocks) - n :]]
+        """Append whole groups: each row's first counts[b, h] (host, a multiple of the group)
+        entries of fields (batch, heads, W, ...) and meta, with the first counts // group of
+        block_fields (batch, heads, W / group, ...), after the row's last group (in the open
+        regions of its last block, then in fresh blocks)."""
+        per, g = self.per_block, self.group
+        wanted = (counts // g).flatten().tolist()
+        fresh = self.memory.pool.allocate(self.blocks_to_add(wanted))  # all or nothing
+        added: list[int] = []
+        for row, n in zip(self.rows, wanted):
+            new = [row.groups[-1] + 1 + i for i in range(min(n, self._open_regions(row)))]
+            while len(new) < n:
+                block, fresh = fresh[0], fresh[1:]
+                new += [block * per + i for i in range(min(per, n - len(new)))]
+            row.groups += new
+            row.counts += [g] * n
+            added += new
         width = next(iter(block_fields.values())).shape[2]
         device = counts.device
-        picked_groups = _first(groups, width, device)
-        picked = _first(counts.flatten().tolist(), width * bs, device)
-        slots = [b * bs + o for b in ids for o in range(bs)]
-        memory.store.write_blocks(ids, {n: x.flatten(0, 2).index_select(0, picked_groups.to(x.device)) for n, x in block_fields.items()})
-        memory.store.write_fields(slots, {n: x.flatten(0, 2).index_select(0, picked.to(x.device)) for n, x in fields.items()})
+        at = torch.tensor(added, dtype=torch.long)
+        store = self.memory.store
+        store.write_blocks(at // per, {n: x.flatten(0, 2).index_select(0, _first(wanted, width, device).to(x.device)) for n, x in block_fields.items()}, self.layout, (at % per,))
+        slots = (at[:, None] * g + torch.arange(g)).flatten()
+        picked = _first(counts.flatten().tolist(), width * g, device)
+        store.write_fields(slots, {n: x.flatten(0, 2).index_select(0, picked.to(x.device)) for n, x in fields.items()}, self.layout)
         self.meta = self.meta.extend(meta, counts)
         self.edited()
 
     def keep(self, rows: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor | None = None) -> None:
-        """Keep the flat entries `rows` (ascending within each row), `lengths` per row: each block
-        keeps its kept entries at its front (compacted in place where no one else holds the
-        block, else in a fresh copy of it) and a block left with none goes back to the pool."""
-        memory, pool, bs = self.memory, self.memory.pool, self.memory.block_size
-        flat_counts = [n for row in self.rows for n in row.counts]
-        block_of = torch.repeat_interleave(torch.arange(len(flat_counts)), torch.tensor(flat_counts, dtype=torch.long))
-        kept_block = block_of.index_select(0, rows.cpu())
-        new_counts = torch.bincount(kept_block, minlength=len(flat_counts)).tolist()
-        offset_in_block = (torch.arange(len(block_of)) - torch.repeat_interleave(exclusive_cumsum(torch.tensor(flat_counts, dtype=torch.long)), torch.tensor(flat_counts, dtype=torch.long))).index_select(0, rows.cpu())
-        rank = torch.arange(kept_block.numel()) - exclusive_cumsum(torch.tensor(new_counts, dtype=torch.long)).index_select(0, kept_block)
-        kept_block, offset_in_block, rank = kept_block.tolist(), offset_in_block.tolist(), rank.tolist()
-        changed = [j for j, (old, new) in enumerate(zip(flat_counts, new_counts)) if 0 < new < old]
-        flat_ids = [b for row in self.rows for b in row.blocks]
-        shared = [j for j in changed if pool.blocks[flat_ids[j]].ref_count > 1]
-        fresh = pool.allocate(len(shared))  # all or nothing: raises before any change
-        copies = list(zip((flat_ids[j] for j in shared), fresh))
-        pool.release([flat_ids[j] for j in shared])
-        target = dict(zip(shared, fresh))
-        for j in changed:
-            pool.forget(target.get(j, flat_ids[j]))
+        """Keep the flat entries `rows` (ascending within each row), `lengths` per row: each group
+        keeps its kept entries at the front of its region (in place where no one else holds the
+        block, else in the row's own fresh copy of the block), a group left with none is dropped,
+        and a block the row no longer stands on goes back to the pool."""
+        pool, per, g = self.memory.pool, self.per_block, self.group
+        old = torch.tensor([n for row in self.rows for n in row.counts], dtype=torch.long)
+        group_of = torch.repeat_interleave(torch.arange(old.numel()), old)  # flat entry -> flat group
+        offset = torch.arange(group_of.numel()) - exclusive_cumsum(old).index_select(0, group_of)
+        picked = rows.cpu()
+        kept_group, kept_offset = group_of.index_select(0, picked), offset.index_select(0, picked)
+        new = torch.bincount(kept_group, minlength=old.numel())
+        rank = torch.arange(kept_group.numel()) - exclusive_cumsum(new).index_select(0, kept_group)
+        old_n, new_n = old.tolist(), new.tolist()
+        # Per row, the blocks whose groups change in place and that others hold: a fresh copy each.
+        owner = [r for r, row in enumerate(self.rows) for _ in row.groups]
+        flat_groups = [gr for row in self.rows for gr in row.groups]
+        to_copy = list(dict.fromkeys(
+            (owner[j], flat_groups[j] // per) for j in range(len(old_n)) if 0 < new_n[j] < old_n[j] and pool.blocks[flat_groups[j] // per].ref_count > 1
+        ))  # fmt: skip
+        fresh = pool.allocate(len(to_copy))  # all or nothing: raises before any change
+        copy_of = dict(zip(to_copy, fresh))
+        self.memory.store.copy_blocks([(block, new_block) for (_, block), new_block in copy_of.items()])
+
+        def placed(j: int) -> int:
+            """Flat group j's group slot once its row's copies are made."""
+            gr = flat_groups[j]
+            return copy_of.get((owner[j], gr // per), gr // per) * per + gr % per
+
         sources, targets = [], []
-        changed_set = set(changed)
-        for j, o, k in zip(kept_block, offset_in_block, rank):
-            if j in changed_set and o != k:
-                block = target.get(j, flat_ids[j])
-                sources.append(block * bs + o)
-                targets.append(block * bs + k)
-        memory.store.copy_blocks(copies)
-        memory.store.move(sources, targets)
-        pool.release([flat_ids[j] for j, n in enumerate(new_counts) if n == 0])
+        for j, o, k in zip(kept_group.tolist(), kept_offset.tolist(), rank.tolist()):
+            if o != k:
+                sources.append(placed(j) * g + o)
+                targets.append(placed(j) * g + k)
+        self.memory.store.move(sources, targets, self.layout)
         j = 0
         for row in self.rows:
-            blocks, kept_counts = [], []
-            for _ in row.blocks:
-                if new_counts[j]:
-                    blocks.append(target.get(j, flat_ids[j]))
-                    kept_counts.append(new_counts[j])
+            before = self._blocks_of(row)
+            groups, row_counts = [], []
+            for _ in row.groups:
+                if new_n[j]:
+                    groups.append(placed(j))
+                    row_counts.append(new_n[j])
                 j += 1
-            row.blocks, row.counts = blocks, kept_counts
+            row.groups, row.counts = groups, row_counts
+            now = set(self._blocks_of(row))
+            pool.release([b for b in before if b not in now])  # empty blocks, and the originals of copies
         self.meta = self.meta.select(rows, lengths, counts)
         self.edited()
 

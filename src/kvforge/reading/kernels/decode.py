@@ -103,11 +103,12 @@ def _dense_kernel(
 @triton.jit
 def _paged_kernel(
     q_ptr, keys, values, tables, lengths, m_out, l_out, acc_out,
-    split, splits_total, first_split, width,
+    split, splits_total, first_split, width, block_stride,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BS: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """`_dense_kernel` over block tables: each entry's address comes from its row's table (entry t
-    in block tables[r, t // BS], at offset t % BS), so rows are read where their blocks lie."""
+    in block tables[r, t // BS], at offset t % BS; blocks `block_stride` elements apart, entries D),
+    so rows are read where their blocks lie."""
     r, start, stop = _span(lengths, split)
     d = tl.arange(0, D)
     q, m, l, acc = _begin(q_ptr, r, G, GP, D)
@@ -115,7 +116,7 @@ def _paged_kernel(
         t = off + tl.arange(0, BLOCK)
         valid = t < stop
         block = tl.load(tables + r * width + t // BS, mask=valid, other=0).to(tl.int64)
-        at = (block * BS + t % BS)[:, None] * D + d[None, :]
+        at = (block * block_stride + (t % BS) * D)[:, None] + d[None, :]
         k = tl.load(keys + at, mask=valid[:, None], other=0.0).to(q.dtype)
         v = tl.load(values + at, mask=valid[:, None], other=0.0).to(q.dtype)
         m, l, acc = _step(q, k, v, valid, m, l, acc, IEEE)
@@ -209,7 +210,7 @@ def decode_attention(
         elif isinstance(source, PagedRows):
             _paged_kernel[(rows, n)](
                 q, source.keys, source.values, source.tables, source.lengths, m, l, acc, split, total, first,
-                source.tables.shape[1], **common, BS=source.keys.shape[1],
+                source.tables.shape[1], source.keys.stride(0), **common, BS=source.keys.shape[1],
             )  # fmt: skip
         else:
             _quant_kernel[(rows, n)](
