@@ -143,6 +143,39 @@ def test_eviction_inside_a_key_group_is_exact_and_frees_codes():
     assert before_bytes == 24 * per_entry + 6 * per_group
 
 
+@pytest.mark.parametrize("layout", ["inplace", "paged"])
+@pytest.mark.parametrize("queries", [1, 5])
+def test_ragged_groups_are_attended_as_their_dequantized_entries(layout, queries):
+    """Rows holding different numbers of key groups, groups missing evicted entries: attention and
+    the attention each entry received equal the dense math over the dequantized entries."""
+    from kvforge.reading import attention_probs_sum, causal_allowed
+    from kvforge.reading import attend as dense_attend
+
+    spec = QuantSpec("int4", group=4, residual=2)
+    storage = make_storage(layout, 2, 2, 16, torch.float32, torch.device("cpu"), ("score",), spec)
+    gen = torch.Generator().manual_seed(3)
+    n = 23
+    storage.append(torch.randn(2, 2, n, 16, generator=gen), torch.randn(2, 2, n, 16, generator=gen), torch.arange(n), torch.ones(2, n, dtype=torch.bool))
+    storage.seal()
+    view = storage.view()
+    keep = torch.rand(2, 2, n, generator=gen) < torch.tensor([0.9, 0.4, 0.6, 0.2]).view(2, 2, 1)  # rows of unequal counts
+    index = torch.arange(n).expand(2, 2, n)
+    storage.keep(view, index, keep)
+    t = queries
+    storage.append(torch.randn(2, 2, t, 16, generator=gen), torch.randn(2, 2, t, 16, generator=gen), torch.arange(n, n + t), torch.ones(2, t, dtype=torch.bool))
+    quantized = (storage.parts[0].quant if layout == "inplace" else storage.parts[0].meta).entries
+    assert len(set(storage.lengths.flatten().tolist())) > 1 and quantized > 0
+    view = storage.view()
+    query = torch.randn(2, 4, t, 16, generator=gen)
+    positions, valid = torch.arange(n, n + t), torch.ones(2, t, dtype=torch.bool)
+    allowed = causal_allowed(view.positions, view.valid, positions)
+    want = dense_attend(query, view.keys, view.values, allowed, 0.25)
+    torch.testing.assert_close(storage.attend(query, positions, valid, 0.25), want, rtol=1e-4, atol=1e-5)
+    storage.accumulate_attention("score", query, positions, valid, 0.25)
+    got = storage.view().aux["score"].masked_fill(~view.valid, 0.0)  # (padding slots show any entry)
+    torch.testing.assert_close(got, attention_probs_sum(query, view.keys, allowed, valid.float(), 0.25).masked_fill(~view.valid, 0.0), rtol=1e-4, atol=1e-5)
+
+
 def test_int8_greedy_output_equals_full_precision_on_the_real_model(default_model):
     model, tok = default_model.model, default_model.tokenizer
     ids = tok("Write three sentences about the sea, the wind and the boats that sail between the islands.", return_tensors="pt").input_ids
@@ -337,3 +370,25 @@ def test_a_quantized_fork_holds_no_second_copy_of_its_codes(tiny_model):
         assert memory.pool.num_used == used
     del cache, storage
     assert memory.pool.num_used == 0
+
+
+def test_a_quantized_cache_swapped_out_and_in_decodes_exactly_as_one_that_stayed(tiny_model):
+    from kvforge.memory.kvmemory import KVMemory
+
+    ids, mask = left_padded([40, 33])
+    spec = QuantSpec("mixed", group=2, residual=0)
+    memory = KVMemory(16, torch.float32, "cpu", num_blocks=256)  # bounded, as an engine's
+    with torch.inference_mode():
+        stayed, logits = prefill_logits(tiny_model, make_policy("knorm", ratio=0.5), ids, mask, "paged", quant=spec)
+        want = decode(tiny_model, stayed, logits, ids.shape[1], 4)
+        moved, _ = prefill_logits(tiny_model, make_policy("knorm", ratio=0.5), ids, mask, "paged", quant=spec)
+        held = moved.nbytes
+        swapped = moved.swap_out("cpu")
+        assert moved.nbytes == 0
+        assert sum(part.nbytes for part in swapped) == held  # bytes as they were: codes stay codes
+        moved.memory = memory  # into a bounded memory of its own
+        moved.swap_in(swapped)
+        assert memory.pool.num_used * memory.block_nbytes == moved.nbytes == held
+        got = decode(tiny_model, moved, logits, ids.shape[1], 4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -23,6 +23,7 @@ from kvforge.policies.base import Policy, StepContext
 from kvforge.memory import OutOfBlocks
 from kvforge.memory.kvmemory import KVMemory
 from kvforge.storage.paged import PagedKV, SwappedPaged
+from kvforge.storage.pagedquant import PagedQuantKV, SwappedQuant
 from kvforge.storage import DEFAULT_LAYOUT, KVStorage, QuantSpec, check_layout, make_storage
 
 
@@ -541,12 +542,12 @@ class KVCache(Cache):
             layer.adopt(base, storage)
         return forked
 
-    def swap_out(self, device: torch.device | str = "cpu") -> list[SwappedPaged]:
+    def swap_out(self, device: torch.device | str = "cpu") -> list[SwappedPaged | SwappedQuant]:
         """Move every layer's K/V out of the block memory (to `device`, bytes as they are: what a
-        CPU or disk tier keeps) and give the blocks back; the cache holds nothing until `swap_in`.
-        Paged caches only (`layout="paged"`)."""
+        CPU or disk tier keeps; quantized codes stay codes) and give the blocks back; the cache
+        holds nothing until `swap_in`. Paged caches only (`layout="paged"`, quantized or not)."""
         storages = [layer.storage for layer in self.layers]
-        if not all(isinstance(s, PagedKV) for s in storages):
+        if not all(isinstance(s, PagedKV | PagedQuantKV) for s in storages):
             raise ValueError(f"swap_out() moves blocks of the paged layout; this cache's layout is {self.layout!r}")
         swapped = [s.swap_out(device) for s in storages]  # type: ignore[union-attr]
         for layer in self.layers:
@@ -554,13 +555,14 @@ class KVCache(Cache):
             self.held.update(layer.layer_idx, 0)
         return swapped
 
-    def swap_in(self, swapped: list[SwappedPaged]) -> None:
+    def swap_in(self, swapped: list[SwappedPaged | SwappedQuant]) -> None:
         """Bring back what `swap_out` moved, into this cache's memory (the process's shared one
         when it has none); raises OutOfBlocks, holding nothing, when a bounded memory is full."""
-        layers: list[PagedKV] = []
+        layers: list[PagedKV | PagedQuantKV] = []
         try:
             for layer, part in zip(self.layers, swapped):
-                layers.append(PagedKV.swap_in(part, self.memory, layer.device))
+                kind = PagedQuantKV if isinstance(part, SwappedQuant) else PagedKV
+                layers.append(kind.swap_in(part, self.memory, layer.device))  # type: ignore[arg-type]
         except OutOfBlocks:
             layers.clear()  # what was brought in goes back to the pool
             raise

@@ -22,9 +22,11 @@ is kept until the codes change, so a decoding step gathers only the tail again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kvforge.memory import BlockLayout, Row
+from kvforge.memory import BlockLayout, OutOfBlocks, Row, Swapped
 from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, exclusive_cumsum, spans, time_ordered
 from kvforge.storage.codec import META_DTYPE, QuantSpec, quantize_keys, quantize_values
@@ -53,6 +55,25 @@ def codec_layout(spec: QuantSpec, head_dim: int, block_nbytes: int) -> BlockLayo
     while groups > 1 and layout(groups).nbytes() > block_nbytes:
         groups -= 1
     return layout(groups)
+
+
+@dataclass
+class SwappedQuant:
+    """A paged quantized storage moved out of its memory: per part, then the tail, its rows (over
+    indices into its blocks), its blocks' bytes as they were (codes stay codes) and its metadata.
+    `PagedQuantKV.swap_in` brings it back into a memory of the same block bytes."""
+
+    batch: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    aux_names: tuple[str, ...]
+    spec: QuantSpec
+    held: list[tuple[list, Swapped, Segments]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(data.nbytes for _, data, _ in self.held)
 
 
 class PagedQuantKV(KVStorage):
@@ -99,6 +120,29 @@ class PagedQuantKV(KVStorage):
                 held.release()
         except Exception:  # at interpreter exit the memories may be gone already
             pass
+
+    def swap_out(self, device: torch.device | str = "cpu") -> SwappedQuant:
+        """Move what this storage holds out of its memory, bytes as they are, and give its blocks
+        back (this storage is consumed)."""
+        held = [h.swap_out(device) for h in self._held()]
+        return SwappedQuant(self.batch, self.kv_heads, self.head_dim, self.dtype, self.aux_names, self.spec, held)
+
+    @classmethod
+    def swap_in(cls, swapped: SwappedQuant, memory: KVMemory | None, device: torch.device) -> PagedQuantKV:
+        """A storage holding what `swapped` held, in blocks of `memory` (None: the process's shared
+        one); raises OutOfBlocks, taking nothing, when a bounded memory cannot give them."""
+        out = cls(swapped.batch, swapped.kv_heads, swapped.head_dim, swapped.dtype, device, swapped.aux_names, swapped.spec, memory)
+        for h, (_, data, _) in zip(out._held(), swapped.held):
+            if data.blocks.shape[1] != h.memory.block_nbytes or data.layout != h.memory.layout:
+                raise ValueError(
+                    f"blocks of {data.blocks.shape[1]} bytes cannot go into a memory of blocks of {h.memory.block_nbytes}; "
+                    f"swap into a memory with the same block size, head_dim and dtype"
+                )
+        if memory is not None and memory.bounded and memory.pool.num_free < sum(data.count for _, data, _ in swapped.held):
+            raise OutOfBlocks(f"swapping in takes {sum(d.count for _, d, _ in swapped.held)} blocks, {memory.pool.num_free} free")
+        for h, (rows, data, meta) in zip(out._held(), swapped.held):
+            h.swap_in(rows, data, meta)
+        return out
 
     @property
     def memory(self) -> KVMemory:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvforge.memory import BlockLayout, OutOfBlocks, Row
+from kvforge.memory import BlockLayout, OutOfBlocks, Row, Swapped
 from kvforge.memory.kvmemory import KVMemory
 from kvforge.storage.base import exclusive_cumsum
 from kvforge.storage.segments import Segments
@@ -135,6 +135,31 @@ class PooledRows:
                 self.given.add(r)
         return out
 
+    def _remap(self, row: Row | CodeRow, mapping: dict[int, int]) -> Row | CodeRow:
+        """A copy of `row` standing on mapping[b] for each block b it stands on."""
+        raise NotImplementedError
+
+    def swap_out(self, device: torch.device | str) -> tuple[list, Swapped, Segments]:
+        """Move the rows' blocks out of the memory, bytes as they are, each block once however many
+        rows share it, and give them back (these rows are consumed): rows standing on indices into
+        the blocks moved, the blocks, and the metadata on `device`."""
+        ids = list(dict.fromkeys(b for row in self.rows for b in self._blocks_of(row)))
+        index = {b: i for i, b in enumerate(ids)}
+        rows = [self._remap(row, index) for row in self.rows]
+        data = self.memory.store.swap_out(ids, device)
+        meta = Segments({n: t.to(device) for n, t in self.meta.fields.items()}, self.meta.lengths.to(device), self.meta.counts)
+        self.release()
+        return rows, data, meta
+
+    def swap_in(self, rows: list, data: Swapped, meta: Segments) -> None:
+        """Hold what `swap_out` moved, in fresh blocks of this memory (raises OutOfBlocks, taking
+        nothing, when a bounded memory cannot give them)."""
+        ids = self.memory.store.swap_in(self.memory.pool, data)
+        self.rows = [self._remap(row, dict(enumerate(ids))) for row in rows]
+        device = self.memory.store.device
+        self.meta = Segments({n: t.to(device) for n, t in meta.fields.items()}, meta.lengths.to(device), meta.counts)
+        self.edited()
+
     def write_entries(self, entries: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
         """Overwrite entry fields of the flat entries `entries` (M,) (in `meta`'s order) with
         fields (M, ...): a block another row holds is copied first, for this row alone."""
@@ -180,6 +205,9 @@ class TailBlocks(PooledRows):
 
     def _fork(self, row: Row) -> Row:  # type: ignore[override]
         return self.memory.rows.fork(row)
+
+    def _remap(self, row: Row, mapping: dict[int, int]) -> Row:  # type: ignore[override]
+        return Row([mapping[b] for b in row.blocks], row.length)
 
     def append(self, fields: dict[str, torch.Tensor], meta: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
         """Append each row's first counts[b, h] (host) entries of fields and meta, name ->
@@ -256,6 +284,10 @@ class CodeBlocks(PooledRows):
     def _repoint(self, row: CodeRow, old: int, new: int) -> None:  # type: ignore[override]
         per = self.per_block
         row.groups = [new * per + g % per if g // per == old else g for g in row.groups]
+
+    def _remap(self, row: CodeRow, mapping: dict[int, int]) -> CodeRow:  # type: ignore[override]
+        per = self.per_block
+        return CodeRow([mapping[g // per] * per + g % per for g in row.groups], list(row.counts))
 
     def _blocks_of(self, row: CodeRow) -> list[int]:  # type: ignore[override]
         """The blocks `row` stands on, each once, oldest first."""

@@ -1,10 +1,10 @@
 """Attention over quantized storage (`quantized.py`): every part (one per bit width) and the
 full-precision tail in one softmax, reading at most BLOCK quantized tokens per row at a time.
 
-A part whose rows hold the same whole key groups is read by `qpart.Reader` (scales folded into
-the query and the probabilities, no full-precision K/V built); any other part is dequantized a
-block at a time. Quantized entries are older than every query, so only the tail needs a causal
-mask.
+Every part is read by `qpart.Reader` (scales folded into the query and the probabilities, no
+full-precision K/V built): as it lies when its rows hold the same whole key groups, else padded to
+whole groups with its empty slots masked. Quantized entries are older than every query, so only
+the tail needs a causal mask.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ BLOCK = 4096  # quantized tokens read at once per row (a bounded transient: BLOC
 QUERY_CHUNK = 128  # queries of a prompt chunk attended at once over the quantized parts
 
 
-def blocks(part: Part) -> list[tuple[int, int]]:
-    """Slot ranges of at most about BLOCK tokens, aligned to whole key groups."""
-    slots = part.quant.longest
+def blocks(part: Part, slots: int | None = None) -> list[tuple[int, int]]:
+    """Slot ranges of at most about BLOCK tokens, aligned to whole key groups, over `slots`
+    (default: the part's longest row)."""
+    slots = part.quant.longest if slots is None else slots
     step = max(BLOCK // part.spec.group, 1) * part.spec.group
     return [(start, min(start + step, slots)) for start in range(0, slots, step)]
 
@@ -51,10 +52,13 @@ def attention_chunks(
     group = q_heads // heads
     active = [i for i, p in enumerate(all_parts) if p.quant.entries]
     parts = [all_parts[i] for i in active]
-    readers = [Reader(p) if p.dense() else None for p in parts]
-    spans_of = [blocks(p) for p in parts]
+    readers = [Reader(p) for p in parts]
+    spans_of = [blocks(p, r.width) for p, r in zip(parts, readers)]
     widths = [b[-1][1] for b in spans_of]
-    q_valid = [torch.arange(w, device=query.device) < p.quant.lengths[..., None] for w, p in zip(widths, parts)]
+    q_valid = [
+        r.valid if r.valid is not None else torch.arange(w, device=query.device) < p.quant.lengths[..., None]
+        for w, p, r in zip(widths, parts, readers)
+    ]
     tail_k, tail_v = tail.padded("k").float(), tail.padded("v").float()
     tail_valid = tail.slot_rows()[1]
     # (batch, heads, T, St); one query reads its whole tail (every entry held is in its past)
@@ -64,19 +68,16 @@ def attention_chunks(
         c = last - first
         q = query[:, :, first:last].float().reshape(batch, heads, group * c, dim) * scaling
         logits = []
-        for part, reader, spans, ok in zip(parts, readers, spans_of, q_valid):
-            if reader is not None:
-                logits.append(torch.cat([reader.logits(q, a, b) for a, b in spans], -1))
-            else:
-                part_logits = torch.cat([q @ part.keys(a, b).transpose(-1, -2) for a, b in spans], -1)
-                logits.append(part_logits.masked_fill_(~ok[:, :, None], float("-inf")))
+        for reader, spans, ok in zip(readers, spans_of, q_valid):
+            part_logits = torch.cat([reader.logits(q, a, b) for a, b in spans], -1)
+            logits.append(part_logits if reader.valid is None else part_logits.masked_fill_(~ok[:, :, None], float("-inf")))
         logits_t = (q @ tail_k.transpose(-1, -2)).view(batch, heads, group, c, -1)
         logits_t = logits_t.masked_fill_(~allowed_t[:, :, None, first:last], float("-inf")).view(batch, heads, group * c, -1)
         probs = torch.softmax(torch.cat([*logits, logits_t], -1), dim=-1).split([*widths, logits_t.shape[-1]], -1)
         out = probs[-1] @ tail_v
-        for part, reader, spans, p in zip(parts, readers, spans_of, probs):
+        for reader, spans, p in zip(readers, spans_of, probs):
             for a, b in spans:
-                out += reader.output(p[..., a:b], a, b) if reader is not None else p[..., a:b] @ part.values(a, b)
+                out += reader.output(p[..., a:b], a, b)
         got = None
         if received:
             weight = valid[:, None, None, first:last, None].float() / group  # (batch, 1, 1, c, 1)
@@ -84,5 +85,6 @@ def attention_chunks(
             # One entry per source, in order (None for a part holding nothing).
             got = [None] * len(all_parts) + [sums[-1]]
             for j, i in enumerate(active):
-                got[i] = sums[j]
+                index = readers[j].index  # a padded part's slots back to the compact picture's
+                got[i] = sums[j] if index is None else torch.gather(sums[j], 2, index)
         yield first, out.view(batch, q_heads, c, dim), got

@@ -19,6 +19,7 @@ import torch
 from kvforge.storage.codec import (
     META_DTYPE, QuantSpec, code_values, dequantize_keys, dequantize_values, quantize_keys, quantize_values,
 )  # fmt: skip
+from kvforge.storage.base import exclusive_cumsum
 from kvforge.storage.segments import Segments
 
 FOLD_QUERIES = 32  # up to this many queries per KV head, scales are folded into the queries
@@ -129,9 +130,66 @@ class Part:
         return dequantize_values(vc, self.quant.padded("vm")[:, :, start:stop], self.spec)
 
 
+@dataclass
+class PaddedGroups:
+    """A part's codes with every row's key groups padded to the most groups of a row and every
+    group to `group` slots: slot j * group + o of a row is entry o of its group j.
+
+    kc (b, h, NG, G, code_bytes)  km (b, h, NG, fields, dim)  vc (b, h, NG * G, code_bytes)
+    vm (b, h, NG * G, fields, dim / group)  valid (b, h, NG * G)  index (b, h, longest): the padded
+    slot of each of a row's entries, in order (where a compact picture of the row puts them)."""
+
+    kc: torch.Tensor
+    km: torch.Tensor
+    vc: torch.Tensor
+    vm: torch.Tensor
+    valid: torch.Tensor
+    index: torch.Tensor
+
+
+def padded_groups(part: Part) -> PaddedGroups:
+    """Scatter a ragged part (rows of different group counts, groups missing entries) into
+    `PaddedGroups` (zeros where nothing is held): the codes stay codes."""
+    g = part.spec.group
+    batch, heads = part.quant.lengths.shape
+    rows = batch * heads
+    ng = part.groups.longest
+    counts = part.groups.fields["count"].long()  # (NG,)
+    device = counts.device
+    entry_group = part.entry_group()  # (N,)
+    n = entry_group.numel()
+    offset = torch.arange(n, device=device) - exclusive_cumsum(counts).index_select(0, entry_group)
+    per_row = part.groups.lengths.flatten()
+    group_row = torch.repeat_interleave(torch.arange(rows, device=device), per_row, output_size=counts.numel())
+    group_local = torch.arange(counts.numel(), device=device) - exclusive_cumsum(per_row).index_select(0, group_row)
+    group_slot = group_row * ng + group_local  # (NG,) padded group of each group
+    slot = group_slot.index_select(0, entry_group) * g + offset  # (N,) padded slot of each entry
+    fields = part.quant.fields
+
+    def scattered(t: torch.Tensor, size: int, index: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros(size, *t.shape[1:])
+        return out.index_copy_(0, index, t)
+
+    width = ng * g
+    kc = scattered(fields["kc"], rows * width, slot).view(batch, heads, ng, g, -1)
+    vc = scattered(fields["vc"], rows * width, slot).view(batch, heads, width, -1)
+    vm = scattered(fields["vm"], rows * width, slot).view(batch, heads, width, *fields["vm"].shape[1:])
+    km = scattered(part.groups.fields["km"], rows * ng, group_slot).view(batch, heads, ng, *part.groups.fields["km"].shape[1:])
+    valid = torch.zeros(rows * width, dtype=torch.bool, device=device).index_fill_(0, slot, True).view(batch, heads, width)
+    # A row's i-th entry, in the compact picture, sits at padded slot slot[e] - row * width.
+    entry_row = torch.repeat_interleave(torch.arange(rows, device=device), part.quant.lengths.flatten(), output_size=n)
+    local = torch.arange(n, device=device) - exclusive_cumsum(part.quant.lengths.flatten()).index_select(0, entry_row)
+    longest = part.quant.longest
+    index = torch.zeros(rows * max(longest, 1), dtype=torch.long, device=device)
+    index.index_copy_(0, entry_row * max(longest, 1) + local, slot - entry_row * width)
+    return PaddedGroups(kc, km, vc, vm, valid, index.view(batch, heads, max(longest, 1))[:, :, :longest])
+
+
 class Reader:
-    """Attention over a dense part (`Part.dense`) without building full-precision K or V for
-    more than a block.
+    """Attention over a part without building full-precision K or V for more than a block: a
+    dense part (`Part.dense`) is read as it lies; a ragged one (rows holding different numbers of
+    groups, groups missing evicted entries) through `padded_groups`, its empty slots masked
+    (`valid`), so where a policy evicted does not change how it is read.
 
     Keys: a group's per-channel scale s and minimum m fold into the query,
         q . k_t = (q * s) . code_t + q . m
@@ -144,11 +202,23 @@ class Reader:
     def __init__(self, part: Part) -> None:
         self.spec = spec = part.spec
         batch, heads = part.quant.lengths.shape
-        groups = part.groups.uniform() or 0
-        self.kc = part.quant.padded("kc").view(batch, heads, groups, spec.group, -1)  # (b, h, groups, G, code_bytes)
-        self.km = part.groups.padded("km").float()  # (b, h, groups, fields, dim)
-        self.vc = part.quant.padded("vc")  # (b, h, n, code_bytes)
-        self.vm = part.quant.padded("vm").float()  # (b, h, n, fields, dim / group)
+        self.valid: torch.Tensor | None = None  # (b, h, width) where not every slot holds an entry
+        self.index: torch.Tensor | None = None  # (b, h, longest): padded slot of each compact one
+        if part.dense():
+            groups = part.groups.uniform() or 0
+            self.kc = part.quant.padded("kc").view(batch, heads, groups, spec.group, -1)  # (b, h, groups, G, code_bytes)
+            self.km = part.groups.padded("km").float()  # (b, h, groups, fields, dim)
+            self.vc = part.quant.padded("vc")  # (b, h, n, code_bytes)
+            self.vm = part.quant.padded("vm").float()  # (b, h, n, fields, dim / group)
+        else:
+            padded = padded_groups(part)
+            self.kc, self.km, self.vc, self.vm = padded.kc, padded.km.float(), padded.vc, padded.vm.float()
+            self.valid, self.index = padded.valid, padded.index
+
+    @property
+    def width(self) -> int:
+        """Slots read per row: whole groups."""
+        return self.kc.shape[2] * self.spec.group
 
     def logits(self, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """q (b, h, Q, dim) scaled queries -> (b, h, Q, stop - start) logits of slots [start, stop)."""
