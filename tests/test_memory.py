@@ -222,3 +222,25 @@ def test_bad_ids_and_counts_change_nothing():
     with pytest.raises(ValueError, match="count=-3"):
         RowBlocks(pool, 4).append(Row(), -3)
     pool.check()
+
+
+def test_one_arena_holds_blocks_of_any_layout_in_the_same_bytes():
+    from kvforge.memory import BlockLayout
+
+    store = BlockStore(4, block_size=4, head_dim=8, dtype=torch.float32)  # blocks of 2 x 4 x 8 floats
+    assert store.block_nbytes == 256 and store.capacity_nbytes == 4 * 256
+    # 3-byte codes (no flat view of them: read by block and offset) and a per-block scale.
+    codes = BlockLayout(6, (("c", (3,), torch.uint8),), (("s", (2,), torch.float16),))
+    keys, values = torch.randn(4, 8), torch.randn(4, 8)
+    store.write([4, 5, 6, 7], keys, values)  # block 1 holds full-precision entries
+    written = torch.randint(0, 255, (6, 3), dtype=torch.uint8)
+    store.write_fields([12, 13, 14, 15, 16, 17], {"c": written}, codes)  # block 2 holds codes
+    store.write_blocks([2], {"s": torch.tensor([[0.5, 2.0]])}, codes)
+    got_k, got_v = store.read([4, 5, 6, 7])
+    assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    assert torch.equal(store.read_fields([12, 13, 14, 15, 16, 17], ["c"], codes)["c"], written)
+    store.copy_blocks([(2, 3)])  # a copy on write moves bytes, whatever the block holds
+    assert torch.equal(store.read_fields([18, 19, 20, 21, 22, 23], ["c"], codes)["c"], written)
+    assert store.fields(codes)["s"][3].tolist() == [0.5, 2.0]
+    with pytest.raises(ValueError, match="more than the memory's blocks of 256"):
+        store.fields(BlockLayout(64, (("c", (8,), torch.uint8),)))

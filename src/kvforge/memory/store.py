@@ -95,6 +95,7 @@ class BlockStore:
         with torch.inference_mode(False):  # see grow()
             self.arena = torch.zeros(num_blocks, _aligned(self.layout.nbytes()), dtype=torch.uint8, device=device)
         self._views: dict[BlockLayout, dict[str, torch.Tensor]] = {}
+        self._flat: dict[tuple[BlockLayout, str], tuple[torch.Tensor, int, int] | None] = {}
 
     # --- layouts -------------------------------------------------------------------------------
 
@@ -171,17 +172,43 @@ class BlockStore:
         inference tensor could not be written outside that mode later."""
         with torch.inference_mode(False):
             self.arena = torch.cat([self.arena, self.arena.new_zeros(count, self.block_nbytes)])
-        self._views = {}
+        self._views, self._flat = {}, {}
 
     def shrink_to_nothing(self) -> None:
         with torch.inference_mode(False):
             self.arena = self.arena[:0].clone()
-        self._views = {}
+        self._views, self._flat = {}, {}
 
     # --- entries -------------------------------------------------------------------------------
 
     def _index(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         return ids.to(self.device) if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _rows(self, layout: BlockLayout, name: str) -> tuple[torch.Tensor, int, int] | None:
+        """Entry field `name` as one contiguous (rows, *shape) view of the arena, with the rows a
+        block spans and the field's first row in a block: slot s is row (s // entries) * span +
+        first + s % entries. None when the field's entry size does not divide its offset and the
+        block (then `fields` is indexed by block and offset instead)."""
+        key = (layout, name)
+        if key not in self._flat:
+            at, shape, dtype = layout.offsets()[name]
+            entry = _size(shape[1:], dtype)
+            if self.block_nbytes % entry or at % entry:
+                self._flat[key] = None
+            else:
+                with torch.inference_mode(False):
+                    view = self.arena.view(dtype).view(-1, *shape[1:])
+                self._flat[key] = (view, self.block_nbytes // entry, at // entry)
+        return self._flat[key]
+
+    def _at(self, places: tuple[torch.Tensor, torch.Tensor], layout: BlockLayout, name: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Where the entries at (blocks, offsets) of field `name` are: a tensor and its index."""
+        blocks, offsets = places
+        rows = self._rows(layout, name)
+        if rows is None:
+            return self.fields(layout)[name], places
+        view, span, first = rows
+        return view, (blocks * span + (offsets + first),)
 
     def _places(self, slots: list[int] | torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat slots (block * entries + offset) -> (blocks, offsets)."""
@@ -191,11 +218,11 @@ class BlockStore:
     def write_fields(self, slots: list[int] | torch.Tensor, fields: dict[str, torch.Tensor], layout: BlockLayout | None = None) -> None:
         """Entry i of each field (n, *shape) goes to flat slot slots[i] of `layout`."""
         layout = layout or self.layout
-        views = self.fields(layout)
-        blocks, offsets = self._places(slots, layout)
+        places = self._places(slots, layout)
         for name, t in fields.items():
+            target, at = self._at(places, layout, name)
             # Detached: the store outlives every forward; it must never join an autograd graph.
-            views[name].index_put_((blocks, offsets), t.detach().to(views[name].dtype))
+            target.index_put_(at, t.detach().to(target.dtype))
 
     def write_blocks(self, ids: list[int] | torch.Tensor, fields: dict[str, torch.Tensor], layout: BlockLayout, index: tuple[torch.Tensor, ...] = ()) -> None:
         """Block field i of each (n, *shape) goes to block ids[i] (at `index` within the field)."""
@@ -212,9 +239,12 @@ class BlockStore:
     def read_fields(self, slots: list[int] | torch.Tensor, names: list[str] | None = None, layout: BlockLayout | None = None) -> dict[str, torch.Tensor]:
         """Entry fields (n, *shape) of the entries in `slots`, in order (copies)."""
         layout = layout or self.layout
-        views = self.fields(layout)
-        blocks, offsets = self._places(slots, layout)
-        return {name: views[name][blocks, offsets] for name in (names or [n for n, _, _ in layout.entry])}
+        places = self._places(slots, layout)
+        out = {}
+        for name in names or [n for n, _, _ in layout.entry]:
+            source, at = self._at(places, layout, name)
+            out[name] = source.index_select(0, at[0]) if len(at) == 1 else source[at]
+        return out
 
     def read(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Full precision: keys, values (n, head_dim) of the entries in `slots`, in order."""

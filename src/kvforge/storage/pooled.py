@@ -55,6 +55,7 @@ class PooledRows:
         self.given: set[int] = set()
         self.owns = True
         self._slots: torch.Tensor | None = None  # flat slot of every entry, rebuilt after any edit
+        self._block_ids: set[int] | None = None  # the blocks the rows stand on, likewise
 
     def _units(self, row: Row | CodeRow) -> tuple[list[int], list[int]]:
         raise NotImplementedError
@@ -75,7 +76,9 @@ class PooledRows:
     # --- sizes and names -----------------------------------------------------------------------
 
     def block_ids(self) -> set[int]:
-        return {b for row in self.rows for b in self._blocks_of(row)}
+        if self._block_ids is None:
+            self._block_ids = {b for row in self.rows for b in self._blocks_of(row)}
+        return self._block_ids
 
     @property
     def allocated_nbytes(self) -> int:
@@ -110,7 +113,7 @@ class PooledRows:
         return Segments({**gathered, **self.meta.fields}, self.meta.lengths, self.meta.host)
 
     def edited(self) -> None:
-        self._slots = None
+        self._slots = self._block_ids = None
 
     # --- ownership -----------------------------------------------------------------------------
 
@@ -227,8 +230,11 @@ class TailBlocks(PooledRows):
             slots += added.slots
         memory.store.copy_blocks(copies)  # a shared last block is copied before entries join it
         t = next(iter(fields.values())).shape[2]
-        picked = _first(wanted, t, counts.device)
-        memory.store.write_fields(slots, {name: x.flatten(0, 2).index_select(0, picked.to(x.device)) for name, x in fields.items()})
+        if wanted.count(t) == len(wanted):  # every row takes every entry: no picking
+            memory.store.write_fields(slots, {name: x.flatten(0, 2) for name, x in fields.items()})
+        else:
+            picked = _first(wanted, t, counts.device)
+            memory.store.write_fields(slots, {name: x.flatten(0, 2).index_select(0, picked.to(x.device)) for name, x in fields.items()})
         self.meta = self.meta.extend(meta, counts)
         self.edited()
 

@@ -12,7 +12,7 @@ Every operation builds new tensors, so two storages may share a part (copy on wr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,9 @@ class Part:
     spec: QuantSpec  # one bit width (never `mixed`)
     quant: Segments
     groups: Segments
+    # `padded_groups` of this part, made on first read: a part's codes never change in place (every
+    # operation makes a new Part), so every decoding step after the first reuses it.
+    padded: PaddedGroups | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, spec: QuantSpec, batch: int, kv_heads: int, head_dim: int, aux_names: tuple[str, ...], device: torch.device) -> Part:
@@ -150,6 +153,12 @@ class PaddedGroups:
 def padded_groups(part: Part) -> PaddedGroups:
     """Scatter a ragged part (rows of different group counts, groups missing entries) into
     `PaddedGroups` (zeros where nothing is held): the codes stay codes."""
+    if part.padded is None:
+        part.padded = _scatter_groups(part)
+    return part.padded
+
+
+def _scatter_groups(part: Part) -> PaddedGroups:
     g = part.spec.group
     batch, heads = part.quant.lengths.shape
     rows = batch * heads
