@@ -59,8 +59,8 @@ class BlockLayout:
         return out
 
     def nbytes(self) -> int:
-        """Bytes one block of this layout takes (fields aligned)."""
-        return max((at + _size(shape, dtype) for at, shape, dtype in self.offsets().values()), default=0)
+        """Bytes one block of this layout takes (fields and the block aligned)."""
+        return _aligned(max((at + _size(shape, dtype) for at, shape, dtype in self.offsets().values()), default=0))
 
 
 @dataclass
@@ -93,7 +93,7 @@ class BlockStore:
         self.layout = layout if layout is not None else BlockLayout.full(head_dim, dtype, block_size)
         self.block_size = self.layout.entries
         with torch.inference_mode(False):  # see grow()
-            self.arena = torch.zeros(num_blocks, _aligned(self.layout.nbytes()), dtype=torch.uint8, device=device)
+            self.arena = torch.zeros(num_blocks, self.layout.nbytes(), dtype=torch.uint8, device=device)
         self._views: dict[BlockLayout, dict[str, torch.Tensor]] = {}
         self._flat: dict[tuple[BlockLayout, str], tuple[torch.Tensor, int, int] | None] = {}
 
