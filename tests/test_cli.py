@@ -187,3 +187,31 @@ def test_bad_serve_flags_give_one_line_errors_before_loading_the_model(capsys, a
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_document_prefilled_once_is_found_by_generate_and_answers_the_same(capsys, tiny_checkpoint, doc, tmp_path):
+    store = str(tmp_path / "store")
+    settings = ["--model", str(tiny_checkpoint), "--policy", "knorm", "--ratio", "0.5", "--quant", "int4", "--quant-group", "4", "--prompt-file", str(doc)]
+    code, out, _ = run(capsys, "prefill", *settings, "--store", store, "--json")
+    assert code == 0 and json.loads(out)["already_stored"] is False
+    code, out, _ = run(capsys, "generate", *settings, "--store", store, "--max-new-tokens", "6", "--json", "w1 w2 w3")
+    found = json.loads(out)
+    assert code == 0 and found["stored"] is True
+    # The same question without the store, in the same (paged) layout: the same answer.
+    code, out, _ = run(capsys, "generate", *settings, "--layout", "paged", "--max-new-tokens", "6", "--json", "w1 w2 w3")
+    assert code == 0 and json.loads(out)["text"] == found["text"]
+    code, out, _ = run(capsys, "store", "ls", "--store", store)
+    assert code == 0 and "knorm 0.5 int4" in out
+    code, out, _ = run(capsys, "store", "stats", "--store", store)
+    assert json.loads(out)["entries"] == 1
+    # Other settings are another document: prefilled and stored beside it.
+    code, out, _ = run(capsys, "generate", *settings[:-2], "--prompt-file", str(doc), "--ratio", "0.25", "--store", store, "--json", "w1")
+    assert code == 0 and json.loads(out)["stored"] is False
+    code, _, err = run(capsys, "store", "rm", "zz", "--store", store)
+    assert code == 2 and "names 0 entries" in err
+    from kvforge.store import LocalStore
+
+    keys = [e.key for e in LocalStore(store).entries()]
+    assert len(keys) == 2
+    code, _, _ = run(capsys, "store", "rm", keys[0][:12], "--store", store)
+    assert code == 0 and [e.key for e in LocalStore(store).entries()] == keys[1:]

@@ -268,13 +268,26 @@ class KVForgeLayer(CacheLayerMixin):
         sequences' (what stays of a batch)."""
         pick = (lambda t: t.clone()) if sequences is None else (lambda t: t[sequences])
         assert base.tokens is not None
+        budget = pick(base.decode_budget) if base.decode_budget is not None else None
+        self.restore(storage, base.seen, base.chunks, pick(base.tokens), budget, {k: pick(v) for k, v in base.policy_state.items()})
+
+    def restore(
+        self, storage: KVStorage, seen: int, chunks: int, tokens: torch.Tensor, decode_budget: torch.Tensor | None,
+        policy_state: dict[str, torch.Tensor],
+    ) -> None:  # fmt: skip
+        """Hold `storage` with this state (what `state()` gave, of a fork or of a stored cache)."""
         self.storage = storage
-        self.is_initialized, self.dtype, self.device = True, base.dtype, base.device
-        self.seen, self.chunks, self.tokens = base.seen, base.chunks, pick(base.tokens)
-        if base.decode_budget is not None:
-            self.decode_budget = pick(base.decode_budget)
-        self.policy_state = {k: pick(v) for k, v in base.policy_state.items()}
+        self.is_initialized, self.dtype, self.device = True, storage.dtype, storage.device
+        self.seen, self.chunks, self.tokens = seen, chunks, tokens
+        if decode_budget is not None:
+            self.decode_budget = decode_budget
+        self.policy_state = policy_state
         self.held.update(self.layer_idx, storage.allocated_nbytes)
+
+    def state(self) -> tuple[int, int, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """What this layer keeps beside its storage: seen, chunks, tokens, decode_budget, policy_state."""
+        assert self.tokens is not None, "a layer that has seen nothing has no state"
+        return self.seen, self.chunks, self.tokens, self.decode_budget, self.policy_state
 
     def deferred_context(self) -> StepContext | None:
         """A context for compressing what is held now, after the fact (no queries), its `target`

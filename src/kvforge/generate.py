@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -21,6 +22,10 @@ from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy, Reconstruction
 from kvforge.reconstruct import passes
 from kvforge.storage import DEFAULT_LAYOUT, QuantSpec
+
+if TYPE_CHECKING:
+    from kvforge.spec import KVSpec
+    from kvforge.store import LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,7 @@ class GenerationResult:
     bits_per_element: float  # effective: K/V bytes held (codes, scales, full-precision tail) x 8 / elements
     prefill_seconds: float
     seconds: float
+    stored: bool | None = None  # with a store: whether the compressed context came from it
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -267,21 +273,34 @@ def answer(
     prefill_chunk: int | None = None,
     layout: str = DEFAULT_LAYOUT,
     quant: QuantSpec | None = None,
+    store: LocalStore | None = None,
+    spec: KVSpec | None = None,
 ) -> GenerationResult:
     """Generate greedily from `prompt` with a cache compressed by `policy`.
 
     Question-agnostic: the context is prefilled and compressed, then the rest is fed. Query-aware:
     the whole prompt is prefilled and compressed. Either way the first new token comes from the
     prefill's own logits, as compression happens after each layer's attention. `prefill_chunk`
-    prefills (and compresses) that many tokens at a time.
+    prefills (and compresses) that many tokens at a time. With a `store` (and the `spec` that
+    names `policy` and `quant`), the compressed context is taken from it when it holds it, else
+    prefilled and kept there (the paged layout, whatever `layout` says).
     """
     model, tokenizer = loaded.model, loaded.tokenizer
     check_length(len(prompt.ids), max_new_tokens, loaded.context_length)
     check_chunk(prefill_chunk)
-    cache = KVCache(model, policy, layout=layout, tokenizer=tokenizer, quant=quant)
     start = time.perf_counter()
     compressed = prompt.ids if query_aware else prompt.context_ids
-    logits = prefill(model, cache, compressed, prefill_chunk)[None]  # (1, vocab)
+    stored = None
+    if store is not None:
+        from kvforge.store.documents import cached_prefill
+
+        if query_aware or spec is None:
+            raise ValueError("--store keeps a question-agnostic prefill of the context: drop --query-aware")
+        cache, stored = cached_prefill(store, loaded, policy, spec, compressed, prefill_chunk)
+        logits = None
+    else:
+        cache = KVCache(model, policy, layout=layout, tokenizer=tokenizer, quant=quant)
+        logits = prefill(model, cache, compressed, prefill_chunk)[None]  # (1, vocab)
     positions = torch.tensor([len(compressed)], device=model.device)
     prefill_seconds = time.perf_counter() - start
     if not query_aware:
@@ -306,4 +325,5 @@ def answer(
         bits_per_element=cache.bits_per_element,
         prefill_seconds=prefill_seconds,
         seconds=seconds,
+        stored=stored,
     )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -13,40 +11,32 @@ from rich.table import Table
 from kvforge.cli.common import (
     console,
     err_console,
-    build_policy,
     add_budget_args,
     add_quant_args,
     add_device_args,
     load,
-    quant_spec,
     ensure_calibration,
     ratio_arg,
 )
+from kvforge.cli.store import add_store_args, command_spec, open_store, read_context
 from kvforge.models import DEFAULT_MODEL
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvforge.generate import answer, build_prompt
 
-    policy = build_policy(args.policy, args.ratio, args.param, args)
-    quant = quant_spec(args)
+    spec = command_spec(args)
+    policy, quant = spec.build(), spec.quant
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
-    try:
-        if args.prompt_file is None:
-            context = ""  # nothing to compress but what is generated
-        elif args.prompt_file == "-":
-            context = sys.stdin.read()
-        else:
-            context = Path(args.prompt_file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read --prompt-file {args.prompt_file!r}: {err}") from err
+    context = read_context(args.prompt_file)  # none: nothing to compress but what is generated
+    store = open_store(args) if args.store is not None else None
     loaded = load(args)
     ensure_calibration(loaded, [policy])
     chat = loaded.is_instruct if args.chat is None else args.chat
     prompt = build_prompt(loaded.tokenizer, context, args.question, chat)
     with err_console.status(f"prefill {len(prompt.ids)} tokens and generate ..."):
-        result = answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware, args.prefill_chunk, args.layout, quant)
+        result = answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware, args.prefill_chunk, args.layout, quant, store, spec)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -57,7 +47,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{result.generated_tokens} generated, cache {result.cache_bytes / 2**20:.2f} MiB allocated "
             f"({result.kept_bytes / 2**20:.2f} MiB kept, peak {result.peak_cache_bytes / 2**20:.2f} MiB) "
             f"of {result.dense_cache_bytes / 2**20:.2f} MiB dense ({saved:.0%} saved), "
-            f"{result.bits_per_element:.2f} bits per element ({result.quant}), {result.seconds:.2f}s[/dim]"
+            f"{result.bits_per_element:.2f} bits per element ({result.quant}), {result.seconds:.2f}s"
+            + ("" if result.stored is None else f"; context {'from the store' if result.stored else 'prefilled and stored'}")
+            + "[/dim]"
         )
     return 0
 
@@ -118,6 +110,7 @@ def register(sub: Any) -> None:
     gen.add_argument("--layout", default="inplace", help="K/V storage layout: inplace (default), paged (blocks of one pool) or ragged (the reference)")
     add_quant_args(gen)
     add_device_args(gen)
+    add_store_args(gen, required=False)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 

@@ -1,0 +1,65 @@
+"""Keeping a prefilled document's cache in a store, and finding it again."""
+
+from __future__ import annotations
+
+import logging
+
+from kvforge.cache import KVCache, head_dim
+from kvforge.memory.kvmemory import KVMemory, shared_memory
+from kvforge.models import LoadedModel
+from kvforge.policies.base import Policy
+from kvforge.spec import KVSpec
+from kvforge.store.entry import DamagedEntry, decode, encode, entry_key
+from kvforge.store.local import LocalStore
+
+log = logging.getLogger(__name__)
+
+
+def settings_label(spec: KVSpec) -> str:
+    """How `kvforge store ls` names an entry's settings."""
+    ratio = f" budget {spec.budget}" if spec.budget is not None else f" {spec.ratio:g}"
+    return f"{spec.policy}{ratio} {spec.quant.mode}"
+
+
+def keep(store: LocalStore, cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "") -> bool:
+    """Store `cache` (paged, having seen exactly `tokens`) under its key; the cache goes on as it
+    was. False when the store would not take it (larger than the whole store)."""
+    key = entry_key(cache.model_fingerprint, spec, tokens, variant)
+    return store.put(key, encode(cache, spec, tokens, variant), cache.model_fingerprint, settings_label(spec), len(tokens))
+
+
+def find(store: LocalStore, model, policy: Policy, spec: KVSpec, tokens: list[int], tokenizer, memory: KVMemory, variant: str = "") -> KVCache | None:  # type: ignore[no-untyped-def]
+    """A cache holding what prefilling `tokens` with `spec` left, from the store, in blocks of
+    `memory`; None when nothing usable is stored (a damaged entry is dropped and counted)."""
+    cache = KVCache(model, policy, tokenizer=tokenizer, layout="paged", quant=spec.quant, memory=memory)
+    key = entry_key(cache.model_fingerprint, spec, tokens, variant)
+    data = store.get(key)
+    if data is None:
+        return None
+    try:
+        decode(data, cache, spec, tokens, variant)
+    except DamagedEntry as err:
+        log.warning("store entry %s cannot be used (%s): dropped, prefilling instead", key[:12], err)
+        store.stats.corrupt += 1
+        store.stats.hits -= 1
+        store.stats.misses += 1
+        store.delete(key)
+        return None
+    return cache
+
+
+def cached_prefill(store: LocalStore, loaded: LoadedModel, policy: Policy, spec: KVSpec, tokens: list[int], chunk: int | None) -> tuple[KVCache, bool]:
+    """The cache of `tokens` prefilled and compressed with `spec` (`chunk` tokens at a time): found
+    in the store (True), or prefilled now and stored (False). Paged, over the process's memory."""
+    from kvforge.generate import prefill
+
+    model = loaded.model
+    memory = shared_memory(model.device, model.dtype, head_dim(model))
+    variant = f"chunk={chunk or 0} dtype={model.dtype}"
+    found = find(store, model, policy, spec, tokens, loaded.tokenizer, memory, variant)
+    if found is not None:
+        return found, True
+    cache = KVCache(model, policy, tokenizer=loaded.tokenizer, layout="paged", quant=spec.quant, memory=memory)
+    prefill(model, cache, tokens, chunk)
+    keep(store, cache, spec, tokens, variant)
+    return cache, False

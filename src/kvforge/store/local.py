@@ -1,0 +1,212 @@
+"""A store of compressed caches in a local directory, shared safely by several processes.
+
+    DIR/index.sqlite          key, size, model, settings, tokens, created, last use (WAL mode)
+    DIR/entries/ab/<key>.kvf  one entry (`entry.py`): its bytes end with their blake2b digest
+
+A put writes the entry to a temporary file in the same directory, fsyncs it, renames it into
+place (atomic: a reader sees the whole old file, the whole new one, or none) and only then records
+it in the index, in one transaction that also evicts the least recently used entries beyond
+`max_bytes`. A writer killed at any point leaves at worst a temporary file or a file the index
+does not name: neither is ever read. A get reads the index, then the file, and checks the digest
+before anyone decodes it; an entry found missing, short or altered is dropped from the index and
+counted (`stats.corrupt`), and the caller prefills as if nothing were stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvforge.store.entry import DIGEST
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+)
+"""
+
+
+@dataclass
+class EntryInfo:
+    key: str
+    size: int
+    model: str
+    settings: str
+    tokens: int
+    created: float
+    last_used: float
+
+
+@dataclass
+class StoreStats:
+    """What this process saw of the store (the server's /metrics reads it)."""
+
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    evicted: int = 0
+
+
+class LocalStore:
+    def __init__(self, root: str | Path, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"--store-size {max_bytes} must be at least 1 byte")
+        self.root, self.max_bytes = Path(root), max_bytes
+        try:
+            (self.root / "entries").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"--store {str(root)!r} cannot be used as a store directory: {err}") from err
+        self.stats = StoreStats()
+        with self._index() as db:
+            db.execute(SCHEMA)
+
+    def _index(self) -> sqlite3.Connection:
+        """A connection for one operation (used as a context manager: one transaction)."""
+        db = sqlite3.connect(self.root / "index.sqlite", timeout=30.0, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return _Transaction(db)  # type: ignore[return-value]
+
+    def _path(self, key: str) -> Path:
+        if len(key) < 3 or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"store key {key!r} is not a hex digest")
+        return self.root / "entries" / key[:2] / f"{key}.kvf"
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        """The entry's bytes, digest checked, or None (a miss; a damaged entry is dropped)."""
+        with self._index() as db:
+            row = db.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            self.stats.misses += 1
+            return None
+        try:
+            data = self._path(key).read_bytes()
+        except OSError:
+            data = b""
+        payload, digest = data[:-DIGEST], data[-DIGEST:]
+        if len(data) != row[0] or hashlib.blake2b(payload, digest_size=DIGEST).digest() != digest:
+            log.warning("store entry %s is damaged (%d bytes, %d recorded): dropped", key[:12], len(data), row[0])
+            self.stats.corrupt += 1
+            self.stats.misses += 1
+            self.delete(key)
+            return None
+        with self._index() as db:
+            db.execute("UPDATE entries SET last_used = ? WHERE key = ?", (time.time(), key))
+        self.stats.hits += 1
+        self.stats.bytes_read += len(data)
+        return data
+
+    def entries(self) -> list[EntryInfo]:
+        """Every entry, most recently used first."""
+        with self._index() as db:
+            rows = db.execute("SELECT key, size, model, settings, tokens, created, last_used FROM entries ORDER BY last_used DESC").fetchall()
+        return [EntryInfo(*row) for row in rows]
+
+    @property
+    def nbytes(self) -> int:
+        with self._index() as db:
+            return int(db.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0])
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def put(self, key: str, data: bytes, model: str, settings: str, tokens: int) -> bool:
+        """Store `data` under `key` (replacing what was there). False when it is larger than the
+        whole store may hold (nothing is written then)."""
+        if self.max_bytes is not None and len(data) > self.max_bytes:
+            log.warning("a store entry of %d bytes is larger than --store-size (%d): not stored", len(data), self.max_bytes)
+            return False
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        now = time.time()
+        with self._index() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO entries (key, size, model, settings, tokens, created, last_used) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, len(data), model, settings, tokens, now, now),
+            )
+            evicted = self._evict(db, keep=key)
+        for old in evicted:
+            self._path(old).unlink(missing_ok=True)
+        self.stats.bytes_written += len(data)
+        return True
+
+    def _evict(self, db: sqlite3.Connection, keep: str) -> list[str]:
+        """Drop the least recently used entries (never `keep`) until the store fits max_bytes;
+        the keys dropped (their files go once the transaction is done)."""
+        if self.max_bytes is None:
+            return []
+        total = int(db.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0])
+        dropped = []
+        for key, size in db.execute("SELECT key, size FROM entries WHERE key != ? ORDER BY last_used ASC", (keep,)).fetchall():
+            if total <= self.max_bytes:
+                break
+            db.execute("DELETE FROM entries WHERE key = ?", (key,))
+            total -= size
+            dropped.append(key)
+        self.stats.evicted += len(dropped)
+        return dropped
+
+    def delete(self, key: str) -> bool:
+        """Forget `key` and remove its file; whether it was there."""
+        with self._index() as db:
+            gone = db.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
+        self._path(key).unlink(missing_ok=True)
+        return gone
+
+
+class _Transaction:
+    """`with` a connection: BEGIN IMMEDIATE (one writer at a time, others wait), COMMIT or
+    ROLLBACK, then close."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        try:
+            self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
+        finally:
+            self.db.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (where the platform allows directories to be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,100 @@
+"""The persistent store of compressed caches: an entry decodes to exactly the cache it was made
+from (every codec, both layouts of rows), a damaged or foreign entry is a miss, the local
+directory is written atomically and evicts the least recently used entries beyond its size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import left_padded
+from kvforge import KVSpec
+from kvforge.memory.kvmemory import KVMemory
+from kvforge.store import LocalStore, entry_key, find, keep
+from kvforge.store.entry import DamagedEntry, check
+from kvforge.storage import QuantSpec
+from test_policy_matrix import decode
+
+TOKENS = 40
+
+
+def prefilled(model, spec: KVSpec, memory: KVMemory):  # type: ignore[no-untyped-def]
+    """A paged cache of one 40-token prompt prefilled (and compressed) with `spec`; its logits."""
+    from kvforge import KVCache
+    from kvforge.generate import prefill
+
+    ids = left_padded([TOKENS])[0][0].tolist()
+    cache = KVCache(model, spec.build(), layout="paged", quant=spec.quant, memory=memory)
+    logits = prefill(model, cache, ids, chunk=16)[None]
+    return cache, logits, ids
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4", "int2", "fp8", "mixed"])
+@pytest.mark.parametrize("policy, ratio", [("full", 0.0), ("knorm", 0.5), ("adakv:snapkv", 0.5)])
+def test_a_stored_cache_decodes_exactly_as_the_one_it_was_made_from(tiny_model, tmp_path, policy, ratio, mode):
+    spec = KVSpec(policy, ratio, QuantSpec(mode, group=2, residual=0) if mode == "mixed" else QuantSpec(mode, group=4, residual=4))
+    memory = KVMemory(16, torch.float32, "cpu")
+    store = LocalStore(tmp_path)
+    with torch.inference_mode():
+        cache, logits, ids = prefilled(tiny_model, spec, memory)
+        held = cache.nbytes
+        assert keep(store, cache, spec, ids)
+        entry = store.entries()[0]
+        assert entry.tokens == TOKENS and entry.size <= 1.1 * held + 64 * 1024  # blocks as they are, plus a header
+        found = find(store, tiny_model, spec.build(), spec, ids, None, memory)
+        assert found is not None and found.nbytes == held
+        want = decode(tiny_model, cache, logits, TOKENS, 4)
+        got = decode(tiny_model, found, logits, TOKENS, 4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert store.stats.hits == 1 and store.stats.misses == 0
+
+
+def test_other_tokens_settings_or_models_are_misses(tiny_model, tmp_path):
+    spec = KVSpec("knorm", 0.5)
+    memory = KVMemory(16, torch.float32, "cpu")
+    store = LocalStore(tmp_path)
+    with torch.inference_mode():
+        cache, _, ids = prefilled(tiny_model, spec, memory)
+        keep(store, cache, spec, ids)
+        assert find(store, tiny_model, spec.build(), spec, ids[:-1], None, memory) is None
+        other = KVSpec("knorm", 0.25)
+        assert find(store, tiny_model, other.build(), other, ids, None, memory) is None
+    assert entry_key("model-a", spec, ids) != entry_key("model-b", spec, ids)
+    assert store.stats.misses == 2 and store.stats.corrupt == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "missing"])
+def test_a_damaged_entry_is_a_miss_and_is_dropped(tiny_model, tmp_path, damage):
+    spec = KVSpec("knorm", 0.5, QuantSpec("int4", group=4, residual=4))
+    memory = KVMemory(16, torch.float32, "cpu")
+    store = LocalStore(tmp_path)
+    with torch.inference_mode():
+        cache, _, ids = prefilled(tiny_model, spec, memory)
+        keep(store, cache, spec, ids)
+        path = next((tmp_path / "entries").rglob("*.kvf"))
+        data = path.read_bytes()
+        if damage == "truncate":
+            path.write_bytes(data[: len(data) // 2])
+        elif damage == "flip":
+            path.write_bytes(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
+        else:
+            path.unlink()
+        assert find(store, tiny_model, spec.build(), spec, ids, None, memory) is None
+    assert store.stats.corrupt == 1 and store.entries() == []
+    with pytest.raises(DamagedEntry, match="checksum"):
+        check(data[:-1] + bytes([data[-1] ^ 1]))
+
+
+def test_the_least_recently_used_entries_go_beyond_the_size(tmp_path):
+    store = LocalStore(tmp_path, max_bytes=3000)
+    keys = [f"{i:02x}" * 32 for i in range(4)]
+    for key in keys[:3]:
+        assert store.put(key, bytes(1000), "m", "s", 1)
+    assert store.get(keys[0]) is None  # not an entry: its digest does not hold (and it is dropped)
+    store.put(keys[1], bytes(900), "m", "s", 1)  # used again: newest
+    assert store.put(keys[3], bytes(1500), "m", "s", 1)
+    assert [e.key for e in store.entries()] == [keys[3], keys[1]]  # keys[2], the oldest, went
+    assert store.nbytes <= 3000 and store.stats.evicted == 1
+    assert not store.put("ff" * 32, bytes(4000), "m", "s", 1)  # larger than the whole store: refused
+    assert not list(tmp_path.rglob(".tmp-*"))  # nothing half-written is left
