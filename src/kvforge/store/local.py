@@ -3,13 +3,15 @@
     DIR/index.sqlite          key, size, model, settings, tokens, created, last use (WAL mode)
     DIR/entries/ab/<key>.kvf  one entry (`entry.py`): its bytes end with their blake2b digest
 
-A put writes the entry to a temporary file in the same directory, fsyncs it, renames it into
-place (atomic: a reader sees the whole old file, the whole new one, or none) and only then records
-it in the index, in one transaction that also evicts the least recently used entries beyond
-`max_bytes`. A writer killed at any point leaves at worst a temporary file or a file the index
-does not name: neither is ever read. A get reads the index, then the file, and checks the digest
-before anyone decodes it; an entry found missing, short or altered is dropped from the index and
-counted (`stats.corrupt`), and the caller prefills as if nothing were stored.
+A put writes the entry to a temporary file in the same directory and fsyncs it; then, holding the
+index's write lock, renames it into place (atomic: a reader sees the whole old file or the whole
+new one) and records it, evicting the least recently used entries beyond `max_bytes` in the same
+transaction. Every rename and removal of an entry's file happens under that lock, beside its
+index row. A writer killed at any point leaves at worst a temporary file (never read) or, between
+rename and commit, a whole file under an index row of its older size. A get checks the file's
+digest before anyone decodes it; a file found missing, short or altered (read again under the lock,
+so a concurrent replacement is not taken for damage) is dropped from the index and counted
+(`stats.corrupt`), and the caller prefills as if nothing were stored.
 """
 
 from __future__ import annotations
@@ -93,26 +95,44 @@ class LocalStore:
     def get(self, key: str) -> bytes | None:
         """The entry's bytes, digest checked, or None (a miss; a damaged entry is dropped)."""
         with self._index() as db:
-            row = db.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
-        if row is None:
+            known = db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
+        data = self._read(key) if known else None
+        if known and data is None:
+            # Read again holding the write lock: a writer may have replaced the file meanwhile
+            # (renames happen under the lock), which is not damage.
+            with self._index() as db:
+                if db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None:
+                    data = self._read(key)
+                    if data is None:
+                        log.warning("store entry %s is damaged: dropped", key[:12])
+                        self.stats.corrupt += 1
+                        db.execute("DELETE FROM entries WHERE key = ?", (key,))
+                        self._path(key).unlink(missing_ok=True)
+        if data is None:
             self.stats.misses += 1
-            return None
-        try:
-            data = self._path(key).read_bytes()
-        except OSError:
-            data = b""
-        payload, digest = data[:-DIGEST], data[-DIGEST:]
-        if len(data) != row[0] or hashlib.blake2b(payload, digest_size=DIGEST).digest() != digest:
-            log.warning("store entry %s is damaged (%d bytes, %d recorded): dropped", key[:12], len(data), row[0])
-            self.stats.corrupt += 1
-            self.stats.misses += 1
-            self.delete(key)
             return None
         with self._index() as db:
-            db.execute("UPDATE entries SET last_used = ? WHERE key = ?", (time.time(), key))
+            # The size too: a writer killed between its rename and its commit left the older one.
+            db.execute("UPDATE entries SET last_used = ?, size = ? WHERE key = ?", (time.time(), len(data), key))
         self.stats.hits += 1
         self.stats.bytes_read += len(data)
         return data
+
+    def _read(self, key: str) -> bytes | None:
+        """The file's bytes when its digest holds, else None (missing, short, altered)."""
+        try:
+            data = self._path(key).read_bytes()
+        except OSError:
+            return None
+        payload, digest = data[:-DIGEST], data[-DIGEST:]
+        if len(data) <= DIGEST or hashlib.blake2b(payload, digest_size=DIGEST).digest() != digest:
+            return None
+        return data
+
+    def contains(self, key: str) -> bool:
+        """Whether the index names `key` (its file is checked when it is read)."""
+        with self._index() as db:
+            return db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
 
     def entries(self) -> list[EntryInfo]:
         """Every entry, most recently used first."""
@@ -141,20 +161,18 @@ class LocalStore:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-        now = time.time()
-        with self._index() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO entries (key, size, model, settings, tokens, created, last_used) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key, len(data), model, settings, tokens, now, now),
-            )
-            evicted = self._evict(db, keep=key)
-        for old in evicted:
-            self._path(old).unlink(missing_ok=True)
+            now = time.time()
+            with self._index() as db:  # the rename and its index row under the write lock, together
+                os.replace(tmp, path)
+                _fsync_dir(path.parent)
+                db.execute(
+                    "INSERT OR REPLACE INTO entries (key, size, model, settings, tokens, created, last_used) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (key, len(data), model, settings, tokens, now, now),
+                )
+                for old in self._evict(db, keep=key):
+                    self._path(old).unlink(missing_ok=True)
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # gone already unless something failed
         self.stats.bytes_written += len(data)
         return True
 
@@ -178,7 +196,7 @@ class LocalStore:
         """Forget `key` and remove its file; whether it was there."""
         with self._index() as db:
             gone = db.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
-        self._path(key).unlink(missing_ok=True)
+            self._path(key).unlink(missing_ok=True)
         return gone
 
 
