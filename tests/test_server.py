@@ -205,6 +205,53 @@ def test_a_document_asked_again_reuses_its_compressed_prefix(served, loaded):
     assert again.choices[0].message.content == expected(loaded, document + " w11 w12", "knorm", 0.5, 8)
 
 
+@pytest.mark.parametrize("settings", [{"kv_policy": "knorm", "kv_ratio": 0.5}, {"kv_policy": "knorm", "kv_ratio": 0.5, "kv_quant": "int4"}])
+def test_a_restarted_server_starts_from_the_prefixes_it_stored(loaded, tmp_path, settings):
+    from kvforge.store import LocalStore
+
+    document = " ".join(f"w{(7 * i) % 120 + 5}" for i in range(90))  # about three 32-token chunks
+    quant = QuantSpec(settings.get("kv_quant", "none"), group=8, residual=4)
+    first = Served(loaded, store=LocalStore(tmp_path), defaults=KVSettings(quant=quant))
+    try:
+        answer = chat(first, document + " w9 w10", extra_body=settings)
+    finally:
+        first.close()  # the store's writer finishes first
+    assert LocalStore(tmp_path).entries()
+    second = Served(loaded, store=LocalStore(tmp_path), defaults=KVSettings(quant=quant))  # a new process would do the same
+    try:
+        again = chat(second, document + " w9 w10", extra_body=settings)
+        other = chat(second, document + " w11 w12", extra_body=settings)
+        assert second.metric("store_hits_total") == 2 and second.metric("store_corrupt_total") == 0
+        assert second.metric("prefix_hits_total") == 2 and second.metric("store_read_bytes_total") > 0
+    finally:
+        second.close()
+    kv_quant = quant if "kv_quant" in settings else None
+    # Exactly what prefilling the whole prompt gives, chunk by chunk.
+    assert again.choices[0].message.content == answer.choices[0].message.content
+    assert other.choices[0].message.content == expected(loaded, document + " w11 w12", "knorm", 0.5, 8, kv_quant)
+
+
+def test_a_damaged_store_entry_is_a_miss_for_the_server(loaded, tmp_path):
+    from kvforge.store import LocalStore
+
+    document = " ".join(f"w{(7 * i) % 120 + 5}" for i in range(90))
+    first = Served(loaded, store=LocalStore(tmp_path))
+    try:
+        chat(first, document + " w9 w10")
+    finally:
+        first.close()
+    for path in (tmp_path / "entries").rglob("*.kvf"):
+        data = path.read_bytes()
+        path.write_bytes(data[:500] + bytes([data[500] ^ 0xFF]) + data[501:])
+    second = Served(loaded, store=LocalStore(tmp_path))
+    try:
+        reply = chat(second, document + " w9 w10")
+        assert second.metric("store_corrupt_total") >= 1 and second.metric("store_hits_total") == 0
+    finally:
+        second.close()
+    assert reply.choices[0].message.content == expected(loaded, document + " w9 w10", "full", 0.0, 8)
+
+
 def test_loadtest_drives_the_server(served, loaded):
     from kvforge.client.loadtest import loadtest, synthetic_prompts, task_prompts
 

@@ -24,6 +24,7 @@ from kvforge.cli.common import (
     seconds_arg,
     size_arg,
 )
+from kvforge.cli.store import add_store_args, open_store
 from kvforge.models import DEFAULT_MODEL
 
 
@@ -48,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prefix_memory = default_limit(loaded.model.device)
     engine = Engine(
         loaded, KVSettings(args.policy, policy.ratio, quant), args.kv_memory, args.prefill_chunk,
-        prefix_memory=prefix_memory, max_waiting=args.max_queued,
+        prefix_memory=prefix_memory, max_waiting=args.max_queued, store=open_store(args) if args.store else None,
     )  # fmt: skip
     engine.check_defaults()
     app = create_app(engine, loaded.name, args.ratio, limits)
@@ -127,6 +128,7 @@ def register(sub: Any) -> None:
                      help="prompt tokens prefilled per engine step (default 256)")
     srv.add_argument("--prefix-memory", type=size_arg, default=None, metavar="SIZE",
                      help="memory kept prompt prefixes may hold (default: within --kv-memory, else 1/8 of the memory available at start)")
+    add_store_args(srv, required=False)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, metavar="KEY",

@@ -56,6 +56,7 @@ from kvforge.engine.memory import Shape, prompt_blocks, reservation, row_blocks
 from kvforge.engine.prefixes import PrefixCache
 from kvforge.engine.request import KVSettings, Request
 from kvforge.engine.sampling import sample
+from kvforge.engine.stored import StoreTier
 from kvforge.generate import DECODE, PREFILL, feed, stop_ids
 from kvforge.memory import OutOfBlocks
 from kvforge.memory.kvmemory import KVMemory
@@ -63,6 +64,7 @@ from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
 from kvforge.storage.paged import PagedKV
 from kvforge.storage.pagedquant import PagedQuantKV
+from kvforge.store import LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class Engine:
     def __init__(
         self, loaded: LoadedModel, defaults: KVSettings, kv_memory: int | None = None, prefill_chunk: int = 256,
         *, prefix_memory: int | None = None, max_waiting: int | None = None,
-        policies: Callable[[KVSettings], Policy] = settings_policy,
+        policies: Callable[[KVSettings], Policy] = settings_policy, store: LocalStore | None = None,
     ) -> None:  # fmt: skip
         if prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk {prefill_chunk} must be at least 1")
@@ -155,6 +157,8 @@ class Engine:
         # Running groups by KV setting; an isolated request decodes in a group of its own (its id).
         self.groups: dict[tuple[KVSettings, int | None], Group] = {}
         self.block_index = BlockIndex(self.memory, fingerprint(loaded.model))
+        # Kept prefixes also go to a persistent store, and requests start from what it holds.
+        self.stored = StoreTier(store, fingerprint(loaded.model), self.shape.dtype, prefill_chunk) if store is not None else None
         # Every admitted request not yet ended, wherever it is (a turn that fails ends them all).
         self.live: dict[int, Request] = {}
         self.policies: OrderedDict[KVSettings, Policy] = OrderedDict()
@@ -258,6 +262,8 @@ class Engine:
             self.wake.notify()
         if self.thread is not None:
             self.thread.join()
+        if self.stored is not None:
+            self.stored.close()  # what was queued for the store is written first
 
     # --- what /metrics shows -----------------------------------------------------------------
 
@@ -384,6 +390,11 @@ class Engine:
             found = self._from_blocks(request.kv, tokens)
             if found is not None and (hit is None or found[1] > hit[1]):
                 hit = found
+        if hit is None and self.stored is not None:
+            cache = self._new_cache(request.kv)
+            done = self.stored.find(request.kv, tokens, cache)
+            if done:
+                hit = cache, done
         if hit is None:
             return Prefilling(request, self._new_cache(request.kv), tokens=tokens)
         cache, done = hit
@@ -535,6 +546,8 @@ class Engine:
         except Exception:  # a cache kept for later is an optimisation: fail no one for it
             log.exception("keeping the prefix of request %d failed", item.request.id)
             return
+        if self.stored is not None:
+            self.stored.keep(item.request.kv, prompt[: item.done], item.cache)
         while self.prefix_memory is not None and self.prefixes.nbytes > self.prefix_memory:
             self.prefixes.evict_one()
 

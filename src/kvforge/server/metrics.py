@@ -47,6 +47,14 @@ def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
     metric("prefix_hits_total", "counter", "requests that started from a kept compressed prefix", stats.prefix_hits)
     metric("prefix_reused_tokens_total", "counter", "prompt tokens not prefilled thanks to kept prefixes", stats.prefix_reused_tokens)
     metric("peak_running", "gauge", "the most requests decoded in one batch so far", stats.peak_running)
+    if engine.stored is not None:  # the persistent store of compressed prefixes (--store)
+        got = engine.stored.store.stats
+        metric("store_hits_total", "counter", "requests that started from a prefix found in the store", got.hits)
+        metric("store_misses_total", "counter", "store lookups that found nothing usable", got.misses)
+        metric("store_corrupt_total", "counter", "store entries found damaged or foreign, dropped", got.corrupt)
+        metric("store_read_bytes_total", "counter", "bytes read from the store", got.bytes_read)
+        metric("store_written_bytes_total", "counter", "bytes written to the store", got.bytes_written)
+        metric("store_evicted_total", "counter", "store entries evicted beyond --store-size", got.evicted)
     uptime = time.perf_counter() - stats.started
     metric("generated_tokens_per_second", "gauge", "tokens generated per second since start", stats.generated_tokens / max(uptime, 1e-9))
     name = "kvforge_requests_refused_total"

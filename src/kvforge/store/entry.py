@@ -42,14 +42,29 @@ class DamagedEntry(ValueError):
     """An entry that cannot be trusted: truncated, altered, or made for something else."""
 
 
+def _settings_digest(model: str, spec: KVSpec, variant: str) -> Any:
+    q = spec.quant
+    settings = json.dumps([FORMAT, model, variant, spec.policy, spec.ratio, spec.budget, [list(p) for p in spec.params], q.mode, q.group, q.residual, q.split])
+    return hashlib.blake2b(settings.encode(), digest_size=32)
+
+
 def entry_key(model: str, spec: KVSpec, tokens: list[int], variant: str = "") -> str:
     """The key of the cache of `tokens` prefilled by `model` (its fingerprint) with `spec`;
     `variant`: whatever else changes what the cache holds (the prefill's chunking, the dtype)."""
-    q = spec.quant
-    settings = json.dumps([FORMAT, model, variant, spec.policy, spec.ratio, spec.budget, [list(p) for p in spec.params], q.mode, q.group, q.residual, q.split])
-    digest = hashlib.blake2b(settings.encode(), digest_size=32)
+    digest = _settings_digest(model, spec, variant)
     digest.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
     return digest.hexdigest()
+
+
+def prefix_keys(model: str, spec: KVSpec, tokens: list[int], variant: str = "") -> list[str]:
+    """entry_key of tokens[:n] for n = 1 .. len(tokens), hashed once over the tokens."""
+    digest = _settings_digest(model, spec, variant)
+    raw = torch.tensor(tokens, dtype=torch.int64).numpy().tobytes()
+    keys = []
+    for n in range(len(tokens)):
+        digest.update(raw[8 * n : 8 * n + 8])
+        keys.append(digest.copy().hexdigest())
+    return keys
 
 
 def encode(cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "") -> bytes:

@@ -134,6 +134,16 @@ class LocalStore:
         with self._index() as db:
             return db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
 
+    def longest(self, keys: list[str]) -> int:
+        """The largest i such that keys[i] is stored, or -1 (one index query per 500 keys)."""
+        found: set[str] = set()
+        with self._index() as db:
+            for start in range(0, len(keys), 500):
+                batch = keys[start : start + 500]
+                marks = ",".join("?" * len(batch))
+                found.update(row[0] for row in db.execute(f"SELECT key FROM entries WHERE key IN ({marks})", batch))
+        return max((i for i, key in enumerate(keys) if key in found), default=-1)
+
     def entries(self) -> list[EntryInfo]:
         """Every entry, most recently used first."""
         with self._index() as db:

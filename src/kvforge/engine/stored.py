@@ -1,0 +1,81 @@
+"""The engine's store tier: kept prefixes also go to a persistent store of compressed caches
+(`kvforge.store`), and a request whose prompt starts with a stored prefix starts from it, after a
+restart or on another server sharing the directory.
+
+Writing happens off the engine thread: the engine only copies the prefix's blocks out (an entry's
+bytes), one worker thread writes them. Reading happens on the engine thread when a request
+starts: the longest stored prefix of its prompt is found in one index query, read, checked and
+decoded into the engine's memory. Any failure (a damaged entry, a memory too full to take it,
+an unreadable directory) is a miss: the request is prefilled as if nothing were stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from kvforge.cache import KVCache
+from kvforge.engine.request import KVSettings
+from kvforge.memory import OutOfBlocks
+from kvforge.store import LocalStore
+from kvforge.store.documents import settings_label
+from kvforge.store.entry import DamagedEntry, decode, encode, entry_key, prefix_keys
+
+log = logging.getLogger(__name__)
+
+
+class StoreTier:
+    def __init__(self, store: LocalStore, model: str, dtype: torch.dtype, chunk: int) -> None:
+        self.store, self.model = store, model
+        self.variant = f"chunk={chunk} dtype={dtype}"  # as `kvforge prefill --prefill-chunk` keys it
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="kvforge-store")
+
+    def keep(self, kv: KVSettings, tokens: list[int], cache: KVCache) -> None:
+        """Store a kept prefix unless it is there already (its bytes copied now, written later)."""
+        key = entry_key(self.model, kv, tokens, self.variant)
+        try:
+            if self.store.contains(key):
+                return
+            data = encode(cache, kv, tokens, self.variant)
+        except Exception:  # the store is an optimisation: fail no one for it
+            log.exception("copying a prefix for the store failed")
+            return
+        self.writer.submit(self._put, key, data, settings_label(kv), len(tokens))
+
+    def _put(self, key: str, data: bytes, settings: str, tokens: int) -> None:
+        try:
+            self.store.put(key, data, self.model, settings, tokens)
+        except Exception:
+            log.exception("writing a prefix to the store failed")
+
+    def find(self, kv: KVSettings, tokens: list[int], empty: KVCache) -> int:
+        """Fill `empty` (a new cache of `kv` over the engine's memory) from the longest stored
+        prefix of tokens[:-1] (one token at least is left to prefill); the tokens it holds, 0 on
+        a miss (then `empty` holds nothing)."""
+        key = None
+        try:
+            keys = prefix_keys(self.model, kv, tokens[:-1], self.variant)
+            n = self.store.longest(keys) + 1
+            if n == 0:
+                self.store.stats.misses += 1
+                return 0
+            key = keys[n - 1]
+            data = self.store.get(key)
+            if data is None:
+                return 0
+            decode(data, empty, kv, tokens[:n], self.variant)
+            return n
+        except (DamagedEntry, OutOfBlocks, OSError, sqlite3.Error) as err:
+            log.warning("a stored prefix could not be used (%s): prefilling instead", err)
+            if isinstance(err, DamagedEntry) and key is not None:  # never trusted again
+                self.store.stats.corrupt += 1
+                self.store.delete(key)
+            for layer in empty.layers:  # whatever was brought in goes back to the pool
+                layer.storage = None
+            return 0
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
