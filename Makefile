@@ -20,7 +20,9 @@ run: setup
 	$(VENV)/bin/kvforge demo
 	$(VENV)/bin/kvforge eval --quick --out results/quick
 
+# The store tests start a real redis-server of their own: Debian's, installed here where missing.
 test: setup
+	command -v redis-server >/dev/null || apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)
 	$(PY) -m pytest -q
 
 clean:

@@ -118,3 +118,36 @@ def held_positions(storage) -> list[list[int]]:
     rows = view.positions.flatten(0, 1)
     valid = view.valid.flatten(0, 1)
     return [r[v].tolist() for r, v in zip(rows, valid)]
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real redis-server of this test's own on a free loopback port: (url, process). `make
+    test` installs Debian's redis-server where it is missing."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import redis
+
+    exe = shutil.which("redis-server")
+    assert exe is not None, "redis-server is missing: `make test` installs it (apt-get install redis-server)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.time() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            assert time.time() < deadline and proc.poll() is None, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0", proc
+    proc.terminate()
+    proc.wait(timeout=20)

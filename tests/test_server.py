@@ -252,6 +252,28 @@ def test_a_damaged_store_entry_is_a_miss_for_the_server(loaded, tmp_path):
     assert reply.choices[0].message.content == expected(loaded, document + " w9 w10", "full", 0.0, 8)
 
 
+def test_two_servers_on_one_redis_share_what_either_prefilled(loaded, redis_server):
+    from kvforge.store import RedisStore
+
+    url, proc = redis_server
+    document = " ".join(f"w{(5 * i) % 120 + 5}" for i in range(90))
+    one, two = Served(loaded, store=RedisStore(url)), Served(loaded, store=RedisStore(url))
+    try:
+        first = chat(one, document + " w9 w10")
+        one.engine.stored.writer.submit(lambda: None).result()  # what it queued for the store is written
+        second = chat(two, document + " w11 w12")
+        assert two.metric("store_hits_total") == 1 and two.metric("prefix_hits_total") == 1
+        proc.terminate()  # the store goes away mid-run: the server goes on without it
+        proc.wait()
+        third = chat(two, " ".join(f"w{(3 * i) % 120 + 5}" for i in range(90)) + " w9")
+        assert third.choices[0].finish_reason in ("stop", "length")
+    finally:
+        one.close()
+        two.close()
+    assert first.choices[0].message.content == expected(loaded, document + " w9 w10", "full", 0.0, 8)
+    assert second.choices[0].message.content == expected(loaded, document + " w11 w12", "full", 0.0, 8)
+
+
 def test_loadtest_drives_the_server(served, loaded):
     from kvforge.client.loadtest import loadtest, synthetic_prompts, task_prompts
 

@@ -4,14 +4,16 @@ directory is written atomically and evicts the least recently used entries beyon
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
 from conftest import left_padded
 from kvforge import KVSpec
 from kvforge.memory.kvmemory import KVMemory
-from kvforge.store import LocalStore, entry_key, find, keep
-from kvforge.store.entry import DamagedEntry, check
+from kvforge.store import LocalStore, RedisStore, entry_key, find, keep
+from kvforge.store.entry import DIGEST, DamagedEntry, check
 from kvforge.storage import QuantSpec
 from test_policy_matrix import decode
 
@@ -29,12 +31,23 @@ def prefilled(model, spec: KVSpec, memory: KVMemory):  # type: ignore[no-untyped
     return cache, logits, ids
 
 
-@pytest.mark.parametrize("mode", ["none", "int8", "int4", "int2", "fp8", "mixed"])
-@pytest.mark.parametrize("policy, ratio", [("full", 0.0), ("knorm", 0.5), ("adakv:snapkv", 0.5)])
-def test_a_stored_cache_decodes_exactly_as_the_one_it_was_made_from(tiny_model, tmp_path, policy, ratio, mode):
+def backend(kind: str, tmp_path, request):  # type: ignore[no-untyped-def]
+    """A store of `kind`: local (a directory) or redis (a real redis-server of the test's own)."""
+    if kind == "local":
+        return LocalStore(tmp_path)
+    return RedisStore(request.getfixturevalue("redis_server")[0])
+
+
+ROWS = [("local", policy, ratio, mode) for policy, ratio in (("full", 0.0), ("knorm", 0.5), ("adakv:snapkv", 0.5)) for mode in ("none", "int8", "int4", "int2", "fp8", "mixed")]
+# The Redis backend moves the same bytes: three rows are enough.
+ROWS += [("redis", "full", 0.0, "none"), ("redis", "knorm", 0.5, "int4"), ("redis", "adakv:snapkv", 0.5, "mixed")]
+
+
+@pytest.mark.parametrize("kind, policy, ratio, mode", ROWS)
+def test_a_stored_cache_decodes_exactly_as_the_one_it_was_made_from(tiny_model, tmp_path, request, kind, policy, ratio, mode):
     spec = KVSpec(policy, ratio, QuantSpec(mode, group=2, residual=0) if mode == "mixed" else QuantSpec(mode, group=4, residual=4))
     memory = KVMemory(16, torch.float32, "cpu")
-    store = LocalStore(tmp_path)
+    store = backend(kind, tmp_path, request)
     with torch.inference_mode():
         cache, logits, ids = prefilled(tiny_model, spec, memory)
         held = cache.nbytes
@@ -156,3 +169,28 @@ def test_a_writer_killed_mid_put_leaves_the_store_consistent(tmp_path):
         proc.wait()
         consistent(tmp_path)  # a temporary file may be left; it is never read
     assert LocalStore(tmp_path).entries()
+
+
+def test_the_redis_store_evicts_by_size_drops_damage_and_goes_on_without_its_server(redis_server, caplog):
+    import redis
+
+    url, proc = redis_server
+    store = RedisStore(url, max_bytes=3000)
+
+    def entry(size: int, seed: int) -> bytes:
+        payload = bytes([seed]) * size
+        return payload + hashlib.blake2b(payload, digest_size=DIGEST).digest()
+
+    keys = [f"{i:02x}" * 32 for i in range(4)]
+    for i, key in enumerate(keys[:3]):
+        assert store.put(key, entry(900, i), "m", "s", 1)
+    assert store.get(keys[0]) is not None  # used again: newest
+    assert store.put(keys[3], entry(1400, 3), "m", "s", 1)
+    assert {e.key for e in store.entries()} == {keys[0], keys[3]} and store.nbytes <= 3000
+    redis.Redis.from_url(url).set("kvforge:entry:" + keys[0], b"not an entry at all, not even its digest")
+    assert store.get(keys[0]) is None and store.stats.corrupt == 1 and not store.contains(keys[0])
+    proc.terminate()
+    proc.wait()
+    assert store.get(keys[3]) is None and not store.put(keys[1], entry(10, 1), "m", "s", 1)  # no server: misses
+    assert store.longest(keys) == -1 and store.entries() == []
+    assert sum("cannot be reached" in r.message for r in caplog.records) == 1  # one warning, not one per call

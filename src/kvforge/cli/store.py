@@ -31,9 +31,9 @@ def read_context(path: str | None) -> str:
 
 
 def open_store(args: argparse.Namespace) -> Any:
-    from kvforge.store import LocalStore
+    from kvforge.store import open_store as opened
 
-    return LocalStore(args.store, getattr(args, "store_size", None))
+    return opened(args.store, getattr(args, "store_size", None))
 
 
 def command_spec(args: argparse.Namespace) -> Any:
@@ -94,7 +94,8 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def add_store_args(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--store", required=required, default=None, metavar="DIR", help="a directory of compressed documents (made if missing)")
+    parser.add_argument("--store", required=required, default=None, metavar="DIR|redis://HOST:PORT/DB",
+                        help="where compressed documents are kept: a directory (made if missing) or a Redis server")
     parser.add_argument("--store-size", type=size_arg, default=None, metavar="SIZE", help="evict the least recently used entries beyond this (e.g. 20GiB)")
 
 
@@ -116,5 +117,5 @@ def register(sub: Any) -> None:
     st = sub.add_parser("store", help="what a store of compressed documents holds: ls, rm KEY..., stats")
     st.add_argument("action", choices=["ls", "rm", "stats"])
     st.add_argument("keys", nargs="*", help="rm: keys (or their first characters) of the entries to remove")
-    st.add_argument("--store", required=True, metavar="DIR", help="the store directory")
+    st.add_argument("--store", required=True, metavar="DIR|redis://HOST:PORT/DB", help="the store")
     st.set_defaults(func=cmd_store)

@@ -64,7 +64,7 @@ from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
 from kvforge.storage.paged import PagedKV
 from kvforge.storage.pagedquant import PagedQuantKV
-from kvforge.store import LocalStore
+from kvforge.store import LocalStore, RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Engine:
     def __init__(
         self, loaded: LoadedModel, defaults: KVSettings, kv_memory: int | None = None, prefill_chunk: int = 256,
         *, prefix_memory: int | None = None, max_waiting: int | None = None,
-        policies: Callable[[KVSettings], Policy] = settings_policy, store: LocalStore | None = None,
+        policies: Callable[[KVSettings], Policy] = settings_policy, store: LocalStore | RedisStore | None = None,
     ) -> None:  # fmt: skip
         if prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk {prefill_chunk} must be at least 1")

@@ -20,7 +20,7 @@ import torch
 from kvforge.cache import KVCache
 from kvforge.engine.request import KVSettings
 from kvforge.memory import OutOfBlocks
-from kvforge.store import LocalStore
+from kvforge.store import LocalStore, RedisStore
 from kvforge.store.documents import settings_label
 from kvforge.store.entry import DamagedEntry, decode, encode, entry_key, prefix_keys
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class StoreTier:
-    def __init__(self, store: LocalStore, model: str, dtype: torch.dtype, chunk: int) -> None:
+    def __init__(self, store: LocalStore | RedisStore, model: str, dtype: torch.dtype, chunk: int) -> None:
         self.store, self.model = store, model
         self.variant = f"chunk={chunk} dtype={dtype}"  # as `kvforge prefill --prefill-chunk` keys it
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="kvforge-store")
