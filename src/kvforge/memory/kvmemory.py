@@ -20,10 +20,12 @@ holding `pool` or `rows` themselves.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from kvforge.memory.pool import BlockPool
-from kvforge.memory.rows import RowBlocks
+from kvforge.memory.pool import BlockPool, OutOfBlocks
+from kvforge.memory.rows import Row, RowBlocks
 from kvforge.memory.store import BlockLayout, BlockStore
 
 BLOCK_SIZE = 32  # entries per block: with 2k kept entries a row wastes under 1.6% in its last block
@@ -95,6 +97,28 @@ class KVMemory:
             self.store.shrink_to_nothing()
             self.pool = BlockPool(0, expand=self._grow)
             self.rows = RowBlocks(self.pool, self.rows.block_size)
+
+    def keep(self, rows: list[Row], kept: Sequence[Sequence[int]]) -> bool:
+        """Each row r keeps only its entries kept[r] (ascending), at its front (`RowBlocks.keep`),
+        the entries moved in the store; all rows or none: a bounded memory that cannot give the
+        fresh blocks rows sharing theirs need raises OutOfBlocks before any row changes. Whether
+        any row changed."""
+        changing = [r for r, k in enumerate(kept) if len(k) != rows[r].length]
+        alone = {r for r in changing if all(self.pool.blocks[b].ref_count == 1 for b in rows[r].blocks)}
+        shared = [r for r in changing if r not in alone]
+        if self.bounded:
+            freed = sum(len(rows[r].blocks) - self.rows.blocks_for(len(kept[r])) for r in alone)
+            need = sum(self.rows.blocks_for(len(kept[r])) for r in shared)
+            if need > self.pool.num_free + freed:
+                raise OutOfBlocks(f"evicting takes {need} fresh blocks for shared rows, {self.pool.num_free + freed} free")
+        sources: list[int] = []
+        targets: list[int] = []
+        for r in sorted(alone) + shared:  # rows alone first: what they free, shared rows may take
+            moved = self.rows.keep(rows[r], list(kept[r]))
+            sources += moved.sources
+            targets += moved.targets
+        self.store.move(sources, targets)  # every source is read before any target is written
+        return bool(changing)
 
     def stats(self) -> dict[str, int]:
         """Blocks used, shared and free, and the bytes above (for /metrics and benchmarks)."""

@@ -353,24 +353,10 @@ class PagedKV(ReadsView):
         index, keep_mask = time_ordered(index, keep_mask, view.valid.shape[-1])
         counts = keep_mask.sum(-1).flatten().tolist()  # (rows,)
         index = index.flatten(0, 1)  # (rows, K)
-        rows, pool = self.memory.rows, self.memory.pool
-        changing = [r for r, n in enumerate(counts) if n != self.rows[r].length]
-        exclusive = [r for r in changing if all(pool.blocks[b].ref_count == 1 for b in self.rows[r].blocks)]
-        shared = [r for r in changing if r not in set(exclusive)]
-        if self.memory.bounded:
-            freed = sum(len(self.rows[r].blocks) - rows.blocks_for(counts[r]) for r in exclusive)
-            need = sum(rows.blocks_for(counts[r]) for r in shared)
-            if need > pool.num_free + freed:
-                raise OutOfBlocks(f"evicting takes {need} fresh blocks for shared rows, {pool.num_free + freed} free")
-        sources: list[int] = []
-        targets: list[int] = []
-        for r in exclusive + shared:  # exclusive rows first: what they free, shared rows may take
-            kept = rows.keep(self.rows[r], index[r, : counts[r]].tolist())
-            sources += kept.sources
-            targets += kept.targets
-        if changing:
+        # A row keeping every entry is left as it is (its entries need not be listed).
+        kept = [index[r, :n].tolist() if n != self.rows[r].length else range(n) for r, n in enumerate(counts)]
+        if self.memory.keep(self.rows, kept):
             self._table = None
-            self.memory.store.move(sources, targets)  # every source is read before any target is written
         width = index.shape[-1]
         self.pos[:, :width] = gather_slots(view.positions, index.view_as(keep_mask)).flatten(0, 1).to(torch.int32)
         for name in self.aux:

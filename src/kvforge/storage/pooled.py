@@ -14,9 +14,12 @@ reading (`qattention.py`, the kernels) takes.
 Two ways of holding entries in blocks:
 - the tail packs them: entry i of a row sits in block i // block_size (`memory.rows`' `Row`),
   and eviction compacts the row across its blocks;
-- codes keep them in their block: one key group per block, whose scales are block fields, so an
-  entry never leaves its block. A block holds `counts[j]` live entries at its front; eviction
-  compacts each block on its own and gives back the blocks left empty.
+- codes keep them in their key group's region: a codec block holds `per_block` groups, each in a
+  region of `group` entries with its scales in the block's fields, so an entry never leaves its
+  region. A group holds `counts[j]` live entries at the front of its region; eviction compacts
+  each group on its own, drops the groups left empty and gives back the blocks a row no longer
+  stands on. New groups fill the regions after a row's last group while its last block is its
+  alone, then fresh blocks.
 """
 
 from __future__ import annotations
@@ -240,27 +243,12 @@ class TailBlocks(PooledRows):
 
     def keep(self, rows: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         """Keep the flat entries `rows` (ascending within each row), `lengths` per row."""
-        memory = self.memory
         local = (rows - exclusive_cumsum(self.meta.lengths.flatten()).repeat_interleave(lengths.flatten().to(rows.device))).tolist()
-        per_row = lengths.flatten().tolist()
-        changing = [r for r, n in enumerate(per_row) if n != self.rows[r].length]
-        exclusive = [r for r in changing if all(memory.pool.blocks[b].ref_count == 1 for b in self.rows[r].blocks)]
-        shared = [r for r in changing if r not in set(exclusive)]
-        if memory.bounded:
-            freed = sum(len(self.rows[r].blocks) - memory.rows.blocks_for(per_row[r]) for r in exclusive)
-            need = sum(memory.rows.blocks_for(per_row[r]) for r in shared)
-            if need > memory.pool.num_free + freed:
-                raise OutOfBlocks(f"evicting takes {need} fresh blocks for shared rows, {memory.pool.num_free + freed} free")
-        starts = [0]
-        for n in per_row:
-            starts.append(starts[-1] + n)
-        sources: list[int] = []
-        targets: list[int] = []
-        for r in exclusive + shared:  # exclusive rows first: what they free, shared rows may take
-            kept = memory.rows.keep(self.rows[r], local[starts[r] : starts[r + 1]])
-            sources += kept.sources
-            targets += kept.targets
-        memory.store.move(sources, targets)  # every source is read before any target is written
+        kept, start = [], 0
+        for n in lengths.flatten().tolist():
+            kept.append(local[start : start + n])
+            start += n
+        self.memory.keep(self.rows, kept)
         self.meta = self.meta.select(rows, lengths, counts)
         self.edited()
 
