@@ -158,11 +158,12 @@ def test_a_writer_killed_mid_put_leaves_the_store_consistent(tmp_path):
     import sys
     import time
 
+    watch = LocalStore(tmp_path)
     for delay in (0.0, 0.013, 0.031):
-        written = len(LocalStore(tmp_path).entries()) if (tmp_path / "index.sqlite").exists() else 0
+        written = len(watch.entries())
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "0", "100000", str(50_000_000)], stdout=subprocess.DEVNULL)
         deadline = time.time() + 60
-        while time.time() < deadline and (not (tmp_path / "index.sqlite").exists() or len(LocalStore(tmp_path).entries()) <= written):
+        while time.time() < deadline and len(watch.entries()) <= written:
             time.sleep(0.005)  # until it is writing
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

@@ -31,7 +31,7 @@ from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, exclusive_cumsum, spans, time_ordered
 from kvforge.storage.codec import META_DTYPE, QuantSpec, quantize_keys, quantize_values
 from kvforge.storage.pooled import CodeBlocks, CodeRow, TailBlocks
-from kvforge.storage.qpart import Part, aux_field
+from kvforge.storage.qpart import Part, aux_field, export_state, import_state
 from kvforge.storage.quantized import Importance, QuantizedKV
 from kvforge.storage.segments import Segments
 
@@ -302,23 +302,10 @@ class PagedQuantKV(KVStorage):
     # --- policy state and sharing ------------------------------------------------------------
 
     def export_aux(self) -> dict[str, object]:
-        return {
-            name: {"tail": self.tail.meta.fields[aux_field(name)].clone(), "parts": [p.meta.fields[aux_field(name)].clone() for p in self.parts]}
-            for name in self.aux_names
-        }
+        return export_state([p.meta for p in self.parts], self.tail.meta, self.aux_names)
 
     def import_aux(self, state: dict[str, object]) -> None:
-        """Policy state exported by a storage over the same entries (this layout's or the flat
-        quantized one's): of another mode too, while nothing is quantized."""
-        for name, saved in state.items():
-            assert isinstance(saved, dict)
-            self.tail.meta.fields[aux_field(name)] = saved["tail"].clone()
-            parts = saved["parts"] if len(saved["parts"]) == len(self.parts) else [None] * len(self.parts)
-            for part, t in zip(self.parts, parts):
-                if t is None:
-                    assert part.meta.entries == 0, "policy state of another layout only fits while nothing is quantized"
-                    continue
-                part.meta.fields[aux_field(name)] = t.clone()
+        import_state([p.meta for p in self.parts], self.tail.meta, state)
         self._edited()
 
     def _over(self, held: list[tuple[list, Segments]], batch: int, aux_names: tuple[str, ...], fresh: bool) -> PagedQuantKV:

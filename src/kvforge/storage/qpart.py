@@ -29,6 +29,25 @@ def aux_field(name: str) -> str:
     return f"aux:{name}"
 
 
+def export_state(parts: list[Segments], tail: Segments, names: tuple[str, ...]) -> dict[str, object]:
+    """A copy of policy state `names` of a quantized storage's parts' entries and tail's."""
+    return {name: {"tail": tail.fields[aux_field(name)].clone(), "parts": [p.fields[aux_field(name)].clone() for p in parts]} for name in names}
+
+
+def import_state(parts: list[Segments], tail: Segments, state: dict[str, object]) -> None:
+    """Policy state exported by a storage over the same entries (either quantized layout): of
+    another mode too, while the parts are empty (a prompt is observed before it is quantized)."""
+    for name, saved in state.items():
+        assert isinstance(saved, dict)
+        tail.fields[aux_field(name)] = saved["tail"].clone()
+        held = saved["parts"] if len(saved["parts"]) == len(parts) else [None] * len(parts)
+        for part, t in zip(parts, held):
+            if t is None:
+                assert part.entries == 0, "policy state of another layout only fits while nothing is quantized"
+                continue
+            part.fields[aux_field(name)] = t.clone()
+
+
 @dataclass
 class Part:
     spec: QuantSpec  # one bit width (never `mixed`)

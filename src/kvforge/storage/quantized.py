@@ -34,7 +34,7 @@ from kvforge.storage.kernelrows import part_rows, segment_key_rows, segment_rows
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots, spans, time_ordered
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.qattention import attention_chunks, blocks, tail_allowed
-from kvforge.storage.qpart import Part, aux_field
+from kvforge.storage.qpart import Part, aux_field, export_state, import_state
 from kvforge.storage.segments import Segments
 
 # (batch, kv_heads, slots) importance of each entry `view()` shows, for `mixed`: higher, more bits.
@@ -333,20 +333,10 @@ class QuantizedKV(KVStorage):
             self.tail = self.tail.with_fields(v=v)
 
     def export_aux(self) -> dict[str, object]:
-        return {name: {"tail": self.tail.fields[aux_field(name)].clone(), "parts": [p.quant.fields[aux_field(name)].clone() for p in self.parts]} for name in self.aux_names}
+        return export_state([p.quant for p in self.parts], self.tail, self.aux_names)
 
     def import_aux(self, state: dict[str, object]) -> None:
-        """Policy state exported by a storage over the same entries: of another mode too, while
-        its quantized parts are empty (a prompt is observed before it is quantized)."""
-        for name, saved in state.items():
-            assert isinstance(saved, dict)
-            self.tail.fields[aux_field(name)] = saved["tail"].clone()
-            parts = saved["parts"] if len(saved["parts"]) == len(self.parts) else [None] * len(self.parts)
-            for part, t in zip(self.parts, parts):
-                if t is None:
-                    assert part.quant.entries == 0, "policy state of another layout only fits while nothing is quantized"
-                    continue
-                part.quant.fields[aux_field(name)] = t.clone()
+        import_state([p.quant for p in self.parts], self.tail, state)
 
     def _over(self, parts: list[Part], tail: Segments, batch: int, aux_names: tuple[str, ...]) -> QuantizedKV:
         """A storage over these parts and tail with fresh (zero) policy state `aux_names`."""

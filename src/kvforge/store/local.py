@@ -78,12 +78,13 @@ class LocalStore:
         with self._index() as db:
             db.execute(SCHEMA)
 
-    def _index(self) -> sqlite3.Connection:
-        """A connection for one operation (used as a context manager: one transaction)."""
+    def _index(self, write: bool = True) -> sqlite3.Connection:
+        """A connection for one operation (used as a context manager: one transaction). Reads
+        take no lock (WAL mode: they see the last commit, and never wait for a writer)."""
         db = sqlite3.connect(self.root / "index.sqlite", timeout=30.0, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        return _Transaction(db)  # type: ignore[return-value]
+        return _Transaction(db, write)  # type: ignore[return-value]
 
     def _path(self, key: str) -> Path:
         if len(key) < 3 or not all(c in "0123456789abcdef" for c in key):
@@ -94,7 +95,7 @@ class LocalStore:
 
     def get(self, key: str) -> bytes | None:
         """The entry's bytes, digest checked, or None (a miss; a damaged entry is dropped)."""
-        with self._index() as db:
+        with self._index(write=False) as db:
             known = db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
         data = self._read(key) if known else None
         if known and data is None:
@@ -131,13 +132,13 @@ class LocalStore:
 
     def contains(self, key: str) -> bool:
         """Whether the index names `key` (its file is checked when it is read)."""
-        with self._index() as db:
+        with self._index(write=False) as db:
             return db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() is not None
 
     def longest(self, keys: list[str]) -> int:
         """The largest i such that keys[i] is stored, or -1 (one index query per 500 keys)."""
         found: set[str] = set()
-        with self._index() as db:
+        with self._index(write=False) as db:
             for start in range(0, len(keys), 500):
                 batch = keys[start : start + 500]
                 marks = ",".join("?" * len(batch))
@@ -146,13 +147,13 @@ class LocalStore:
 
     def entries(self) -> list[EntryInfo]:
         """Every entry, most recently used first."""
-        with self._index() as db:
+        with self._index(write=False) as db:
             rows = db.execute("SELECT key, size, model, settings, tokens, created, last_used FROM entries ORDER BY last_used DESC").fetchall()
         return [EntryInfo(*row) for row in rows]
 
     @property
     def nbytes(self) -> int:
-        with self._index() as db:
+        with self._index(write=False) as db:
             return int(db.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0])
 
     # --- writing -------------------------------------------------------------------------------
@@ -211,14 +212,14 @@ class LocalStore:
 
 
 class _Transaction:
-    """`with` a connection: BEGIN IMMEDIATE (one writer at a time, others wait), COMMIT or
-    ROLLBACK, then close."""
+    """`with` a connection: BEGIN IMMEDIATE for a writer (one at a time, others wait) or a plain
+    BEGIN for a reader, COMMIT or ROLLBACK, then close."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(self, db: sqlite3.Connection, write: bool) -> None:
+        self.db, self.write = db, write
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("BEGIN IMMEDIATE" if self.write else "BEGIN")
         return self.db
 
     def __exit__(self, kind: object, *_: object) -> None:
