@@ -215,3 +215,5 @@ def test_a_document_prefilled_once_is_found_by_generate_and_answers_the_same(cap
     assert len(keys) == 2
     code, _, _ = run(capsys, "store", "rm", keys[0][:12], "--store", store)
     assert code == 0 and [e.key for e in LocalStore(store).entries()] == keys[1:]
+    code, _, err = run(capsys, "store", "ls", "--store", "redis://127.0.0.1:1/0")
+    assert code == 2 and "cannot be reached" in err

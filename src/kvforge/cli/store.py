@@ -70,6 +70,8 @@ def cmd_prefill(args: argparse.Namespace) -> int:
 
 def cmd_store(args: argparse.Namespace) -> int:
     store = open_store(args)
+    if hasattr(store, "reachable") and not store.reachable():
+        raise ValueError(f"--store {args.store}: the Redis server cannot be reached; start it or check the URL")
     if args.action == "rm":
         if not args.keys:
             raise ValueError("store rm: give the keys (or their first characters) of the entries to remove; `kvforge store ls` lists them")
@@ -82,7 +84,7 @@ def cmd_store(args: argparse.Namespace) -> int:
         return 0
     entries = store.entries()
     if args.action == "stats":
-        print(json.dumps({"entries": len(entries), "bytes": sum(e.size for e in entries), "directory": str(args.store)}))
+        print(json.dumps({"entries": len(entries), "bytes": sum(e.size for e in entries), "store": str(args.store)}))
         return 0
     table = Table(title=f"{args.store}: {len(entries)} entries, {sum(e.size for e in entries) / 2**20:.2f} MiB")
     for column in ("key", "settings", "tokens", "MiB", "last use"):

@@ -59,6 +59,13 @@ class RedisStore:
         self._warned = False
         return result
 
+    def reachable(self) -> bool:
+        """Whether the server answers now (the CLI's store commands refuse to go on without it)."""
+        try:
+            return bool(self.client.ping())
+        except self._errors:
+            return False
+
     # --- reading -------------------------------------------------------------------------------
 
     def contains(self, key: str) -> bool:
