@@ -35,7 +35,7 @@ from kvforge.models import DEFAULT_MODEL, load_model
 from kvforge.storage import QuantSpec
 from kvforge.store import LocalStore
 from kvforge.store.documents import cached_prefill
-from kvforge.store.entry import DIGEST
+from kvforge.store.entry import sealed
 
 console = Console()
 MIB = 2**20
@@ -105,7 +105,7 @@ def lookups(root: Path, count: int = 200) -> dict[str, float]:
     for i in range(count):
         payload = rng.randbytes(int(rng.uniform(1, 4) * 3.2 * MIB))
         key = hashlib.blake2b(str(i).encode(), digest_size=32).hexdigest()
-        store.put(key, payload + hashlib.blake2b(payload, digest_size=DIGEST).digest(), "m", "kvzip 0.5 int4", 1000)
+        store.put(key, sealed(payload), "m", "kvzip 0.5 int4", 1000)
         keys.append(key)
     missing = [hashlib.blake2b(f"miss{i}".encode(), digest_size=32).hexdigest() for i in range(count)]
     hit_ms, miss_ms, read_ms = [], [], []

@@ -21,8 +21,8 @@ from kvforge.cache import KVCache
 from kvforge.engine.request import KVSettings
 from kvforge.memory import OutOfBlocks
 from kvforge.store import LocalStore, RedisStore
-from kvforge.store.documents import settings_label
-from kvforge.store.entry import DamagedEntry, decode, encode, entry_key, prefix_keys
+from kvforge.store.documents import load, settings_label
+from kvforge.store.entry import encode, entry_key, prefix_keys, variant
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class StoreTier:
     def __init__(self, store: LocalStore | RedisStore, model: str, dtype: torch.dtype, chunk: int) -> None:
         self.store, self.model = store, model
-        self.variant = f"chunk={chunk} dtype={dtype}"  # as `kvforge prefill --prefill-chunk` keys it
+        self.variant = variant(chunk, dtype)  # as `kvforge prefill --prefill-chunk` keys it
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="kvforge-store")
 
     def keep(self, kv: KVSettings, tokens: list[int], cache: KVCache) -> None:
@@ -55,24 +55,15 @@ class StoreTier:
         """Fill `empty` (a new cache of `kv` over the engine's memory) from the longest stored
         prefix of tokens[:-1] (one token at least is left to prefill); the tokens it holds, 0 on
         a miss (then `empty` holds nothing)."""
-        key = None
         try:
             keys = prefix_keys(self.model, kv, tokens[:-1], self.variant)
             n = self.store.longest(keys) + 1
             if n == 0:
                 self.store.stats.misses += 1
                 return 0
-            key = keys[n - 1]
-            data = self.store.get(key)
-            if data is None:
-                return 0
-            decode(data, empty, kv, tokens[:n], self.variant)
-            return n
-        except (DamagedEntry, OutOfBlocks, OSError, sqlite3.Error) as err:
+            return n if load(self.store, keys[n - 1], empty, kv, tokens[:n], self.variant) else 0
+        except (OutOfBlocks, OSError, sqlite3.Error) as err:
             log.warning("a stored prefix could not be used (%s): prefilling instead", err)
-            if isinstance(err, DamagedEntry) and key is not None:  # never trusted again
-                self.store.stats.corrupt += 1
-                self.store.delete(key)
             for layer in empty.layers:  # whatever was brought in goes back to the pool
                 layer.storage = None
             return 0

@@ -83,6 +83,21 @@ class QuantSpec:
     def meta_fields(self) -> int:
         return 2 if self.asymmetric else 1
 
+    def sealed(self, tail: torch.Tensor) -> torch.Tensor:
+        """Entries a seal quantizes out of rows whose full-precision tails hold `tail` entries:
+        whole batches of key groups, until fewer than residual + a batch are left."""
+        batch_tokens = self.batch[0] * self.group
+        return ((tail - self.residual).clamp(min=0) // batch_tokens) * batch_tokens
+
+    @classmethod
+    def for_storage(cls, spec: QuantSpec | None, head_dim: int, storage: str) -> QuantSpec:
+        """The spec a quantized storage holds entries with (None: int4), checked against head_dim."""
+        spec = spec if spec is not None else cls("int4")
+        if not spec.enabled:
+            raise ValueError(f"{storage} needs a quantization mode other than 'none'")
+        spec.check_head_dim(head_dim)
+        return spec
+
     def check_head_dim(self, head_dim: int) -> None:
         if not self.enabled:
             return

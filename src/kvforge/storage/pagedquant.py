@@ -29,9 +29,9 @@ import torch
 from kvforge.memory import BlockLayout, OutOfBlocks, Row, Swapped
 from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.storage.base import KVStorage, PaddedView, exclusive_cumsum, spans, time_ordered
-from kvforge.storage.codec import META_DTYPE, QuantSpec, quantize_keys, quantize_values
+from kvforge.storage.codec import META_DTYPE, QuantSpec, quantize_values
 from kvforge.storage.pooled import CodeBlocks, CodeRow, TailBlocks
-from kvforge.storage.qpart import Part, aux_field, export_state, import_state
+from kvforge.storage.qpart import Part, aux_field, encode_block, export_state, import_state
 from kvforge.storage.quantized import Importance, QuantizedKV
 from kvforge.storage.segments import Segments
 
@@ -90,10 +90,7 @@ class PagedQuantKV(KVStorage):
         spec: QuantSpec | None = None,
         memory: KVMemory | None = None,  # the tail's (full precision); None: the process's shared one
     ) -> None:
-        spec = spec if spec is not None else QuantSpec("int4")
-        if not spec.enabled:
-            raise ValueError("PagedQuantKV needs a quantization mode other than 'none'")
-        spec.check_head_dim(head_dim)
+        spec = QuantSpec.for_storage(spec, head_dim, "PagedQuantKV")
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.dtype, self.device, self.aux_names, self.spec = dtype, torch.device(device), aux_names, spec
         memory = memory if memory is not None else shared_memory(self.device, dtype, head_dim)
@@ -184,8 +181,8 @@ class PagedQuantKV(KVStorage):
         of them: `mixed` splits them by score)."""
         memory = self.memory
         tail = sum(memory.rows.blocks_to_append(row, count) for row in self.tail.rows)
-        batch_tokens = self.spec.batch[0] * self.spec.group
-        sealed = [max(row.length + count - self.spec.residual, 0) // batch_tokens * batch_tokens // self.spec.group for row in self.tail.rows]
+        lengths = torch.tensor([row.length + count for row in self.tail.rows])
+        sealed = (self.spec.sealed(lengths) // self.spec.group).tolist()
         return tail + sum(part.blocks_to_add(sealed) for part in self.parts)
 
     def expect(self, count: int, layers: int) -> None:
@@ -246,9 +243,8 @@ class PagedQuantKV(KVStorage):
     def seal(self, importance: Importance | None = None) -> None:
         """Quantize each row's oldest tail entries, as `QuantizedKV.seal` does, into fresh blocks."""
         groups, high = self.spec.batch
-        batch_tokens = groups * self.spec.group
         tail_counts = self.tail.meta.counts
-        moved = ((tail_counts - self.spec.residual).clamp(min=0) // batch_tokens) * batch_tokens  # (batch, heads), host
+        moved = self.spec.sealed(tail_counts)  # (batch, heads), host
         width = int(moved.max()) if moved.numel() else 0
         if width == 0:
             return
@@ -269,12 +265,8 @@ class PagedQuantKV(KVStorage):
     def _encode(self, part: CodeBlocks, spec: QuantSpec, block: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
         """Quantize each row's first counts[b, h] (host, whole groups) entries of `block`
         (name -> (batch, heads, W, ...)) into fresh blocks of `part`."""
-        g = spec.group
-        batch, heads, width = block["k"].shape[:3]  # width: a whole number of groups
-        kc, km = quantize_keys(block["k"].reshape(batch, heads, width // g, g, -1), spec)  # (b, h, W/G, G, cb), (b, h, W/G, fields, dim)
-        vc, vm = quantize_values(block["v"], spec)
-        meta = {n: t for n, t in block.items() if n not in ("k", "v")}
-        part.add({"kc": kc.flatten(2, 3), "vc": vc, "vm": vm}, {"km": km}, meta, counts)
+        entries, km, meta = encode_block(block, spec)
+        part.add(entries, {"km": km}, meta, counts)
 
     def keep(self, view: PaddedView, index: torch.Tensor, keep_mask: torch.Tensor, reserve: int = 0) -> None:
         index, keep_mask = time_ordered(index, keep_mask, view.valid.shape[-1])

@@ -29,6 +29,18 @@ def aux_field(name: str) -> str:
     return f"aux:{name}"
 
 
+def encode_block(block: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """Quantize a block of entries (name -> (batch, heads, W, ...), W whole groups of `spec`, one
+    bit width): per entry kc, vc (b, h, W, code_bytes) and vm (b, h, W, fields, dim / group); per
+    key group km (b, h, W / group, fields, dim); and the block's other fields, as they were."""
+    g = spec.group
+    batch, heads, width = block["k"].shape[:3]
+    kc, km = quantize_keys(block["k"].reshape(batch, heads, width // g, g, -1), spec)  # (b, h, W/G, G, cb)
+    vc, vm = quantize_values(block["v"], spec)
+    rest = {n: t for n, t in block.items() if n not in ("k", "v")}
+    return {"kc": kc.flatten(2, 3), "vc": vc, "vm": vm}, km, rest
+
+
 def export_state(parts: list[Segments], tail: Segments, names: tuple[str, ...]) -> dict[str, object]:
     """A copy of policy state `names` of a quantized storage's parts' entries and tail's."""
     return {name: {"tail": tail.fields[aux_field(name)].clone(), "parts": [p.fields[aux_field(name)].clone() for p in parts]} for name in names}
@@ -90,13 +102,9 @@ class Part:
         """Quantize each row's first counts[b, h] entries of `block` (name -> (batch, heads, W, ...),
         W a multiple of the group, counts too) into whole key groups appended to the row."""
         g = self.spec.group
-        batch, heads, width = block["k"].shape[:3]
-        keys = block["k"].reshape(batch, heads, width // g, g, -1)
-        kc, km = quantize_keys(keys, self.spec)  # (b, h, W/G, G, cb), (b, h, W/G, fields, dim)
-        vc, vm = quantize_values(block["v"], self.spec)
-        rest = {n: t for n, t in block.items() if n not in ("k", "v")}
-        quant = self.quant.extend({"kc": kc.flatten(2, 3), "vc": vc, "vm": vm, **rest}, counts)
-        count = torch.full((batch, heads, width // g), g, dtype=torch.int32, device=keys.device)
+        entries, km, rest = encode_block(block, self.spec)
+        quant = self.quant.extend({**entries, **rest}, counts)
+        count = torch.full(km.shape[:3], g, dtype=torch.int32, device=km.device)
         return Part(self.spec, quant, self.groups.extend({"km": km, "count": count}, counts // g))
 
     def entry_group(self) -> torch.Tensor:

@@ -54,10 +54,7 @@ class QuantizedKV(KVStorage):
         aux_names: tuple[str, ...] = (),
         spec: QuantSpec | None = None,
     ) -> None:
-        spec = spec if spec is not None else QuantSpec("int4")
-        if not spec.enabled:
-            raise ValueError("QuantizedKV needs a quantization mode other than 'none'")
-        spec.check_head_dim(head_dim)
+        spec = QuantSpec.for_storage(spec, head_dim, "QuantizedKV")
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.dtype, self.device, self.aux_names, self.spec = dtype, torch.device(device), aux_names, spec
         self.parts = [Part.empty(s, batch, kv_heads, head_dim, aux_names, self.device) for s in spec.parts]
@@ -123,8 +120,7 @@ class QuantizedKV(KVStorage):
         fewer than residual + batch remain in full precision. With several parts, `importance`
         ranks the entries (None: the smaller the key norm, the more it matters, as KNorm finds)."""
         groups, high = self.spec.batch
-        batch_tokens = groups * self.spec.group
-        moved = ((self.tail.counts - self.spec.residual).clamp(min=0) // batch_tokens) * batch_tokens  # (batch, heads), host
+        moved = self.spec.sealed(self.tail.counts)  # (batch, heads), host
         width = int(moved.max()) if moved.numel() else 0
         if width == 0:
             return

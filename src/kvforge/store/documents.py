@@ -9,8 +9,9 @@ from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.models import LoadedModel
 from kvforge.policies.base import Policy
 from kvforge.spec import KVSpec
-from kvforge.store.entry import DamagedEntry, decode, encode, entry_key
+from kvforge.store.entry import DamagedEntry, decode, encode, entry_key, variant
 from kvforge.store.local import LocalStore
+from kvforge.store.shared import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -21,21 +22,20 @@ def settings_label(spec: KVSpec) -> str:
     return f"{spec.policy}{ratio} {spec.quant.mode}"
 
 
-def keep(store: LocalStore, cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "") -> bool:
+def keep(store: LocalStore | RedisStore, cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "") -> bool:
     """Store `cache` (paged, having seen exactly `tokens`) under its key; the cache goes on as it
     was. False when the store would not take it (larger than the whole store)."""
     key = entry_key(cache.model_fingerprint, spec, tokens, variant)
     return store.put(key, encode(cache, spec, tokens, variant), cache.model_fingerprint, settings_label(spec), len(tokens))
 
 
-def find(store: LocalStore, model, policy: Policy, spec: KVSpec, tokens: list[int], tokenizer, memory: KVMemory, variant: str = "") -> KVCache | None:  # type: ignore[no-untyped-def]
-    """A cache holding what prefilling `tokens` with `spec` left, from the store, in blocks of
-    `memory`; None when nothing usable is stored (a damaged entry is dropped and counted)."""
-    cache = KVCache(model, policy, tokenizer=tokenizer, layout="paged", quant=spec.quant, memory=memory)
-    key = entry_key(cache.model_fingerprint, spec, tokens, variant)
+def load(store: LocalStore | RedisStore, key: str, cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "") -> bool:
+    """Fill `cache` (new, paged, with a memory) from the entry `key`; False on a miss. An entry
+    that reads whole but does not decode into this cache is dropped and counted as damaged (a
+    miss, not a hit), and `cache` is left holding nothing."""
     data = store.get(key)
     if data is None:
-        return None
+        return False
     try:
         decode(data, cache, spec, tokens, variant)
     except DamagedEntry as err:
@@ -44,22 +44,31 @@ def find(store: LocalStore, model, policy: Policy, spec: KVSpec, tokens: list[in
         store.stats.hits -= 1
         store.stats.misses += 1
         store.delete(key)
-        return None
-    return cache
+        for layer in cache.layers:  # whatever was brought in goes back to the pool
+            layer.storage = None
+        return False
+    return True
 
 
-def cached_prefill(store: LocalStore, loaded: LoadedModel, policy: Policy, spec: KVSpec, tokens: list[int], chunk: int | None) -> tuple[KVCache, bool]:
+def find(store: LocalStore | RedisStore, model, policy: Policy, spec: KVSpec, tokens: list[int], tokenizer, memory: KVMemory, variant: str = "") -> KVCache | None:  # type: ignore[no-untyped-def]
+    """A cache holding what prefilling `tokens` with `spec` left, from the store, in blocks of
+    `memory`; None when nothing usable is stored."""
+    cache = KVCache(model, policy, tokenizer=tokenizer, layout="paged", quant=spec.quant, memory=memory)
+    return cache if load(store, entry_key(cache.model_fingerprint, spec, tokens, variant), cache, spec, tokens, variant) else None
+
+
+def cached_prefill(store: LocalStore | RedisStore, loaded: LoadedModel, policy: Policy, spec: KVSpec, tokens: list[int], chunk: int | None) -> tuple[KVCache, bool]:
     """The cache of `tokens` prefilled and compressed with `spec` (`chunk` tokens at a time): found
     in the store (True), or prefilled now and stored (False). Paged, over the process's memory."""
     from kvforge.generate import prefill
 
     model = loaded.model
     memory = shared_memory(model.device, model.dtype, head_dim(model))
-    variant = f"chunk={chunk or 0} dtype={model.dtype}"
-    found = find(store, model, policy, spec, tokens, loaded.tokenizer, memory, variant)
+    key_variant = variant(chunk, model.dtype)
+    found = find(store, model, policy, spec, tokens, loaded.tokenizer, memory, key_variant)
     if found is not None:
         return found, True
     cache = KVCache(model, policy, tokenizer=loaded.tokenizer, layout="paged", quant=spec.quant, memory=memory)
     prefill(model, cache, tokens, chunk)
-    keep(store, cache, spec, tokens, variant)
+    keep(store, cache, spec, tokens, key_variant)
     return cache, False

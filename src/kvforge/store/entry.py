@@ -48,6 +48,12 @@ def _settings_digest(model: str, spec: KVSpec, variant: str) -> Any:
     return hashlib.blake2b(settings.encode(), digest_size=32)
 
 
+def variant(chunk: int | None, dtype: torch.dtype) -> str:
+    """What else an entry's key names: how its prompt was chunked (None: one shot) and the dtype.
+    The CLI and the server key alike, so a document one stores the other finds."""
+    return f"chunk={chunk or 0} dtype={dtype}"
+
+
 def entry_key(model: str, spec: KVSpec, tokens: list[int], variant: str = "") -> str:
     """The key of the cache of `tokens` prefilled by `model` (its fingerprint) with `spec`;
     `variant`: whatever else changes what the cache holds (the prefill's chunking, the dtype)."""
@@ -99,16 +105,26 @@ def encode(cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "") -
         "tokens": len(tokens), "layers": layers,
     }  # fmt: skip
     payload = save_tensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"kvforge": json.dumps(header)})
+    return sealed(payload)
+
+
+def sealed(payload: bytes) -> bytes:
+    """`payload` closed by its digest: what a store keeps."""
     return payload + hashlib.blake2b(payload, digest_size=DIGEST).digest()
+
+
+def intact(data: bytes) -> bool:
+    """Whether `data` ends with the digest of what comes before it (a store checks every read)."""
+    return len(data) > DIGEST and hashlib.blake2b(data[:-DIGEST], digest_size=DIGEST).digest() == data[-DIGEST:]
 
 
 def check(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The header and tensors of an entry whose digest holds (DamagedEntry otherwise)."""
     if len(data) <= DIGEST + 8:
         raise DamagedEntry(f"an entry of {len(data)} bytes is truncated")
-    payload, digest = data[:-DIGEST], data[-DIGEST:]
-    if hashlib.blake2b(payload, digest_size=DIGEST).digest() != digest:
+    if not intact(data):
         raise DamagedEntry("the entry's checksum does not match its bytes (truncated or altered)")
+    payload = data[:-DIGEST]
     size = int.from_bytes(payload[:8], "little")
     try:
         meta = json.loads(payload[8 : 8 + size])["__metadata__"]

@@ -16,7 +16,6 @@ so a concurrent replacement is not taken for damage) is dropped from the index a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
@@ -25,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvforge.store.entry import DIGEST
+from kvforge.store.entry import intact
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +124,7 @@ class LocalStore:
             data = self._path(key).read_bytes()
         except OSError:
             return None
-        payload, digest = data[:-DIGEST], data[-DIGEST:]
-        if len(data) <= DIGEST or hashlib.blake2b(payload, digest_size=DIGEST).digest() != digest:
+        if not intact(data):
             return None
         return data
 

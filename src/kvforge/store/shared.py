@@ -16,13 +16,12 @@ without it; it is tried again at the next operation.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kvforge.store.entry import DIGEST
+from kvforge.store.entry import intact
 from kvforge.store.local import EntryInfo, StoreStats
 
 log = logging.getLogger(__name__)
@@ -90,8 +89,7 @@ class RedisStore:
         if data is None:
             self.stats.misses += 1
             return None
-        payload, digest = data[:-DIGEST], data[-DIGEST:]
-        if len(data) <= DIGEST or hashlib.blake2b(payload, digest_size=DIGEST).digest() != digest:
+        if not intact(data):
             log.warning("Redis store entry %s is damaged: dropped", key[:12])
             self.stats.corrupt += 1
             self.stats.misses += 1
