@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvforge.attention import ATTN_NAME, tag_layer
-from kvforge.reading import every_real, probe_attention
+from kvforge.reading import all_real, attend, causal_allowed, every_real, probe_attention
 from kvforge.calibration import Calibration, fingerprint, require_calibration
 from kvforge.policies.base import Policy, StepContext
 from kvforge.memory import OutOfBlocks
@@ -25,9 +25,11 @@ from kvforge.memory.kvmemory import KVMemory
 from kvforge.storage.paged import PagedKV, SwappedPaged
 from kvforge.storage.pagedquant import PagedQuantKV, SwappedQuant
 from kvforge.storage import DEFAULT_LAYOUT, KVStorage, QuantSpec, check_layout, make_storage
+from kvforge.storage.base import PaddedView
 
 
 PREFILL, APPEND, DECODE, PROBE = "prefill", "append", "decode", "probe"
+SELECT, REFRESH = "select", "refresh"  # CacheBlend's passes over spliced documents (kvforge.blend)
 
 
 @dataclass
@@ -41,6 +43,21 @@ class Probe:
 
 
 @dataclass
+class Blend:
+    """What CacheBlend's passes over documents spliced into a cache read (modes "select" and
+    "refresh"): their tokens sit at `positions`, already counted in the cache's length."""
+
+    positions: torch.Tensor  # (T,) logical positions of the chunk's tokens, ascending, not contiguous
+    check_layer: int = 1  # "select": the layer whose K/V deviation picks the tokens to refresh
+    deviation: torch.Tensor | None = None  # (T,) set by the check layer: how far each token's V moved
+
+
+class Selected(Exception):
+    """Raised by the check layer of a "select" pass: the deviation is measured, the layers after
+    it need not run (the pass stores nothing)."""
+
+
+@dataclass
 class Phase:
     """Shared by a cache's layers: what the next forward chunks are.
 
@@ -49,13 +66,18 @@ class Phase:
     - "append": prompt chunks stored as they are (the question, in the question-agnostic setting);
     - "decode": generated tokens; the decoding budget holds;
     - "probe": a pass that reads the cache and is not stored, scoring what is held (`probe`
-      says what; KVzip's reconstruction of the context).
+      says what; KVzip's reconstruction of the context);
+    - "select": spliced documents' tokens read what is held up to `blend.check_layer`, where their
+      new values are compared with the held ones; nothing is stored (CacheBlend's selection);
+    - "refresh": some of those tokens computed again with what precedes them in the prompt; their
+      new entries replace the held ones, in the rows that held them (CacheBlend's recompute).
 
     None infers it from the chunk (one token: decode; more: prefill), which is what
     `model.generate` needs, chunked prefill included. kvforge's own loops set it explicitly."""
 
     mode: str | None = None
     probe: Probe | None = None
+    blend: Blend | None = None
 
 
 @dataclass
@@ -156,6 +178,8 @@ class KVForgeLayer(CacheLayerMixin):
         mode = self.phase.mode or (DECODE if t == 1 else PREFILL)
         if mode == PROBE:
             return self._probe(query, keys, values, new_valid, scaling)
+        if mode in (SELECT, REFRESH):
+            return self._blend(mode, query, keys, values, scaling)
         if mode == PREFILL and self.policy.defers and self.phase.mode is None:
             raise ValueError(
                 f"policy {self.policy.full_name!r} compresses a prompt chunk once it has passed every layer "
@@ -215,6 +239,71 @@ class KVForgeLayer(CacheLayerMixin):
         self.storage.add_aux(probe.name, view, (best.clamp_min(1e-30) - old).clamp(min=0) * span)
         self.policy_seconds += time.perf_counter() - start
         return out
+
+    def _blend(
+        self,
+        mode: str,
+        query: torch.Tensor,  # (1, q_heads, T, head_dim)
+        keys: torch.Tensor,  # (1, kv_heads, T, head_dim)
+        values: torch.Tensor,  # (1, kv_heads, T, head_dim)
+        scaling: float,
+    ) -> torch.Tensor:
+        """A "select" or "refresh" chunk (see `Phase`): its tokens are already counted in `seen`
+        and sit among the held entries, so attention reads a picture of what is held, causal
+        by position (a layout's own reader takes the chunk to be the newest entries)."""
+        assert self.storage is not None and self.phase.blend is not None
+        blend = self.phase.blend
+        positions = blend.positions
+        if mode == SELECT and self.layer_idx == blend.check_layer:
+            _, old, held = held_at(self.storage.view(), positions)  # (1, kv_heads, T, dim), (1, kv_heads, T)
+            blend.deviation = ((values - old.to(values.dtype)) ** 2).sum(-1).mul(held).sum((0, 1))
+            raise Selected
+        if mode == REFRESH:
+            self._refresh(keys, values, positions)
+        view = self.storage.view()
+        key_positions, key_valid = view.positions, view.valid
+        if bool((key_positions == key_positions[:, :1]).all() and (key_valid == key_valid[:, :1]).all()):
+            key_positions, key_valid = key_positions[:, :1], key_valid[:, :1]  # one mask for every head
+        out = attend(query, view.keys, view.values, causal_allowed(key_positions, key_valid, positions), scaling)
+        if mode == REFRESH:
+            self.seal()
+        return out
+
+    def _refresh(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Replace the held entries at `positions` by (1, kv_heads, T, dim) `keys` and `values`,
+        in the rows that held them: a compressed row keeps the entries it kept, refreshed."""
+        assert self.storage is not None
+        _, _, held = held_at(self.storage.view(), positions)  # (1, kv_heads, T)
+        self.append_where(keys, values, positions, held, replace=True)
+
+    def append_where(
+        self,
+        keys: torch.Tensor,  # (1, kv_heads, T, head_dim)
+        values: torch.Tensor,  # (1, kv_heads, T, head_dim)
+        positions: torch.Tensor,  # (T,)
+        wanted: torch.Tensor,  # (1, kv_heads, T) bool: which rows keep which new entry
+        replace: bool = False,  # drop the entries held at `positions` before
+    ) -> None:
+        """Store a chunk in the rows `wanted` says (head-wise, as a compressed cache holds it):
+        appended whole, then the unwanted entries (and with `replace` the ones they replace)
+        dropped. The layer's count of tokens seen is the caller's to keep."""
+        if self.storage is None:
+            self.lazy_initialization(keys, values)
+        storage = self.storage
+        assert storage is not None
+        before = storage.lengths.to(storage.device)  # (1, kv_heads)
+        storage.append(keys, values, positions, all_real(1, keys.shape[2], keys.device))
+        if replace or not bool(wanted.all()):
+            after = storage.view()
+            slot = torch.arange(after.valid.shape[-1], device=after.valid.device)
+            # Row h's new entries sit at slots before_h .. before_h + T - 1, in chunk order.
+            chunk_index = slot - before[..., None]  # (1, kv_heads, slots)
+            new = chunk_index >= 0
+            kept_new = wanted.gather(-1, chunk_index.clamp(0, positions.numel() - 1))
+            stale = ~new & torch.isin(after.positions, positions) if replace else torch.zeros_like(new)
+            keep = after.valid & ~stale & (~new | kept_new)
+            storage.keep(after, slot.expand_as(keep).contiguous(), keep)
+        self.held.update(self.layer_idx, storage.allocated_nbytes)
 
     def seal(
         self,
@@ -420,6 +509,23 @@ class KVForgeLayer(CacheLayerMixin):
         self.prefill_record = None
         self.policy_state = {}
         self.held.update(self.layer_idx, 0)
+
+def held_at(view: PaddedView, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The held keys and values at `positions` (T,), each (batch, kv_heads, T, head_dim), zero
+    where a row does not hold that position, and (batch, kv_heads, T) bool, whether it does."""
+    batch, heads, slots = view.valid.shape
+    size = int(positions.max()) + 1 if positions.numel() else 0
+    # slot_of[b, h, p]: the slot row (b, h) holds position p in, -1 where none; index `size`
+    # takes every entry at a later position (and the padding), and is never read.
+    slot_of = torch.full((batch, heads, size + 1), -1, dtype=torch.int64, device=view.positions.device)
+    where = view.positions.clamp(max=size).masked_fill(~view.valid, size)
+    slot_of.scatter_(2, where, torch.arange(slots, device=where.device).expand(batch, heads, slots))
+    slot = slot_of[..., positions]  # (batch, heads, T)
+    held = slot >= 0
+    index = slot.clamp(min=0)[..., None].expand(-1, -1, -1, view.keys.shape[-1])
+    pick = lambda t: t.gather(2, index) * held[..., None]  # noqa: E731
+    return pick(view.keys), pick(view.values), held
+
 
 def head_dim(model: PreTrainedModel) -> int:
     text = model.config.get_text_config()

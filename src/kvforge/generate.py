@@ -60,6 +60,7 @@ class GenerationResult:
     prefill_seconds: float
     seconds: float
     stored: bool | None = None  # with a store: whether the compressed context came from it
+    refreshed_tokens: int | None = None  # blended prompts: reused tokens computed again (kvforge.blend)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -23,20 +23,30 @@ from kvforge.models import DEFAULT_MODEL
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from kvforge.blend import answer_blended, build_blend_prompt, check_share
     from kvforge.generate import answer, build_prompt
 
     spec = command_spec(args)
     policy, quant = spec.build(), spec.quant
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    if args.blend and (args.store is None or args.prompt_file is not None or args.query_aware):
+        raise ValueError("--blend FILE reuses stored documents anywhere in the prompt: give --store, and no --prompt-file or --query-aware")
+    check_share(args.blend_share)
     context = read_context(args.prompt_file)  # none: nothing to compress but what is generated
+    documents = [read_context(path) for path in args.blend]
     store = open_store(args) if args.store is not None else None
     loaded = load(args)
     ensure_calibration(loaded, [policy])
     chat = loaded.is_instruct if args.chat is None else args.chat
-    prompt = build_prompt(loaded.tokenizer, context, args.question, chat)
-    with err_console.status(f"prefill {len(prompt.ids)} tokens and generate ..."):
-        result = answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware, args.prefill_chunk, args.layout, quant, store, spec)
+    if documents:
+        blended = build_blend_prompt(loaded.tokenizer, documents, args.question, chat)
+        with err_console.status(f"blend {len(documents)} documents into {len(blended.ids)} tokens and generate ..."):
+            result = answer_blended(loaded, blended, policy, spec, store, args.max_new_tokens, args.blend_share, args.prefill_chunk)
+    else:
+        prompt = build_prompt(loaded.tokenizer, context, args.question, chat)
+        with err_console.status(f"prefill {len(prompt.ids)} tokens and generate ..."):
+            result = answer(loaded, prompt, policy, args.max_new_tokens, args.query_aware, args.prefill_chunk, args.layout, quant, store, spec)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -49,6 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"of {result.dense_cache_bytes / 2**20:.2f} MiB dense ({saved:.0%} saved), "
             f"{result.bits_per_element:.2f} bits per element ({result.quant}), {result.seconds:.2f}s"
             + ("" if result.stored is None else f"; context {'from the store' if result.stored else 'prefilled and stored'}")
+            + ("" if result.refreshed_tokens is None else f", {result.refreshed_tokens} reused tokens refreshed")
             + "[/dim]"
         )
     return 0
@@ -111,6 +122,10 @@ def register(sub: Any) -> None:
     add_quant_args(gen)
     add_device_args(gen)
     add_store_args(gen, required=False)
+    gen.add_argument("--blend", action="append", default=[], metavar="FILE",
+                     help="a document reused from --store wherever it sits in the prompt (repeatable, in prompt order; CacheBlend)")
+    gen.add_argument("--blend-share", type=float, default=0.15, metavar="SHARE",
+                     help="fraction of the reused tokens computed again with the text before them, in [0, 1] (default 0.15)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=cmd_generate)
 

@@ -42,6 +42,7 @@ def command_spec(args: argparse.Namespace) -> Any:
 
 
 def cmd_prefill(args: argparse.Namespace) -> int:
+    from kvforge.blend import document_ids
     from kvforge.generate import build_prompt
     from kvforge.store.documents import cached_prefill
 
@@ -54,17 +55,20 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     loaded = load(args)
     ensure_calibration(loaded, [policy])
     chat = loaded.is_instruct if args.chat is None else args.chat
-    prompt = build_prompt(loaded.tokenizer, context, "?", chat)  # the context's tokens do not depend on the question
+    if args.blend:  # alone, from position 0: how `generate --blend` reuses it anywhere in a prompt
+        tokens = document_ids(loaded.tokenizer, context)
+    else:  # the context's tokens do not depend on the question
+        tokens = build_prompt(loaded.tokenizer, context, "?", chat).context_ids
     start = time.perf_counter()
-    with err_console.status(f"prefill and compress {len(prompt.context_ids)} tokens ..."):
-        cache, found = cached_prefill(store, loaded, policy, spec, prompt.context_ids, args.prefill_chunk)
+    with err_console.status(f"prefill and compress {len(tokens)} tokens ..."):
+        cache, found = cached_prefill(store, loaded, policy, spec, tokens, args.prefill_chunk)
     seconds = time.perf_counter() - start
-    result = {"tokens": len(prompt.context_ids), "already_stored": found, "cache_bytes": cache.nbytes, "store_bytes": store.nbytes, "seconds": seconds}
+    result = {"tokens": len(tokens), "already_stored": found, "cache_bytes": cache.nbytes, "store_bytes": store.nbytes, "seconds": seconds}
     if args.json:
         print(json.dumps(result))
     else:
         what = "found in the store already" if found else "prefilled and stored"
-        console.print(f"{len(prompt.context_ids)} tokens {what}: cache {cache.nbytes / 2**20:.2f} MiB, {seconds:.2f}s; store {args.store} holds {store.nbytes / 2**20:.2f} MiB")
+        console.print(f"{len(tokens)} tokens {what}: cache {cache.nbytes / 2**20:.2f} MiB, {seconds:.2f}s; store {args.store} holds {store.nbytes / 2**20:.2f} MiB")
     return 0
 
 
@@ -109,6 +113,7 @@ def register(sub: Any) -> None:
     pre.add_argument("--ratio", type=ratio_arg, default=None, help="fraction of cached tokens removed, in [0, 1)")
     pre.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="policy hyperparameter")
     pre.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help="apply the chat template (as generate does)")
+    pre.add_argument("--blend", action="store_true", help="store the document alone, to be reused anywhere in a prompt (generate --blend)")
     add_budget_args(pre, "prefill N tokens at a time, compressing after each chunk")
     add_quant_args(pre)
     add_device_args(pre)

@@ -37,7 +37,7 @@ def load(store: LocalStore | RedisStore, key: str, cache: KVCache, spec: KVSpec,
     if data is None:
         return False
     try:
-        decode(data, cache, spec, tokens, variant)
+        decode(data, cache, spec, tokens, variant, verified=True)  # get() checked the digest
     except DamagedEntry as err:
         log.warning("store entry %s cannot be used (%s): dropped, prefilling instead", key[:12], err)
         store.stats.corrupt += 1

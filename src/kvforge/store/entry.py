@@ -118,11 +118,12 @@ def intact(data: bytes) -> bool:
     return len(data) > DIGEST and hashlib.blake2b(data[:-DIGEST], digest_size=DIGEST).digest() == data[-DIGEST:]
 
 
-def check(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The header and tensors of an entry whose digest holds (DamagedEntry otherwise)."""
+def check(data: bytes, verified: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The header and tensors of an entry whose digest holds (DamagedEntry otherwise);
+    `verified`: the digest was checked already (a store's `get` returns only such entries)."""
     if len(data) <= DIGEST + 8:
         raise DamagedEntry(f"an entry of {len(data)} bytes is truncated")
-    if not intact(data):
+    if not verified and not intact(data):
         raise DamagedEntry("the entry's checksum does not match its bytes (truncated or altered)")
     payload = data[:-DIGEST]
     size = int.from_bytes(payload[:8], "little")
@@ -137,11 +138,11 @@ def check(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return header, tensors
 
 
-def decode(data: bytes, cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "") -> None:
+def decode(data: bytes, cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "", verified: bool = False) -> None:
     """Fill `cache` (new, paged over a memory of its own: `KVCache(..., layout="paged",
     memory=...)`, built with `spec`'s policy and quantization) with what the entry holds. DamagedEntry when it is not the entry of these
     tokens, settings and model."""
-    header, tensors = check(data)
+    header, tensors = check(data, verified)
     if header["model"] != cache.model_fingerprint:
         raise DamagedEntry(f"the entry was made by model {header['model'][:12]}, not {cache.model_fingerprint[:12]}")
     if header["key"] != entry_key(cache.model_fingerprint, spec, tokens, variant) or header["tokens"] != len(tokens):
