@@ -177,6 +177,20 @@ class Blended:
     logits: torch.Tensor  # (1, vocab) after the prompt's last token
     stored: int  # documents found in the store (the others were prefilled now and stored)
     refreshed: int  # tokens recomputed
+    seconds: dict[str, float]  # per step: load (store reads, or prefills), splice, text, select, refresh, question
+
+
+class Stopwatch(dict[str, float]):
+    """Seconds spent per named step, summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self[step] = self.get(step, 0.0) + now - self.last
+        self.last = now
 
 
 def blend_prefill(
@@ -192,6 +206,7 @@ def blend_prefill(
     memory = shared_memory(model.device, model.dtype, head_dim(model))
     cache = KVCache(model, policy, tokenizer=loaded.tokenizer, layout="paged", quant=spec.quant, memory=memory)
     rotation = Rotation(model)
+    clock = Stopwatch()
     stored = 0
     reused_ids: list[int] = []
     reused_pos: list[torch.Tensor] = []
@@ -201,19 +216,27 @@ def blend_prefill(
         if is_document:
             document, found = cached_prefill(store, loaded, policy, spec, segment, chunk)
             stored += found
+            clock.lap("load")
+            memory.reserve(document.nbytes // memory.block_nbytes + cache.num_layers)  # one growth, not one per layer
             splice(cache, document, rotation)
+            clock.lap("splice")
             first = start if first is None else first
         else:
             feed(model, cache, [segment], torch.tensor([start], device=model.device))
+            clock.lap("text")
         if first is not None:  # literal text between documents is refreshed like them
             reused_ids += segment
             reused_pos.append(torch.arange(start, start + len(segment), device=model.device))
     positions = torch.cat(reused_pos)
     chosen = select(model, cache, reused_ids, positions, share)
+    clock.lap("select")
     index = {p: i for i, p in enumerate(positions.tolist())}
     refresh(model, cache, [reused_ids[index[p]] for p in chosen.tolist()], chosen)
+    clock.lap("refresh")
     logits, _ = feed(model, cache, [prompt.segments[-1]], torch.tensor([cache.get_seq_length()], device=model.device))
-    return Blended(cache, logits, stored, len(chosen))
+    clock.lap("question")
+    log.debug("blend steps (s): %s", {k: round(v, 3) for k, v in clock.items()})
+    return Blended(cache, logits, stored, len(chosen), dict(clock))
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvforge.attention import ATTN_NAME, tag_layer
-from kvforge.reading import all_real, attend, causal_allowed, every_real, probe_attention
+from kvforge.reading import all_real, attend_at, every_real, probe_attention
 from kvforge.calibration import Calibration, fingerprint, require_calibration
 from kvforge.policies.base import Policy, StepContext
 from kvforge.memory import OutOfBlocks
@@ -261,10 +261,7 @@ class KVForgeLayer(CacheLayerMixin):
         if mode == REFRESH:
             self._refresh(keys, values, positions)
         view = self.storage.view()
-        key_positions, key_valid = view.positions, view.valid
-        if bool((key_positions == key_positions[:, :1]).all() and (key_valid == key_valid[:, :1]).all()):
-            key_positions, key_valid = key_positions[:, :1], key_valid[:, :1]  # one mask for every head
-        out = attend(query, view.keys, view.values, causal_allowed(key_positions, key_valid, positions), scaling)
+        out = attend_at(query, view.keys, view.values, view.positions, view.valid, positions, scaling)
         if mode == REFRESH:
             self.seal()
         return out
@@ -272,9 +269,19 @@ class KVForgeLayer(CacheLayerMixin):
     def _refresh(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Replace the held entries at `positions` by (1, kv_heads, T, dim) `keys` and `values`,
         in the rows that held them: a compressed row keeps the entries it kept, refreshed."""
-        assert self.storage is not None
-        _, _, held = held_at(self.storage.view(), positions)  # (1, kv_heads, T)
-        self.append_where(keys, values, positions, held, replace=True)
+        storage = self.storage
+        assert storage is not None
+        view = storage.view()
+        slot, held = slots_at(view, positions)  # (1, kv_heads, T) each
+        # Per slot of the view: the new entry for it, and whether it has one (a spare last slot
+        # takes the positions a row does not hold).
+        spare = view.valid.shape[-1]
+        index = slot.masked_fill(~held, spare)
+        changed = torch.zeros(*index.shape[:2], spare + 1, dtype=torch.bool, device=index.device).scatter_(2, index, held)[..., :spare]
+        dense = lambda t: t.new_zeros(*t.shape[:2], spare + 1, t.shape[-1]).scatter_(2, index[..., None].expand_as(t), t)[:, :, :spare]  # noqa: E731
+        if not storage.set_entries(view, dense(keys), dense(values), changed):
+            self.append_where(keys, values, positions, held, replace=True)
+        self.held.update(self.layer_idx, storage.allocated_nbytes)
 
     def append_where(
         self,
@@ -510,9 +517,9 @@ class KVForgeLayer(CacheLayerMixin):
         self.policy_state = {}
         self.held.update(self.layer_idx, 0)
 
-def held_at(view: PaddedView, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The held keys and values at `positions` (T,), each (batch, kv_heads, T, head_dim), zero
-    where a row does not hold that position, and (batch, kv_heads, T) bool, whether it does."""
+def slots_at(view: PaddedView, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row of `view` holds `positions` (T,): (batch, kv_heads, T) slot indices (0
+    where none) and (batch, kv_heads, T) bool, whether it does."""
     batch, heads, slots = view.valid.shape
     size = int(positions.max()) + 1 if positions.numel() else 0
     # slot_of[b, h, p]: the slot row (b, h) holds position p in, -1 where none; index `size`
@@ -520,9 +527,15 @@ def held_at(view: PaddedView, positions: torch.Tensor) -> tuple[torch.Tensor, to
     slot_of = torch.full((batch, heads, size + 1), -1, dtype=torch.int64, device=view.positions.device)
     where = view.positions.clamp(max=size).masked_fill(~view.valid, size)
     slot_of.scatter_(2, where, torch.arange(slots, device=where.device).expand(batch, heads, slots))
-    slot = slot_of[..., positions]  # (batch, heads, T)
-    held = slot >= 0
-    index = slot.clamp(min=0)[..., None].expand(-1, -1, -1, view.keys.shape[-1])
+    slot = slot_of[..., positions]
+    return slot.clamp(min=0), slot >= 0
+
+
+def held_at(view: PaddedView, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The held keys and values at `positions` (T,), each (batch, kv_heads, T, head_dim), zero
+    where a row does not hold that position, and (batch, kv_heads, T) bool, whether it does."""
+    slot, held = slots_at(view, positions)
+    index = slot[..., None].expand(-1, -1, -1, view.keys.shape[-1])
     pick = lambda t: t.gather(2, index) * held[..., None]  # noqa: E731
     return pick(view.keys), pick(view.values), held
 

@@ -15,6 +15,7 @@ from kvforge.reading import kernels
 from kvforge.reading.dense import (
     all_real,
     attend,
+    attend_at,
     attention_probs_sum,
     causal_allowed,
     every_real,
@@ -24,6 +25,6 @@ from kvforge.reading.dense import (
 from kvforge.reading.rows import DenseRows, KeyRows, PagedRows, QuantRows, Source, decode, dense_rows, key_rows, received
 
 __all__ = [
-    "DenseRows", "KeyRows", "PagedRows", "QuantRows", "Source", "all_real", "attend", "attention_probs_sum", "causal_allowed",
+    "DenseRows", "KeyRows", "PagedRows", "QuantRows", "Source", "all_real", "attend", "attend_at", "attention_probs_sum", "causal_allowed",
     "decode", "dense_rows", "every_real", "kernels", "key_rows", "probe_attention", "received", "received_attention",
 ]  # fmt: skip

@@ -62,6 +62,34 @@ def attend(
     return out.view(batch, q_heads, t, dim)
 
 
+def attend_at(
+    query: torch.Tensor,  # (batch, q_heads, T, head_dim)
+    keys: torch.Tensor,  # (batch, kv_heads, L, head_dim)
+    values: torch.Tensor,  # (batch, kv_heads, L, head_dim)
+    key_positions: torch.Tensor,  # (batch, kv_heads, L)
+    key_valid: torch.Tensor,  # (batch, kv_heads, L)
+    positions: torch.Tensor,  # (T,) ascending: each query's position
+    scaling: float,
+    chunks: int = 4,
+) -> torch.Tensor:  # (batch, q_heads, T, head_dim)
+    """Attention of queries sitting anywhere among the keys, causal by position (CacheBlend's
+    refresh). Where every row holds the same positions, ascending (a cache refreshed in place),
+    queries go in `chunks` runs, each reading only the keys up to its last position: about half
+    the work of reading every key."""
+    if bool((key_positions == key_positions[:, :1]).all() and (key_valid == key_valid[:, :1]).all()):
+        key_positions, key_valid = key_positions[:, :1], key_valid[:, :1]  # one mask for every head
+    ordered = key_positions.shape[1] == 1 and bool((key_positions[..., 1:] >= key_positions[..., :-1]).all())
+    if not ordered or positions.numel() < 2 * chunks:
+        return attend(query, keys, values, causal_allowed(key_positions, key_valid, positions), scaling)
+    out = []
+    for run in torch.arange(positions.numel(), device=positions.device).tensor_split(chunks):
+        last = positions[run[-1]]
+        n = int((key_positions[0, 0] <= last).sum())  # the keys this run may read: a prefix
+        allowed = causal_allowed(key_positions[..., :n], key_valid[..., :n], positions[run])
+        out.append(attend(query[:, :, run], keys[:, :, :n], values[:, :, :n], allowed, scaling))
+    return torch.cat(out, dim=2)
+
+
 def attention_probs_sum(
     query: torch.Tensor,  # (batch, q_heads, T, head_dim)
     keys: torch.Tensor,  # (batch, kv_heads, L, head_dim)

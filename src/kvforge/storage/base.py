@@ -225,6 +225,12 @@ class KVStorage(ABC):
         (batch, kv_heads, slots, head_dim) `values`, held and in `view` alike (merging policies).
         Copies first what is shared with another storage."""
 
+    def set_entries(self, view: PaddedView, keys: torch.Tensor, values: torch.Tensor, changed: torch.Tensor) -> bool:
+        """Like `set_values`, keys too (CacheBlend's refresh: an entry computed again in place);
+        `view` is not updated. False where the layout cannot (the caller appends the new
+        entries and drops the old ones instead)."""
+        return False
+
     @abstractmethod
     def set_aux(self, name: str, view: PaddedView, values: torch.Tensor) -> None:
         """Replace policy state `name` by (batch, kv_heads, slots) `values`, held and in `view` alike."""

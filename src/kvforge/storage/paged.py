@@ -330,6 +330,15 @@ class PagedKV(ReadsView):
     def set_values(self, view: PaddedView, values: torch.Tensor, changed: torch.Tensor) -> None:
         changed = changed & view.valid
         view.replace_values(values, changed)
+        self._overwrite(changed, None, values)
+
+    def set_entries(self, view: PaddedView, keys: torch.Tensor, values: torch.Tensor, changed: torch.Tensor) -> bool:
+        self._overwrite(changed & view.valid, keys, values)
+        return True
+
+    def _overwrite(self, changed: torch.Tensor, keys: torch.Tensor | None, values: torch.Tensor) -> None:
+        """Write (batch, kv_heads, slots, head_dim) keys (None: values only) and values where
+        (batch, kv_heads, slots) `changed`, copying first the shared blocks written to."""
         rows = self.memory.rows
         copies: list[tuple[int, int]] = []
         slots: list[int] = []
@@ -343,9 +352,8 @@ class PagedKV(ReadsView):
         if copies:
             self._table = None
             self.memory.store.copy_blocks(copies)
-        if slots:
-            new = values[changed].to(self.dtype)  # (changed entries, head_dim), rows then slots in order
-            self.memory.store.write(slots, None, new)
+        if slots:  # entries in rows' then slots' order, as `slots` lists them
+            self.memory.store.write(slots, None if keys is None else keys[changed].to(self.dtype), values[changed].to(self.dtype))
 
     # --- eviction ------------------------------------------------------------------------------
 

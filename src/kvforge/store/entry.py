@@ -152,6 +152,8 @@ def decode(data: bytes, cache: KVCache, spec: KVSpec, tokens: list[int], variant
     if len(header["layers"]) != len(cache.layers):
         raise DamagedEntry(f"the entry has {len(header['layers'])} layers, the model {len(cache.layers)}")
     device = cache.memory.store.device
+    # Every block the entry brings, made free at once (one growth of an unbounded memory).
+    cache.memory.reserve(sum(t.shape[0] for name, t in tensors.items() if name.endswith(".blocks")))
     try:
         for i, (layer, head) in enumerate(zip(cache.layers, header["layers"])):
             storage = _storage(i, head, tensors, cache, spec.quant, device)
