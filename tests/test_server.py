@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -229,6 +230,37 @@ def test_a_restarted_server_starts_from_the_prefixes_it_stored(loaded, tmp_path,
     # Exactly what prefilling the whole prompt gives, chunk by chunk.
     assert again.choices[0].message.content == answer.choices[0].message.content
     assert other.choices[0].message.content == expected(loaded, document + " w11 w12", "knorm", 0.5, 8, kv_quant)
+
+
+def test_the_server_counts_store_reads_and_writes_per_tier(loaded, tmp_path):
+    from kvforge.store import LocalStore, MemoryStore, TieredStore
+
+    document = " ".join(f"w{(5 * i) % 120 + 5}" for i in range(70))
+    settings = {"kv_policy": "knorm", "kv_ratio": 0.5}
+    first = Served(loaded, store=TieredStore(MemoryStore(2**30), LocalStore(tmp_path)))
+    try:
+        answer = chat(first, document + " w9 w10", extra_body=settings)
+        first.engine.stored.writer.submit(lambda: None).result()  # what it queued for the store is written
+        written = tier_counters(first)
+    finally:
+        first.close()
+    assert written["bytes_written", "cpu"] == written["bytes_written", "disk"] > 0
+    second = Served(loaded, store=TieredStore(MemoryStore(2**30), LocalStore(tmp_path)))  # restarted: memory tier empty
+    try:
+        again = chat(second, document + " w9 w10", extra_body=settings)
+        read = tier_counters(second)
+        assert second.metric("store_hits_total") == 1
+    finally:
+        second.close()
+    assert (read["misses", "cpu"], read["hits", "disk"]) == (1, 1) and read["bytes_read", "disk"] > 0
+    assert again.choices[0].message.content == answer.choices[0].message.content
+
+
+def tier_counters(served: Served) -> dict[tuple[str, str], float]:
+    """{(counter, tier): value} of the kvforge_store_tier_* lines of /metrics."""
+    text = httpx.get(served.url + "/metrics", headers={"authorization": f"Bearer {served.api_key}"}).text
+    found = re.findall(r'^kvforge_store_tier_(\w+)_total\{tier="(\w+)"\} (\d+)$', text, re.MULTILINE)
+    return {(name, tier): float(value) for name, tier, value in found}
 
 
 def test_a_damaged_store_entry_is_a_miss_for_the_server(loaded, tmp_path):

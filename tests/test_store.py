@@ -12,7 +12,7 @@ import torch
 from conftest import left_padded
 from kvforge import KVSpec
 from kvforge.memory.kvmemory import KVMemory
-from kvforge.store import LocalStore, RedisStore, entry_key, find, keep
+from kvforge.store import LocalStore, MemoryStore, RedisStore, TieredStore, entry_key, find, keep
 from kvforge.store.entry import DIGEST, DamagedEntry, check
 from kvforge.storage import QuantSpec
 from test_policy_matrix import decode
@@ -111,6 +111,42 @@ def test_the_least_recently_used_entries_go_beyond_the_size(tmp_path):
     assert store.nbytes <= 3000 and store.stats.evicted == 1
     assert not store.put("ff" * 32, bytes(4000), "m", "s", 1)  # larger than the whole store: refused
     assert not list(tmp_path.rglob(".tmp-*"))  # nothing half-written is left
+
+
+def test_the_cpu_tier_keeps_the_most_recently_used_entries_up_to_its_size():
+    tier = MemoryStore(max_bytes=3000)
+    keys = [f"{i:02x}" * 32 for i in range(4)]
+    for key in keys[:3]:
+        assert tier.put(key, bytes(1000), "m", "s", 1)
+    assert tier.get(keys[0]) == bytes(1000)  # used again: newest
+    assert tier.put(keys[3], bytes(1000), "m", "s", 1)
+    assert [e.key for e in tier.entries()] == [keys[3], keys[0], keys[2]]  # keys[1], the oldest, went
+    assert tier.nbytes == 3000 and tier.stats.evicted == 1 and tier.longest(keys) == 3
+    assert not tier.put("ff" * 32, bytes(3001), "m", "s", 1) and tier.get("ff" * 32) is None
+    assert tier.stats.hits == 1 and tier.stats.misses == 1
+    with pytest.raises(ValueError, match="--cpu-memory 0 must be at least 1 byte"):
+        MemoryStore(0)
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_the_cpu_tier_answers_first_and_brings_up_what_the_lower_tier_holds(tiny_model, tmp_path, request, kind):
+    spec = KVSpec("knorm", 0.5, QuantSpec("int4", group=4, residual=4))
+    memory = KVMemory(16, torch.float32, "cpu")
+    lower = backend(kind, tmp_path, request)
+    with torch.inference_mode():
+        cache, logits, ids = prefilled(tiny_model, spec, memory)
+        assert keep(TieredStore(MemoryStore(2**30), lower), cache, spec, ids)  # written through to both
+        restarted = TieredStore(MemoryStore(2**30), lower)  # a new process: its memory tier is empty
+        for _ in range(2):
+            found = find(restarted, tiny_model, spec.build(), spec, ids, None, memory)
+            assert found is not None and found.nbytes == cache.nbytes
+        for a, b in zip(decode(tiny_model, found, logits, TOKENS, 4), decode(tiny_model, cache, logits, TOKENS, 4)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    cpu, below = restarted.tiers
+    assert (cpu.stats.misses, cpu.stats.hits, below.stats.hits) == (1, 1, 1)  # read below once, then from memory
+    assert restarted.stats.hits == 2 and restarted.stats.bytes_read == 2 * cpu.stats.bytes_read
+    assert [e.key for e in restarted.entries()] == [e.key for e in lower.entries()]
+    assert restarted.delete(entry_key(cache.model_fingerprint, spec, ids)) and restarted.entries() == []
 
 
 WRITER = """

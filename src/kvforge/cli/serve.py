@@ -35,6 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kvforge.server.limits import ServerLimits, allowed_hosts
     from kvforge.server.run import serve
 
+    if args.cpu_memory is not None and not args.store:
+        raise ValueError(f"--cpu-memory {args.cpu_memory} keeps stored prefixes in host memory: give --store DIR|redis://... too")
     policy = build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)
     quant = quant_spec(args)
     limits = ServerLimits(
@@ -129,6 +131,8 @@ def register(sub: Any) -> None:
     srv.add_argument("--prefix-memory", type=size_arg, default=None, metavar="SIZE",
                      help="memory kept prompt prefixes may hold (default: within --kv-memory, else 1/8 of the memory available at start)")
     add_store_args(srv, required=False)
+    srv.add_argument("--cpu-memory", type=size_arg, default=None, metavar="SIZE",
+                     help="with --store: keep the most recently used stored prefixes in host memory too, up to SIZE (e.g. 8GiB)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, metavar="KEY",

@@ -33,7 +33,7 @@ def read_context(path: str | None) -> str:
 def open_store(args: argparse.Namespace) -> Any:
     from kvforge.store import open_store as opened
 
-    return opened(args.store, getattr(args, "store_size", None))
+    return opened(args.store, getattr(args, "store_size", None), getattr(args, "cpu_memory", None))
 
 
 def command_spec(args: argparse.Namespace) -> Any:

@@ -27,6 +27,15 @@ GAUGES = {
 }
 
 
+TIER_COUNTERS = {
+    "hits": "store reads that found the entry",
+    "misses": "store reads that found nothing",
+    "bytes_read": "bytes read",
+    "bytes_written": "bytes written",
+    "evicted": "entries evicted beyond the tier's size",
+}
+
+
 def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
     lines = []
 
@@ -55,6 +64,11 @@ def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
         metric("store_read_bytes_total", "counter", "bytes read from the store", got.bytes_read)
         metric("store_written_bytes_total", "counter", "bytes written to the store", got.bytes_written)
         metric("store_evicted_total", "counter", "store entries evicted beyond --store-size", got.evicted)
+        tiers = getattr(engine.stored.store, "tiers", [engine.stored.store])
+        for name, help_text in TIER_COUNTERS.items():
+            metric_name = f"kvforge_store_tier_{name}_total"
+            lines.extend([f"# HELP {metric_name} {help_text}, per tier (cpu: --cpu-memory; disk or redis: --store)", f"# TYPE {metric_name} counter"])
+            lines.extend(f'{metric_name}{{tier="{tier.name}"}} {getattr(tier.stats, name)}' for tier in tiers)
     uptime = time.perf_counter() - stats.started
     metric("generated_tokens_per_second", "gauge", "tokens generated per second since start", stats.generated_tokens / max(uptime, 1e-9))
     name = "kvforge_requests_refused_total"

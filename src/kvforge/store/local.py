@@ -65,6 +65,8 @@ class StoreStats:
 
 
 class LocalStore:
+    name = "disk"  # the tier, in /metrics
+
     def __init__(self, root: str | Path, max_bytes: int | None = None) -> None:
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"--store-size {max_bytes} must be at least 1 byte")

@@ -30,6 +30,8 @@ PREFIX = "kvforge:"
 
 
 class RedisStore:
+    name = "redis"  # the tier, in /metrics
+
     def __init__(self, url: str, max_bytes: int | None = None) -> None:
         try:
             import redis
@@ -163,10 +165,12 @@ class RedisStore:
         return self._safely("delete", lambda: self._drop(key), False)
 
 
-def open_store(where: str, max_bytes: int | None = None) -> Any:
-    """A Redis store for redis://... (rediss://, unix://), else a local directory store."""
+def open_store(where: str, max_bytes: int | None = None, cpu_bytes: int | None = None) -> Any:
+    """A Redis store for redis://... (rediss://, unix://), else a local directory store; with
+    `cpu_bytes`, behind a tier in this process's memory of that size (`tiered.py`)."""
     from kvforge.store.local import LocalStore
+    from kvforge.store.memory import MemoryStore
+    from kvforge.store.tiered import TieredStore
 
-    if where.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore(where, max_bytes)
-    return LocalStore(where, max_bytes)
+    store = RedisStore(where, max_bytes) if where.startswith(("redis://", "rediss://", "unix://")) else LocalStore(where, max_bytes)
+    return store if cpu_bytes is None else TieredStore(MemoryStore(cpu_bytes), store)
