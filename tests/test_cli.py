@@ -180,6 +180,7 @@ def test_bench_batches_must_be_positive(capsys, tiny_checkpoint):
         (["--shutdown-timeout", "-1"], "seconds -1.0 is outside the allowed range [0, inf)"),
         (["--shutdown-timeout", "nan"], "seconds nan is outside the allowed range [0, inf)"),
         (["--allowed-hosts", "localhost,,x"], "--allowed-hosts 'localhost,,x' names an empty host"),
+        (["--cpu-memory", "1GiB"], "--cpu-memory 1073741824 keeps stored prefixes in host memory: give --store"),
     ],
 )
 def test_bad_serve_flags_give_one_line_errors_before_loading_the_model(capsys, argv, message):
@@ -217,3 +218,25 @@ def test_a_document_prefilled_once_is_found_by_generate_and_answers_the_same(cap
     assert code == 0 and [e.key for e in LocalStore(store).entries()] == keys[1:]
     code, _, err = run(capsys, "store", "ls", "--store", "redis://127.0.0.1:1/0")
     assert code == 2 and "cannot be reached" in err
+
+
+def test_documents_stored_alone_are_blended_anywhere_in_a_prompt(capsys, tiny_checkpoint, tmp_path):
+    store = str(tmp_path / "store")
+    docs = []
+    for i in range(2):
+        docs.append(tmp_path / f"doc{i}.txt")
+        docs[-1].write_text(" ".join(f"w{(7 * j + 31 * i) % 100 + 5}" for j in range(40)), encoding="utf-8")
+    settings = ["--model", str(tiny_checkpoint), "--policy", "knorm", "--ratio", "0.5", "--store", store]
+    code, out, _ = run(capsys, "prefill", *settings, "--blend", "--prompt-file", str(docs[1]), "--json")
+    assert code == 0 and json.loads(out)["tokens"] == 40  # the document alone: no template around it
+    blend = ["--blend", str(docs[0]), "--blend", str(docs[1]), "--blend-share", "0.25", "--max-new-tokens", "4", "--json"]
+    code, out, _ = run(capsys, "generate", *settings, *blend, "w1 w2")
+    first = json.loads(out)
+    assert code == 0 and first["stored"] is False and first["refreshed_tokens"] == 20  # doc0 was prefilled then
+    code, out, _ = run(capsys, "generate", *settings, *blend, "w1 w2")
+    again = json.loads(out)
+    assert again["stored"] is True and again["text"] == first["text"]  # both found, the same answer
+    code, _, err = run(capsys, "generate", *settings, *blend[:4], "--blend-share", "2", "w1")
+    assert code == 2 and "blend share 2.0 must be in [0, 1]" in err
+    code, _, err = run(capsys, "generate", *settings[:-2], *blend[:4], "w1")
+    assert code == 2 and "give --store" in err
