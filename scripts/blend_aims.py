@@ -7,7 +7,7 @@ blending the stored documents (`kvforge.blend`) with a share of their tokens ref
 needle accuracy of each, how many answers equal the full prefill's, and the time to first token
 (prefill to the first token's logits; the blend's includes reading the store), mean over cases.
 
-    .venv/bin/python scripts/blend_aims.py [--cases 12] [--shares 0.15,0] [--json out.json]
+    .venv/bin/python scripts/blend_aims.py [--cases 12] [--shares 0.15,0] [--settings full] [--json out.json]
 
 Timed parts ran alone on the machine they report; figures are wall seconds.
 """
@@ -70,10 +70,12 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--words", type=int, default=520, help="words of prose per document (~700 tokens)")
     parser.add_argument("--shares", default="0.15,0.3,0")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"of: {', '.join(SETTINGS)}")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     loaded = load_model(args.model)
     shares = [float(s) for s in args.shares.split(",")]
+    settings = {name: SETTINGS[name] for name in args.settings.split(",")}
     rng = random.Random(0)
     cases = [case(rng, args.words) for _ in range(args.cases)]
     rows: dict[str, dict[str, list[float]]] = {}
@@ -81,7 +83,7 @@ def main() -> None:
         store = LocalStore(directory)
         for docs, question, prefix, value in cases:
             prompt = build_blend_prompt(loaded.tokenizer, docs, question, chat=True, answer_prefix=prefix)
-            for spec in SETTINGS.values():  # the stored documents
+            for spec in settings.values():  # the stored documents
                 for segment, is_doc in zip(prompt.segments, prompt.documents):
                     if is_doc:
                         cached_prefill(store, loaded, spec.build(), spec, segment, None)
@@ -89,7 +91,7 @@ def main() -> None:
             row = rows.setdefault("full prefill", {"ttft": [], "correct": [], "equal": [], "refreshed": [], "tokens": []})
             row["ttft"].append(seconds), row["correct"].append(value in reference), row["equal"].append(True)
             row["refreshed"].append(0), row["tokens"].append(len(prompt.ids))
-            for name, spec in SETTINGS.items():
+            for name, spec in settings.items():
                 for share in shares:
                     start = time.perf_counter()
                     blended = blend_prefill(loaded, spec.build(), spec, prompt, store, share)

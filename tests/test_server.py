@@ -257,6 +257,38 @@ def test_the_server_counts_store_reads_and_writes_per_tier(loaded, tmp_path):
     assert again.choices[0].message.content == answer.choices[0].message.content
 
 
+def test_documents_marked_in_a_chat_are_reused_from_the_store_wherever_they_sit(loaded, tmp_path):
+    from kvforge.store import LocalStore
+
+    docs = [" ".join(f"w{(3 * i + 40 * k) % 118 + 5}" for i in range(40)) for k in range(2)]
+
+    def ask(served: Served, order: list[int]):  # type: ignore[no-untyped-def]
+        parts = []
+        for k in order:
+            parts += [{"type": "text", "text": docs[k], "kv_document": True}, {"type": "text", "text": " "}]
+        parts.append({"type": "text", "text": "w9 w10"})
+        return served.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=8)
+
+    # Every reused token refreshed: exactly the cache a prefill of the whole prompt leaves.
+    served = Served(loaded, store=LocalStore(tmp_path), blend_share=1.0)
+    try:
+        first = ask(served, [0, 1])  # neither stored: each prefilled alone, stored, then blended
+        assert served.metric("store_blended_requests_total") == 1 and served.metric("store_blended_documents_found_total") == 0
+        swapped = ask(served, [1, 0])  # both found, at other positions
+        assert served.metric("store_blended_requests_total") == 2 and served.metric("store_blended_documents_found_total") == 2
+        assert served.metric("store_blend_refreshed_tokens_total") == 2 * 80
+    finally:
+        served.close()
+    assert first.choices[0].message.content == expected(loaded, f"{docs[0]} {docs[1]} w9 w10", "full", 0.0, 8)
+    assert swapped.choices[0].message.content == expected(loaded, f"{docs[1]} {docs[0]} w9 w10", "full", 0.0, 8)
+    plain = Served(loaded)  # no store: nothing to reuse them from
+    try:
+        with pytest.raises(openai.BadRequestError, match="kv_document parts are reused from the server's store"):
+            ask(plain, [0])
+    finally:
+        plain.close()
+
+
 def tier_counters(served: Served) -> dict[tuple[str, str], float]:
     """{(counter, tier): value} of the kvforge_store_tier_* lines of /metrics."""
     text = httpx.get(served.url + "/metrics", headers={"authorization": f"Bearer {served.api_key}"}).text

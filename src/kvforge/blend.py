@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARE = 0.15  # CacheBlend recomputes about 15% of the reused tokens
 CHECK_LAYER = 1  # the first layer whose K/V depend on the preceding text (layer 0's do not)
+DOCUMENT_MARKER = "\x00KVFORGE_DOCUMENT\x00"  # where a document goes in a prompt's text
 
 
 @dataclass
@@ -58,6 +59,15 @@ class BlendPrompt:
     @property
     def ids(self) -> list[int]:
         return [t for s in self.segments for t in s]
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) of each document in `ids`."""
+        spans, at = [], 0
+        for segment, is_document in zip(self.segments, self.documents):
+            if is_document:
+                spans.append((at, at + len(segment)))
+            at += len(segment)
+        return spans
 
 
 def check_share(share: float) -> None:
@@ -80,24 +90,29 @@ def build_blend_prompt(
         raise ValueError("a blended prompt takes one non-empty document or more (--blend FILE, repeatable)")
     if not question.strip():
         raise ValueError("the question is empty: give a non-empty question")
-    marker = "\x00KVFORGE_DOCUMENT\x00"
-    content = "\n\n".join([marker] * len(documents)) + f"\n\n{question}"
+    content = "\n\n".join([DOCUMENT_MARKER] * len(documents)) + f"\n\n{question}"
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     else:
         text = f"{content}\n"
-    literal = text.split(marker)  # len(documents) + 1 pieces of literal text around the documents
-    encode = lambda s: document_ids(tokenizer, s)  # noqa: E731
+    return split_documents(tokenizer, text + answer_prefix, documents)
+
+
+def split_documents(tokenizer: PreTrainedTokenizerBase, text: str, documents: list[str]) -> BlendPrompt:
+    """The segments of a prompt `text` holding DOCUMENT_MARKER where each of `documents` goes,
+    in order: literal text and documents each tokenized alone (no empty segment)."""
+    literal = text.split(DOCUMENT_MARKER)
+    if len(literal) != len(documents) + 1:
+        raise ValueError(f"the prompt names {len(literal) - 1} documents, {len(documents)} were given")
     segments: list[list[int]] = []
     kinds: list[bool] = []
-    for i, doc in enumerate(documents):
-        text_ids = encode(literal[i])
-        if text_ids:  # no empty segments: each is fed or spliced
-            segments.append(text_ids)
+    for piece, document in zip(literal, documents):
+        if ids := document_ids(tokenizer, piece):
+            segments.append(ids)
             kinds.append(False)
-        segments.append(encode(doc))
+        segments.append(document_ids(tokenizer, document))
         kinds.append(True)
-    segments.append(encode(literal[-1] + answer_prefix))
+    segments.append(document_ids(tokenizer, literal[-1]))
     kinds.append(False)
     return BlendPrompt(segments, kinds)
 
@@ -205,16 +220,34 @@ def blend_prefill(
     model = loaded.model
     memory = shared_memory(model.device, model.dtype, head_dim(model))
     cache = KVCache(model, policy, tokenizer=loaded.tokenizer, layout="paged", quant=spec.quant, memory=memory)
-    rotation = Rotation(model)
     clock = Stopwatch()
+    stored, refreshed = blend(loaded, spec, cache, prompt.segments[:-1], prompt.documents[:-1], store, share, chunk, clock)
+    logits, _ = feed(model, cache, [prompt.segments[-1]], torch.tensor([cache.get_seq_length()], device=model.device))
+    clock.lap("question")
+    log.debug("blend steps (s): %s", {k: round(v, 3) for k, v in clock.items()})
+    return Blended(cache, logits, stored, refreshed, dict(clock))
+
+
+def blend(
+    loaded: LoadedModel, spec: KVSpec, cache: KVCache, segments: list[list[int]], documents: list[bool],
+    store: LocalStore | RedisStore, share: float, chunk: int | None, clock: Stopwatch | None = None,
+) -> tuple[int, int]:  # fmt: skip
+    """Fill `cache` (new, paged over a memory, of `spec`'s policy and quantization) with
+    `segments` in order: literal text fed, documents (`documents[i]`) spliced from `store` (each
+    prefilled alone into the cache's memory and stored where missing), then `share` of what
+    follows the first document refreshed. (Documents found in the store, tokens refreshed.)"""
+    model, memory = loaded.model, cache.memory
+    assert memory is not None, "blend() fills a paged cache over a memory"
+    clock = clock if clock is not None else Stopwatch()
+    rotation = Rotation(model)
     stored = 0
     reused_ids: list[int] = []
     reused_pos: list[torch.Tensor] = []
     first = None  # position of the first document: every token after it read text it did not see
-    for segment, is_document in zip(prompt.segments[:-1], prompt.documents[:-1]):
+    for segment, is_document in zip(segments, documents):
         start = cache.get_seq_length()
         if is_document:
-            document, found = cached_prefill(store, loaded, policy, spec, segment, chunk)
+            document, found = cached_prefill(store, loaded, cache.policy, spec, segment, chunk, memory)
             stored += found
             clock.lap("load")
             memory.reserve(document.nbytes // memory.block_nbytes + cache.num_layers)  # one growth, not one per layer
@@ -227,16 +260,15 @@ def blend_prefill(
         if first is not None:  # literal text between documents is refreshed like them
             reused_ids += segment
             reused_pos.append(torch.arange(start, start + len(segment), device=model.device))
+    if first is None:
+        return stored, 0
     positions = torch.cat(reused_pos)
     chosen = select(model, cache, reused_ids, positions, share)
     clock.lap("select")
     index = {p: i for i, p in enumerate(positions.tolist())}
     refresh(model, cache, [reused_ids[index[p]] for p in chosen.tolist()], chosen)
     clock.lap("refresh")
-    logits, _ = feed(model, cache, [prompt.segments[-1]], torch.tensor([cache.get_seq_length()], device=model.device))
-    clock.lap("question")
-    log.debug("blend steps (s): %s", {k: round(v, 3) for k, v in clock.items()})
-    return Blended(cache, logits, stored, len(chosen), dict(clock))
+    return stored, len(chosen)
 
 
 @torch.inference_mode()

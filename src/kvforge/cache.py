@@ -517,6 +517,7 @@ class KVForgeLayer(CacheLayerMixin):
         self.policy_state = {}
         self.held.update(self.layer_idx, 0)
 
+
 def slots_at(view: PaddedView, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each row of `view` holds `positions` (T,): (batch, kv_heads, T) slot indices (0
     where none) and (batch, kv_heads, T) bool, whether it does."""

@@ -29,12 +29,14 @@ from kvforge.models import DEFAULT_MODEL
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from kvforge.blend import check_share
     from kvforge.engine import Engine, KVSettings
     from kvforge.engine.prefixes import default_limit
     from kvforge.server.app import create_app
     from kvforge.server.limits import ServerLimits, allowed_hosts
     from kvforge.server.run import serve
 
+    check_share(args.blend_share)
     if args.cpu_memory is not None and not args.store:
         raise ValueError(f"--cpu-memory {args.cpu_memory} keeps stored prefixes in host memory: give --store DIR|redis://... too")
     policy = build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)
@@ -52,6 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(
         loaded, KVSettings(args.policy, policy.ratio, quant), args.kv_memory, args.prefill_chunk,
         prefix_memory=prefix_memory, max_waiting=args.max_queued, store=open_store(args) if args.store else None,
+        blend_share=args.blend_share,
     )  # fmt: skip
     engine.check_defaults()
     app = create_app(engine, loaded.name, args.ratio, limits)
@@ -133,6 +136,8 @@ def register(sub: Any) -> None:
     add_store_args(srv, required=False)
     srv.add_argument("--cpu-memory", type=size_arg, default=None, metavar="SIZE",
                      help="with --store: keep the most recently used stored prefixes in host memory too, up to SIZE (e.g. 8GiB)")
+    srv.add_argument("--blend-share", type=float, default=0.15, metavar="SHARE",
+                     help="with --store: fraction of a request's kv_document tokens computed again with the text before them, in [0, 1] (default 0.15)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, metavar="KEY",

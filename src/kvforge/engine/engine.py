@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvforge.blend import DEFAULT_SHARE, check_share
 from kvforge.cache import KVCache, head_dim
 from kvforge.calibration import fingerprint, require_calibration
 from kvforge.engine.blocks import BlockIndex, reusable
@@ -134,6 +135,7 @@ class Engine:
         self, loaded: LoadedModel, defaults: KVSettings, kv_memory: int | None = None, prefill_chunk: int = 256,
         *, prefix_memory: int | None = None, max_waiting: int | None = None,
         policies: Callable[[KVSettings], Policy] = settings_policy, store: LocalStore | RedisStore | None = None,
+        blend_share: float = DEFAULT_SHARE,
     ) -> None:  # fmt: skip
         if prefill_chunk < 1:
             raise ValueError(f"--prefill-chunk {prefill_chunk} must be at least 1")
@@ -141,6 +143,8 @@ class Engine:
             raise ValueError(f"--max-queued {max_waiting} must be at least 1")
         self.loaded, self.defaults, self.kv_memory, self.prefill_chunk = loaded, defaults, kv_memory, prefill_chunk
         self.prefix_memory, self.max_waiting, self.build_policy = prefix_memory, max_waiting, policies
+        check_share(blend_share)
+        self.blend_share = blend_share  # of a request's stored documents' tokens, computed again
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         text = loaded.model.config.get_text_config()
         self.shape = Shape(text.num_hidden_layers, text.num_key_value_heads, head_dim(loaded.model), loaded.model.dtype)
@@ -390,6 +394,10 @@ class Engine:
             found = self._from_blocks(request.kv, tokens)
             if found is not None and (hit is None or found[1] > hit[1]):
                 hit = found
+        if request.documents and self.stored is not None and (hit is None or hit[1] < request.documents[-1][1]):
+            cache = self._new_cache(request.kv)  # stored documents, wherever they sit in the prompt
+            done = self.stored.blend(self.loaded, request.kv, tokens, request.documents, cache, self.blend_share)
+            hit = (cache, done) if done else hit
         if hit is None and self.stored is not None:
             cache = self._new_cache(request.kv)
             done = self.stored.find(request.kv, tokens, cache)

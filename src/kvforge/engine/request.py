@@ -48,6 +48,9 @@ class Request:
     cancelled: bool = False
     first_token_at: float | None = None
     reused_tokens: int = 0  # prompt tokens served from the prefix cache
+    # (start, end) spans of the prompt that are documents reused from the store wherever they sit
+    # (ascending, apart; `kvforge.blend`): the server's `kv_document` content parts
+    documents: list[tuple[int, int]] = field(default_factory=list)
     isolated: bool = False  # a batched step with it failed: from then on it runs alone
     generator: torch.Generator | None = None
 

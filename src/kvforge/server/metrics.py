@@ -64,6 +64,10 @@ def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
         metric("store_read_bytes_total", "counter", "bytes read from the store", got.bytes_read)
         metric("store_written_bytes_total", "counter", "bytes written to the store", got.bytes_written)
         metric("store_evicted_total", "counter", "store entries evicted beyond --store-size", got.evicted)
+        blended = engine.stored.blended
+        metric("store_blended_requests_total", "counter", "requests whose kv_document parts were reused from the store wherever they sat", blended.requests)
+        metric("store_blended_documents_found_total", "counter", "documents of blended requests found in the store (the others were prefilled alone)", blended.documents_stored)
+        metric("store_blend_refreshed_tokens_total", "counter", "tokens of blended documents computed again (--blend-share)", blended.refreshed_tokens)
         tiers = getattr(engine.stored.store, "tiers", [engine.stored.store])
         for name, help_text in TIER_COUNTERS.items():
             metric_name = f"kvforge_store_tier_{name}_total"

@@ -12,6 +12,7 @@ from typing import TypeVar
 from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, ValidationError
 
+from kvforge.blend import DOCUMENT_MARKER, split_documents
 from kvforge.engine import Engine, KVSettings, Request, SamplingParams
 from kvforge.server.errors import APIError
 from kvforge.server.limits import ServerLimits
@@ -88,13 +89,23 @@ class Preparer:
             raise APIError(400, f"{count} messages is over the limit of {self.limits.max_messages} (--max-messages)", "messages")
         body = validate(data, ChatRequest)
         self.check_model(body)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        self.check_length(sum(len(m["content"]) for m in messages), "messages")
+        documents = [d for m in body.messages for d in m.documents()]
+        if documents and self.engine.stored is None:
+            raise APIError(400, "kv_document parts are reused from the server's store: start it with --store DIR|redis://...", "messages")
+        marker = DOCUMENT_MARKER if documents else None
+        messages = [{"role": m.role, "content": m.text(marker)} for m in body.messages]
+        self.check_length(sum(len(m.text()) for m in body.messages), "messages")
         try:
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            if not documents:
+                prompt = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+                return body, self.request(body, prompt, "messages")
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except TemplateError as err:  # raised by the template itself: its message is for the client
             raise APIError(400, f"messages do not fit the model's chat template: {err.message}", "messages") from None
-        return body, self.request(body, list(prompt), "messages")
+        blended = split_documents(self.tokenizer, text, documents)
+        request = self.request(body, blended.ids, "messages")
+        request.documents = blended.spans()
+        return body, request
 
     def completion(self, raw: bytes) -> tuple[CompletionRequest, Request]:
         body = validate(load(raw), CompletionRequest)

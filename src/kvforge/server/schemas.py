@@ -121,11 +121,31 @@ class ChatMessage(BaseModel):
             raise ValueError(f"role {value!r} is not one of {', '.join(ROLES)}")
         return value
 
-    def text(self) -> str:
-        """The message's text (content parts of type text joined)."""
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str | list[dict] | None) -> str | list[dict] | None:
+        for i, part in enumerate(value if isinstance(value, list) else []):
+            if part.get("kv_document") not in (None, False, True):
+                raise ValueError(f"content part {i}: kv_document {part['kv_document']!r} must be true or false")
+            if part.get("kv_document") and (part.get("type") != "text" or not isinstance(part.get("text"), str) or not part["text"].strip()):
+                raise ValueError(f"content part {i}: a kv_document part is a text part with non-empty text")
+        return value
+
+    def text(self, document: str | None = None) -> str:
+        """The message's text (content parts of type text joined); with `document`, each
+        `kv_document` part is that marker instead of its text."""
         if isinstance(self.content, list):
-            return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+            return "".join(
+                document if document is not None and part.get("kv_document") else str(part.get("text", ""))
+                for part in self.content
+                if part.get("type") == "text"
+            )
         return self.content or ""
+
+    def documents(self) -> list[str]:
+        """The text of each content part marked `"kv_document": true` (kvforge's extension: a
+        document reused from the server's store wherever it sits in the prompt)."""
+        return [part["text"] for part in self.content if part.get("kv_document")] if isinstance(self.content, list) else []
 
 
 class ChatRequest(KVFields):

@@ -57,13 +57,17 @@ def find(store: LocalStore | RedisStore, model, policy: Policy, spec: KVSpec, to
     return cache if load(store, entry_key(cache.model_fingerprint, spec, tokens, variant), cache, spec, tokens, variant) else None
 
 
-def cached_prefill(store: LocalStore | RedisStore, loaded: LoadedModel, policy: Policy, spec: KVSpec, tokens: list[int], chunk: int | None) -> tuple[KVCache, bool]:
+def cached_prefill(
+    store: LocalStore | RedisStore, loaded: LoadedModel, policy: Policy, spec: KVSpec, tokens: list[int], chunk: int | None,
+    memory: KVMemory | None = None,
+) -> tuple[KVCache, bool]:  # fmt: skip
     """The cache of `tokens` prefilled and compressed with `spec` (`chunk` tokens at a time): found
-    in the store (True), or prefilled now and stored (False). Paged, over the process's memory."""
+    in the store (True), or prefilled now and stored (False). Paged, over `memory` (default: the
+    process's)."""
     from kvforge.generate import prefill
 
     model = loaded.model
-    memory = shared_memory(model.device, model.dtype, head_dim(model))
+    memory = memory if memory is not None else shared_memory(model.device, model.dtype, head_dim(model))
     key_variant = variant(chunk, model.dtype)
     found = find(store, model, policy, spec, tokens, loaded.tokenizer, memory, key_variant)
     if found is not None:
