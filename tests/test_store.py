@@ -13,7 +13,7 @@ from conftest import left_padded
 from kvforge import KVSpec
 from kvforge.memory.kvmemory import KVMemory
 from kvforge.store import LocalStore, MemoryStore, RedisStore, TieredStore, entry_key, find, keep
-from kvforge.store.entry import DIGEST, DamagedEntry, check
+from kvforge.store.entry import DamagedEntry, check, sealed
 from kvforge.storage import QuantSpec
 from test_policy_matrix import decode
 
@@ -152,16 +152,16 @@ def test_the_cpu_tier_answers_first_and_brings_up_what_the_lower_tier_holds(tiny
 WRITER = """
 import hashlib, random, sys
 from kvforge.store import LocalStore
-from kvforge.store.entry import DIGEST
+from kvforge.store.entry import intact, sealed
 store, seed, count = LocalStore(sys.argv[1], max_bytes=int(sys.argv[4])), int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(seed)
 for i in range(count):
     payload = rng.randbytes(rng.randint(1000, 200_000))
     key = hashlib.blake2b(f"{seed}-{i % 7}".encode(), digest_size=32).hexdigest()  # writers overwrite their own keys too
-    store.put(key, payload + hashlib.blake2b(payload, digest_size=DIGEST).digest(), "m", "s", 1)
+    store.put(key, sealed(payload), "m", "s", 1)
     other = hashlib.blake2b(f"{(seed + 1) % 4}-{i % 7}".encode(), digest_size=32).hexdigest()
     got = store.get(other)  # another writer's entry: whole and intact, or a miss
-    assert got is None or hashlib.blake2b(got[:-DIGEST], digest_size=DIGEST).digest() == got[-DIGEST:]
+    assert got is None or intact(got)
 print(store.stats.corrupt)
 """
 
@@ -216,7 +216,7 @@ def test_the_redis_store_evicts_by_size_drops_damage_and_goes_on_without_its_ser
 
     def entry(size: int, seed: int) -> bytes:
         payload = bytes([seed]) * size
-        return payload + hashlib.blake2b(payload, digest_size=DIGEST).digest()
+        return sealed(payload)
 
     keys = [f"{i:02x}" * 32 for i in range(4)]
     for i, key in enumerate(keys[:3]):

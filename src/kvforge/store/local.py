@@ -1,7 +1,7 @@
 """A store of compressed caches in a local directory, shared safely by several processes.
 
     DIR/index.sqlite          key, size, model, settings, tokens, created, last use (WAL mode)
-    DIR/entries/ab/<key>.kvf  one entry (`entry.py`): its bytes end with their blake2b digest
+    DIR/entries/ab/<key>.kvf  one entry (`entry.py`): its bytes end with their SHA-256 digest
 
 A put writes the entry to a temporary file in the same directory and fsyncs it; then, holding the
 index's write lock, renames it into place (atomic: a reader sees the whole old file or the whole

@@ -2,7 +2,7 @@
 machines: an entry one of them writes is a hit for the others. The same entries as the local
 store (`local.py`), in these Redis keys:
 
-    kvforge:entry:<key>   the entry's bytes (they end with their blake2b digest)
+    kvforge:entry:<key>   the entry's bytes (they end with their SHA-256 digest)
     kvforge:info:<key>    hash: size, model, settings, tokens, created
     kvforge:used          sorted set: key -> last use (eviction takes the lowest)
     kvforge:bytes         the bytes of every entry, kept by the writers
