@@ -13,7 +13,7 @@ from conftest import left_padded
 from kvforge import KVSpec
 from kvforge.memory.kvmemory import KVMemory
 from kvforge.store import LocalStore, MemoryStore, RedisStore, TieredStore, entry_key, find, keep
-from kvforge.store.entry import DamagedEntry, check, sealed
+from kvforge.store.entry import DamagedEntry, block_keys, check, sealed
 from kvforge.storage import QuantSpec
 from test_policy_matrix import decode
 
@@ -147,6 +147,37 @@ def test_the_cpu_tier_answers_first_and_brings_up_what_the_lower_tier_holds(tiny
     assert restarted.stats.hits == 2 and restarted.stats.bytes_read == 2 * cpu.stats.bytes_read
     assert [e.key for e in restarted.entries()] == [e.key for e in lower.entries()]
     assert restarted.delete(entry_key(cache.model_fingerprint, spec, ids)) and restarted.entries() == []
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_a_prompt_sharing_only_the_first_blocks_of_a_stored_prefix_starts_from_them(tiny_model, tmp_path, request, kind):
+    from kvforge import KVCache
+    from kvforge.calibration import fingerprint
+    from kvforge.engine.stored import StoreTier
+    from kvforge.generate import prefill
+
+    spec = KVSpec()  # full precision, uncompressed: a prefix of the cache is the prefix's cache
+    memory = KVMemory(16, torch.float32, "cpu", block_size=16)
+    store = backend(kind, tmp_path, request)
+    tier = StoreTier(store, fingerprint(tiny_model), torch.float32, 16)
+    with torch.inference_mode():
+        cache, _, ids = prefilled(tiny_model, spec, memory)  # 40 tokens, chunks of 16
+        tier.keep(spec, ids, cache)
+        tier.close()  # written
+        other = ids[:35] + [7, 8, 9]  # shares 35 tokens: two full blocks of 16
+        empty = KVCache(tiny_model, spec.build(), layout="paged", memory=memory)
+        assert tier.find(spec, other, empty) == 32
+        alone = KVCache(tiny_model, spec.build(), layout="paged", memory=memory)
+        prefill(tiny_model, alone, ids[:32], chunk=16)
+        for got, want in zip(empty.layers, alone.layers):
+            assert got.seen == want.seen == 32 and got.tokens.tolist() == [32]
+            torch.testing.assert_close(got.storage.view().keys, want.storage.view().keys, rtol=0, atol=0)
+            torch.testing.assert_close(got.storage.view().values, want.storage.view().values, rtol=0, atol=0)
+        # Settings that are not prefix-stable are found whole or not at all.
+        assert tier.find(KVSpec("knorm", 0.5), other, KVCache(tiny_model, KVSpec("knorm", 0.5).build(), layout="paged", memory=memory)) == 0
+    assert store.stats.hits == 1
+    key = entry_key(fingerprint(tiny_model), spec, ids, tier.variant)
+    assert store.delete(key) and store.deepest(block_keys(fingerprint(tiny_model), spec, other, 16, tier.variant)) is None  # its blocks went with it
 
 
 WRITER = """

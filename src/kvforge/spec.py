@@ -42,6 +42,13 @@ class KVSpec:
         object.__setattr__(self, "ratio", float(self.ratio))
 
     @property
+    def prefix_stable(self) -> bool:
+        """Whether a prompt's first tokens' entries do not depend on the tokens after them (the
+        `full` policy at full precision): then the first n tokens of such a cache are the cache
+        of those n tokens, and blocks of it can be shared or stored by their tokens alone."""
+        return self.policy == FULL and not self.quant.enabled
+
+    @property
     def key(self) -> tuple[str, float, str]:
         """(policy, ratio, quantization mode): how eval's rows name a setting."""
         return self.policy, self.ratio, self.quant.mode

@@ -6,8 +6,8 @@ however little of the prompt it shares (one block: `KVMemory.block_size` tokens)
 
 Only settings whose blocks do not depend on later tokens qualify: the `full` policy at full
 precision (`reusable`). A compressing policy decides what a block holds from tokens after it, and
-a quantized cache is held outside the pool; those reuse whole compressed prefixes at chunk
-boundaries instead (`prefixes.py`). A block stays findable after its last row lets it go, until
+a quantized cache's codes depend on how its prompt was chunked; those reuse whole compressed
+prefixes at chunk boundaries instead (`prefixes.py`). A block stays findable after its last row lets it go, until
 the pool hands it out again (oldest freed first).
 """
 
@@ -22,7 +22,7 @@ from kvforge.storage.paged import PagedKV
 
 def reusable(kv: KVSettings) -> bool:
     """Whether a block's entries depend only on the tokens up to its end under these settings."""
-    return kv.policy == "full" and not kv.quant.enabled
+    return kv.prefix_stable
 
 
 class BlockIndex:

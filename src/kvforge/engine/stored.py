@@ -29,7 +29,7 @@ from kvforge.memory import OutOfBlocks
 from kvforge.models import LoadedModel
 from kvforge.store import LocalStore, RedisStore
 from kvforge.store.documents import load, settings_label
-from kvforge.store.entry import encode, entry_key, prefix_keys, variant
+from kvforge.store.entry import block_keys, blocks_of, encode, entry_key, prefix_keys, variant
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ class StoreTier:
         except Exception:  # the store is an optimisation: fail no one for it
             log.exception("copying a prefix for the store failed")
             return
-        self.writer.submit(self._put, key, data, settings_label(kv), len(tokens))
+        self.writer.submit(self._put, key, data, settings_label(kv), len(tokens), blocks_of(cache, kv, tokens, self.variant))
 
-    def _put(self, key: str, data: bytes, settings: str, tokens: int) -> None:
+    def _put(self, key: str, data: bytes, settings: str, tokens: int, blocks: dict[str, int]) -> None:
         try:
-            self.store.put(key, data, self.model, settings, tokens)
+            self.store.put(key, data, self.model, settings, tokens, blocks)
         except Exception:
             log.exception("writing a prefix to the store failed")
 
@@ -76,6 +76,12 @@ class StoreTier:
         try:
             keys = prefix_keys(self.model, kv, tokens[:-1], self.variant)
             n = self.store.longest(keys) + 1
+            if kv.prefix_stable:  # also the first blocks of a longer entry (a partial-document hit)
+                hashes = block_keys(self.model, kv, tokens[:-1], empty.memory.block_size, self.variant)  # type: ignore[union-attr]
+                deepest = self.store.deepest(hashes)
+                if deepest is not None and deepest[1] > n:
+                    key, part = deepest
+                    return part if load(self.store, key, empty, kv, part, self.variant) else 0
             if n == 0:
                 self.store.stats.misses += 1
                 return 0

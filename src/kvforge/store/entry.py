@@ -27,6 +27,7 @@ from safetensors.torch import save as save_tensors
 
 from kvforge.cache import KVCache
 from kvforge.memory import Row, Swapped
+from kvforge.memory.hashing import block_hashes
 from kvforge.memory.kvmemory import KVMemory
 from kvforge.spec import KVSpec
 from kvforge.storage.codec import QuantSpec
@@ -72,6 +73,22 @@ def prefix_keys(model: str, spec: KVSpec, tokens: list[int], variant: str = "") 
         digest.update(raw[8 * n : 8 * n + 8])
         keys.append(digest.copy().hexdigest())
     return keys
+
+
+def block_keys(model: str, spec: KVSpec, tokens: list[int], block_size: int, variant: str = "") -> list[str]:
+    """The chained hash of each full block of `tokens` (`memory.hashing`, as the pool marks its
+    blocks), keyed by what entry keys name besides tokens: an entry of `spec.prefix_stable`
+    settings is found by the prompts that share only its first blocks."""
+    return [f"{h:032x}" for h in block_hashes(tokens, block_size, _settings_digest(model, spec, variant).digest())]
+
+
+def blocks_of(cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "") -> dict[str, int]:
+    """{block hash: tokens up to its end} of a cache a store keeps (none unless its settings
+    are prefix-stable: only then is a prefix of it the cache of that prefix)."""
+    if not spec.prefix_stable or cache.memory is None:
+        return {}
+    size = cache.memory.block_size
+    return {h: (i + 1) * size for i, h in enumerate(block_keys(cache.model_fingerprint, spec, tokens, size, variant))}
 
 
 def encode(cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "") -> bytes:
@@ -139,14 +156,21 @@ def check(data: bytes, verified: bool = False) -> tuple[dict[str, Any], dict[str
     return header, tensors
 
 
-def decode(data: bytes, cache: KVCache, spec: KVSpec, tokens: list[int], variant: str = "", verified: bool = False) -> None:
+def decode(
+    data: bytes, cache: KVCache, spec: KVSpec, tokens: list[int] | str, variant: str = "", verified: bool = False
+) -> None:  # fmt: skip
     """Fill `cache` (new, paged over a memory of its own: `KVCache(..., layout="paged",
-    memory=...)`, built with `spec`'s policy and quantization) with what the entry holds. DamagedEntry when it is not the entry of these
-    tokens, settings and model."""
+    memory=...)`, built with `spec`'s policy and quantization) with what the entry holds.
+    DamagedEntry when it is not the entry of these tokens (or of this key, for an entry found by
+    its blocks, whose later tokens are not known), settings and model."""
     header, tensors = check(data, verified)
     if header["model"] != cache.model_fingerprint:
         raise DamagedEntry(f"the entry was made by model {header['model'][:12]}, not {cache.model_fingerprint[:12]}")
-    if header["key"] != entry_key(cache.model_fingerprint, spec, tokens, variant) or header["tokens"] != len(tokens):
+    if isinstance(tokens, str):
+        matches = header["key"] == tokens
+    else:
+        matches = header["key"] == entry_key(cache.model_fingerprint, spec, tokens, variant) and header["tokens"] == len(tokens)
+    if not matches:
         raise DamagedEntry("the entry stands for other tokens or settings")
     if cache.memory is None:
         raise ValueError("decode() fills a cache made with memory=: give it the KVMemory its blocks go to")

@@ -28,17 +28,22 @@ from kvforge.store.entry import intact
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    key TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    model TEXT NOT NULL,
-    settings TEXT NOT NULL,
-    tokens INTEGER NOT NULL,
-    created REAL NOT NULL,
-    last_used REAL NOT NULL
-)
-"""
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS entries (
+        key TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        settings TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        created REAL NOT NULL,
+        last_used REAL NOT NULL
+    )""",
+    # The full blocks an entry's first tokens make (`Blocks`): a prompt sharing only them finds it.
+    "CREATE TABLE IF NOT EXISTS blocks (hash TEXT PRIMARY KEY, key TEXT NOT NULL, tokens INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS blocks_by_key ON blocks (key)",
+]
+
+Blocks = dict[str, int]  # the chained hash of each full block of an entry's tokens -> tokens up to its end
 
 
 @dataclass
@@ -77,7 +82,8 @@ class LocalStore:
             raise ValueError(f"--store {str(root)!r} cannot be used as a store directory: {err}") from err
         self.stats = StoreStats()
         with self._index() as db:
-            db.execute(SCHEMA)
+            for statement in SCHEMA:
+                db.execute(statement)
 
     def _index(self, write: bool = True) -> sqlite3.Connection:
         """A connection for one operation (used as a context manager: one transaction). Reads
@@ -108,7 +114,7 @@ class LocalStore:
                     if data is None:
                         log.warning("store entry %s is damaged: dropped", key[:12])
                         self.stats.corrupt += 1
-                        db.execute("DELETE FROM entries WHERE key = ?", (key,))
+                        _forget(db, key)
                         self._path(key).unlink(missing_ok=True)
         if data is None:
             self.stats.misses += 1
@@ -145,6 +151,18 @@ class LocalStore:
                 found.update(row[0] for row in db.execute(f"SELECT key FROM entries WHERE key IN ({marks})", batch))
         return max((i for i, key in enumerate(keys) if key in found), default=-1)
 
+    def deepest(self, hashes: list[str]) -> tuple[str, int] | None:
+        """The entry holding the longest run of these chained block hashes (a prompt's, in
+        order), and the tokens that run covers; None when not even the first block is held."""
+        found: tuple[str, int] | None = None
+        with self._index(write=False) as db:
+            for start in range(0, len(hashes), 500):
+                batch = hashes[start : start + 500]
+                marks = ",".join("?" * len(batch))
+                for key, tokens in db.execute(f"SELECT key, tokens FROM blocks WHERE hash IN ({marks})", batch):
+                    found = (key, tokens) if found is None or tokens > found[1] else found
+        return found
+
     def entries(self) -> list[EntryInfo]:
         """Every entry, most recently used first."""
         with self._index(write=False) as db:
@@ -158,9 +176,9 @@ class LocalStore:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, model: str, settings: str, tokens: int) -> bool:
-        """Store `data` under `key` (replacing what was there). False when it is larger than the
-        whole store may hold (nothing is written then)."""
+    def put(self, key: str, data: bytes, model: str, settings: str, tokens: int, blocks: Blocks | None = None) -> bool:
+        """Store `data` under `key` (replacing what was there), findable also by its `blocks`.
+        False when it is larger than the whole store may hold (nothing is written then)."""
         if self.max_bytes is not None and len(data) > self.max_bytes:
             log.warning("a store entry of %d bytes is larger than --store-size (%d): not stored", len(data), self.max_bytes)
             return False
@@ -180,6 +198,7 @@ class LocalStore:
                     "INSERT OR REPLACE INTO entries (key, size, model, settings, tokens, created, last_used) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (key, len(data), model, settings, tokens, now, now),
                 )
+                db.executemany("INSERT OR REPLACE INTO blocks (hash, key, tokens) VALUES (?, ?, ?)", [(h, key, n) for h, n in (blocks or {}).items()])
                 for old in self._evict(db, keep=key):
                     self._path(old).unlink(missing_ok=True)
         finally:
@@ -197,7 +216,7 @@ class LocalStore:
         for key, size in db.execute("SELECT key, size FROM entries WHERE key != ? ORDER BY last_used ASC", (keep,)).fetchall():
             if total <= self.max_bytes:
                 break
-            db.execute("DELETE FROM entries WHERE key = ?", (key,))
+            _forget(db, key)
             total -= size
             dropped.append(key)
         self.stats.evicted += len(dropped)
@@ -206,7 +225,7 @@ class LocalStore:
     def delete(self, key: str) -> bool:
         """Forget `key` and remove its file; whether it was there."""
         with self._index() as db:
-            gone = db.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
+            gone = _forget(db, key)
             self._path(key).unlink(missing_ok=True)
         return gone
 
@@ -227,6 +246,12 @@ class _Transaction:
             self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
         finally:
             self.db.close()
+
+
+def _forget(db: sqlite3.Connection, key: str) -> bool:
+    """Drop `key`'s index row and its blocks (its file is the caller's); whether it was there."""
+    db.execute("DELETE FROM blocks WHERE key = ?", (key,))
+    return db.execute("DELETE FROM entries WHERE key = ?", (key,)).rowcount > 0
 
 
 def _fsync_dir(path: Path) -> None:

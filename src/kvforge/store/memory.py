@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from kvforge.store.local import EntryInfo, StoreStats
+from kvforge.store.local import Blocks, EntryInfo, StoreStats
 
 
 class MemoryStore:
@@ -25,6 +25,7 @@ class MemoryStore:
         self.max_bytes = max_bytes
         self.stats = StoreStats()
         self._entries: OrderedDict[str, tuple[bytes, EntryInfo]] = OrderedDict()  # least recently used first
+        self._blocks: dict[str, tuple[str, int]] = {}  # block hash -> (key, tokens)
         self._nbytes = 0
         self._lock = threading.Lock()
 
@@ -50,6 +51,11 @@ class MemoryStore:
         with self._lock:
             return max((i for i, key in enumerate(keys) if key in self._entries), default=-1)
 
+    def deepest(self, hashes: list[str]) -> tuple[str, int] | None:
+        """As `LocalStore.deepest`."""
+        with self._lock:
+            return max((self._blocks[h] for h in hashes if h in self._blocks), key=lambda kt: kt[1], default=None)
+
     def entries(self) -> list[EntryInfo]:
         """Every entry, most recently used first."""
         with self._lock:
@@ -59,7 +65,7 @@ class MemoryStore:
     def nbytes(self) -> int:
         return self._nbytes
 
-    def put(self, key: str, data: bytes, model: str, settings: str, tokens: int) -> bool:
+    def put(self, key: str, data: bytes, model: str, settings: str, tokens: int, blocks: Blocks | None = None) -> bool:
         """Hold `data` under `key`, dropping the least recently used entries beyond the limit;
         False when it is larger than the whole limit (nothing held then)."""
         if len(data) > self.max_bytes:
@@ -68,6 +74,7 @@ class MemoryStore:
         with self._lock:
             self._drop(key)
             self._entries[key] = (data, EntryInfo(key, len(data), model, settings, tokens, now, now))
+            self._blocks.update({h: (key, n) for h, n in (blocks or {}).items()})
             self._nbytes += len(data)
             while self._nbytes > self.max_bytes:
                 oldest = next(iter(self._entries))
@@ -84,4 +91,6 @@ class MemoryStore:
         found = self._entries.pop(key, None)
         if found is not None:
             self._nbytes -= len(found[0])
+            for h in [h for h, (k, _) in self._blocks.items() if k == key]:
+                del self._blocks[h]
         return found is not None

@@ -6,6 +6,9 @@ store (`local.py`), in these Redis keys:
     kvforge:info:<key>    hash: size, model, settings, tokens, created
     kvforge:used          sorted set: key -> last use (eviction takes the lowest)
     kvforge:bytes         the bytes of every entry, kept by the writers
+    kvforge:blocks        hash: a full block's chained hash -> "<key> <tokens>" (`local.Blocks`)
+    kvforge:blockset:<key>  set: the block hashes an entry put there, dropped with it (a hash a
+                          later entry took over goes too: a miss, never a wrong entry)
 
 A write is one MULTI/EXEC transaction (entry, info, last use, byte count), then the least recently
 used entries go while the count is above `max_bytes`. The digest is checked on every read, so a
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from kvforge.store.entry import intact
-from kvforge.store.local import EntryInfo, StoreStats
+from kvforge.store.local import Blocks, EntryInfo, StoreStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,6 +89,15 @@ class RedisStore:
 
         return self._safely("longest", look, -1)
 
+    def deepest(self, hashes: list[str]) -> tuple[str, int] | None:
+        """As `LocalStore.deepest`."""
+
+        def look() -> tuple[str, int] | None:
+            found = [v.decode().split() for v in self.client.hmget(PREFIX + "blocks", hashes) if v is not None] if hashes else []
+            return max(((key, int(tokens)) for key, tokens in found), key=lambda kt: kt[1], default=None)
+
+        return self._safely("deepest", look, None)
+
     def get(self, key: str) -> bytes | None:
         data = self._safely("get", lambda: self.client.get(PREFIX + "entry:" + key), None)
         if data is None:
@@ -121,7 +133,7 @@ class RedisStore:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def put(self, key: str, data: bytes, model: str, settings: str, tokens: int) -> bool:
+    def put(self, key: str, data: bytes, model: str, settings: str, tokens: int, blocks: Blocks | None = None) -> bool:
         if self.max_bytes is not None and len(data) > self.max_bytes:
             log.warning("a store entry of %d bytes is larger than --store-size (%d): not stored", len(data), self.max_bytes)
             return False
@@ -134,6 +146,9 @@ class RedisStore:
             pipe.hset(PREFIX + "info:" + key, mapping={"size": len(data), "model": model, "settings": settings, "tokens": tokens, "created": now})
             pipe.zadd(PREFIX + "used", {key: now})
             pipe.incrby(PREFIX + "bytes", len(data))
+            if blocks:  # hash -> "key tokens", and the entry's hashes, to drop them with it
+                pipe.hset(PREFIX + "blocks", mapping={h: f"{key} {n}" for h, n in blocks.items()})
+                pipe.sadd(PREFIX + "blockset:" + key, *blocks)
             pipe.execute()
             self._evict(keep=key)
             return True
@@ -154,8 +169,11 @@ class RedisStore:
 
     def _drop(self, key: str) -> bool:
         size = self.client.hget(PREFIX + "info:" + key, "size")
+        hashes = self.client.smembers(PREFIX + "blockset:" + key)
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(PREFIX + "entry:" + key, PREFIX + "info:" + key)
+        pipe.delete(PREFIX + "entry:" + key, PREFIX + "info:" + key, PREFIX + "blockset:" + key)
+        if hashes:
+            pipe.hdel(PREFIX + "blocks", *hashes)
         pipe.zrem(PREFIX + "used", key)
         if size is not None:
             pipe.decrby(PREFIX + "bytes", int(size))

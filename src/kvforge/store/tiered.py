@@ -11,7 +11,7 @@ read as it does alone; the memory tier holds only bytes that were checked or mad
 
 from __future__ import annotations
 
-from kvforge.store.local import EntryInfo, LocalStore, StoreStats
+from kvforge.store.local import Blocks, EntryInfo, LocalStore, StoreStats
 from kvforge.store.memory import MemoryStore
 from kvforge.store.shared import RedisStore
 
@@ -41,6 +41,10 @@ class TieredStore:
     def longest(self, keys: list[str]) -> int:
         return max(self.upper.longest(keys), self.lower.longest(keys))
 
+    def deepest(self, hashes: list[str]) -> tuple[str, int] | None:
+        found = [f for f in (self.upper.deepest(hashes), self.lower.deepest(hashes)) if f is not None]
+        return max(found, key=lambda kt: kt[1], default=None)
+
     def entries(self) -> list[EntryInfo]:
         """What the lower tier holds, and what only the memory tier holds (not written yet)."""
         below = self.lower.entries()
@@ -51,9 +55,9 @@ class TieredStore:
     def nbytes(self) -> int:
         return self.lower.nbytes
 
-    def put(self, key: str, data: bytes, model: str, settings: str, tokens: int) -> bool:
-        held = self.upper.put(key, data, model, settings, tokens)
-        kept = self.lower.put(key, data, model, settings, tokens)
+    def put(self, key: str, data: bytes, model: str, settings: str, tokens: int, blocks: Blocks | None = None) -> bool:
+        held = self.upper.put(key, data, model, settings, tokens, blocks)
+        kept = self.lower.put(key, data, model, settings, tokens, blocks)
         if held or kept:
             self.stats.bytes_written += len(data)
         self.stats.evicted = sum(tier.stats.evicted for tier in self.tiers)
