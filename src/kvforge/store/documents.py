@@ -65,7 +65,7 @@ def cut(cache: KVCache, tokens: int) -> None:
             raise DamagedEntry(f"the entry holds {layer.seen} tokens, not the {tokens} its blocks said")
         view = storage.view()
         kept = view.valid & (view.positions < tokens)
-        storage.keep(view, torch.arange(kept.shape[-1]).expand_as(kept).contiguous(), kept)
+        storage.keep(view, torch.arange(kept.shape[-1], device=kept.device).expand_as(kept).contiguous(), kept)
         layer.seen, layer.tokens = tokens, torch.tensor([tokens])
         layer.held.update(layer.layer_idx, storage.allocated_nbytes)
 
