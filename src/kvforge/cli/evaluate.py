@@ -85,7 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from kvforge.eval.report import write_reports
-    from kvforge.eval.runner import EvalConfig, run_eval, total_rows
+    from kvforge.eval.runner import EvalConfig, Workers, run_eval, total_rows
     from kvforge.calibration import find_calibration, fingerprint
     from kvforge.policies import make_policy, methods
 
@@ -105,6 +105,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         quant_group=args.quant_group, quant_residual=args.quant_residual, quant_split=args.quant_split, dtype=args.dtype,
     )  # fmt: skip
     cfg.validate()
+    workers = None
+    if args.workers is not None:
+        from kvforge.eval.distributed import require_ray
+
+        require_ray()  # before the model loads: one line when Ray is missing
+        workers = Workers(args.workers, args.ray_address, args.device)
+    elif args.ray_address is not None:
+        raise ValueError(f"--ray-address {args.ray_address} names the cluster --workers run on: give --workers N too")
     loaded = load(args)
     made = [make_policy(n) for n in cfg.policies]
     ensure_calibration(loaded, made)
@@ -119,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             progress.update(bar, description=f"{row.task} #{row.sample} {row.policy} {row.ratio:g}{quant}")
             progress.advance(bar)
 
-        rows, stats = run_eval(loaded, cfg, out, force=args.force, on_row=on_row)
+        rows, stats = run_eval(loaded, cfg, out, force=args.force, on_row=on_row, workers=workers)
         progress.update(bar, completed=total)
     calibration = find_calibration(fingerprint(loaded.model))
     needed = any(p.needs_calibration for p in made)
@@ -200,6 +208,10 @@ def register(sub: Any) -> None:
     add_device_args(ev)
     ev.add_argument("--out", default="results/eval")
     ev.add_argument("--force", action="store_true", help="discard results of another configuration in --out")
+    ev.add_argument("--workers", type=positive_int("--workers"), default=None, metavar="N",
+                    help="run the sweep on N Ray actors, each loading the model once (pip install 'kvforge[distributed]')")
+    ev.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                    help="with --workers: join this Ray cluster (default: start a local one)")
     ev.set_defaults(func=cmd_eval)
 
     fid = sub.add_parser("fidelity", help="KL from the full cache and top-1 agreement over a teacher-forced text")

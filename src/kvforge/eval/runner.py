@@ -404,14 +404,47 @@ def answer_group(
         )
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What one `run_group` call does: a sample group, in one setting, for the KV settings any of
+    its samples lacks. Small and picklable: a worker rebuilds the group from the configuration."""
+
+    group: int  # index in `groups(loaded, cfg)` order
+    query_aware: bool
+    combos: tuple[KVSpec, ...]
+
+
+def plan(loaded: LoadedModel, cfg: EvalConfig, done: set[tuple]) -> tuple[list[list[tuple[int, Case]]], list[Unit]]:
+    """Every sample group of `cfg`, and the units that make the rows `done` does not hold (a
+    setting is redone for a whole group when any of its samples lacks it)."""
+    combos = cfg.combos()
+    all_groups = list(groups(loaded, cfg))
+    units = []
+    for index, group in enumerate(all_groups):
+        for query_aware in cfg.settings:
+            todo = tuple(
+                c for c in combos
+                if any((case.task, s, query_aware, *c.key, q) not in done for s, case in group for q in range(cfg.questions))
+            )  # fmt: skip
+            if todo:
+                units.append(Unit(index, query_aware, todo))
+    return all_groups, units
+
+
+def run_unit(loaded: LoadedModel, cfg: EvalConfig, group: list[tuple[int, Case]], unit: Unit, policies: dict[KVSpec, Policy], stats: SweepStats) -> Iterator[EvalRow]:
+    return run_group(loaded, group, unit.query_aware, list(unit.combos), policies, stats, cfg.prefill_chunk, cfg.questions)
+
+
 def run_eval(
     loaded: LoadedModel,
     cfg: EvalConfig,
     out: Path,
     force: bool = False,
     on_row: Callable[[EvalRow], None] | None = None,
+    workers: Workers | None = None,
 ) -> tuple[list[EvalRow], SweepStats]:
-    """Run what `out` does not hold yet; return every row of the configuration and sweep stats."""
+    """Run what `out` does not hold yet; return every row of the configuration and sweep stats.
+    With `workers`, the units run on Ray actors (`distributed.py`); this process alone writes."""
     cfg.validate()
     if loaded.dtype_name != cfg.dtype:
         raise ValueError(f"the model is loaded in {loaded.dtype_name} but the eval configuration says --dtype {cfg.dtype}")
@@ -419,37 +452,45 @@ def run_eval(
         spec.check_head_dim(head_dim(loaded.model))
     lock = lock_out(out)
     try:
-        return _run_locked(loaded, cfg, out, force, on_row)
+        return _run_locked(loaded, cfg, out, force, on_row, workers)
     finally:
         lock.close()
 
 
+@dataclass
+class Workers:
+    """Where units run besides this process: `count` Ray actors, on a local cluster (`address`
+    None) or the one at `address` ("auto", "HOST:PORT")."""
+
+    count: int
+    address: str | None = None
+    device: str | None = "cpu"
+
+
 def _run_locked(
-    loaded: LoadedModel, cfg: EvalConfig, out: Path, force: bool, on_row: Callable[[EvalRow], None] | None
+    loaded: LoadedModel, cfg: EvalConfig, out: Path, force: bool, on_row: Callable[[EvalRow], None] | None, workers: Workers | None
 ) -> tuple[list[EvalRow], SweepStats]:
     rows = prepare_out(out, cfg, force)
     done = {r.key for r in rows}
-    combos = cfg.combos()
-    policies = built(combos)
+    all_groups, units = plan(loaded, cfg, done)
     stats = SweepStats()
     start = time.perf_counter()
-    for group in groups(loaded, cfg):
-        for query_aware in cfg.settings:
-            # A combo is redone for the whole group when any of its samples lacks it.
-            todo = [
-                c for c in combos
-                if any((case.task, s, query_aware, *c.key, q) not in done for s, case in group for q in range(cfg.questions))
-            ]  # fmt: skip
-            if not todo:
-                continue
-            for row in run_group(loaded, group, query_aware, todo, policies, stats, cfg.prefill_chunk, cfg.questions):
-                if row.key in done:
-                    continue
-                append_row(out / ROWS, row)
-                rows.append(row)
-                stats.rows += 1
-                if on_row is not None:
-                    on_row(row)
+    if workers is None:
+        policies = built(cfg.combos())
+        made = (row for unit in units for row in run_unit(loaded, cfg, all_groups[unit.group], unit, policies, stats))
+    else:
+        from kvforge.eval.distributed import run_units
+
+        made = run_units(cfg, units, workers, stats)
+    for row in made:
+        if row.key in done:  # a unit run again (a worker died) or a setting redone for its group
+            continue
+        done.add(row.key)
+        append_row(out / ROWS, row)
+        rows.append(row)
+        stats.rows += 1
+        if on_row is not None:
+            on_row(row)
     stats.seconds = time.perf_counter() - start
     log.info("sweep: %d rows, %d prefills, %.1fs", stats.rows, stats.prefills, stats.seconds)
     return own_rows(rows, cfg), stats

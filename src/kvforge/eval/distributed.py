@@ -1,0 +1,113 @@
+"""An eval sweep on Ray actors: `kvforge eval --workers N [--ray-address auto|HOST:PORT]`.
+
+Each actor loads the model once and rebuilds the sample groups from the configuration (seeds,
+task files), so a unit of work (`runner.Unit`: a group index, a setting, the KV settings to run)
+is a few integers and names, and what comes back is rows: no tensor crosses processes. The
+command's process hands units to idle actors, writes rows as units finish, and stays the only
+writer of `rows.jsonl` (the lock, resume and progress bar are its own). An actor that dies is
+restarted by Ray and its unit handed out again; the rows of a unit come back together, after it
+ran whole, so a death loses at most that unit's work and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from kvforge.eval.runner import EvalConfig, EvalRow, SweepStats, Unit, Workers, built, groups, run_unit
+from kvforge.models import load_model
+
+log = logging.getLogger(__name__)
+
+MAX_RUNS = 3  # times a unit is handed out before its worker's deaths end the sweep
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--workers runs on Ray, which is not installed: pip install 'kvforge[distributed]'") from None
+    return ray
+
+
+class Worker:
+    """One Ray actor: the model loaded once, the configuration's sample groups rebuilt."""
+
+    def __init__(self, cfg: EvalConfig, threads: int, device: str | None) -> None:
+        torch.set_num_threads(threads)
+        self.loaded = load_model(cfg.model, cfg.dtype, device)
+        self.cfg = cfg
+        self.groups = list(groups(self.loaded, cfg))
+        self.policies = built(cfg.combos())
+
+    def run(self, unit: Unit) -> tuple[list[EvalRow], SweepStats]:
+        stats = SweepStats()
+        rows = list(run_unit(self.loaded, self.cfg, self.groups[unit.group], unit, self.policies, stats))
+        return rows, stats
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def start(workers: Workers) -> Any:
+    """Ray, joined to the cluster at `workers.address` or a local one started here."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        if workers.address is None:  # a local cluster: as many CPUs as the machine, no dashboard
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=workers.address, log_to_driver=False)
+    return ray
+
+
+def actors(ray: Any, cfg: EvalConfig, workers: Workers) -> list[Any]:
+    """`workers.count` actors sharing the cluster's CPUs: each runs torch on its share."""
+    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    threads = max(1, cpus // workers.count)
+    remote = ray.remote(num_cpus=min(threads, cpus), max_restarts=MAX_RUNS)(Worker)
+    return [remote.remote(cfg, threads, workers.device) for _ in range(workers.count)]
+
+
+def run_units(cfg: EvalConfig, units: list[Unit], workers: Workers, stats: SweepStats) -> Iterator[EvalRow]:
+    """The rows of `units`, unit by unit as the actors finish them (in no set order)."""
+    ray = start(workers)
+    pool = actors(ray, cfg, workers)
+    queue: deque[Unit] = deque(units)
+    runs: dict[Unit, int] = {}
+    running: dict[Any, tuple[Unit, Any]] = {}  # result reference -> (unit, actor)
+    idle = list(pool)
+    try:
+        while queue or running:
+            while queue and idle:
+                unit, actor = queue.popleft(), idle.pop()
+                runs[unit] = runs.get(unit, 0) + 1
+                running[actor.run.remote(unit)] = (unit, actor)
+            (ready,), _ = ray.wait(list(running), num_returns=1)
+            unit, actor = running.pop(ready)
+            idle.append(actor)  # a dead actor is restarted by Ray: calls wait for it
+            try:
+                rows, part = ray.get(ready)
+            except ray.exceptions.RayActorError as err:
+                if runs[unit] >= MAX_RUNS:
+                    raise RuntimeError(f"a unit of the sweep lost its worker {runs[unit]} times; the last: {err}") from None
+                log.warning("a worker died running a unit (%s): it runs again", type(err).__name__)
+                queue.appendleft(unit)
+                continue
+            merge(stats, part)
+            yield from rows
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+
+
+def merge(stats: SweepStats, part: SweepStats) -> None:
+    """Add what a worker counted for one unit to the sweep's stats."""
+    stats.prefills += part.prefills
+    stats.prefill_seconds += part.prefill_seconds
+    if stats.per_row_prefill_seconds is None:
+        stats.per_row_prefill_seconds, stats.per_row_prefill_policy = part.per_row_prefill_seconds, part.per_row_prefill_policy
