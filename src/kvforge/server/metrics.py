@@ -43,6 +43,11 @@ def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
         shown = f"{value:.0f}" if float(value).is_integer() else f"{value:.6g}"  # byte counts stay exact
         lines.extend([f"# HELP kvforge_{name} {help_text}", f"# TYPE kvforge_{name} {kind}", f"kvforge_{name} {shown}"])
 
+    def counters(name: str, help_text: str, label: str, values: dict[str, int]) -> None:
+        """One counter with a value per `label` value."""
+        lines.extend([f"# HELP kvforge_{name} {help_text}", f"# TYPE kvforge_{name} counter"])
+        lines.extend(f'kvforge_{name}{{{label}="{key}"}} {count}' for key, count in values.items())
+
     for name, value in engine.snapshot().items():
         metric(name, "gauge", GAUGES[name], value)
     stats = engine.stats
@@ -70,12 +75,10 @@ def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
         metric("store_blend_refreshed_tokens_total", "counter", "tokens of blended documents computed again (--blend-share)", blended.refreshed_tokens)
         tiers = getattr(engine.stored.store, "tiers", [engine.stored.store])
         for name, help_text in TIER_COUNTERS.items():
-            metric_name = f"kvforge_store_tier_{name}_total"
-            lines.extend([f"# HELP {metric_name} {help_text}, per tier (cpu: --cpu-memory; disk or redis: --store)", f"# TYPE {metric_name} counter"])
-            lines.extend(f'{metric_name}{{tier="{tier.name}"}} {getattr(tier.stats, name)}' for tier in tiers)
+            per_tier = {tier.name: getattr(tier.stats, name) for tier in tiers}
+            counters(f"store_tier_{name}_total", f"{help_text}, per tier (cpu: --cpu-memory; disk or redis: --store)", "tier", per_tier)
     uptime = time.perf_counter() - stats.started
     metric("generated_tokens_per_second", "gauge", "tokens generated per second since start", stats.generated_tokens / max(uptime, 1e-9))
-    name = "kvforge_requests_refused_total"
-    lines.extend([f"# HELP {name} requests answered with an error status (4xx, 5xx), by status", f"# TYPE {name} counter"])
-    lines.extend(f'{name}{{status="{status}"}} {count}' for status, count in sorted((refused or Counter()).items()))
+    by_status = {str(status): count for status, count in sorted((refused or Counter()).items())}
+    counters("requests_refused_total", "requests answered with an error status (4xx, 5xx), by status", "status", by_status)
     return "\n".join(lines) + "\n"
