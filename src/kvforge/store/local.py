@@ -143,25 +143,23 @@ class LocalStore:
 
     def longest(self, keys: list[str]) -> int:
         """The largest i such that keys[i] is stored, or -1 (one index query per 500 keys)."""
-        found: set[str] = set()
-        with self._index(write=False) as db:
-            for start in range(0, len(keys), 500):
-                batch = keys[start : start + 500]
-                marks = ",".join("?" * len(batch))
-                found.update(row[0] for row in db.execute(f"SELECT key FROM entries WHERE key IN ({marks})", batch))
+        found = {key for (key,) in self._rows_in("SELECT key FROM entries WHERE key", keys)}
         return max((i for i, key in enumerate(keys) if key in found), default=-1)
 
     def deepest(self, hashes: list[str]) -> tuple[str, int] | None:
         """The entry holding the longest run of these chained block hashes (a prompt's, in
         order), and the tokens that run covers; None when not even the first block is held."""
-        found: tuple[str, int] | None = None
+        found = self._rows_in("SELECT key, tokens FROM blocks WHERE hash", hashes)
+        return max(found, key=lambda row: row[1], default=None)
+
+    def _rows_in(self, select: str, values: list[str]) -> list[tuple]:
+        """The rows of `select` ("... WHERE column") IN `values`, 500 values a query."""
+        rows: list[tuple] = []
         with self._index(write=False) as db:
-            for start in range(0, len(hashes), 500):
-                batch = hashes[start : start + 500]
-                marks = ",".join("?" * len(batch))
-                for key, tokens in db.execute(f"SELECT key, tokens FROM blocks WHERE hash IN ({marks})", batch):
-                    found = (key, tokens) if found is None or tokens > found[1] else found
-        return found
+            for start in range(0, len(values), 500):
+                batch = values[start : start + 500]
+                rows += db.execute(f"{select} IN ({','.join('?' * len(batch))})", batch).fetchall()
+        return rows
 
     def entries(self) -> list[EntryInfo]:
         """Every entry, most recently used first."""
