@@ -88,8 +88,7 @@ class StoreTier:
             return n if load(self.store, keys[n - 1], empty, kv, tokens[:n], self.variant) else 0
         except (OutOfBlocks, OSError, sqlite3.Error) as err:
             log.warning("a stored prefix could not be used (%s): prefilling instead", err)
-            for layer in empty.layers:  # whatever was brought in goes back to the pool
-                layer.storage = None
+            empty.reset()  # whatever was brought in goes back to the pool
             return 0
 
     def blend(self, loaded: LoadedModel, kv: KVSettings, tokens: list[int], documents: list[tuple[int, int]], empty: KVCache, share: float) -> int:
@@ -113,8 +112,7 @@ class StoreTier:
             stored, refreshed = blend(loaded, kv, empty, segments, kinds, self.store, share, self.chunk)
         except (OutOfBlocks, OSError, sqlite3.Error) as err:
             log.warning("stored documents could not be blended (%s): prefilling instead", err)
-            for layer in empty.layers:  # whatever was brought in goes back to the pool
-                layer.storage = None
+            empty.reset()  # whatever was brought in goes back to the pool
             return 0
         self.blended.requests += 1
         self.blended.documents_stored += stored

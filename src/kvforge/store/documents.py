@@ -50,8 +50,7 @@ def load(store: LocalStore | RedisStore, key: str, cache: KVCache, spec: KVSpec,
         store.stats.hits -= 1
         store.stats.misses += 1
         store.delete(key)
-        for layer in cache.layers:  # whatever was brought in goes back to the pool
-            layer.storage = None
+        cache.reset()  # whatever was brought in goes back to the pool
         return False
     return True
 
