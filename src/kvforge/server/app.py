@@ -20,17 +20,22 @@ from kvforge.engine import Engine
 from kvforge.server import errors
 from kvforge.server.guard import Guard
 from kvforge.server.limits import ServerLimits
-from kvforge.server.prepare import Preparer
+from kvforge.server.prepare import Preparer, prompter_for
 from kvforge.server.routes import router
-from kvforge.server.state import ServerState
+from kvforge.server.state import Backend, EngineBackend, ServerState
 
 
 def create_app(engine: Engine, model_name: str, default_ratio: float = 0.5, limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (already started) as model `model_name`. A request that
     names a compressing `kv_policy` without `kv_ratio` gets `default_ratio` (the server's --ratio)."""
     limits = limits or ServerLimits()
-    preparer = Preparer(engine, {model_name, "default", engine.loaded.name}, model_name, default_ratio, limits)
-    kv = ServerState(engine, model_name, preparer, limits)
+    preparer = Preparer(engine, prompter_for(engine, model_name, limits), default_ratio)
+    return app_over(EngineBackend(engine, preparer), model_name, limits)
+
+
+def app_over(backend: Backend, model_name: str, limits: ServerLimits) -> FastAPI:
+    """The FastAPI app of the routes over `backend`, behind the guard."""
+    kv = ServerState(backend, model_name, limits)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field as dataclass_field
 from typing import TypeVar
 
 from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, ValidationError
+from transformers import PreTrainedTokenizerBase
 
 from kvforge.blend import DOCUMENT_MARKER, split_documents
 from kvforge.engine import Engine, KVSettings, Request, SamplingParams
@@ -66,22 +68,34 @@ def field_path(loc: tuple[int | str, ...]) -> str | None:
     return ".".join(kept) or None
 
 
-class Preparer:
-    """Builds checked engine requests for one engine, as the server's flags say."""
+@dataclass
+class Prompt:
+    """A request body read, validated and tokenized: all that the tokenizer alone decides. It
+    crosses processes (a replicated server tokenizes in front of its replicas), so it holds no
+    engine state."""
 
-    def __init__(self, engine: Engine, names: set[str], served_as: str, default_ratio: float, limits: ServerLimits) -> None:
-        self.engine, self.names, self.served_as, self.default_ratio, self.limits = engine, names, served_as, default_ratio, limits
-        self.tokenizer = engine.loaded.tokenizer
+    body: ChatRequest | CompletionRequest
+    ids: list[int]  # [prompt tokens]
+    field: str  # the body's field an error about the prompt names: "messages" or "prompt"
+    documents: list[tuple[int, int]] = dataclass_field(default_factory=list)  # kv_document spans, ascending
+
+
+class Prompter:
+    """The tokenizer's part of preparing a request: parse, validate, name the model, apply the
+    chat template, tokenize. `window`: the model's context length in tokens (None: unbounded)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, names: set[str], served_as: str, window: int | None, limits: ServerLimits) -> None:
+        self.tokenizer, self.names, self.served_as, self.window, self.limits = tokenizer, names, served_as, window, limits
         # No token covers more characters than the longest vocabulary entry (byte-level entries
         # hold one character per byte), so a prompt of C characters has at least C / this many
         # tokens: if the tokenizer drops no characters (whitespace, say), which a round trip of a
         # probe text checks. Byte-level BPE tokenizers pass (SmolLM2's does; a word-level one does not).
-        self.longest_token = max(len(t) for t in self.tokenizer.get_vocab())
+        self.longest_token = max(len(t) for t in tokenizer.get_vocab())
         probe = "a  b\n\n\tc  \u00e9 \u65e5\u672c \U0001f642 x"
-        ids = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
-        self.keeps_every_char = self.tokenizer.decode(ids, skip_special_tokens=True) == probe
+        ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+        self.keeps_every_char = tokenizer.decode(ids, skip_special_tokens=True) == probe
 
-    def chat(self, raw: bytes) -> tuple[ChatRequest, Request]:
+    def chat(self, raw: bytes) -> Prompt:
         data = load(raw)
         # Counted before validation: validating 100k messages holds the interpreter for 0.7 s.
         count = len(data["messages"]) if isinstance(data.get("messages"), list) else 0
@@ -90,28 +104,24 @@ class Preparer:
         body = validate(data, ChatRequest)
         self.check_model(body)
         documents = [d for m in body.messages for d in m.documents()]
-        if documents and self.engine.stored is None:
-            raise APIError(400, "kv_document parts are reused from the server's store: start it with --store DIR|redis://...", "messages")
         marker = DOCUMENT_MARKER if documents else None
         messages = [{"role": m.role, "content": m.text(marker)} for m in body.messages]
         self.check_length(sum(len(m.text()) for m in body.messages), "messages")
         try:
             if not documents:
-                prompt = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
-                return body, self.request(body, prompt, "messages")
+                ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+                return Prompt(body, ids, "messages")
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except TemplateError as err:  # raised by the template itself: its message is for the client
             raise APIError(400, f"messages do not fit the model's chat template: {err.message}", "messages") from None
         blended = split_documents(self.tokenizer, text, documents)
-        request = self.request(body, blended.ids, "messages")
-        request.documents = blended.spans()
-        return body, request
+        return Prompt(body, blended.ids, "messages", blended.spans())
 
-    def completion(self, raw: bytes) -> tuple[CompletionRequest, Request]:
+    def completion(self, raw: bytes) -> Prompt:
         body = validate(load(raw), CompletionRequest)
         self.check_model(body)
         self.check_length(len(body.text()), "prompt")
-        return body, self.request(body, self.tokenizer(body.text())["input_ids"], "prompt")
+        return Prompt(body, self.tokenizer(body.text())["input_ids"], "prompt")
 
     def check_model(self, body: KVFields) -> None:
         if body.model not in self.names:
@@ -120,13 +130,34 @@ class Preparer:
     def check_length(self, chars: int, field: str) -> None:
         """Refuse, before tokenizing it (seconds for megabytes), a prompt certain to be beyond the
         model's window."""
-        window = self.engine.loaded.context_length
         at_least = math.ceil(chars / self.longest_token)
-        if window is not None and self.keeps_every_char and at_least > window:
+        if self.window is not None and self.keeps_every_char and at_least > self.window:
             raise APIError(
                 400, f"the prompt has {chars} characters, so at least {at_least} tokens: more than the model's context "
-                f"window of {window} tokens; shorten it", field, "context_length_exceeded",
+                f"window of {self.window} tokens; shorten it", field, "context_length_exceeded",
             )  # fmt: skip
+
+
+def prompter_for(engine: Engine, served_as: str, limits: ServerLimits) -> Prompter:
+    """The prompter of a server of `engine`, answering to `served_as`, 'default' and the model's own name."""
+    loaded = engine.loaded
+    return Prompter(loaded.tokenizer, {served_as, "default", loaded.name}, served_as, loaded.context_length or None, limits)
+
+
+class Preparer:
+    """Builds checked engine requests for one engine, as the server's flags say: the prompter's
+    work, then the engine's checks (KV settings, window, budget, calibration, the store)."""
+
+    def __init__(self, engine: Engine, prompter: Prompter, default_ratio: float) -> None:
+        self.engine, self.prompter, self.default_ratio = engine, prompter, default_ratio
+
+    def chat(self, raw: bytes) -> tuple[ChatRequest, Request]:
+        prompt = self.prompter.chat(raw)
+        return prompt.body, self.request(prompt)  # type: ignore[return-value]
+
+    def completion(self, raw: bytes) -> tuple[CompletionRequest, Request]:
+        prompt = self.prompter.completion(raw)
+        return prompt.body, self.request(prompt)  # type: ignore[return-value]
 
     def kv_settings(self, body: KVFields) -> KVSettings:
         """The request's KV settings over the server's defaults: a compressing kv_policy without
@@ -156,20 +187,23 @@ class Preparer:
             raise APIError(400, str(err), "kv_policy") from None
         return kv
 
-    def request(self, body: KVFields, prompt: list[int], prompt_field: str) -> Request:
-        """The engine request for `body`, checked by the engine (window, budget, calibration)."""
+    def request(self, prompt: Prompt) -> Request:
+        """The engine request for `prompt`, checked by the engine (window, budget, calibration)."""
+        body = prompt.body
+        if prompt.documents and self.engine.stored is None:
+            raise APIError(400, "kv_document parts are reused from the server's store: start it with --store DIR|redis://...", "messages")
         kv = self.kv_settings(body)
         new_tokens = body.new_tokens()
         if new_tokens is None:  # not asked: the default, within what the window leaves
             window = self.engine.loaded.context_length
-            new_tokens = DEFAULT_MAX_TOKENS if window is None else max(min(DEFAULT_MAX_TOKENS, window - len(prompt)), 1)
+            new_tokens = DEFAULT_MAX_TOKENS if window is None else max(min(DEFAULT_MAX_TOKENS, window - len(prompt.ids)), 1)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = SamplingParams(new_tokens, body.temperature, body.top_p, body.seed, stop)
-        request = Request(prompt, params, kv, deliver=lambda _: None)
+        request = Request(prompt.ids, params, kv, deliver=lambda _: None, documents=list(prompt.documents))
         try:
             self.engine.check(request)
         except ValueError as err:
-            raise APIError(400, str(err), self.blamed(body, len(prompt), new_tokens, prompt_field)) from None
+            raise APIError(400, str(err), self.blamed(body, len(prompt.ids), new_tokens, prompt.field)) from None
         return request
 
     def blamed(self, body: KVFields, prompt_tokens: int, new_tokens: int, prompt_field: str) -> str | None:
