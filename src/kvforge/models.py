@@ -208,6 +208,37 @@ def load_model(
             raise ModelNotFoundError(f"cannot load model {name!r} from {directory}: {err}") from err
     model.to(device).eval()
     enable(model)
-    display = DEFAULT_NAME if name == DEFAULT_MODEL else name
-    log.info("loaded %s (%s, %s)", display, dtype, device)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=display)
+    log.info("loaded %s (%s, %s)", display_name(name), dtype, device)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=display_name(name))
+
+
+def display_name(name: str) -> str:
+    """What a model is called in reports and by the server: the default's own name, else as given."""
+    return DEFAULT_NAME if name == DEFAULT_MODEL else name
+
+
+@dataclass
+class TextSide:
+    """A model's tokenizer and window, without its weights: what a server's front needs."""
+
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    context_length: int  # tokens; 0 when the config does not say
+
+
+def load_text_side(name: str = DEFAULT_MODEL) -> TextSide:
+    """The tokenizer and context length of the model `load_model(name)` loads, read without its weights."""
+    if name.startswith(RANDOM_PREFIX):
+        shape = name.removeprefix(RANDOM_PREFIX)
+        if shape not in RANDOM_SHAPES:
+            raise ModelNotFoundError(f"unknown random model shape {shape!r}; use {RANDOM_PREFIX}<shape> with one of {', '.join(RANDOM_SHAPES)}")
+        tokenizer, config = AutoTokenizer.from_pretrained(default_checkpoint()), AutoConfig.for_model(**RANDOM_SHAPES[shape])
+    else:
+        directory, gguf = resolve(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+            config = AutoConfig.from_pretrained(directory, gguf_file=gguf)
+        except (OSError, ValueError) as err:
+            raise ModelNotFoundError(f"cannot load model {name!r} from {directory}: {err}") from err
+    window = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0)
+    return TextSide(tokenizer, display_name(name), window)

@@ -107,9 +107,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg.validate()
     workers = None
     if args.workers is not None:
-        from kvforge.eval.distributed import require_ray
+        from kvforge.cluster import require_ray
 
-        require_ray()  # before the model loads: one line when Ray is missing
+        require_ray("--workers")  # before the model loads: one line when Ray is missing
         workers = Workers(args.workers, args.ray_address, args.device)
     elif args.ray_address is not None:
         raise ValueError(f"--ray-address {args.ray_address} names the cluster --workers run on: give --workers N too")

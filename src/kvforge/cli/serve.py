@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
@@ -27,47 +28,86 @@ from kvforge.cli.common import (
 from kvforge.cli.store import add_store_args, open_store
 from kvforge.models import DEFAULT_MODEL
 
+if TYPE_CHECKING:
+    from kvforge.engine import Engine
+    from kvforge.server.limits import ServerLimits
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from kvforge.blend import check_share
-    from kvforge.engine import Engine, KVSettings
-    from kvforge.engine.prefixes import default_limit
-    from kvforge.server.app import create_app
+
+def serve_limits(args: argparse.Namespace) -> ServerLimits:
     from kvforge.server.limits import ServerLimits, allowed_hosts
-    from kvforge.server.run import serve
 
-    check_share(args.blend_share)
-    if args.cpu_memory is not None and not args.store:
-        raise ValueError(f"--cpu-memory {args.cpu_memory} keeps stored prefixes in host memory: give --store DIR|redis://... too")
-    policy = build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)
-    quant = quant_spec(args)
-    limits = ServerLimits(
+    return ServerLimits(
         max_body_bytes=args.max_request_size, max_queued=args.max_queued, max_messages=args.max_messages,
         api_key=args.api_key if args.api_key is not None else (os.environ.get("KVFORGE_API_KEY") or None), allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
         shutdown_timeout=args.shutdown_timeout,
     )  # fmt: skip
+
+
+def serve_engine(args: argparse.Namespace) -> Engine:
+    """The engine the `serve` flags describe (model loaded, calibrations measured when missing),
+    not started: the server's own, or each replica's."""
+    from kvforge.engine import Engine, KVSettings
+    from kvforge.engine.prefixes import default_limit
+
+    policy = build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)
     loaded = load(args)
     ensure_calibration(loaded, [policy])
     prefix_memory = args.prefix_memory
     if prefix_memory is None and args.kv_memory is None:  # kept prefixes are bounded either way
         prefix_memory = default_limit(loaded.model.device)
     engine = Engine(
-        loaded, KVSettings(args.policy, policy.ratio, quant), args.kv_memory, args.prefill_chunk,
+        loaded, KVSettings(args.policy, policy.ratio, quant_spec(args)), args.kv_memory, args.prefill_chunk,
         prefix_memory=prefix_memory, max_waiting=args.max_queued, store=open_store(args) if args.store else None,
         blend_share=args.blend_share,
     )  # fmt: skip
     engine.check_defaults()
-    app = create_app(engine, loaded.name, args.ratio, limits)
-    engine.start()
-    budget = "no KV memory budget" if args.kv_memory is None else f"KV memory budget {args.kv_memory / 2**20:.0f} MiB"
-    prefixes = "" if prefix_memory is None else f", kept prefixes <= {prefix_memory / 2**20:.0f} MiB"
+    return engine
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvforge.blend import check_share
+    from kvforge.server.app import create_app
+    from kvforge.server.run import serve
+
+    check_share(args.blend_share)
+    if args.cpu_memory is not None and not args.store:
+        raise ValueError(f"--cpu-memory {args.cpu_memory} keeps stored prefixes in host memory: give --store DIR|redis://... too")
+    if args.replica_threads is not None and args.replicas is None:
+        raise ValueError(f"--replica-threads {args.replica_threads} sets each replica's threads: give --replicas N too")
+    limits = serve_limits(args)
     access = "API key required" if limits.api_key else "no API key"
     hosts = "any Host" if limits.allowed_hosts is None else "Host " + ",".join(limits.allowed_hosts)
-    err_console.print(
-        f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({policy.full_name} {policy.ratio:g}, quant {quant.mode}, "
-        f"{budget}{prefixes}; {access}, {hosts})"
-    )
-    return serve(app, engine, args.host, args.port, limits.shutdown_timeout)
+    budget = "no KV memory budget" if args.kv_memory is None else f"KV memory budget {args.kv_memory / 2**20:.0f} MiB"
+    settings = f"{args.policy}{'' if args.policy == 'full' else f' {args.ratio:g}'}, quant {quant_spec(args).mode}"
+    if args.replicas is not None or args.ray_address is not None:
+        return serve_on_ray(args, limits, f"{settings}, {budget} each; {access}, {hosts}")
+    engine = serve_engine(args)
+    app = create_app(engine, engine.loaded.name, args.ratio, limits)
+    engine.start()
+    prefix_memory = engine.prefix_memory
+    prefixes = "" if prefix_memory is None else f", kept prefixes <= {prefix_memory / 2**20:.0f} MiB"
+    err_console.print(f"serving {engine.loaded.name} on http://{args.host}:{args.port}/v1 ({settings}, {budget}{prefixes}; {access}, {hosts})")
+    return serve(app, engine.stop, args.host, args.port, limits.shutdown_timeout)
+
+
+def serve_on_ray(args: argparse.Namespace, limits: ServerLimits, described: str) -> int:
+    """`serve --replicas N [--ray-address ...]`: the engines on Ray Serve, this process their front."""
+    from kvforge.cluster import require_ray
+    from kvforge.models import load_text_side
+    from kvforge.server.replicas.launch import Replicas, start_front
+    from kvforge.server.run import serve
+
+    require_ray("--replicas", serving=True)  # before anything loads: one line when Ray is missing
+    count = args.replicas or 1
+    text = load_text_side(args.model)  # a model that cannot be read stops here, not in every replica
+    if count > 1 and not args.store:
+        err_console.print("[yellow]note:[/yellow] without --store, replicas share no prefixes: a prompt another replica prefilled is prefilled again")
+    replicas = Replicas(count, args.ray_address, args.replica_threads, f"kvforge-{args.port}")
+    where = "a local Ray cluster" if args.ray_address is None else f"the Ray cluster at {args.ray_address}"
+    with err_console.status(f"starting {count} engine replicas on {where} (each loads the model) ..."):
+        app, stop = start_front(replicas, functools.partial(serve_engine, args), text, args.ratio, limits)
+    err_console.print(f"serving {text.name} on http://{args.host}:{args.port}/v1 from {count} replicas on {where} ({described})")
+    return serve(app, stop, args.host, args.port, limits.shutdown_timeout)
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -138,6 +178,12 @@ def register(sub: Any) -> None:
                      help="with --store: keep the most recently used stored prefixes in host memory too, up to SIZE (e.g. 8GiB)")
     srv.add_argument("--blend-share", type=float, default=0.15, metavar="SHARE",
                      help="with --store: fraction of a request's kv_document tokens computed again with the text before them, in [0, 1] (default 0.15)")
+    srv.add_argument("--replicas", type=positive_int("--replicas"), default=None, metavar="N",
+                     help="run N engine replicas on Ray Serve behind this endpoint, routed by prompt prefix (needs kvforge[distributed]; default: one engine in this process)")
+    srv.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                     help="with --replicas: run them on this Ray cluster (default: start a local one)")
+    srv.add_argument("--replica-threads", type=positive_int("--replica-threads"), default=None, metavar="N",
+                     help="with --replicas: torch threads (and Ray CPUs) per replica (default: the cluster's CPUs shared out)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, metavar="KEY",

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kvforge.cluster import cpu_share, join
 from kvforge.eval.runner import EvalConfig, EvalRow, SweepStats, Unit, Workers, built, groups, run_unit
 from kvforge.models import load_model
 
@@ -28,14 +29,6 @@ log = logging.getLogger(__name__)
 
 MAX_RUNS = 3  # times a unit is handed out before its worker's deaths end the sweep
 RESTART_SECONDS = 300.0  # how long a dead worker may take to come back (Ray restarts it: a model load)
-
-
-def require_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("--workers runs on Ray, which is not installed: pip install 'kvforge[distributed]'") from None
-    return ray
 
 
 class Worker:
@@ -57,22 +50,10 @@ class Worker:
         return os.getpid()
 
 
-def start(workers: Workers) -> Any:
-    """Ray, joined to the cluster at `workers.address` or a local one started here."""
-    ray = require_ray()
-    if not ray.is_initialized():
-        if workers.address is None:  # a local cluster: as many CPUs as the machine, no dashboard
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=workers.address, log_to_driver=False)
-    return ray
-
-
 def actors(ray: Any, cfg: EvalConfig, workers: Workers) -> list[Any]:
     """`workers.count` actors sharing the cluster's CPUs: each runs torch on its share."""
-    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    threads = max(1, cpus // workers.count)
-    remote = ray.remote(num_cpus=min(threads, cpus), max_restarts=MAX_RUNS)(Worker)
+    threads, cpus = cpu_share(ray, workers.count)
+    remote = ray.remote(num_cpus=cpus, max_restarts=MAX_RUNS)(Worker)
     return [remote.remote(cfg, threads, workers.device) for _ in range(workers.count)]
 
 
@@ -82,7 +63,7 @@ def run_units(cfg: EvalConfig, units: list[Unit], workers: Workers, stats: Sweep
     An actor whose call fails (it died; Ray restarts it, and calls made while it restarts fail
     too) gets no unit until it answers a ping again; its unit goes back to the queue. An actor
     silent for RESTART_SECONDS is given up, and the sweep ends when none is left."""
-    ray = start(workers)
+    ray, _ = join(workers.address, "--workers")
     pool = actors(ray, cfg, workers)
     queue: deque[Unit] = deque(units)
     runs: dict[Unit, int] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 from kvforge.engine import Engine
 
@@ -36,17 +37,30 @@ TIER_COUNTERS = {
 }
 
 
-def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
-    lines = []
+Labels = tuple[tuple[str, str], ...]  # (name, value) pairs; () for the unlabelled sample
+SAME_ON_EVERY_REPLICA = {"kv_block_size"}  # combined by max, not summed
+
+
+@dataclass
+class Metric:
+    """One metric and its samples, before it is written as text (so replicas' metrics combine)."""
+
+    name: str  # without the kvforge_ prefix
+    kind: str  # "gauge" or "counter"
+    help: str
+    samples: dict[Labels, float] = field(default_factory=dict)
+
+
+def collect(engine: Engine) -> list[Metric]:
+    """The engine's metrics: requests, KV memory, tokens, kept prefixes, the store."""
+    found: list[Metric] = []
 
     def metric(name: str, kind: str, help_text: str, value: float) -> None:
-        shown = f"{value:.0f}" if float(value).is_integer() else f"{value:.6g}"  # byte counts stay exact
-        lines.extend([f"# HELP kvforge_{name} {help_text}", f"# TYPE kvforge_{name} {kind}", f"kvforge_{name} {shown}"])
+        found.append(Metric(name, kind, help_text, {(): value}))
 
     def counters(name: str, help_text: str, label: str, values: dict[str, int]) -> None:
         """One counter with a value per `label` value."""
-        lines.extend([f"# HELP kvforge_{name} {help_text}", f"# TYPE kvforge_{name} counter"])
-        lines.extend(f'kvforge_{name}{{{label}="{key}"}} {count}' for key, count in values.items())
+        found.append(Metric(name, "counter", help_text, {((label, key),): count for key, count in values.items()}))
 
     for name, value in engine.snapshot().items():
         metric(name, "gauge", GAUGES[name], value)
@@ -79,6 +93,45 @@ def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
             counters(f"store_tier_{name}_total", f"{help_text}, per tier (cpu: --cpu-memory; disk or redis: --store)", "tier", per_tier)
     uptime = time.perf_counter() - stats.started
     metric("generated_tokens_per_second", "gauge", "tokens generated per second since start", stats.generated_tokens / max(uptime, 1e-9))
-    by_status = {str(status): count for status, count in sorted((refused or Counter()).items())}
-    counters("requests_refused_total", "requests answered with an error status (4xx, 5xx), by status", "status", by_status)
+    return found
+
+
+def refused_metric(refused: Counter[int]) -> Metric:
+    samples: dict[Labels, float] = {(("status", str(status)),): count for status, count in sorted(refused.items())}
+    return Metric("requests_refused_total", "counter", "requests answered with an error status (4xx, 5xx), by status", samples)
+
+
+def combine(per_replica: dict[str, list[Metric]]) -> list[Metric]:
+    """Replicas' metrics as one server's: each sample summed over the replicas (the block size,
+    the same on each, taken once), then each replica's own under a `replica` label."""
+    combined: dict[str, Metric] = {}
+    for replica, metrics in per_replica.items():
+        for m in metrics:
+            into = combined.setdefault(m.name, Metric(m.name, m.kind, m.help))
+            for labels, value in m.samples.items():
+                total = into.samples.get(labels)
+                if total is None:
+                    into.samples[labels] = value
+                else:
+                    into.samples[labels] = max(total, value) if m.name in SAME_ON_EVERY_REPLICA else total + value
+    for replica, metrics in per_replica.items():  # after every total, so each metric's totals come first
+        for m in metrics:
+            for labels, value in m.samples.items():
+                combined[m.name].samples[(*labels, ("replica", replica))] = value
+    return list(combined.values())
+
+
+def render(metrics: list[Metric]) -> str:
+    """Prometheus' text format (version 0.0.4)."""
+    lines = []
+    for m in metrics:
+        lines.extend([f"# HELP kvforge_{m.name} {m.help}", f"# TYPE kvforge_{m.name} {m.kind}"])
+        for labels, value in m.samples.items():
+            shown = f"{value:.0f}" if float(value).is_integer() else f"{value:.6g}"  # byte counts stay exact
+            label_text = "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else ""
+            lines.append(f"kvforge_{m.name}{label_text} {shown}")
     return "\n".join(lines) + "\n"
+
+
+def prometheus(engine: Engine, refused: Counter[int] | None = None) -> str:
+    return render([*collect(engine), refused_metric(refused or Counter())])

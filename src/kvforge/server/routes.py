@@ -106,10 +106,10 @@ async def models(http: HTTPRequest) -> dict:
 
 @router.get("/health")
 async def health(http: HTTPRequest) -> dict:
-    return {"status": "ok", **state(http).backend.health()}
+    return {"status": "ok", **(await state(http).backend.health())}
 
 
 @router.get("/metrics")
 async def metrics(http: HTTPRequest) -> PlainTextResponse:
     kv = state(http)
-    return PlainTextResponse(kv.backend.metrics(kv.refused), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(await kv.backend.metrics(kv.refused), media_type="text/plain; version=0.0.4")

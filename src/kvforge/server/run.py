@@ -1,6 +1,6 @@
 """Running the server process: uvicorn with kvforge's shutdown. The first SIGTERM or SIGINT stops
 accepting connections and lets the requests in flight finish for at most `shutdown_timeout`
-seconds, then cancels what is left, stops the engine and exits 0. A second signal exits at once
+seconds, then cancels what is left, stops the engine (or the replicas) and exits 0. A second signal exits at once
 (status 1), whatever is running."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
-from kvforge.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,11 @@ class DrainingServer(uvicorn.Server):
                         signal.Signals(sig).name, self.config.timeout_graceful_shutdown)  # fmt: skip
 
 
-def serve(app: FastAPI, engine: Engine, host: str, port: int, shutdown_timeout: float) -> int:
-    """Serve until a signal, then stop the engine (after its current step); returns 0. Forced by
-    a second signal, the process ends here with status 1, without waiting for the engine: an
-    interpreter shutting down under a thread that is inside a forward would abort instead."""
+def serve(app: FastAPI, stop: Callable[[], None], host: str, port: int, shutdown_timeout: float) -> int:
+    """Serve until a signal, then `stop` what generates (the engine, after its current step; or
+    the replicas); returns 0. Forced by a second signal, the process ends here with status 1,
+    without waiting: an interpreter shutting down under a thread that is inside a forward would
+    abort instead."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
     server = DrainingServer(config)
     try:
@@ -52,7 +53,7 @@ def serve(app: FastAPI, engine: Engine, host: str, port: int, shutdown_timeout: 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: exit_now())
-        engine.stop()
+        stop()
     return 0
 
 

@@ -71,9 +71,9 @@ class Backend(Protocol):
 
     def queued(self) -> int: ...
 
-    def health(self) -> dict: ...
+    async def health(self) -> dict: ...
 
-    def metrics(self, refused: Counter[int]) -> str: ...
+    async def metrics(self, refused: Counter[int]) -> str: ...
 
 
 @dataclass
@@ -131,10 +131,10 @@ class EngineBackend:
     def queued(self) -> int:
         return self.engine.queued()
 
-    def health(self) -> dict:
+    async def health(self) -> dict:
         return self.engine.snapshot()
 
-    def metrics(self, refused: Counter[int]) -> str:
+    async def metrics(self, refused: Counter[int]) -> str:
         return prometheus(self.engine, refused)
 
 
