@@ -222,7 +222,8 @@ def test_a_restarted_server_starts_from_the_prefixes_it_stored(loaded, tmp_path,
     try:
         again = chat(second, document + " w9 w10", extra_body=settings)
         other = chat(second, document + " w11 w12", extra_body=settings)
-        assert second.metric("store_hits_total") == 2 and second.metric("store_corrupt_total") == 0
+        # read once: the second question starts from what the first read, kept in memory
+        assert second.metric("store_hits_total") == 1 and second.metric("store_corrupt_total") == 0
         assert second.metric("prefix_hits_total") == 2 and second.metric("store_read_bytes_total") > 0
     finally:
         second.close()
@@ -230,6 +231,30 @@ def test_a_restarted_server_starts_from_the_prefixes_it_stored(loaded, tmp_path,
     # Exactly what prefilling the whole prompt gives, chunk by chunk.
     assert again.choices[0].message.content == answer.choices[0].message.content
     assert other.choices[0].message.content == expected(loaded, document + " w11 w12", "knorm", 0.5, 8, kv_quant)
+
+
+@pytest.mark.parametrize("kv", [KVSettings(), KVSettings("knorm", 0.5)], ids=["full", "knorm"])
+def test_requests_admitted_together_read_a_stored_prefix_once(loaded, tmp_path, kv):
+    from kvforge.store import LocalStore
+
+    document = [5 + (7 * i) % 120 for i in range(100)]
+    first = Engine(loaded, kv, prefill_chunk=32, store=LocalStore(tmp_path))
+    first.start()
+    done = threading.Event()
+    first.submit(Request(document + [9, 10], SamplingParams(2), kv, deliver=lambda e: e.finish_reason and done.set()))
+    done.wait(60)
+    first.stop()  # its store writer finishes first
+    second = Engine(loaded, kv, prefill_chunk=32, store=LocalStore(tmp_path))  # a restart
+    finished: list[str] = []
+    for question in ([11, 12], [13, 14], [15, 16]):  # queued before the engine starts: admitted in one turn
+        second.submit(Request(document + question, SamplingParams(2), kv, deliver=lambda e: e.finish_reason and finished.append(e.finish_reason)))
+    second.start()
+    deadline = time.monotonic() + 60
+    while len(finished) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second.stop()
+    assert finished == ["length"] * 3
+    assert second.stored.store.stats.hits == 1 and second.stats.prefix_hits == 3  # the others share what it read
 
 
 def test_the_server_counts_store_reads_and_writes_per_tier(loaded, tmp_path):

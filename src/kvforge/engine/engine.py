@@ -403,6 +403,7 @@ class Engine:
             done = self.stored.find(request.kv, tokens, cache)
             if done:
                 hit = cache, done
+                self._share_found(request.kv, tokens[:done], cache)
         if hit is None:
             return Prefilling(request, self._new_cache(request.kv), tokens=tokens)
         cache, done = hit
@@ -410,6 +411,20 @@ class Engine:
         self.stats.prefix_hits += 1
         self.stats.prefix_reused_tokens += done
         return Prefilling(request, cache, done, tokens=tokens)
+
+    def _share_found(self, kv: KVSettings, tokens: list[int], cache: KVCache) -> None:
+        """A prefix read from the store is found in memory from now on, as one prefilled here is
+        (its blocks marked, or a fork kept), so the requests after it, those admitted with it
+        included, share its blocks instead of each reading and holding a copy."""
+        try:
+            if reusable(kv):
+                self.block_index.mark(kv, tokens, cache)
+            elif self.prefix_memory is None or cache.nbytes <= self.prefix_memory:
+                self.prefixes.keep(kv, tokens, cache)
+                while self.prefix_memory is not None and self.prefixes.nbytes > self.prefix_memory:
+                    self.prefixes.evict_one()
+        except Exception:  # an optimisation: fail no one for it
+            log.exception("sharing a prefix read from the store failed")
 
     def _from_blocks(self, kv: KVSettings, tokens: list[int]) -> tuple[KVCache, int] | None:
         """A cache starting from the blocks that already hold a prefix of `tokens` (`blocks.py`)."""
