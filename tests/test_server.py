@@ -257,6 +257,27 @@ def test_requests_admitted_together_read_a_stored_prefix_once(loaded, tmp_path, 
     assert second.stored.store.stats.hits == 1 and second.stats.prefix_hits == 3  # the others share what it read
 
 
+@pytest.mark.parametrize("kv", [KVSettings(), KVSettings("knorm", 0.5)], ids=["full", "knorm"])
+def test_questions_arriving_together_on_a_new_document_prefill_it_once(loaded, kv):
+    document = [5 + (11 * i) % 120 for i in range(100)]  # three whole 32-token chunks and a bit
+    questions = ([11, 12], [13, 14], [15, 16])
+    engine = Engine(loaded, kv, prefill_chunk=32)
+    answers: dict[int, list[str]] = {i: [] for i in range(3)}
+    for i, question in enumerate(questions):  # queued before the engine starts: all waiting at once
+        engine.submit(Request(document + question, SamplingParams(4, temperature=0.0), kv, deliver=lambda e, i=i: answers[i].append(e.text) if e.text else None))
+    engine.start()
+    deadline = time.monotonic() + 60
+    while engine.stats.completed < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    engine.stop()
+    # the first computes the document; the others start from what it computed (its three chunks'
+    # blocks, or the prefix it kept at its boundary) and prefill only the rest
+    reused = 96 if kv.prefix_stable else engine.prefixes.boundary(len(document) + 2)
+    assert (engine.stats.prefix_hits, engine.stats.prefix_reused_tokens) == (2, 2 * reused)
+    for i, question in enumerate(questions):
+        assert "".join(answers[i]) == greedy(loaded, document + question, kv.policy, kv.ratio, 4)
+
+
 def test_the_server_counts_store_reads_and_writes_per_tier(loaded, tmp_path):
     from kvforge.store import LocalStore, MemoryStore, TieredStore
 

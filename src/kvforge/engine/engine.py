@@ -19,6 +19,8 @@ fork of its compressed cache at the last chunk boundary before the prompt's end;
 with the same settings whose prompt starts with those tokens (the same document, another
 question) starts from that fork and prefills only the rest. Chunks always start at the prompt's
 first token, so a reused prefix is exactly what prefilling it again would give, for every policy.
+A waiting request whose first chunks a prompt being prefilled is computing waits for them
+(`_behind`) instead of computing them beside it.
 
 Every cache is paged over that one memory (full precision: `storage/paged.py`; quantized, codes
 and tail in its blocks: `storage/pagedquant.py`), so a prefix hit, a request joining or leaving a
@@ -75,6 +77,14 @@ MAX_POLICIES = 32  # policies built for distinct KV settings, kept for reuse (le
 
 class QueueFull(Exception):
     """The engine's waiting queue is at its limit (`max_waiting`): try again later."""
+
+
+def shared_chunks(a: list[int], b: list[int], chunk: int) -> int:
+    """How many whole `chunk`-token chunks `a` and `b` begin with alike."""
+    n = 0
+    while (n + 1) * chunk <= min(len(a), len(b)) and a[n * chunk : (n + 1) * chunk] == b[n * chunk : (n + 1) * chunk]:
+        n += 1
+    return n
 
 
 def settings_policy(kv: KVSettings) -> Policy:
@@ -345,17 +355,33 @@ class Engine:
         for request in [r for r in self.waiting if r.cancelled]:  # hung up while waiting: they hold no place
             self.waiting.remove(request)
             self._end(request, "cancelled")
-        while self.waiting:
-            request = self.waiting[0]
+        for request in list(self.waiting):
+            if self._behind(request):
+                continue  # it starts once the prompt it shares chunks with has computed them
             if not self._admissible(request):
-                return  # it waits for memory to be freed (the head of the queue goes first)
-            self.waiting.popleft()
+                return  # it waits for memory to be freed (the first in the queue goes first)
+            self.waiting.remove(request)
             self.live[request.id] = request
             try:
                 self.prefilling.append(self._started(request))
             except Exception as err:  # a calibration deleted since submit, memory the device lacks, ...
                 log.exception("request %d could not start", request.id)
                 self._end(request, "error", f"{type(err).__name__}: {err}")
+
+    def _behind(self, request: Request) -> bool:
+        """Whether a prompt being prefilled with the same settings begins with the same whole
+        chunks as `request`'s and has not computed them yet. `request` then waits and starts from
+        them (blocks, or the prefix kept), instead of computing the same tokens beside it: 16
+        questions arriving at once on a new document cost one prefill of it, not 16."""
+        if request.generated or request.documents:  # resumed after preemption, or blended
+            return False
+        chunk = self.prefill_chunk
+        for item in self.prefilling:
+            if item.request.kv == request.kv and not item.recomputing:
+                shared = shared_chunks(item.tokens, request.prompt[:-1], chunk) * chunk  # one token left to prefill
+                if item.done < shared:
+                    return True
+        return False
 
     def _admissible(self, request: Request) -> bool:
         """Whether the pool can start `request` now (kept prefixes give way, the oldest unused
