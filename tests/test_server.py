@@ -257,6 +257,15 @@ def test_requests_admitted_together_read_a_stored_prefix_once(loaded, tmp_path, 
     assert second.stored.store.stats.hits == 1 and second.stats.prefix_hits == 3  # the others share what it read
 
 
+def test_shared_tokens_counts_the_common_beginning():
+    from kvforge.engine.engine import shared_tokens
+
+    a = list(range(100))
+    assert shared_tokens(a, a[:70] + [-1] * 30, 32) == 70
+    assert shared_tokens(a, a, 32) == 100 and shared_tokens(a, a[:5], 32) == 5
+    assert shared_tokens(a, [-1] + a[1:], 32) == 0
+
+
 @pytest.mark.parametrize("kv", [KVSettings(), KVSettings("knorm", 0.5)], ids=["full", "knorm"])
 def test_questions_arriving_together_on_a_new_document_prefill_it_once(loaded, kv):
     document = [5 + (11 * i) % 120 for i in range(100)]  # three whole 32-token chunks and a bit

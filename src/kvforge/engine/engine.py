@@ -79,10 +79,12 @@ class QueueFull(Exception):
     """The engine's waiting queue is at its limit (`max_waiting`): try again later."""
 
 
-def shared_chunks(a: list[int], b: list[int], chunk: int) -> int:
-    """How many whole `chunk`-token chunks `a` and `b` begin with alike."""
-    n = 0
-    while (n + 1) * chunk <= min(len(a), len(b)) and a[n * chunk : (n + 1) * chunk] == b[n * chunk : (n + 1) * chunk]:
+def shared_tokens(a: list[int], b: list[int], chunk: int) -> int:
+    """How many tokens `a` and `b` begin with alike (compared a chunk at a time, then by token)."""
+    n, end = 0, min(len(a), len(b))
+    while n + chunk <= end and a[n : n + chunk] == b[n : n + chunk]:
+        n += chunk
+    while n < end and a[n] == b[n]:
         n += 1
     return n
 
@@ -369,17 +371,17 @@ class Engine:
                 self._end(request, "error", f"{type(err).__name__}: {err}")
 
     def _behind(self, request: Request) -> bool:
-        """Whether a prompt being prefilled with the same settings begins with the same whole
-        chunks as `request`'s and has not computed them yet. `request` then waits and starts from
-        them (blocks, or the prefix kept), instead of computing the same tokens beside it: 16
-        questions arriving at once on a new document cost one prefill of it, not 16."""
+        """Whether a prompt being prefilled with the same settings begins with at least a chunk
+        of `request`'s tokens and has not computed all it shares yet. `request` then waits and
+        starts from them (blocks, or the prefix kept), instead of computing the same tokens beside
+        it: 16 questions arriving at once on a new document cost one prefill of it, not 16.
+        Prompts sharing less than a chunk (a chat template's opening) do not wait."""
         if request.generated or request.documents:  # resumed after preemption, or blended
             return False
-        chunk = self.prefill_chunk
         for item in self.prefilling:
             if item.request.kv == request.kv and not item.recomputing:
-                shared = shared_chunks(item.tokens, request.prompt[:-1], chunk) * chunk  # one token left to prefill
-                if item.done < shared:
+                shared = shared_tokens(item.tokens, request.prompt[:-1], self.prefill_chunk)  # one token left to prefill
+                if shared >= self.prefill_chunk and item.done < shared:
                     return True
         return False
 
