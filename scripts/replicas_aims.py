@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--words", type=int, default=1500, help="words of the document (1500: about 2k tokens)")
+    parser.add_argument("--asked-before", action="store_true",
+                        help="ask the document once before the clients start (then it is in one replica's memory and in the store)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     words = " ".join(corpus.paragraphs()).split()
@@ -86,6 +88,9 @@ def main() -> None:
             server = started([*flags, "--store", f"{tmp}/store{i}"], Path(tmp) / f"server{i}.log")
             try:
                 loadtest(f"http://127.0.0.1:{PORT}", "default", ["Say hello."] * 2, 2, 1)  # warm-up: not counted, not the document
+                if args.asked_before:
+                    loadtest(f"http://127.0.0.1:{PORT}", "default", synthetic_prompts(1, 0, document + " "), 1, 1)  # another question
+                    time.sleep(3)  # its prefix written to the store
                 base = {m: by_replica(m) for m in ("requests_completed_total", "prefix_hits_total", "store_hits_total")}
                 report = loadtest(f"http://127.0.0.1:{PORT}", "default", prompts, args.clients, args.max_tokens)
                 time.sleep(2.5)  # replicas push their metrics every second
