@@ -74,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--cpu-memory {args.cpu_memory} keeps stored prefixes in host memory: give --store DIR|redis://... too")
     if args.replica_threads is not None and args.replicas is None:
         raise ValueError(f"--replica-threads {args.replica_threads} sets each replica's threads: give --replicas N too")
+    build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)  # a bad --policy: one line, before anything starts
     limits = serve_limits(args)
     access = "API key required" if limits.api_key else "no API key"
     hosts = "any Host" if limits.allowed_hosts is None else "Host " + ",".join(limits.allowed_hosts)

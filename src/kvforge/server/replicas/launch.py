@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT = "kvforge-engine"
 HEALTH_CHECK_SECONDS = 5.0
+CONSTRUCTOR_TRIES = 3  # a replica that cannot build its engine this often fails the start (each try loads the model)
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,8 @@ def deploy(replicas: Replicas, build: Callable[[], Engine], default_ratio: float
         max_ongoing_requests=2 * limits.max_queued + 1,
         request_router_config=RequestRouterConfig(request_router_class=PrefixAffinityRouter),
         health_check_period_s=HEALTH_CHECK_SECONDS, graceful_shutdown_timeout_s=limits.shutdown_timeout,
-        logging_config={"log_level": "WARNING", "enable_access_log": False},
+        logging_config={"log_level": "WARNING", "enable_access_log": False}, max_constructor_retry_count=CONSTRUCTOR_TRIES,
     )  # fmt: skip
-    serve.start(proxy_location="Disabled")  # the front is this process's HTTP server, not Serve's proxy
-    handle = serve.run(deployment.bind(build, default_ratio, threads, board), name=replicas.app_name, route_prefix=None)
 
     def stop() -> None:
         if started_here:  # the whole local cluster goes, Serve and the replicas with it
@@ -63,8 +62,13 @@ def deploy(replicas: Replicas, build: Callable[[], Engine], default_ratio: float
             return
         serve.delete(replicas.app_name)  # on a cluster that stays: this server's replicas and board only
         ray.kill(board)
-        ray.shutdown()
 
+    serve.start(proxy_location="Disabled")  # the front is this process's HTTP server, not Serve's proxy
+    try:
+        handle = serve.run(deployment.bind(build, default_ratio, threads, board), name=replicas.app_name, route_prefix=None)
+    except RuntimeError as err:  # the application failed to deploy: a replica could not build its engine
+        stop()
+        raise ValueError(f"the replicas did not start ({str(err).splitlines()[0]}); Ray's logs say why (/tmp/ray/session_latest/logs/serve)") from None
     return handle, board, stop
 
 
