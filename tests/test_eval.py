@@ -186,7 +186,7 @@ def test_sweep_resume_and_reports(tiny, tmp_path):
     summary = write_reports(out, final, stats)
     md = (out / "summary.md").read_text()
     assert "| knorm | 0.5 |" in md and "question-agnostic" in md and "query-aware" in md
-    assert (out / "score_vs_ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "score_vs_ratio.png").read_bytes()[:8] == (out / "score_vs_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "summary.json").read_text())["rows"] == 8
     assert summary["sweep"]["estimated_prefill_seconds_per_row"] > 0
 

@@ -133,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     needed = any(p.needs_calibration for p in made)
     write_reports(out, rows, stats, calibration.seconds if calibration and needed else None)
     print((out / "summary.md").read_text())
-    err_console.print(f"results in {out}/: rows.jsonl, summary.json, summary.md, score_vs_ratio.png")
+    err_console.print(f"results in {out}/: rows.jsonl, summary.json, summary.md, score_vs_ratio.png, score_vs_bytes.png")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Summaries of an eval run: summary.json, summary.md (policy x ratio -> score per task) and a plot."""
+"""Summaries of an eval run: summary.json, summary.md (policy x ratio -> score per task; the best
+configuration per byte budget) and two plots (score against ratio, retention against bytes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from statistics import mean
 
+from kvforge.eval.front import best_within, budget_label, front
 from kvforge.eval.runner import SUMMARY, EvalRow, SweepStats, write_atomic
 from kvforge.storage.codec import MODES, labelled
 
@@ -80,7 +82,7 @@ def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
         for e in table
         if e["policy"] == "full" and e["quant"] == "none"
     }
-    out: dict = {"tasks": tasks, "rows": len(rows), "table": table, "informative_tasks": informative}
+    out: dict = {"tasks": tasks, "rows": len(rows), "table": table, "informative_tasks": informative, "front": fronts(table)}
     if any(r.question > 0 for r in rows):
         out["questions"] = per_question(rows)
     if stats is not None:
@@ -89,6 +91,42 @@ def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
             # What the sweep would have cost with one prefill per row instead of per sample.
             out["sweep"]["estimated_prefill_seconds_per_row"] = stats.per_row_prefill_seconds * stats.rows
     return out
+
+
+def configuration(entry: dict) -> dict:
+    return {k: entry[k] for k in ("policy", "ratio", "quant", "kept_fraction", "retention")}
+
+
+def fronts(table: list[dict]) -> dict:
+    """Per setting: the best configuration within each byte budget, and the front (`front.py`)."""
+    out = {}
+    for setting in dict.fromkeys(e["setting"] for e in table):
+        entries = [e for e in table if e["setting"] == setting]
+        out[setting] = {
+            "budgets": [{"budget": b["budget"], "best": None if b["best"] is None else configuration(b["best"])} for b in best_within(entries)],
+            "front": [configuration(e) for e in front(entries)],
+        }
+    return out
+
+
+def front_markdown(summary: dict) -> list[str]:
+    lines = []
+    for setting, got in summary.get("front", {}).items():
+        lines += [
+            f"### quality per byte ({setting})", "",
+            "The best configuration measured within each budget of bytes held (over the dense bytes "
+            "of the model's dtype), by retention.", "",
+            "| budget | configuration | bytes / dense | retention |", "|---|---|---|---|",
+        ]  # fmt: skip
+        for b in got["budgets"]:
+            e = b["best"]
+            if e is None:
+                lines.append(f"| {budget_label(b['budget'])} | none measured | - | - |")
+            else:
+                name = f"{e['policy']} {e['ratio']:g}" + ("" if e["quant"] == "none" else f" + {e['quant']}")
+                lines.append(f"| {budget_label(b['budget'])} | {name} | {e['kept_fraction']:.3f} | {e['retention']:.2f} |")
+        lines.append("")
+    return lines
 
 
 def markdown(summary: dict) -> str:
@@ -124,6 +162,7 @@ def markdown(summary: dict) -> str:
                 f"{e['compress_seconds']:.2f} | {e['decode_seconds']:.2f} |"
             )
         lines.append("")
+    lines += front_markdown(summary)
     questions = summary.get("questions")
     if questions:
         count = max(len(e["scores"]) for e in questions)
@@ -186,10 +225,40 @@ def plot(summary: dict) -> bytes:
     return buf.getvalue()
 
 
+def plot_bytes(summary: dict) -> bytes:
+    """PNG: retention against bytes held over dense bytes, every configuration a point, the front
+    a line, the budgets dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(summary.get("front", {}))
+    fig, axes = plt.subplots(1, max(len(settings), 1), figsize=(6 * max(len(settings), 1), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        entries = [e for e in summary["table"] if e["setting"] == setting and e["retention"] is not None]
+        for policy, quant in sorted({(e["policy"], e["quant"]) for e in entries}):
+            pts = [(e["kept_fraction"], e["retention"]) for e in entries if (e["policy"], e["quant"]) == (policy, quant)]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=labelled(policy, quant), s=24)
+        line = summary["front"][setting]["front"]
+        ax.step([e["kept_fraction"] for e in line], [e["retention"] for e in line], where="post", color="black", label="front")
+        for budget in (b["budget"] for b in summary["front"][setting]["budgets"]):
+            ax.axvline(budget, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set(title=setting, xlabel="bytes held / dense bytes", ylabel="retention (score over the full cache's)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def write_reports(
     out: Path, rows: list[EvalRow], stats: SweepStats | None, calibration_seconds: dict[str, float] | None = None
 ) -> dict:
-    """summary.json, summary.md, score_vs_ratio.png; `calibration_seconds`: what the model's
+    """summary.json, summary.md, score_vs_ratio.png, score_vs_bytes.png; `calibration_seconds`: what the model's
     calibration cost (once per model), reported when a policy of the run needed it."""
     summary = summarize(rows, stats)
     if calibration_seconds:
@@ -197,4 +266,5 @@ def write_reports(
     write_atomic(out / SUMMARY, json.dumps(summary, indent=2).encode())
     write_atomic(out / "summary.md", markdown(summary).encode())
     write_atomic(out / "score_vs_ratio.png", plot(summary))
+    write_atomic(out / "score_vs_bytes.png", plot_bytes(summary))
     return summary

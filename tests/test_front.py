@@ -1,0 +1,56 @@
+"""Quality per byte (`kvforge.eval.front`, and the summary's front): hand-made rows, known answers."""
+
+from __future__ import annotations
+
+from kvforge.eval.front import best_within, budget_label, front
+from kvforge.eval.report import markdown, summarize
+from kvforge.eval.runner import EvalRow
+
+DENSE = 1000
+
+
+def rows_of(policy: str, ratio: float, quant: str, kept: float, scores: dict[str, float]) -> list[EvalRow]:
+    """One row per task: `kept` of the dense bytes held, the task's score."""
+    return [
+        EvalRow(
+            task=task, sample=0, query_aware=False, policy=policy, ratio=ratio, prompt_hash="h", prompt_tokens=10, answer="",
+            answers=[], score=score, cache_bytes=int(kept * DENSE), dense_bytes=DENSE, prefill_seconds=0.0, compress_seconds=0.0,
+            decode_seconds=0.0, generated_tokens=1, quant=quant,
+        )  # fmt: skip
+        for task, score in scores.items()
+    ]
+
+
+def made_up() -> list[EvalRow]:
+    return [
+        *rows_of("full", 0.0, "none", 1.0, {"a": 100, "b": 80}),
+        *rows_of("kvzip", 0.5, "none", 0.5, {"a": 100, "b": 80}),  # retention 1.00 at 1/2
+        *rows_of("kvzip", 0.5, "int4", 0.139, {"a": 100, "b": 72}),  # 0.95 at 0.139
+        *rows_of("kvzip", 0.75, "int4", 0.096, {"a": 90, "b": 56}),  # 0.80 at 0.096
+        *rows_of("knorm", 0.75, "int4", 0.07, {"a": 50, "b": 40}),  # 0.50 at 0.07
+        *rows_of("streaming", 0.875, "none", 0.125, {"a": 60, "b": 40}),  # 0.55 at 1/8: beaten by a cheaper one
+        *rows_of("knorm", 0.5, "none", 0.5, {"a": 60, "b": 40, "c": 10}),  # c: full never ran it, left out
+    ]
+
+
+def test_each_budget_gets_the_best_configuration_holding_at_most_that_many_bytes():
+    table = summarize(made_up())["table"]
+    best = {budget_label(b["budget"]): b["best"] for b in best_within(table)}
+    assert best["1/2"]["policy"] == "kvzip" and (best["1/2"]["ratio"], best["1/2"]["quant"]) == (0.5, "none")
+    assert (best["1/4"]["ratio"], best["1/4"]["quant"]) == (0.5, "int4")
+    assert (best["1/8"]["policy"], best["1/8"]["ratio"], best["1/8"]["quant"]) == ("kvzip", 0.75, "int4")
+    assert (best["1/16"], best["1/32"]) == (None, None)  # nothing this small was measured
+
+
+def test_the_front_keeps_what_no_cheaper_configuration_beats():
+    table = summarize(made_up())["table"]
+    shown = [(e["policy"], e["ratio"], e["quant"], round(e["retention"], 2)) for e in front(table)]
+    assert shown == [("knorm", 0.75, "int4", 0.5), ("kvzip", 0.75, "int4", 0.8), ("kvzip", 0.5, "int4", 0.95), ("kvzip", 0.5, "none", 1.0)]
+
+
+def test_the_summary_reports_the_front_by_budget():
+    summary = summarize(made_up())
+    budgets = summary["front"]["question-agnostic"]["budgets"]
+    assert [b["best"] and b["best"]["policy"] for b in budgets] == ["kvzip", "kvzip", "kvzip", None, None]
+    md = markdown(summary)
+    assert "| 1/8 | kvzip 0.75 + int4 | 0.096 | 0.80 |" in md and "| 1/16 | none measured | - | - |" in md
