@@ -142,6 +142,8 @@ def test_demo_runs_every_policy_and_reports_kept_bytes(capsys, tiny_checkpoint):
     assert full["cache_bytes"] == full["dense_bytes"]
     assert all(r["cache_bytes"] < 0.7 * r["dense_bytes"] for r in rows[1:])
     assert len({r["prefill_seconds"] for r in rows}) == 1  # one prefill served every method
+    table = out.strip().splitlines()[:-1]  # printed at rich's 80 columns (not a terminal): nothing cut
+    assert "…" not in "\n".join(table) and max(len(line) for line in table) <= 80
 
 
 @pytest.mark.parametrize(

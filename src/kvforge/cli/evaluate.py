@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich import box
 from rich.table import Table
 
 from kvforge.cli.common import (
@@ -57,19 +58,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             rows.append(row)
             progress.update(task, description=f"{row.policy:<20}", advance=1)
     setting = "query-aware" if args.query_aware else "question-agnostic"
+    # Fits 80 columns whole (printed to a file, rich takes 80): no vertical rules, short headers.
     table = Table(
         title=f"{loaded.name}: {rows[0].prompt_tokens}-token needle prompt, {setting}, answer {case.answers[0]}",
-        caption=f"one prefill ({rows[0].prefill_seconds:.1f}s) serves every method; s policy: scoring and "
-        f"compressing (kvzip's reconstruction passes included); s answer: the question and the answer",
-    )
-    table.add_column("method", no_wrap=True, min_width=18)
-    table.add_column("answer", no_wrap=True, max_width=12)
-    for col in ("ratio", "correct", "MiB kept", "saved", "s policy", "s answer"):
-        table.add_column(col, justify="right")
+        caption=f"one prefill ({rows[0].prefill_seconds:.1f}s) serves every method; MiB: K/V kept; s pol.: scoring and "
+        f"compressing (kvzip's reconstruction passes included); s ans.: the question and the answer",
+        box=box.SIMPLE_HEAD, pad_edge=False,
+    )  # fmt: skip
+    table.add_column("method", no_wrap=True)
+    table.add_column("answer", no_wrap=True, max_width=10)
+    for col in ("ratio", "ok", "MiB", "saved", "s pol.", "s ans."):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         table.add_row(
             r.policy,
-            r.answer.strip().replace("\n", " ")[:24],
+            r.answer.strip().replace("\n", " ")[:10],
             f"{r.ratio:g}",
             "yes" if r.score == 100 else "no",
             f"{r.cache_bytes / 2**20:.2f}",
