@@ -146,6 +146,26 @@ def test_demo_runs_every_policy_and_reports_kept_bytes(capsys, tiny_checkpoint):
     assert "…" not in "\n".join(table) and max(len(line) for line in table) <= 80
 
 
+def test_the_demo_table_fits_80_columns_with_large_figures():
+    import io
+
+    from rich.console import Console
+
+    from kvforge.cli.evaluate import demo_table
+    from kvforge.eval.runner import EvalRow
+
+    row = EvalRow(
+        task="niah_single", sample=0, query_aware=False, policy="expected_attention", ratio=0.875, prompt_hash="h", prompt_tokens=4096,
+        answer="a long answer\nover lines", answers=["x"], score=100.0, cache_bytes=int(156.25 * 2**20), dense_bytes=int(312.5 * 2**20),
+        prefill_seconds=99.9, compress_seconds=124.95, decode_seconds=100.5, generated_tokens=8,
+    )  # fmt: skip
+    out = io.StringIO()
+    Console(file=out, width=80).print(demo_table("title", [row]))
+    text = out.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "expected_attention" in text and "156.25" in text and "124.95" in text and "100.5" in text and "50%" in text
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

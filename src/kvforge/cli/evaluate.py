@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich import box
 from rich.table import Table
 
 from kvforge.cli.common import (
@@ -24,6 +23,9 @@ from kvforge.cli.common import (
     ratio_arg,
 )
 from kvforge.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from kvforge.eval.runner import EvalRow
 
 
 # A few minutes: the reference, the methods that keep the needle question-agnostic on the default
@@ -58,12 +60,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
             rows.append(row)
             progress.update(task, description=f"{row.policy:<20}", advance=1)
     setting = "query-aware" if args.query_aware else "question-agnostic"
-    # Fits 80 columns whole (printed to a file, rich takes 80): no vertical rules, short headers.
+    title = f"{loaded.name}: {rows[0].prompt_tokens}-token needle prompt, {setting}, answer {case.answers[0]}"
+    table = demo_table(title, rows)
+    console.print(table)
+    if args.json:
+        print(json.dumps([asdict(r) for r in rows]))
+    return 0
+
+
+def demo_table(title: str, rows: list[EvalRow]) -> Table:
+    """The demo's table, whole within 80 columns (printed to a file, rich takes 80) even at 100+
+    MiB and seconds: no rules between columns, short headers, the answer's start."""
     table = Table(
-        title=f"{loaded.name}: {rows[0].prompt_tokens}-token needle prompt, {setting}, answer {case.answers[0]}",
+        title=title, box=None, pad_edge=False, header_style="bold",
         caption=f"one prefill ({rows[0].prefill_seconds:.1f}s) serves every method; MiB: K/V kept; s pol.: scoring and "
         f"compressing (kvzip's reconstruction passes included); s ans.: the question and the answer",
-        box=box.SIMPLE_HEAD, pad_edge=False,
     )  # fmt: skip
     table.add_column("method", no_wrap=True)
     table.add_column("answer", no_wrap=True, max_width=10)
@@ -80,10 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"{r.compress_seconds:.2f}",
             f"{r.decode_seconds:.1f}",
         )
-    console.print(table)
-    if args.json:
-        print(json.dumps([asdict(r) for r in rows]))
-    return 0
+    return table
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
