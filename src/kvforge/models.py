@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvforge.attention import enable
 
@@ -163,11 +163,16 @@ RANDOM_SHAPES: dict[str, dict[str, object]] = {
 }  # fmt: skip
 
 
-def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    """A model of a known shape with random weights, created directly on `device` in `dtype`."""
+def random_config(shape: str) -> PretrainedConfig:
+    """The config of a random model shape (`RANDOM_SHAPES`)."""
     if shape not in RANDOM_SHAPES:
         raise ModelNotFoundError(f"unknown random model shape {shape!r}; use {RANDOM_PREFIX}<shape> with one of {', '.join(RANDOM_SHAPES)}")
-    config = AutoConfig.for_model(**RANDOM_SHAPES[shape])
+    return AutoConfig.for_model(**RANDOM_SHAPES[shape])
+
+
+def random_model(shape: str, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """A model of a known shape with random weights, created directly on `device` in `dtype`."""
+    config = random_config(shape)
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it will run: an 8B model never passes through host memory
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -229,10 +234,7 @@ class TextSide:
 def load_text_side(name: str = DEFAULT_MODEL) -> TextSide:
     """The tokenizer and context length of the model `load_model(name)` loads, read without its weights."""
     if name.startswith(RANDOM_PREFIX):
-        shape = name.removeprefix(RANDOM_PREFIX)
-        if shape not in RANDOM_SHAPES:
-            raise ModelNotFoundError(f"unknown random model shape {shape!r}; use {RANDOM_PREFIX}<shape> with one of {', '.join(RANDOM_SHAPES)}")
-        tokenizer, config = AutoTokenizer.from_pretrained(default_checkpoint()), AutoConfig.for_model(**RANDOM_SHAPES[shape])
+        tokenizer, config = AutoTokenizer.from_pretrained(default_checkpoint()), random_config(name.removeprefix(RANDOM_PREFIX))
     else:
         directory, gguf = resolve(name)
         try:

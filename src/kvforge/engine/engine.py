@@ -444,15 +444,13 @@ class Engine:
         """A prefix read from the store is found in memory from now on, as one prefilled here is
         (its blocks marked, or a fork kept), so the requests after it, those admitted with it
         included, share its blocks instead of each reading and holding a copy."""
+        if not reusable(kv):
+            self._keep_prefix(kv, tokens, cache)
+            return
         try:
-            if reusable(kv):
-                self.block_index.mark(kv, tokens, cache)
-            elif self.prefix_memory is None or cache.nbytes <= self.prefix_memory:
-                self.prefixes.keep(kv, tokens, cache)
-                while self.prefix_memory is not None and self.prefixes.nbytes > self.prefix_memory:
-                    self.prefixes.evict_one()
-        except Exception:  # an optimisation: fail no one for it
-            log.exception("sharing a prefix read from the store failed")
+            self.block_index.mark(kv, tokens, cache)
+        except Exception:  # blocks found again later are an optimisation: fail no one for it
+            log.exception("marking the blocks of a prefix read from the store failed")
 
     def _from_blocks(self, kv: KVSettings, tokens: list[int]) -> tuple[KVCache, int] | None:
         """A cache starting from the blocks that already hold a prefix of `tokens` (`blocks.py`)."""
@@ -590,17 +588,23 @@ class Engine:
         prompt = item.request.prompt
         if item.recomputing or item.done != self.prefixes.boundary(len(prompt)):
             return
-        if self.prefix_memory is not None and item.cache.nbytes > self.prefix_memory:
-            return
+        tokens = prompt[: item.done]
+        if self._keep_prefix(item.request.kv, tokens, item.cache) and self.stored is not None:
+            self.stored.keep(item.request.kv, tokens, item.cache)
+
+    def _keep_prefix(self, kv: KVSettings, tokens: list[int], cache: KVCache) -> bool:
+        """Keep a fork of `cache` (holding `tokens`) among the prefixes, the oldest giving way
+        beyond --prefix-memory; False when it is larger than that memory or keeping failed."""
+        if self.prefix_memory is not None and cache.nbytes > self.prefix_memory:
+            return False
         try:
-            self.prefixes.keep(item.request.kv, prompt[: item.done], item.cache)
+            self.prefixes.keep(kv, tokens, cache)
         except Exception:  # a cache kept for later is an optimisation: fail no one for it
-            log.exception("keeping the prefix of request %d failed", item.request.id)
-            return
-        if self.stored is not None:
-            self.stored.keep(item.request.kv, prompt[: item.done], item.cache)
+            log.exception("keeping a prefix of %d tokens failed", len(tokens))
+            return False
         while self.prefix_memory is not None and self.prefixes.nbytes > self.prefix_memory:
             self.prefixes.evict_one()
+        return True
 
     def _start_decoding(self, item: Prefilling) -> None:
         """A prompt is in: sample its first token and join the running batch of its settings."""

@@ -138,10 +138,16 @@ class Prompter:
             )  # fmt: skip
 
 
+def serving_prompter(tokenizer: PreTrainedTokenizerBase, model: str, window: int, served_as: str, limits: ServerLimits) -> Prompter:
+    """The prompter of a server of `model` (window in tokens, 0: unknown) answering to
+    `served_as`, 'default' and the model's own name."""
+    return Prompter(tokenizer, {served_as, "default", model}, served_as, window or None, limits)
+
+
 def prompter_for(engine: Engine, served_as: str, limits: ServerLimits) -> Prompter:
-    """The prompter of a server of `engine`, answering to `served_as`, 'default' and the model's own name."""
+    """`serving_prompter` of the engine's model."""
     loaded = engine.loaded
-    return Prompter(loaded.tokenizer, {served_as, "default", loaded.name}, served_as, loaded.context_length or None, limits)
+    return serving_prompter(loaded.tokenizer, loaded.name, loaded.context_length, served_as, limits)
 
 
 class Preparer:

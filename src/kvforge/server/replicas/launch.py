@@ -15,7 +15,7 @@ from kvforge.engine import Engine
 from kvforge.models import TextSide
 from kvforge.server.app import app_over
 from kvforge.server.limits import ServerLimits
-from kvforge.server.prepare import Prompter
+from kvforge.server.prepare import serving_prompter
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,6 @@ def start_front(
     (`run.serve`); `stop` takes the replicas down."""
     from kvforge.server.replicas.frontend import ReplicaBackend
 
-    prompter = Prompter(text.tokenizer, {text.name, "default"}, text.name, text.context_length or None, limits)
+    prompter = serving_prompter(text.tokenizer, text.name, text.context_length, text.name, limits)
     handle, board, stop = deploy(replicas, build, default_ratio, limits)
     return app_over(ReplicaBackend(handle, prompter, board), text.name, limits), stop  # type: ignore[arg-type]
