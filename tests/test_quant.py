@@ -115,6 +115,46 @@ def test_residual_window_across_group_boundaries():
         assert view.positions[0, 0].tolist() == list(range(held))  # oldest first, none lost
 
 
+def test_a_prompt_is_quantized_whole_but_its_open_key_group():
+    keys = torch.randn(1, 2, 27, 16)
+    held = {}
+    for prompt_residual in (False, True):
+        spec = QuantSpec("int4", group=8, residual=8, prompt_residual=prompt_residual)
+        storage = QuantizedKV(1, 2, 16, torch.float32, torch.device("cpu"), (), spec)
+        storage.append(keys, keys, torch.arange(27), torch.ones(1, 27, dtype=torch.bool))
+        storage.seal(prompt=True)
+        held[prompt_residual] = storage.parts[0].quant.lengths.tolist(), storage.tail.lengths.tolist()
+        # A decoding step's entry stays in full precision until residual + a group of them wait.
+        storage.append(keys[:, :, :1], keys[:, :, :1], torch.tensor([27]), torch.ones(1, 1, dtype=torch.bool))
+        storage.seal()
+        assert storage.tail.lengths.tolist() == [[held[prompt_residual][1][0][0] + 1] * 2]
+    assert held[False] == ([[24, 24]], [[3, 3]])  # 27 = three key groups of 8, then 3 open
+    assert held[True] == ([[16, 16]], [[11, 11]])  # the old way: residual 8 <= tail < 8 + 8
+
+
+@pytest.mark.parametrize("layout", ["inplace", "paged"])
+@pytest.mark.parametrize("policy", ["knorm", "kvzip", "full"])
+def test_a_compressed_prompt_keeps_no_full_precision_tail_but_the_question_does(tiny_model, layout, policy):
+    """After the prompt's last compression (at once, or deferred as kvzip's) every row's tail is
+    its open key group; the question appended after it stays in full precision (residual)."""
+    spec = QuantSpec("int4", group=4, residual=8)
+    ids, mask = left_padded([40, 33])
+    cache, logits = prefill_logits(tiny_model, build_policy(policy), ids, mask, layout, quant=spec)
+    for layer in cache.layers:
+        picture = layer.storage._picture() if layout == "paged" else layer.storage
+        assert int(picture.tail.lengths.max()) < 4
+    before = [int(layer.storage.lengths.sum()) for layer in cache.layers]
+    feed(tiny_model, cache, [[5, 6, 7], [8, 9, 10]], torch.full((2,), ids.shape[1]))
+    for layer, n in zip(cache.layers, before):
+        picture = layer.storage._picture() if layout == "paged" else layer.storage
+        assert int(layer.storage.lengths.sum()) == n + 2 * 3 * layer.storage.kv_heads
+        assert int(picture.tail.lengths.min()) >= 3  # the question's entries, not yet sealed
+
+
+def build_policy(name: str):
+    return make_policy(name) if name == "full" else make_policy(name, ratio=0.5)
+
+
 def test_eviction_inside_a_key_group_is_exact_and_frees_codes():
     spec = QuantSpec("int4", group=4, residual=0)
     storage = QuantizedKV(1, 2, 16, torch.float32, torch.device("cpu"), ("score",), spec)

@@ -151,7 +151,7 @@ def splice(cache: KVCache, document: KVCache, rotation: Rotation) -> None:
         layer.chunks += 1
         assert layer.tokens is not None
         layer.tokens += n
-        layer.seal()
+        layer.seal(prompt=True)
 
 
 def select(model: PreTrainedModel, cache: KVCache, ids: list[int], positions: torch.Tensor, share: float) -> torch.Tensor:

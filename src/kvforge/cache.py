@@ -208,7 +208,7 @@ class KVForgeLayer(CacheLayerMixin):
         # A recorded prefill stays as it was stored until each derived cache compresses it; a
         # deferring policy's chunk waits for its compression (KVCache.compress).
         if not recording and not (mode == PREFILL and self.policy.defers):
-            self.seal(query, positions, new_valid, scaling)
+            self.seal(query, positions, new_valid, scaling, prompt=mode == PREFILL)
         self.seen += t
         self.chunks += 1
         return out
@@ -263,7 +263,7 @@ class KVForgeLayer(CacheLayerMixin):
         view = self.storage.view()
         out = attend_at(query, view.keys, view.values, view.positions, view.valid, positions, scaling)
         if mode == REFRESH:
-            self.seal()
+            self.seal(prompt=True)
         return out
 
     def _refresh(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
@@ -318,6 +318,7 @@ class KVForgeLayer(CacheLayerMixin):
         positions: torch.Tensor | None = None,  # (T,)
         valid: torch.Tensor | None = None,  # (batch, T)
         scaling: float = 1.0,
+        prompt: bool = False,  # the chunk was a prompt's, now compressed (judged): nothing kept back
     ) -> None:
         """Let the storage convert what this chunk left (quantize it), then count its bytes. A
         storage that holds what matters more with more bits asks the policy (`Policy.importance`)."""
@@ -330,7 +331,7 @@ class KVForgeLayer(CacheLayerMixin):
             # Keep-all budgets: a score that depends on the budget (H2O's recent window) is defined.
             ctx.budget = ctx.target = storage.lengths.to(storage.device)
             importance = lambda: self.policy.importance(ctx)  # noqa: E731
-        storage.seal(importance)
+        storage.seal(importance, prompt)
         self.held.update(self.layer_idx, storage.allocated_nbytes)
 
     def _context(
@@ -659,7 +660,7 @@ class KVCache(Cache):
             layer._act(record.query, record.positions, record.valid, record.scaling, PREFILL, added, shared)
             layer.chunks = 1
             if not policy.defers:
-                layer.seal(record.query, record.positions, record.valid, record.scaling)
+                layer.seal(record.query, record.positions, record.valid, record.scaling, prompt=True)
         return derived
 
     def fork(self) -> KVCache:
@@ -712,7 +713,7 @@ class KVCache(Cache):
         self.layers[0].policy_seconds += time.perf_counter() - start
         for layer, ctx, target in zip(self.layers, contexts, targets):
             layer.compress(ctx, target)
-            layer.seal()
+            layer.seal(prompt=True)
 
     @property
     def policy_seconds(self) -> float:

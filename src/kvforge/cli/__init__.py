@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from kvforge.cli import bench, evaluate, generate, serve, store
+from kvforge.cli import bench, evaluate, generate, serve, store, tune
 from kvforge.cli.common import OneLineParser
 
 
@@ -14,7 +14,7 @@ def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="kvforge", description="KV-cache compression that really holds fewer bytes, measured honestly")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (generate, store, evaluate, bench, serve):
+    for group in (generate, store, evaluate, tune, bench, serve):
         group.register(sub)
     return parser
 

@@ -71,7 +71,7 @@ def bench_policies(args: argparse.Namespace) -> tuple[list[str], list[Any]]:
     from kvforge.policies import methods
 
     names = split_list(args.policies) if args.policies else methods()
-    ratio = None if args.budget is not None else args.ratio
+    ratio = None if args.budget is not None or args.coverage is not None else args.ratio
     return names, [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
 
 

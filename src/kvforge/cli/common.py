@@ -44,6 +44,10 @@ def cli_spec(name: str, ratio: float | None, params: list[str], args: argparse.N
         budget = getattr(args, "budget", None)
         if budget is not None and ratio is not None:
             raise ValueError("give either --ratio or --budget, not both")
+        if getattr(args, "coverage", None) is not None:
+            if ratio is not None or budget is not None:
+                raise ValueError("--coverage sets how much each head keeps: give it without --ratio or --budget")
+            name, ratio = covered(name, args.coverage)
         for option in ("decode_budget", "evict_every"):
             if getattr(args, option, None) is not None:
                 own[option] = getattr(args, option)
@@ -51,10 +55,35 @@ def cli_spec(name: str, ratio: float | None, params: list[str], args: argparse.N
     return KVSpec(name, ratio, budget=budget, params=tuple(own.items()))
 
 
+def covered(name: str, share: float) -> tuple[str, float]:
+    """--coverage SHARE on policy `name`: the policy `coverage:<name>` and the ratio (1 - SHARE,
+    the share of each head's score mass it may give up; policies/coverage.py)."""
+    return (name if name.startswith("coverage:") else f"coverage:{name}"), round(1.0 - share, 12)
+
+
+def coverage_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--coverage {text!r} is not a number; give a share in (0, 1), e.g. 0.95") from err
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"--coverage {value:g} is outside (0, 1): the share of each head's score mass kept, e.g. 0.95"
+        )
+    return value
+
+
+def add_coverage_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coverage", type=coverage_arg, default=None, metavar="SHARE",
+                        help="instead of --ratio: each head keeps the fewest entries holding SHARE of its score mass "
+                             "(kvzip, kvzap; the policy becomes coverage:<policy>)")
+
+
 def add_budget_args(parser: argparse.ArgumentParser, chunk_help: str) -> None:
     """The options that bound memory, shared by generate and bench."""
     parser.add_argument("--budget", type=positive_int("--budget"), default=None, metavar="TOKENS",
                         help="instead of --ratio: keep at most TOKENS entries per sequence and KV head")
+    add_coverage_arg(parser)
     parser.add_argument("--decode-budget", type=positive_int("--decode-budget"), default=None, metavar="TOKENS",
                         help="entries per sequence and KV head held while decoding (default: streaming and h2o "
                              "hold the prompt's size, the others grow)")
@@ -72,10 +101,47 @@ def add_quant_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
     parser.add_argument("--quant-group", type=int, default=32, metavar="G",
                         help="tokens per key group and channels per value group (must divide head_dim; default 32)")
     parser.add_argument("--quant-residual", type=int, default=128, metavar="R",
-                        help="recent tokens per row kept in full precision (default 128)")
+                        help="recent tokens per row kept in full precision while decoding (default 128)")
+    parser.add_argument("--quant-prompt-residual", action="store_true",
+                        help="keep the prompt's last R entries in full precision too, as KIVI does (default: a "
+                             "compressed prompt is quantized whole, all but each row's open key group)")
     parser.add_argument("--quant-split", type=float, default=0.25, metavar="F",
                         help="mixed: the fraction of entries held in int4, those the policy scores highest "
                              "(the others in int2; default 0.25)")
+
+
+def add_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="TUNED.json",
+                        help="a configuration `kvforge tune` wrote: its policy, ratio and quantization "
+                             "replace --policy, --ratio, --coverage and --quant*")
+
+
+def apply_config(args: argparse.Namespace) -> None:
+    """--config FILE: the tuned setting in place of the flags that name one (eval: its rows beside
+    the full cache's, the reference of retention)."""
+    if getattr(args, "config", None) is None:
+        return
+    from kvforge.eval.tune import TunedConfig
+
+    spec = TunedConfig.load(args.config).spec
+    quant = spec.quant
+    args.quant_group, args.quant_residual, args.quant_split = quant.group, quant.residual, quant.split
+    args.quant_prompt_residual = quant.prompt_residual
+    if hasattr(args, "policies"):  # eval
+        if spec.params or spec.budget is not None:
+            raise ValueError(f"--config {args.config}: eval sweeps ratios; this configuration sets a budget or parameters")
+        args.policies = ",".join(dict.fromkeys(["full", spec.policy]))
+        args.ratios = f"{spec.ratio:g}" if spec.ratio else None
+        args.quant = ",".join(dict.fromkeys(["none", quant.mode]))
+        return
+    args.policy, args.quant, args.coverage = spec.policy, quant.mode, None
+    args.ratio = None if spec.budget is not None else spec.ratio
+    if hasattr(args, "budget"):
+        args.budget = spec.budget
+    if hasattr(args, "param"):
+        args.param = [f"{name}={json.dumps(value)}" for name, value in spec.params]
+    elif spec.params or spec.budget is not None:
+        raise ValueError(f"--config {args.config}: this command takes a policy and a ratio; the configuration sets a budget or parameters")
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +167,9 @@ def quant_specs(args: argparse.Namespace) -> list[Any]:
     """The QuantSpec of each mode --quant names (validated: a bad value names its option)."""
     from kvforge.storage import QuantSpec
 
-    return [QuantSpec(mode, args.quant_group, args.quant_residual, args.quant_split) for mode in split_list(args.quant)]
+    return [
+        QuantSpec(mode, args.quant_group, args.quant_residual, args.quant_split, args.quant_prompt_residual) for mode in split_list(args.quant)
+    ]
 
 
 def quant_spec(args: argparse.Namespace) -> Any:

@@ -14,6 +14,8 @@ from kvforge.cli.common import (
     console,
     err_console,
     add_quant_args,
+    add_config_arg,
+    apply_config,
     add_device_args,
     load,
     quant_specs,
@@ -100,6 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvforge.calibration import find_calibration, fingerprint
     from kvforge.policies import make_policy, methods
 
+    apply_config(args)
     if args.quick:
         for key, value in QUICK.items():
             if getattr(args, key) is None:
@@ -113,7 +116,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples=args.samples if args.samples is not None else 20, settings=settings, seed=args.seed,
         task_file=args.task_file, batch=args.batch, prefill_chunk=args.prefill_chunk,
         questions=args.questions_per_context, quant=split_list(args.quant),
-        quant_group=args.quant_group, quant_residual=args.quant_residual, quant_split=args.quant_split, dtype=args.dtype,
+        quant_group=args.quant_group, quant_residual=args.quant_residual, quant_split=args.quant_split,
+        quant_prompt_residual=args.quant_prompt_residual, dtype=args.dtype,
     )  # fmt: skip
     cfg.validate()
     workers = None
@@ -216,6 +220,7 @@ def register(sub: Any) -> None:
     ev.add_argument("--prefill-chunk", type=positive_int("--prefill-chunk"), default=None, metavar="N",
                     help="prefill N tokens at a time, compressing after each chunk (each policy prefills itself)")
     add_quant_args(ev, many=True)
+    add_config_arg(ev)
     add_device_args(ev)
     ev.add_argument("--out", default="results/eval")
     ev.add_argument("--force", action="store_true", help="discard results of another configuration in --out")

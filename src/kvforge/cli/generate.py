@@ -13,6 +13,8 @@ from kvforge.cli.common import (
     err_console,
     add_budget_args,
     add_quant_args,
+    add_config_arg,
+    apply_config,
     add_device_args,
     load,
     ensure_calibration,
@@ -26,6 +28,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvforge.blend import answer_blended, build_blend_prompt, check_share
     from kvforge.generate import answer, build_prompt
 
+    apply_config(args)
     spec = command_spec(args)
     policy, quant = spec.build(), spec.quant
     if args.max_new_tokens < 1:
@@ -120,6 +123,7 @@ def register(sub: Any) -> None:
     add_budget_args(gen, "prefill the compressed part N tokens at a time, compressing after each chunk")
     gen.add_argument("--layout", default="inplace", help="K/V storage layout: inplace (default), paged (blocks of one pool) or ragged (the reference)")
     add_quant_args(gen)
+    add_config_arg(gen)
     add_device_args(gen)
     add_store_args(gen, required=False)
     gen.add_argument("--blend", action="append", default=[], metavar="FILE",

@@ -14,7 +14,11 @@ from kvforge.cli.common import (
     console,
     err_console,
     build_policy,
+    add_coverage_arg,
     add_quant_args,
+    add_config_arg,
+    apply_config,
+    covered,
     add_device_args,
     load,
     quant_spec,
@@ -49,19 +53,28 @@ def serve_engine(args: argparse.Namespace) -> Engine:
     from kvforge.engine import Engine, KVSettings
     from kvforge.engine.prefixes import default_limit
 
-    policy = build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)
+    name, ratio = default_setting(args)
+    policy = build_policy(name, None if name == "full" else ratio, [], None)
     loaded = load(args)
     ensure_calibration(loaded, [policy])
     prefix_memory = args.prefix_memory
     if prefix_memory is None and args.kv_memory is None:  # kept prefixes are bounded either way
         prefix_memory = default_limit(loaded.model.device)
     engine = Engine(
-        loaded, KVSettings(args.policy, policy.ratio, quant_spec(args)), args.kv_memory, args.prefill_chunk,
+        loaded, KVSettings(name, policy.ratio, quant_spec(args)), args.kv_memory, args.prefill_chunk,
         prefix_memory=prefix_memory, max_waiting=args.max_queued, store=open_store(args) if args.store else None,
         blend_share=args.blend_share,
     )  # fmt: skip
     engine.check_defaults()
     return engine
+
+
+def default_setting(args: argparse.Namespace) -> tuple[str, float]:
+    """(policy, ratio) of requests that name none: --policy and --ratio, or what --coverage makes
+    of them (`coverage:<policy>`, the share of mass it may give up as the ratio)."""
+    if args.coverage is None or args.policy == "full":
+        return args.policy, args.ratio
+    return covered(args.policy, args.coverage)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -70,16 +83,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kvforge.server.run import serve
 
     check_share(args.blend_share)
+    apply_config(args)
     if args.cpu_memory is not None and not args.store:
         raise ValueError(f"--cpu-memory {args.cpu_memory} keeps stored prefixes in host memory: give --store DIR|redis://... too")
     if args.replica_threads is not None and args.replicas is None:
         raise ValueError(f"--replica-threads {args.replica_threads} sets each replica's threads: give --replicas N too")
-    build_policy(args.policy, None if args.policy == "full" else args.ratio, [], None)  # a bad --policy: one line, before anything starts
+    name, ratio = default_setting(args)
+    build_policy(name, None if name == "full" else ratio, [], None)  # a bad --policy: one line, before anything starts
     limits = serve_limits(args)
     access = "API key required" if limits.api_key else "no API key"
     hosts = "any Host" if limits.allowed_hosts is None else "Host " + ",".join(limits.allowed_hosts)
     budget = "no KV memory budget" if args.kv_memory is None else f"KV memory budget {args.kv_memory / 2**20:.0f} MiB"
-    settings = f"{args.policy}{'' if args.policy == 'full' else f' {args.ratio:g}'}, quant {quant_spec(args).mode}"
+    settings = f"{name}{'' if name == 'full' else f' {ratio:g}'}, quant {quant_spec(args).mode}"
     if args.replicas is not None or args.ray_address is not None:
         return serve_on_ray(args, limits, f"{settings}, {budget} each; {access}, {hosts}")
     engine = serve_engine(args)
@@ -166,7 +181,9 @@ def register(sub: Any) -> None:
     srv.add_argument("--model", default=DEFAULT_MODEL)
     srv.add_argument("--policy", default="full", help="default compression policy of requests (kv_policy overrides)")
     srv.add_argument("--ratio", type=ratio_arg, default=0.5, help="default ratio for a compressing policy (kv_ratio overrides)")
+    add_coverage_arg(srv)
     add_quant_args(srv)
+    add_config_arg(srv)
     add_device_args(srv)
     srv.add_argument("--kv-memory", type=size_arg, default=None, metavar="SIZE",
                      help="KV cache budget, e.g. 2GiB: requests that do not fit wait (default: none)")

@@ -58,7 +58,7 @@ def quantized_row_blocks(kv: KVSettings, entries: int, transient: int, head_dim:
     block of slack each (a group in a fresh block)."""
     groups, _ = kv.quant.batch
     tail = min(entries, kv.quant.residual + groups * kv.quant.group) + transient
-    codes = -(-(entries - min(entries, kv.quant.residual)) // kv.quant.group)
+    codes = -(-entries // kv.quant.group)  # a compressed prompt is quantized whole (QuantSpec.sealed)
     per_block = [codec_layout(part, head_dim, block_nbytes).entries // part.group for part in kv.quant.parts]
     return row_blocks(tail, block_size) + 1 + sum(-(-codes // n) + 1 for n in per_block)
 

@@ -37,7 +37,7 @@ ROWS, CONFIG, SUMMARY = "rows.jsonl", "config.json", "summary.json"
 # Fields a later run may change in the same --out: rows are per sample, policy, ratio and quant.
 EXTENSIBLE = ("samples", "tasks", "policies", "ratios", "quant")
 # Fields added after runs were written: a stored configuration without them had these values.
-ADDED = {"questions": 1, "quant_group": 32, "quant_residual": 128, "quant_split": 0.25, "dtype": "float32"}
+ADDED = {"questions": 1, "quant_group": 32, "quant_residual": 128, "quant_split": 0.25, "dtype": "float32", "quant_prompt_residual": True}
 
 
 @dataclass
@@ -57,6 +57,7 @@ class EvalConfig:
     quant_group: int = 32
     quant_residual: int = 128
     quant_split: float = 0.25  # mixed: the fraction of entries held in int4
+    quant_prompt_residual: bool = False  # the compressed prompt's last entries in full precision too
     dtype: str = "float32"  # the model's (scores depend on it; the device does not change them beyond rounding)
     # Samples decoded together. An execution detail: not part of the configuration's identity.
     batch: int = field(default=8, compare=False)
@@ -92,7 +93,7 @@ class EvalConfig:
 
     def specs(self) -> dict[str, QuantSpec]:
         """Each quantization mode of the run, validated (a bad value names its option)."""
-        return {mode: QuantSpec(mode, self.quant_group, self.quant_residual, self.quant_split) for mode in self.quant}
+        return {mode: QuantSpec(mode, self.quant_group, self.quant_residual, self.quant_split, self.quant_prompt_residual) for mode in self.quant}
 
     def combos(self) -> list[KVSpec]:
         """The KV settings of one sample's rows: `full` once per quant mode, every other policy at
@@ -201,7 +202,7 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
         for config in (stored, identity):  # a side that quantized (or mixed) nothing does not care how
             modes = set(config["quant"] if "quant" in config else ["none"])
             if modes == {"none"}:
-                ignored |= {"quant_group", "quant_residual"}
+                ignored |= {"quant_group", "quant_residual", "quant_prompt_residual"}
             if "mixed" not in modes:
                 ignored.add("quant_split")
         return {k: v for k, v in stored.items() if k not in ignored} == {k: v for k, v in identity.items() if k not in ignored}

@@ -314,8 +314,9 @@ def make_case(
 
 
 # What a task file may set for all its cases (a line without "context") or per case.
-CASE_OPTIONS = {"answer_prefix": str, "max_new_tokens": int}
-FILE_DEFAULTS = {"answer_prefix": "", "max_new_tokens": 64}
+CASE_OPTIONS = {"answer_prefix": str, "max_new_tokens": int, "match": str}
+FILE_DEFAULTS = {"answer_prefix": "", "max_new_tokens": 64, "match": "any"}
+MATCHES = ("any", "all")  # full credit when one answer is found; credit per answer found
 
 
 def case_options(obj: dict, where: str, defaults: dict[str, object]) -> dict[str, object]:
@@ -329,14 +330,25 @@ def case_options(obj: dict, where: str, defaults: dict[str, object]) -> dict[str
             raise ValueError(f"{where}: {name!r} must be a {kind.__name__}, got {value!r}")
         if name == "max_new_tokens" and not 1 <= value <= 4096:
             raise ValueError(f"{where}: max_new_tokens={value} is outside the allowed range [1, 4096]")
+        if name == "match" and value not in MATCHES:
+            raise ValueError(f"{where}: match={value!r} is not one of {', '.join(MATCHES)}")
         out[name] = value
     return out
 
 
+def case_line(case: Case) -> str:
+    """One line of a task file holding `case` (what `load_task_file` reads back)."""
+    return json.dumps({
+        "context": case.context, "question": case.question, "answers": case.answers,
+        "answer_prefix": case.answer_prefix, "max_new_tokens": case.max_new_tokens, "match": case.match,
+    })  # fmt: skip
+
+
 def load_task_file(path: str | Path) -> list[Case]:
     """Cases from a JSON-lines file: one object per line with `context`, `question`, `answers`,
-    and optionally `answer_prefix` (appended after the question, as RULER's cases carry it) and
-    `max_new_tokens`. A line without `context` sets those two for the cases after it."""
+    and optionally `answer_prefix` (appended after the question, as RULER's cases carry it),
+    `max_new_tokens` and `match` ("any", the default, or "all": credit per answer found). A line
+    without `context` sets those for the cases after it."""
     path = Path(path)
     cases = []
     defaults: dict[str, object] = dict(FILE_DEFAULTS)
@@ -363,7 +375,7 @@ def load_task_file(path: str | Path) -> list[Case]:
         options = case_options(obj, where, defaults)
         cases.append(
             Case(
-                path.stem, str(context), str(question), str(options["answer_prefix"]), answers, match="any",
+                path.stem, str(context), str(question), str(options["answer_prefix"]), answers, match=str(options["match"]),
                 max_new_tokens=int(options["max_new_tokens"]),  # type: ignore[arg-type]
             )  # fmt: skip
         )

@@ -148,6 +148,9 @@ class Policy:
     # Whether prompt chunks are stored whole and compressed only once extra passes over them have
     # run (`reconstruction()`, KVzip): `kvforge.prefill` runs them, `model.generate` cannot.
     defers: ClassVar[bool] = False
+    # What `score` gives, where it is a share of attention a budget by coverage can add up
+    # (policies/coverage.py): "linear" (the share itself) or "log" (its logarithm); None: neither.
+    mass_scores: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)

@@ -43,6 +43,7 @@ class KVzap(Policy):
     name: ClassVar[str] = "kvzap"
     description: ClassVar[str] = "keep what a per-layer surrogate of KVzip's scores predicts (KVzap); needs `kvforge calibrate`"
     needs_calibration: ClassVar[bool] = True
+    mass_scores: ClassVar[str | None] = "log"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -46,6 +46,7 @@ class KVzip(Policy):
     description: ClassVar[str] = "keep what the model attends to while repeating the context (KVzip); its passes cost ~1.7 prefills"
     aux_names: ClassVar[tuple[str, ...]] = (STATE,)
     defers: ClassVar[bool] = True
+    mass_scores: ClassVar[str | None] = "linear"
 
     def __post_init__(self) -> None:
         super().__post_init__()

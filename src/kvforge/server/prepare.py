@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field as dataclass_field
+from dataclasses import dataclass, field as dataclass_field, replace
 from typing import TypeVar
 
 from jinja2.exceptions import TemplateError
@@ -182,7 +182,7 @@ class Preparer:
         else:
             ratio = base.ratio if body.kv_policy is None else self.default_ratio
         try:
-            quant = base.quant if body.kv_quant is None else QuantSpec(body.kv_quant, base.quant.group, base.quant.residual, base.quant.split)
+            quant = base.quant if body.kv_quant is None else replace(base.quant, mode=body.kv_quant)
             quant.check_head_dim(self.engine.shape.head_dim)
         except ValueError as err:  # its message is the CLI's: say which field it means here
             raise APIError(400, f"kv_quant: {str(err).removeprefix('--quant: ')} (as the server's --quant)", "kv_quant") from None

@@ -141,11 +141,12 @@ class KVStorage(ABC):
     # Whether `seal` wants to know how much each entry matters (mixed precision).
     wants_importance: bool = False
 
-    def seal(self, importance: Callable[[], torch.Tensor] | None = None) -> None:
+    def seal(self, importance: Callable[[], torch.Tensor] | None = None, prompt: bool = False) -> None:
         """The chunk just appended has been attended and compressed: a layout that holds entries
-        in another form (quantized) converts them now. `importance`, where `wants_importance`:
-        (batch, kv_heads, slots) how much each entry `view()` shows matters. Nothing to do for
-        full-precision layouts."""
+        in another form (quantized) converts them now; `prompt`: it was a prompt's, judged by its
+        policy, so a quantized layout keeps no recent tail of it (see `QuantSpec`). `importance`,
+        where `wants_importance`: (batch, kv_heads, slots) how much each entry `view()` shows
+        matters. Nothing to do for full-precision layouts."""
 
     @abstractmethod
     def buffers(self) -> dict[int, int]:

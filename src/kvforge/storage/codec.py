@@ -16,7 +16,7 @@ tokens is one contiguous (G, code_bytes) block. int8 and fp8 hold one code per b
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,14 +31,21 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 @dataclass(frozen=True)
 class QuantSpec:
     """How kept entries are held: `mode` (see MODES), `group` (tokens per key group, channels per
-    value group), `residual` (the most recent tokens of each row kept in full precision) and, for
-    `mixed`, `split`: the fraction of entries held in int4 (those the policy scores highest; the
-    others in int2), rounded to the nearest fraction with a denominator of at most 8."""
+    value group), `residual` (the most recent tokens of each row kept in full precision while
+    decoding) and, for `mixed`, `split`: the fraction of entries held in int4 (those the policy
+    scores highest; the others in int2), rounded to the nearest fraction with a denominator of at
+    most 8.
+
+    A prompt's entries, once its policy has compressed them, are judged: they are quantized whole,
+    all but a row's last open key group (fewer than `group` entries; `mixed`: a batch of groups).
+    `prompt_residual` keeps the prompt's last `residual` entries in full precision too, as KIVI
+    does (and kvforge did before): at 2k tokens and ratio 0.5 that tail is most of the bytes."""
 
     mode: str = "none"
     group: int = 32
     residual: int = 128
     split: float = 0.25
+    prompt_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -55,7 +62,7 @@ class QuantSpec:
         """One spec per bit width the entries are held in, most bits first."""
         if self.mode != "mixed":
             return [self]
-        return [QuantSpec(mode, self.group, self.residual) for mode in MIXED]
+        return [replace(self, mode=mode) for mode in MIXED]
 
     @property
     def batch(self) -> tuple[int, int]:
@@ -83,11 +90,14 @@ class QuantSpec:
     def meta_fields(self) -> int:
         return 2 if self.asymmetric else 1
 
-    def sealed(self, tail: torch.Tensor) -> torch.Tensor:
+    def sealed(self, tail: torch.Tensor, prompt: bool = False) -> torch.Tensor:
         """Entries a seal quantizes out of rows whose full-precision tails hold `tail` entries:
-        whole batches of key groups, until fewer than residual + a batch are left."""
+        whole batches of key groups, until fewer than residual + a batch are left (after a
+        prompt's compression, fewer than a batch unless `prompt_residual`). Never fewer than
+        `sealed(tail)`: admission takes `prompt=True` as the upper bound."""
         batch_tokens = self.batch[0] * self.group
-        return ((tail - self.residual).clamp(min=0) // batch_tokens) * batch_tokens
+        residual = 0 if prompt and not self.prompt_residual else self.residual
+        return ((tail - residual).clamp(min=0) // batch_tokens) * batch_tokens
 
     @classmethod
     def for_storage(cls, spec: QuantSpec | None, head_dim: int, storage: str) -> QuantSpec:

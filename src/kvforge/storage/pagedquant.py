@@ -182,7 +182,7 @@ class PagedQuantKV(KVStorage):
         memory = self.memory
         tail = sum(memory.rows.blocks_to_append(row, count) for row in self.tail.rows)
         lengths = torch.tensor([row.length + count for row in self.tail.rows])
-        sealed = (self.spec.sealed(lengths) // self.spec.group).tolist()
+        sealed = (self.spec.sealed(lengths, prompt=True) // self.spec.group).tolist()  # the most a seal moves
         return tail + sum(part.blocks_to_add(sealed) for part in self.parts)
 
     def expect(self, count: int, layers: int) -> None:
@@ -240,11 +240,11 @@ class PagedQuantKV(KVStorage):
     def wants_importance(self) -> bool:
         return len(self.parts) > 1
 
-    def seal(self, importance: Importance | None = None) -> None:
+    def seal(self, importance: Importance | None = None, prompt: bool = False) -> None:
         """Quantize each row's oldest tail entries, as `QuantizedKV.seal` does, into fresh blocks."""
         groups, high = self.spec.batch
         tail_counts = self.tail.meta.counts
-        moved = self.spec.sealed(tail_counts)  # (batch, heads), host
+        moved = self.spec.sealed(tail_counts, prompt)  # (batch, heads), host
         width = int(moved.max()) if moved.numel() else 0
         if width == 0:
             return

@@ -7,7 +7,8 @@ Each row (sequence, KV head) holds its entries in
             k (M, head_dim)   v (M, head_dim)   pos (M,) int32   aux:<name> (M,) f32
 
 When entries are quantized (`seal`, called once a chunk has been attended and its policy has
-compressed): a row's tail is cut down to fewer than `residual + batch` entries by quantizing its
+compressed): a row's tail is cut down to fewer than `residual + batch` entries (a prompt's chunk:
+fewer than `batch`, its open key group, unless `prompt_residual`) by quantizing its
 oldest `batch` entries at a time (batch: one key group; for `mixed`, k groups, the entries the
 policy scores highest going in whole groups to the int4 part and the others to the int2 part).
 So the chunk just appended is always attended in full precision (as KIVI's prefill is), a policy
@@ -115,12 +116,13 @@ class QuantizedKV(KVStorage):
         """`seal` splits entries by importance (mixed precision)."""
         return len(self.parts) > 1
 
-    def seal(self, importance: Importance | None = None) -> None:
+    def seal(self, importance: Importance | None = None, prompt: bool = False) -> None:
         """Quantize each row's oldest tail entries, a whole batch of key groups at a time, until
-        fewer than residual + batch remain in full precision. With several parts, `importance`
-        ranks the entries (None: the smaller the key norm, the more it matters, as KNorm finds)."""
+        fewer than residual + batch remain in full precision (after a prompt: fewer than a batch,
+        see `QuantSpec.sealed`). With several parts, `importance` ranks the entries (None: the
+        smaller the key norm, the more it matters, as KNorm finds)."""
         groups, high = self.spec.batch
-        moved = self.spec.sealed(self.tail.counts)  # (batch, heads), host
+        moved = self.spec.sealed(self.tail.counts, prompt)  # (batch, heads), host
         width = int(moved.max()) if moved.numel() else 0
         if width == 0:
             return

@@ -1,0 +1,180 @@
+"""`kvforge tune`: the configuration for a memory size, chosen on the user's own cases and checked
+on cases it was not chosen on; `--config FILE` hands the choice to generate, eval and serve."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kvforge.cli.common import (
+    add_device_args, add_quant_args, console, err_console, ensure_calibration, load, positive_int, ratio_arg, split_list,
+)  # fmt: skip
+from kvforge.models import DEFAULT_MODEL
+
+CANDIDATES = "kvzap,kvzip,coverage:kvzip"
+RATIOS = "0.25,0.5,0.75,0.875,0.9375"
+MODES = "none,int8,int4,int2"
+
+
+def split_cases(args: argparse.Namespace, work: Path) -> tuple[Path, Path | None]:
+    """Write the cases to tune on and those to check on as task files under `work`: --check-file's,
+    or a shuffled --holdout share of --task-file's."""
+    from kvforge.eval.runner import write_atomic
+    from kvforge.eval.tasks import case_line, load_task_file
+
+    cases = load_task_file(args.task_file)
+    if args.check_file is not None:
+        tune, check = cases, load_task_file(args.check_file)
+    else:
+        order = list(range(len(cases)))
+        random.Random(args.seed).shuffle(order)
+        held = round(len(cases) * args.holdout)
+        if args.holdout and not 1 <= held < len(cases):
+            raise ValueError(
+                f"--holdout {args.holdout:g} of {len(cases)} cases leaves none to tune or check on; "
+                f"give more cases, or --check-file FILE, or --holdout 0"
+            )
+        check = [cases[i] for i in sorted(order[:held])]
+        tune = [cases[i] for i in sorted(order[held:])]
+    work.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, part in (("tune", tune), ("check", check)):
+        path = work / f"{name}.jsonl"
+        if part:
+            write_atomic(path, "".join(case_line(c) + "\n" for c in part).encode())
+        paths.append(path if part else None)
+    assert paths[0] is not None
+    return paths[0], paths[1]
+
+
+def sweep(loaded: Any, args: argparse.Namespace, task_file: Path, out: Path, policies: list[str], ratios: list[float], modes: list[str]) -> dict:
+    """Run the one-prefill sweep on a task file (resumable in `out`) and return its summary."""
+    from kvforge.eval.report import write_reports
+    from kvforge.eval.runner import EvalConfig, run_eval, total_rows
+    from kvforge.eval.tasks import load_task_file
+
+    cases = len(load_task_file(task_file))
+    cfg = EvalConfig(
+        model=args.model, tasks=[], policies=policies, ratios=ratios, length=0, samples=cases, task_file=str(task_file),
+        seed=args.seed, batch=args.batch, quant=modes, quant_group=args.quant_group, quant_residual=args.quant_residual,
+        quant_split=args.quant_split, quant_prompt_residual=args.quant_prompt_residual, dtype=args.dtype,
+    )  # fmt: skip
+    cfg.validate()
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
+        bar = progress.add_task(task_file.stem, total=total_rows(cfg))
+        rows, stats = run_eval(loaded, cfg, out, force=args.force, on_row=lambda row: progress.advance(bar))
+    return write_reports(out, rows, stats)
+
+
+def agnostic(summary: dict) -> list[dict]:
+    return [e for e in summary["table"] if e["setting"] == "question-agnostic"]
+
+
+def entry_of(entries: list[dict], policy: str, ratio: float, quant: str) -> dict | None:
+    return next((e for e in entries if (e["policy"], e["ratio"], e["quant"]) == (policy, ratio, quant)), None)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kvforge.eval.tune import TunedConfig, choose, measured, parse_memory
+    from kvforge.policies import make_policy
+    from kvforge.spec import KVSpec
+    from kvforge.storage import QuantSpec
+
+    if (args.memory is None) == (args.min_retention is None):
+        raise ValueError("give what to tune for: --memory 1/8 (or 40MiB), or --min-retention 0.95")
+    memory = parse_memory(args.memory) if args.memory is not None else None
+    if args.min_retention is not None and not 0 < args.min_retention <= 1:
+        raise ValueError(f"--min-retention {args.min_retention:g} is outside (0, 1]: the share of the full cache's score kept")
+    if not 0 <= args.holdout < 1:
+        raise ValueError(f"--holdout {args.holdout:g} is outside [0, 1): the share of --task-file's cases kept to check the choice")
+    candidates = [p for p in split_list(args.policies) if p != "full"]
+    ratios = [ratio_arg(r) for r in split_list(args.ratios)]
+    modes = split_list(args.quant)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.with_name(out.name + ".runs")
+    tune_file, check_file = split_cases(args, work)
+    loaded = load(args)
+    ensure_calibration(loaded, [make_policy(p) for p in candidates])
+    tuned = agnostic(sweep(loaded, args, tune_file, work / "tune", ["full", *candidates], ratios, modes))
+    chosen = choose(tuned, memory, args.min_retention)
+    wanted = f"--memory {memory.label}" if memory is not None else f"--min-retention {args.min_retention:g}"
+    print_choices(tuned, chosen, memory)
+    if chosen is None:
+        raise ValueError(f"nothing measured meets {wanted}; results in {work}/tune. Give more memory, or more --ratios or --quant modes")
+    check = None
+    if check_file is not None:
+        if args.check_all:
+            checked = agnostic(sweep(loaded, args, check_file, work / "check", ["full", *candidates], ratios, modes))
+        else:
+            policies = list(dict.fromkeys(["full", chosen["policy"]]))
+            only = list(dict.fromkeys(["none", chosen["quant"]]))
+            checked = agnostic(sweep(loaded, args, check_file, work / "check", policies, [chosen["ratio"] or ratios[0]], only))
+        mine = entry_of(checked, chosen["policy"], chosen["ratio"], chosen["quant"])
+        check = {"cases": str(args.check_file or f"{args.holdout:g} of {args.task_file}"), **measured(mine or {})}
+        best = choose(checked, memory, args.min_retention) if args.check_all else None
+        if best is not None and mine is not None and mine.get("retention") is not None:
+            check["best"] = {k: best[k] for k in ("policy", "ratio", "quant", "kept_fraction", "retention")}
+            check["gap"] = best["retention"] - mine["retention"]
+    quant = QuantSpec(chosen["quant"], args.quant_group, args.quant_residual, args.quant_split, args.quant_prompt_residual)
+    spec = KVSpec(chosen["policy"], chosen["ratio"], quant)
+    chosen_for = {"memory": memory.label} if memory is not None else {"min_retention": args.min_retention}
+    config = TunedConfig(spec, loaded.name, chosen_for, {"cases": args.task_file, **measured(chosen)}, check)
+    config.save(out)
+    name = describe(chosen)
+    print(f"chosen for {wanted}: {name}, {chosen['kept_fraction']:.3f} of the dense bytes, retention {chosen['retention']:.2f} on {chosen['samples']} cases")
+    if check is not None and check.get("retention") is not None:
+        gap = f"; the best there: {describe(check['best'])} at {check['best']['retention']:.2f}" if "best" in check else ""
+        print(f"checked on {check['samples']} other cases: retention {check['retention']:.2f}, {check['kept_fraction']:.3f} of the dense bytes{gap}")
+    print(f"wrote {out}: use it with --config {out} (generate, eval, serve)")
+    return 0
+
+
+def describe(entry: dict) -> str:
+    return f"{entry['policy']} {entry['ratio']:g}" + ("" if entry["quant"] == "none" else f" + {entry['quant']}")
+
+
+def print_choices(entries: list[dict], chosen: dict | None, memory: Any) -> None:
+    """The front of the tune cases (the configurations no cheaper one beats), the choice marked."""
+    from kvforge.eval.front import front
+
+    table = Table(title="the front on the tune cases", box=None)
+    for column in ("configuration", "bytes/dense", "MiB", "retention", ""):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for e in front(entries):
+        mark = "chosen" if chosen is not None and e is chosen else ""
+        table.add_row(describe(e), f"{e['kept_fraction']:.3f}", f"{e['cache_bytes'] / 2**20:.1f}", f"{e['retention']:.2f}", mark)
+    console.print(table)
+
+
+def register(sub: Any) -> None:
+    """Add `tune` to the `kvforge` parser's subcommands."""
+    tune = sub.add_parser("tune", help="choose the configuration for a memory size on your own cases; writes a --config file")
+    tune.add_argument("--model", default=DEFAULT_MODEL)
+    tune.add_argument("--task-file", required=True, help="JSON lines with context, question, answers (as eval's)")
+    tune.add_argument("--check-file", default=None, help="other cases of the same kind to check the choice on "
+                      "(default: a --holdout share of --task-file's)")
+    tune.add_argument("--holdout", type=float, default=0.5, metavar="SHARE",
+                      help="without --check-file: the share of --task-file's cases held out to check the choice (0: none)")
+    tune.add_argument("--memory", default=None, metavar="SIZE",
+                      help="what the cache may hold: a fraction of the dense bytes (1/8) or bytes per sequence (40MiB)")
+    tune.add_argument("--min-retention", type=float, default=None, metavar="R",
+                      help="instead of --memory: the fewest bytes keeping at least R of the full cache's score")
+    tune.add_argument("--policies", default=CANDIDATES, help=f"candidate policies (default {CANDIDATES})")
+    tune.add_argument("--ratios", default=RATIOS, help=f"candidate ratios (default {RATIOS})")
+    add_quant_args(tune, many=True)
+    tune.set_defaults(quant=MODES)
+    tune.add_argument("--check-all", action="store_true",
+                      help="sweep every candidate on the check cases too, and report how far the choice is from the best there")
+    tune.add_argument("--batch", type=positive_int("--batch"), default=8, help="cases decoded together (speed only)")
+    tune.add_argument("--seed", type=int, default=0, help="how --holdout shuffles the cases")
+    tune.add_argument("--out", required=True, help="the tuned configuration to write (JSON)")
+    tune.add_argument("--work", default=None, help="where the sweeps' results go (default: OUT.runs next to --out)")
+    tune.add_argument("--force", action="store_true", help="discard results of another configuration in --work")
+    add_device_args(tune)
+    tune.set_defaults(func=cmd_tune)
