@@ -132,12 +132,17 @@ def test_unreadable_prompt_file(capsys, tiny_checkpoint, tmp_path):
 
 
 def test_demo_runs_every_policy_and_reports_kept_bytes(capsys, tiny_checkpoint):
+    from kvforge.cli.evaluate import FRONT
     from kvforge.policies import methods
 
-    code, out, _ = run(capsys, "demo", "--model", str(tiny_checkpoint), "--length", "300", "--max-new-tokens", "2", "--json")
-    assert code == 0
+    code, out, err = run(capsys, "demo", "--model", str(tiny_checkpoint), "--length", "300", "--max-new-tokens", "2", "--json")
+    assert code == 0, err
     rows = json.loads(out.strip().splitlines()[-1])
+    front = [r for r in rows if r["quant"] != "none"]  # the front's configurations, after every method
+    rows = [r for r in rows if r["quant"] == "none"]
     assert [r["policy"] for r in rows] == methods()
+    assert {(r["policy"], r["ratio"], r["quant"]) for r in front} == {(p, r, "int4") for p, r in FRONT}
+    assert "quality per byte on this sample" in out
     full = rows[0]
     assert full["cache_bytes"] == full["dense_bytes"]
     assert all(r["cache_bytes"] < 0.7 * r["dense_bytes"] for r in rows[1:])

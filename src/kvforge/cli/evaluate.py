@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,8 @@ QUICK = dict(
     tasks="niah_single,niah_multikey,vt", ratios="0.5,0.75", length=1024, samples=3,
     policies="full,kvzip,kvzap,razor,keydiff,knorm,streaming,snapkv",
 )  # fmt: skip
+# The demo's quality per byte: the methods that keep most, composed with int4, at higher ratios.
+FRONT = tuple((policy, ratio) for policy in ("kvzip", "kvzap", "coverage:kvzip") for ratio in (0.5, 0.75, 0.875))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -46,12 +49,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kvforge.eval.runner import SweepStats, built, run_group
     from kvforge.eval.tasks import make_case
     from kvforge.policies import methods
+    from kvforge.cache import head_dim
     from kvforge.spec import KVSpec
+    from kvforge.storage import QuantSpec
 
     loaded = load(args)
     case = make_case(loaded.tokenizer, "niah_single", args.length, seed=args.seed, chat=loaded.is_instruct, max_length=loaded.context_length)
     case.max_new_tokens = args.max_new_tokens
     combos = [KVSpec(name, 0.0 if name == "full" else args.ratio) for name in methods()]
+    int4 = QuantSpec("int4", group=math.gcd(32, head_dim(loaded.model)))  # the default group where it divides head_dim
+    combos += [KVSpec(name, ratio, int4) for name, ratio in FRONT]
     policies = built(combos)
     ensure_calibration(loaded, list(policies.values()))
     rows = []
@@ -63,11 +70,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
             progress.update(task, description=f"{row.policy:<20}", advance=1)
     setting = "query-aware" if args.query_aware else "question-agnostic"
     title = f"{loaded.name}: {rows[0].prompt_tokens}-token needle prompt, {setting}, answer {case.answers[0]}"
-    table = demo_table(title, rows)
-    console.print(table)
+    console.print(demo_table(title, [r for r in rows if r.quant == "none"]))
+    console.print(front_table(rows))
     if args.json:
         print(json.dumps([asdict(r) for r in rows]))
     return 0
+
+
+def front_table(rows: list[EvalRow]) -> Table:
+    """The best configuration the demo measured within each budget of the dense bytes (its answer
+    right, then the fewest bytes): eval's budget table on one sample."""
+    from kvforge.eval.front import best_within, budget_label
+
+    full = next((r for r in rows if r.policy == "full" and r.quant == "none"), None)
+    entries = [
+        {"policy": r.policy, "ratio": r.ratio, "quant": r.quant, "kept_fraction": r.cache_bytes / max(r.dense_bytes, 1),
+         "retention": r.score / full.score if full is not None and full.score else None}
+        for r in rows
+    ]  # fmt: skip
+    table = Table(
+        title="quality per byte on this sample", box=None, pad_edge=False, header_style="bold",
+        caption="the best configuration within each share of the dense bytes (kvforge eval measures it over tasks)",
+    )  # fmt: skip
+    for col in ("budget", "configuration", "bytes/dense", "answer"):
+        table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=True)
+    for b in best_within(entries):
+        e = b["best"]
+        if e is None:
+            table.add_row(budget_label(b["budget"]), "none measured", "-", "-")
+            continue
+        name = f"{e['policy']} {e['ratio']:g}" + ("" if e["quant"] == "none" else f" + {e['quant']}")
+        table.add_row(budget_label(b["budget"]), name, f"{e['kept_fraction']:.3f}", "right" if e["retention"] >= 1 else "wrong")
+    return table
 
 
 def demo_table(title: str, rows: list[EvalRow]) -> Table:
