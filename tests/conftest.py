@@ -48,13 +48,15 @@ def tiny_model() -> LlamaForCausalLM:
 @pytest.fixture(scope="session", autouse=True)
 def tiny_calibration(tiny_model: LlamaForCausalLM, tmp_path_factory: pytest.TempPathFactory):
     """The tiny model's calibration, measured once per session (in a temporary cache directory)
-    and remembered in-process, so policies that need one (razor, qfilters, kvzap) find it."""
-    from kvforge.calibration.measure import calibrate
+    and remembered in-process, so policies that need one (razor, qfilters, kvzap) find it; its
+    low-rank bases too (`--quant .../rN`)."""
+    from kvforge.calibration.measure import calibrate, calibrate_lowrank
     from kvforge.models import LoadedModel
 
     mp = pytest.MonkeyPatch()
     mp.setenv("KVFORGE_CACHE", str(tmp_path_factory.mktemp("calibration")))
     try:
+        calibrate_lowrank(LoadedModel(tiny_model, word_tokenizer(), "tiny"))
         return calibrate(LoadedModel(tiny_model, word_tokenizer(), "tiny"))
     finally:
         mp.undo()

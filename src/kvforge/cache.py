@@ -19,12 +19,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvforge.attention import ATTN_NAME, tag_layer
 from kvforge.reading import all_real, attend_at, every_real, probe_attention
 from kvforge.calibration import Calibration, fingerprint, require_calibration
+from kvforge.calibration.lowrank import require_bases
 from kvforge.policies.base import Policy, StepContext
 from kvforge.memory import OutOfBlocks
 from kvforge.memory.kvmemory import KVMemory
 from kvforge.storage.paged import PagedKV, SwappedPaged
 from kvforge.storage.pagedquant import PagedQuantKV, SwappedQuant
-from kvforge.storage import DEFAULT_LAYOUT, KVStorage, QuantSpec, check_layout, make_storage
+from kvforge.storage import DEFAULT_LAYOUT, Basis, KVStorage, QuantSpec, check_layout, make_storage
 from kvforge.storage.base import PaddedView
 
 
@@ -125,6 +126,7 @@ class KVForgeLayer(CacheLayerMixin):
         self.phase = phase
         self.held = held
         self.layout, self.quant, self.memory = layout, quant, memory
+        self.basis: Basis | None = None  # the model's, for a low-rank quantization (quant.rank)
         self.storage: KVStorage | None = None
         self.seen = 0  # logical tokens seen, padding included
         self.chunks = 0  # forward chunks processed
@@ -143,7 +145,8 @@ class KVForgeLayer(CacheLayerMixin):
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self.storage = make_storage(
-            self.layout, batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names, self.quant, self.memory
+            self.layout, batch, heads, dim, key_states.dtype, key_states.device, self.policy.aux_names, self.quant, self.memory,
+            self.basis,
         )
         self.tokens = torch.zeros(batch, dtype=torch.int64)
         self.is_initialized = True
@@ -548,7 +551,8 @@ def head_dim(model: PreTrainedModel) -> int:
 
 
 def restored(
-    storage: KVStorage, record: PrefillRecord, layout: str, aux_names: tuple[str, ...], quant: QuantSpec, memory: KVMemory | None
+    storage: KVStorage, record: PrefillRecord, layout: str, aux_names: tuple[str, ...], quant: QuantSpec, memory: KVMemory | None,
+    basis: Basis | None = None,
 ) -> KVStorage:
     """A new storage (of `layout`, or quantized) holding what an uncompressed one-chunk prefill
     stored in `storage`, appended as that chunk was: the same tokens, padding left out."""
@@ -561,7 +565,7 @@ def restored(
         n = int(record.valid[b].sum())
         keys[b][:, record.valid[b]] = view.keys[b, :, :n]
         values[b][:, record.valid[b]] = view.values[b, :, :n]
-    out = make_storage(layout, batch, heads, dim, keys.dtype, keys.device, aux_names, quant, memory)
+    out = make_storage(layout, batch, heads, dim, keys.dtype, keys.device, aux_names, quant, memory, basis)
     out.append(keys, values, record.positions, record.valid, exact=True)
     return out
 
@@ -613,6 +617,10 @@ class KVCache(Cache):
             calibration = require_calibration(model, policy.full_name)
             for layer in layers:
                 layer.calibration = calibration
+        if quant.rank is not None:
+            bases = require_bases(model, quant.label)
+            for layer in layers:
+                layer.basis = bases.layer(layer.layer_idx, quant.rank)
         Cache.__init__(self, layers=layers)
 
     @classmethod
@@ -637,6 +645,8 @@ class KVCache(Cache):
         stored as computed, so deriving a quantized cache from it is as exact as deriving any).
         """
         quant = quant if quant is not None else self.quant
+        if quant.rank is not None:
+            raise ValueError(f"derive() cannot give a low-rank cache (--quant {quant.label}): it attends its own prompt in coordinates; prefill it")
         state_key = policy.state_key()
         if self.policy.compresses or self.policy.aux_names:
             raise ValueError(f"derive() needs an uncompressed base cache, not policy {self.policy.name!r}")
@@ -649,7 +659,7 @@ class KVCache(Cache):
             if quant == self.quant:
                 layer.storage = base.storage.share(policy.aux_names)
             else:
-                layer.storage = restored(base.storage, record, self.layout, policy.aux_names, quant, self.memory)
+                layer.storage = restored(base.storage, record, self.layout, policy.aux_names, quant, self.memory, layer.basis)
             layer.is_initialized, layer.dtype, layer.device = True, base.dtype, base.device
             layer.seen, layer.tokens = base.seen, base.tokens.clone()
             derived.held.update(layer.layer_idx, layer.storage.allocated_nbytes)

@@ -322,7 +322,7 @@ def answer(
         peak_cache_bytes=cache.peak_nbytes,
         dense_cache_bytes=cache.dense_nbytes,
         cache_meta_bytes=cache.meta_nbytes,
-        quant=cache.quant.mode,
+        quant=cache.quant.label,
         bits_per_element=cache.bits_per_element,
         prefill_seconds=prefill_seconds,
         seconds=seconds,

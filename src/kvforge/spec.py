@@ -50,8 +50,8 @@ class KVSpec:
 
     @property
     def key(self) -> tuple[str, float, str]:
-        """(policy, ratio, quantization mode): how eval's rows name a setting."""
-        return self.policy, self.ratio, self.quant.mode
+        """(policy, ratio, quantization label): how eval's rows name a setting."""
+        return self.policy, self.ratio, self.quant.label
 
     def build(self) -> Policy:
         """The policy this spec names (ValueError naming what is wrong: an unknown policy, a

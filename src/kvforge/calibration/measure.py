@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from kvforge.generate import build_prompt, prefill
 from kvforge.models import LoadedModel
 from kvforge.policies import make_policy
 from kvforge.policies.kvzap import kvzap_features
+
+if TYPE_CHECKING:
+    from kvforge.calibration.lowrank import Bases
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +168,31 @@ def calibrate(loaded: LoadedModel, force: bool = False) -> Calibration:
     calibration.save(calibration_path(model))
     log.info("calibration of %s saved to %s", loaded.name, calibration_path(model))
     return remember(calibration)
+
+
+def lowrank_bases(loaded: LoadedModel, tokens: int = 2048) -> tuple[torch.Tensor, ...]:
+    """Per layer and KV head, the principal directions of the keys and values a prefill of the
+    calibration text stores: (keys, values, key_energy, value_energy), see `calibration/lowrank.py`."""
+    from kvforge.calibration.lowrank import principal
+
+    cache = recorded_prefill(loaded, calibration_text(loaded, tokens))
+    found = []
+    for layer in cache.layers:
+        view = layer.storage.view()
+        found.append(principal(view.keys[0].float()) + principal(view.values[0].float()))
+    keys, key_energy, values, value_energy = (torch.stack([f[i] for f in found]) for i in range(4))
+    return keys, values, key_energy, value_energy
+
+
+def calibrate_lowrank(loaded: LoadedModel, force: bool = False) -> Bases:
+    """The model's low-rank bases: found (this process, then disk), or measured and saved."""
+    from kvforge.calibration.lowrank import Bases, bases_path, find_bases, remember
+
+    model = fingerprint(loaded.model)
+    found = None if force else find_bases(model)
+    if found is not None:
+        return found
+    bases = Bases(model, loaded.name, *lowrank_bases(loaded, min(2048, (loaded.context_length or 4096) // 2)))
+    bases.save(bases_path(model))
+    log.info("low-rank bases of %s saved to %s", loaded.name, bases_path(model))
+    return remember(bases)

@@ -82,7 +82,7 @@ def cmd_fit_bench(args: argparse.Namespace) -> int:
     _, policies = bench_policies(args)
     quants = quant_specs(args)
     loaded = load(args)
-    ensure_calibration(loaded, policies)
+    ensure_calibration(loaded, policies, quants)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
         bar = progress.add_task("largest batch", total=len(lengths) * len(policies) * len(quants))
@@ -115,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     quants = quant_specs(args)
     loaded = load(args)
     device = str(loaded.model.device)
-    ensure_calibration(loaded, policies)
+    ensure_calibration(loaded, policies, quants)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
     per_length = len(set(names) | {"full"}) * (2 if args.prefill_chunk else 1) * len(quants) + len(baselines)
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:

@@ -167,9 +167,8 @@ def quant_specs(args: argparse.Namespace) -> list[Any]:
     """The QuantSpec of each mode --quant names (validated: a bad value names its option)."""
     from kvforge.storage import QuantSpec
 
-    return [
-        QuantSpec(mode, args.quant_group, args.quant_residual, args.quant_split, args.quant_prompt_residual) for mode in split_list(args.quant)
-    ]
+    options = dict(group=args.quant_group, residual=args.quant_residual, split=args.quant_split, prompt_residual=args.quant_prompt_residual)
+    return [QuantSpec.parse(label, **options) for label in split_list(args.quant)]
 
 
 def quant_spec(args: argparse.Namespace) -> Any:
@@ -179,11 +178,16 @@ def quant_spec(args: argparse.Namespace) -> Any:
     return specs[0]
 
 
-def ensure_calibration(loaded: Any, policies: list[Any]) -> None:
-    """Measure the model's calibration once (kept on disk) when one of `policies` needs it."""
-    from kvforge.calibration.measure import calibrate
+def ensure_calibration(loaded: Any, policies: list[Any], quants: tuple[Any, ...] | list[Any] = ()) -> None:
+    """Measure the model's calibration once (kept on disk) when one of `policies` needs it, and
+    its low-rank bases when one of `quants` (QuantSpec) has a rank."""
+    from kvforge.calibration.measure import calibrate, calibrate_lowrank
     from kvforge.calibration import find_calibration, fingerprint
+    from kvforge.calibration.lowrank import find_bases
 
+    if any(q.rank is not None for q in quants) and not find_bases(fingerprint(loaded.model)):
+        with err_console.status(f"measuring {loaded.name}'s low-rank bases once ..."):
+            calibrate_lowrank(loaded)
     if not any(p.needs_calibration for p in policies) or find_calibration(fingerprint(loaded.model)):
         return
     with err_console.status(f"calibrating {loaded.name} once (retrieval heads, query directions, kvzap surrogate) ..."):

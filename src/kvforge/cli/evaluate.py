@@ -164,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--ray-address {args.ray_address} names the cluster --workers run on: give --workers N too")
     loaded = load(args)
     made = [make_policy(n) for n in cfg.policies]
-    ensure_calibration(loaded, made)
+    ensure_calibration(loaded, made, list(cfg.specs().values()))
     out = Path(args.out)
     total = total_rows(cfg)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))

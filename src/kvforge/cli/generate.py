@@ -40,7 +40,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     documents = [read_context(path) for path in args.blend]
     store = open_store(args) if args.store is not None else None
     loaded = load(args)
-    ensure_calibration(loaded, [policy])
+    ensure_calibration(loaded, [policy], [quant])
     chat = loaded.is_instruct if args.chat is None else args.chat
     if documents:
         blended = build_blend_prompt(loaded.tokenizer, documents, args.question, chat)
@@ -69,13 +69,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from kvforge.calibration.measure import calibrate
+    from kvforge.calibration.measure import calibrate, calibrate_lowrank
     from kvforge.calibration import calibration_path
     from kvforge.policies.razor import retrieval_heads
 
     loaded = load(args)
-    with err_console.status(f"calibrating {loaded.name} (retrieval heads, query directions, kvzap surrogate) ..."):
+    with err_console.status(f"calibrating {loaded.name} (retrieval heads, query directions, kvzap surrogate, low-rank bases) ..."):
         cal = calibrate(loaded, force=args.force)
+        bases = calibrate_lowrank(loaded, force=args.force)
     table = Table(title=f"calibration of {loaded.name} ({cal.model})", caption=str(calibration_path(cal.model)))
     table.add_column("measurement")
     table.add_column("seconds", justify="right")
@@ -86,6 +87,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     table.add_row("query directions", f"{cal.seconds.get('query directions', 0):.1f}", f"{tuple(cal.query_direction.shape)}")
     table.add_row("kvzap surrogate", f"{cal.seconds.get('kvzap surrogate', 0):.1f}",
                   f"Spearman on a held-out context: mean {cal.kvzap_fit.mean():.2f}, min {cal.kvzap_fit.min():.2f} over layers")
+    half = bases.keys.shape[-1] // 2
+    keys, values = bases.kept_energy(half)
+    table.add_row("low-rank bases", "", f"rank {half} of {2 * half} holds {keys:.1%} of the keys' energy, {values:.1%} of the values'")
     console.print(table)
     return 0
 

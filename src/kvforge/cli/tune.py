@@ -100,7 +100,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else out.with_name(out.name + ".runs")
     tune_file, check_file = split_cases(args, work)
     loaded = load(args)
-    ensure_calibration(loaded, [make_policy(p) for p in candidates])
+    options = dict(group=args.quant_group, residual=args.quant_residual, split=args.quant_split, prompt_residual=args.quant_prompt_residual)
+    ensure_calibration(loaded, [make_policy(p) for p in candidates], [QuantSpec.parse(m, **options) for m in modes])
     tuned = agnostic(sweep(loaded, args, tune_file, work / "tune", ["full", *candidates], ratios, modes))
     chosen = choose(tuned, memory, args.min_retention)
     wanted = f"--memory {memory.label}" if memory is not None else f"--min-retention {args.min_retention:g}"
@@ -121,7 +122,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if best is not None and mine is not None and mine.get("retention") is not None:
             check["best"] = {k: best[k] for k in ("policy", "ratio", "quant", "kept_fraction", "retention")}
             check["gap"] = best["retention"] - mine["retention"]
-    quant = QuantSpec(chosen["quant"], args.quant_group, args.quant_residual, args.quant_split, args.quant_prompt_residual)
+    quant = QuantSpec.parse(chosen["quant"], **options)
     spec = KVSpec(chosen["policy"], chosen["ratio"], quant)
     chosen_for = {"memory": memory.label} if memory is not None else {"min_retention": args.min_retention}
     config = TunedConfig(spec, loaded.name, chosen_for, {"cases": args.task_file, **measured(chosen)}, check)

@@ -93,7 +93,8 @@ class EvalConfig:
 
     def specs(self) -> dict[str, QuantSpec]:
         """Each quantization mode of the run, validated (a bad value names its option)."""
-        return {mode: QuantSpec(mode, self.quant_group, self.quant_residual, self.quant_split, self.quant_prompt_residual) for mode in self.quant}
+        options = dict(group=self.quant_group, residual=self.quant_residual, split=self.quant_split, prompt_residual=self.quant_prompt_residual)
+        return {label: QuantSpec.parse(label, **options) for label in self.quant}
 
     def combos(self) -> list[KVSpec]:
         """The KV settings of one sample's rows: `full` once per quant mode, every other policy at
@@ -328,29 +329,30 @@ def run_group(
     prefill_len = torch.tensor([len(ids) for ids in compressed], device=model.device)
     # Shared by one policy's ratios: what it observed of these prefills. Quantized modes share it
     # too (a prompt is observed before it is quantized); its form differs from full precision's.
-    observed: dict[bool, dict] = {}
+    observed: dict[tuple[bool, int | None], dict] = {}
     for kv in combos:
         policy, spec = policies[policy_key(kv)], kv.quant
-        if prefill_chunk is None:
+        if prefill_chunk is None and spec.rank is None:
             start = time.perf_counter()
-            seen = observed.setdefault(spec.enabled, {})
+            seen = observed.setdefault((spec.enabled, spec.rank), {})
             cache = stacked.derive(policy, seen, spec)
             # Policies that compress after extra passes; passes shared by this policy's ratios are
             # charged to each of them, as each would pay them alone.
             shared = settle(model, cache, compressed, prefill_len, seen)
             compress_seconds = (time.perf_counter() - start + shared) / size
-            logits = first_logits
+            logits, seconds = first_logits, prefill_seconds
         else:
-            # A chunked prefill depends on the policy (later chunks attend over what was kept):
-            # each (policy, ratio) prefills every prompt itself.
-            cache, logits, prefill_seconds, policy_seconds = prefill_each(policy, False, prefill_chunk, spec)
+            # A chunked prefill depends on the policy (later chunks attend over what was kept),
+            # and a low-rank cache attends its own prompt in coordinates: each (policy, ratio)
+            # prefills every prompt itself.
+            cache, logits, seconds, policy_seconds = prefill_each(policy, False, prefill_chunk, spec)
             compress_seconds = policy_seconds / size
         for question, (asked_q, prompts_q) in enumerate(zip(asked, per_question)):
             # With several questions each answers on a fork: the compressed cache stays as it was.
             answering = cache if questions == 1 else cache.fork()
             yield from answer_group(
                 loaded, answering, asked_q, prompts_q, query_aware, kv.key, logits, prefill_len,
-                max_new, (prefill_seconds, compress_seconds), question,
+                max_new, (seconds, compress_seconds), question,
             )  # fmt: skip
 
 

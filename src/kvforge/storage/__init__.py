@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from kvforge.memory.kvmemory import KVMemory
 from kvforge.storage.base import KVStorage, PaddedView
 from kvforge.storage.codec import QuantSpec
 from kvforge.storage.inplace import InPlaceKV
+from kvforge.storage.lowrank import Basis, LowRankKV
 from kvforge.storage.paged import PagedKV
 from kvforge.storage.pagedquant import PagedQuantKV
 from kvforge.storage.quantized import QuantizedKV
@@ -33,11 +36,23 @@ def make_storage(
     aux_names: tuple[str, ...] = (),
     quant: QuantSpec | None = None,
     memory: KVMemory | None = None,
+    basis: Basis | None = None,
 ) -> KVStorage:
     """A storage of `layout`; with a quantization mode, the quantized layout: over blocks for
     `paged` (codes in a codec memory, the tail in `memory`), else in tensors of its own (its tail
     in its own flat form). `memory`: where the paged layout takes its full-precision blocks
-    (default: the process's shared memory for the dtype)."""
+    (default: the process's shared memory for the dtype). A spec with a rank holds coordinates in
+    `basis` (the layer's, `calibration/lowrank.py`) in such a storage (`storage/lowrank.py`)."""
+    if quant is not None and quant.rank is not None:
+        if check_layout(layout) is PagedKV:
+            raise ValueError(
+                f"--quant {quant.label}: low-rank entries are held in the inplace or ragged layout; the paged "
+                f"layout (serve, --store) does not take a rank yet"
+            )
+        if basis is None or basis.rank != quant.rank:
+            raise ValueError(f"--quant {quant.label} needs the layer's basis of rank {quant.rank} (kvforge calibrate measures it)")
+        inner = make_storage(layout, batch, kv_heads, quant.rank, dtype, device, aux_names, replace(quant, rank=None), memory)
+        return LowRankKV(inner, basis, head_dim)
     if quant is not None and quant.enabled:
         if check_layout(layout) is PagedKV:
             return PagedQuantKV(batch, kv_heads, head_dim, dtype, device, aux_names, quant, memory)
@@ -47,4 +62,4 @@ def make_storage(
     return check_layout(layout)(batch, kv_heads, head_dim, dtype, device, aux_names)
 
 
-__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "KVStorage", "PaddedView", "QuantSpec", "check_layout", "make_storage"]
+__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "Basis", "KVStorage", "PaddedView", "QuantSpec", "check_layout", "make_storage"]

@@ -39,13 +39,35 @@ class QuantSpec:
     A prompt's entries, once its policy has compressed them, are judged: they are quantized whole,
     all but a row's last open key group (fewer than `group` entries; `mixed`: a batch of groups).
     `prompt_residual` keeps the prompt's last `residual` entries in full precision too, as KIVI
-    does (and kvforge did before): at 2k tokens and ratio 0.5 that tail is most of the bytes."""
+    does (and kvforge did before): at 2k tokens and ratio 0.5 that tail is most of the bytes.
+
+    `rank`: each KV head's keys and values are held as `rank` coordinates in the model's
+    calibrated basis (`storage/lowrank.py`), themselves held as `mode` says; written `int4/r32`."""
 
     mode: str = "none"
     group: int = 32
     residual: int = 128
     split: float = 0.25
     prompt_residual: bool = False
+    rank: int | None = None
+
+    @classmethod
+    def parse(cls, label: str, **options: object) -> QuantSpec:
+        """'int4', 'int4/r32' (int4 codes of 32 coordinates) or 'r32' (full-precision coordinates)."""
+        mode, rank = "none", None
+        for part in label.split("/"):
+            if part.startswith("r") and part[1:].isdigit():
+                rank = int(part[1:])
+            else:
+                mode = part
+        return cls(mode, rank=rank, **options)  # type: ignore[arg-type]
+
+    @property
+    def label(self) -> str:
+        """How --quant and reports name it (see `parse`)."""
+        if self.rank is None:
+            return self.mode
+        return f"r{self.rank}" if self.mode == "none" else f"{self.mode}/r{self.rank}"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -56,6 +78,8 @@ class QuantSpec:
             raise ValueError(f"--quant-residual must be an integer >= 0 (recent tokens kept in full precision), got {self.residual!r}")
         if not 0 < self.split < 1:
             raise ValueError(f"--quant-split {self.split!r} is outside (0, 1): the fraction of entries held with more bits")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"--quant rank {self.rank!r} must be a whole number >= 1 of coordinates per head, e.g. int4/r32")
 
     @property
     def parts(self) -> list[QuantSpec]:
@@ -109,6 +133,10 @@ class QuantSpec:
         return spec
 
     def check_head_dim(self, head_dim: int) -> None:
+        if self.rank is not None:
+            if self.rank >= head_dim:
+                raise ValueError(f"--quant {self.label}: rank {self.rank} keeps nothing out of head_dim {head_dim}; use a rank below {head_dim}")
+            head_dim = self.rank  # the codes hold the coordinates
         if not self.enabled:
             return
         if self.mode == "mixed":

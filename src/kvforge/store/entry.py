@@ -46,7 +46,7 @@ class DamagedEntry(ValueError):
 
 def _settings_digest(model: str, spec: KVSpec, variant: str) -> Any:
     q = spec.quant
-    settings = json.dumps([FORMAT, model, variant, spec.policy, spec.ratio, spec.budget, [list(p) for p in spec.params], q.mode, q.group, q.residual, q.split, q.prompt_residual])
+    settings = json.dumps([FORMAT, model, variant, spec.policy, spec.ratio, spec.budget, [list(p) for p in spec.params], q.mode, q.group, q.residual, q.split, q.prompt_residual, q.rank])
     return hashlib.blake2b(settings.encode(), digest_size=32)
 
 
