@@ -90,6 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--replica-threads {args.replica_threads} sets each replica's threads: give --replicas N too")
     name, ratio = default_setting(args)
     build_policy(name, None if name == "full" else ratio, [], None)  # a bad --policy: one line, before anything starts
+    if quant_spec(args).rank is not None:
+        raise ValueError(f"--quant {args.quant}: the server holds entries in the paged layout, which does not take a rank yet")
     limits = serve_limits(args)
     access = "API key required" if limits.api_key else "no API key"
     hosts = "any Host" if limits.allowed_hosts is None else "Host " + ",".join(limits.allowed_hosts)
