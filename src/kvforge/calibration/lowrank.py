@@ -10,13 +10,12 @@ checked by the model's fingerprint.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from kvforge.calibration.store import load_measured, save_measured
 from kvforge.models import cache_dir
 from kvforge.storage.lowrank import Basis
 
@@ -46,23 +45,11 @@ class Bases:
         return float(self.key_energy[..., :rank].sum(-1).mean()), float(self.value_energy[..., :rank].sum(-1).mean())
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: getattr(self, k).contiguous() for k in FIELDS}, str(tmp), metadata={"model": self.model, "name": self.name})
-        os.replace(tmp, path)
+        save_measured(path, {k: getattr(self, k) for k in FIELDS}, {"model": self.model, "name": self.name})
 
     @classmethod
     def load(cls, path: Path, model: str) -> Bases:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("model") != model:
-            raise ValueError(
-                f"low-rank bases {path} were measured for model {meta.get('model')!r} ({meta.get('name')}), not this "
-                f"model ({model}); delete the file, then run `kvforge calibrate`"
-            )
-        t = load_file(str(path))
+        t, meta = load_measured(path, model, "low-rank bases file")
         return cls(model, meta.get("name", ""), *(t[k] for k in FIELDS))
 
 

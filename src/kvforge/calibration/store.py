@@ -53,27 +53,37 @@ class Calibration:
     seconds: dict[str, float] = field(default_factory=dict)  # what each measurement cost
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: getattr(self, k).contiguous() for k in ("retrieval", "query_direction", "kvzap", "kvzap_fit")}
-        meta = {"model": self.model, "name": self.name, "version": str(VERSION), "seconds": json.dumps(self.seconds)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        tensors = {k: getattr(self, k) for k in ("retrieval", "query_direction", "kvzap", "kvzap_fit")}
+        save_measured(path, tensors, {"model": self.model, "name": self.name, "version": str(VERSION), "seconds": json.dumps(self.seconds)})
 
     @classmethod
     def load(cls, path: Path, model: str) -> Calibration:
         """Read `path`; a file written for another model is refused with what to do."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("model") != model:
-            raise ValueError(
-                f"calibration file {path} was written for model {meta.get('model')!r} ({meta.get('name')}), "
-                f"not this model ({model}); delete it, then run `kvforge calibrate`"
-            )
-        t = load_file(str(path))
+        t, meta = load_measured(path, model, "calibration file")
         return cls(model, meta.get("name", ""), t["retrieval"], t["query_direction"], t["kvzap"], t["kvzap_fit"], json.loads(meta.get("seconds", "{}")))
+
+
+def save_measured(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write what was measured of a model atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_measured(path: Path, model: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of `path`; a file measured for another model (by its fingerprint,
+    stored inside) is refused with what to do."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("model") != model:
+        raise ValueError(
+            f"{what} {path} was written for model {meta.get('model')!r} ({meta.get('name')}), "
+            f"not this model ({model}); delete it, then run `kvforge calibrate`"
+        )
+    return load_file(str(path)), meta
 
 
 def calibration_path(model: str) -> Path:
