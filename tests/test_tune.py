@@ -131,6 +131,8 @@ def test_tune_writes_a_choice_that_generate_and_eval_reproduce(capsys, tmp_path,
     (["--memory", "2"], "--memory '2' is outside (0, 1]"),
     (["--min-retention", "1.5"], "--min-retention 1.5 is outside (0, 1]"),
     (["--memory", "1/8", "--holdout", "0.9"], "leaves none to tune or check on"),
+    (["--memory", "1/4096", "--policies", "streaming"], "every candidate keeps at least 5 (its sinks): give more memory"),
+    (["--memory", "10B", "--policies", "knorm", "--quant", "none,int4", "--quant-group", "8"], "holds at most 0.2 entries per KV head"),
 ])  # fmt: skip
 def test_bad_tune_requests_are_one_line_errors(capsys, tmp_path, cases, argv, needle):
     code, _, err = run(capsys, "tune", "--model", "random:tiny", "--task-file", str(cases), "--out", str(tmp_path / "t.json"), *argv)

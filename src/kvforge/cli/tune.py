@@ -101,7 +101,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tune_file, check_file = split_cases(args, work)
     loaded = load(args)
     options = dict(group=args.quant_group, residual=args.quant_residual, split=args.quant_split, prompt_residual=args.quant_prompt_residual)
-    ensure_calibration(loaded, [make_policy(p) for p in candidates], [QuantSpec.parse(m, **options) for m in modes])
+    specs = [QuantSpec.parse(m, **options) for m in modes]
+    check_holds_sinks(loaded, memory, [make_policy(p) for p in candidates], specs, tune_file)
+    ensure_calibration(loaded, [make_policy(p) for p in candidates], specs)
     tuned = agnostic(sweep(loaded, args, tune_file, work / "tune", ["full", *candidates], ratios, modes))
     chosen = choose(tuned, memory, args.min_retention)
     wanted = f"--memory {memory.label}" if memory is not None else f"--min-retention {args.min_retention:g}"
@@ -134,6 +136,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"checked on {check['samples']} other cases: retention {check['retention']:.2f}, {check['kept_fraction']:.3f} of the dense bytes{gap}")
     print(f"wrote {out}: use it with --config {out} (generate, eval, serve)")
     return 0
+
+
+def check_holds_sinks(loaded: Any, memory: Any, policies: list[Any], specs: list[Any], tune_file: Path) -> None:
+    """Refuse, before any sweep, a memory that cannot hold even the entries every candidate keeps
+    (its sinks) of the shortest case at the cheapest candidate codec (scales not counted)."""
+    from kvforge.cache import head_dim
+    from kvforge.eval.tasks import load_task_file, prompt_length
+    from kvforge.eval.tune import most_entries
+
+    if memory is None:
+        return
+    config, dim = loaded.model.config, head_dim(loaded.model)
+    dense_bits = 8 * next(loaded.model.parameters()).element_size()
+    rows = config.num_hidden_layers * config.num_key_value_heads
+    tokens = min(prompt_length(loaded.tokenizer, c, loaded.is_instruct) for c in load_task_file(tune_file))
+
+    def bits(spec: Any) -> float:
+        per = dense_bits if not spec.enabled else 2 if spec.mode == "mixed" else spec.bits
+        return per * (spec.rank / dim if spec.rank else 1)
+
+    cheapest = min(specs, key=bits)
+    most = most_entries(memory, tokens, dense_bits, bits(cheapest), rows, dim)
+    least = min(max(getattr(p, "sinks", 0), p.min_budget()) for p in policies)
+    if most < least:
+        raise ValueError(
+            f"--memory {memory.label} holds at most {most:.1f} entries per KV head of the shortest case ({tokens} tokens), "
+            f"even at {cheapest.label}; every candidate keeps at least {least} (its sinks): give more memory"
+        )
 
 
 def describe(entry: dict) -> str:

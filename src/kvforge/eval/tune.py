@@ -66,6 +66,16 @@ def parse_memory(text: str) -> Memory:
     return Memory(fraction=fraction)
 
 
+def most_entries(memory: Memory, tokens: int, dense_bits: int, bits: float, row_count: int, head_dim: int) -> float:
+    """The most entries per row (sequence, layer, KV head) `memory` can hold for a `tokens`-token
+    case, each element at `bits` (a lower bound of a codec's: no scales counted), of `row_count`
+    rows of `head_dim`-wide keys and values whose dense elements take `dense_bits`."""
+    if memory.fraction is not None:
+        return memory.fraction * tokens * dense_bits / bits
+    assert memory.nbytes is not None
+    return memory.nbytes * 8 / (row_count * 2 * head_dim * bits)
+
+
 def choose(entries: list[dict], memory: Memory | None = None, min_retention: float | None = None) -> dict | None:
     """The configuration to use: within `memory`, the highest retention (then the fewest bytes,
     as `front.best_within` ranks); with `min_retention`, the fewest bytes keeping at least it.
