@@ -100,7 +100,7 @@ def test_tune_writes_a_choice_that_generate_and_eval_reproduce(capsys, tmp_path,
     out = tmp_path / "tuned.json"
     code, printed, err = run(
         capsys, "tune", "--model", "random:tiny", "--task-file", str(cases), "--memory", "1/4", "--policies", "knorm,streaming",
-        "--ratios", "0.5,0.75", "--quant", "none,int4", "--quant-group", "8", "--out", str(out), "--batch", "2",
+        "--ratios", "0.5,0.75", "--quant", "none,int4", "--quant-group", "8", "--out", str(out), "--batch", "2", "--check-all",
     )  # fmt: skip
     assert code == 0, err
     tuned = json.loads(out.read_text())
@@ -109,6 +109,7 @@ def test_tune_writes_a_choice_that_generate_and_eval_reproduce(capsys, tmp_path,
     cheapest = min(fitting, key=lambda e: (e["kept_fraction"], e["policy"], e["ratio"]))
     assert (tuned["policy"], tuned["ratio"], tuned["quant"]["mode"]) == (cheapest["policy"], cheapest["ratio"], cheapest["quant"])
     assert tuned["measured"]["samples"] == 2 and tuned["check"]["samples"] == 2  # half held out
+    assert tuned["check"]["gap"] == 0.0 and tuned["check"]["best"]["retention"] == 1.0  # every row keeps the (empty) answer
     assert "chosen" in printed and f"--config {out}" in printed
 
     code, printed, err = run(capsys, "generate", "--model", "random:tiny", "--config", str(out), "--max-new-tokens", "2", "--json", "q?")

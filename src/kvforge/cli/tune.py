@@ -80,19 +80,47 @@ def entry_of(entries: list[dict], policy: str, ratio: float, quant: str) -> dict
     return next((e for e in entries if (e["policy"], e["ratio"], e["quant"]) == (policy, ratio, quant)), None)
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    from kvforge.eval.tune import TunedConfig, choose, measured, parse_memory
-    from kvforge.policies import make_policy
-    from kvforge.spec import KVSpec
-    from kvforge.storage import QuantSpec
+def wanted_memory(args: argparse.Namespace) -> Any:
+    """--memory as a `Memory` (None with --min-retention), after checking the request's values."""
+    from kvforge.eval.tune import parse_memory
 
     if (args.memory is None) == (args.min_retention is None):
         raise ValueError("give what to tune for: --memory 1/8 (or 40MiB), or --min-retention 0.95")
-    memory = parse_memory(args.memory) if args.memory is not None else None
     if args.min_retention is not None and not 0 < args.min_retention <= 1:
         raise ValueError(f"--min-retention {args.min_retention:g} is outside (0, 1]: the share of the full cache's score kept")
     if not 0 <= args.holdout < 1:
         raise ValueError(f"--holdout {args.holdout:g} is outside [0, 1): the share of --task-file's cases kept to check the choice")
+    return parse_memory(args.memory) if args.memory is not None else None
+
+
+def check_choice(
+    loaded: Any, args: argparse.Namespace, check_file: Path, work: Path, chosen: dict, sweep_all: tuple[list[str], list[float], list[str]], memory: Any
+) -> dict[str, Any]:
+    """The chosen configuration measured on the check cases (`measured`'s fields); with
+    --check-all, every candidate too, and the best there within the same memory and the gap."""
+    from kvforge.eval.tune import choose, measured
+
+    policies, ratios, modes = sweep_all
+    if not args.check_all:
+        policies = list(dict.fromkeys(["full", chosen["policy"]]))
+        ratios, modes = [chosen["ratio"] or ratios[0]], list(dict.fromkeys(["none", chosen["quant"]]))
+    checked = agnostic(sweep(loaded, args, check_file, work / "check", policies, ratios, modes))
+    mine = entry_of(checked, chosen["policy"], chosen["ratio"], chosen["quant"])
+    check = {"cases": str(args.check_file or f"{args.holdout:g} of {args.task_file}"), **measured(mine or {})}
+    best = choose(checked, memory, args.min_retention) if args.check_all else None
+    if best is not None and mine is not None and mine.get("retention") is not None:
+        check["best"] = {k: best[k] for k in ("policy", "ratio", "quant", "kept_fraction", "retention")}
+        check["gap"] = best["retention"] - mine["retention"]
+    return check
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kvforge.eval.tune import TunedConfig, choose, measured
+    from kvforge.policies import make_policy
+    from kvforge.spec import KVSpec
+    from kvforge.storage import QuantSpec
+
+    memory = wanted_memory(args)
     candidates = [p for p in split_list(args.policies) if p != "full"]
     ratios = [ratio_arg(r) for r in split_list(args.ratios)]
     modes = split_list(args.quant)
@@ -101,9 +129,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tune_file, check_file = split_cases(args, work)
     loaded = load(args)
     options = dict(group=args.quant_group, residual=args.quant_residual, split=args.quant_split, prompt_residual=args.quant_prompt_residual)
-    specs = [QuantSpec.parse(m, **options) for m in modes]
-    check_holds_sinks(loaded, memory, [make_policy(p) for p in candidates], specs, tune_file)
-    ensure_calibration(loaded, [make_policy(p) for p in candidates], specs)
+    specs, policies = [QuantSpec.parse(m, **options) for m in modes], [make_policy(p) for p in candidates]
+    check_holds_sinks(loaded, memory, policies, specs, tune_file)
+    ensure_calibration(loaded, policies, specs)
     tuned = agnostic(sweep(loaded, args, tune_file, work / "tune", ["full", *candidates], ratios, modes))
     chosen = choose(tuned, memory, args.min_retention)
     wanted = f"--memory {memory.label}" if memory is not None else f"--min-retention {args.min_retention:g}"
@@ -112,18 +140,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"nothing measured meets {wanted}; results in {work}/tune. Give more memory, or more --ratios or --quant modes")
     check = None
     if check_file is not None:
-        if args.check_all:
-            checked = agnostic(sweep(loaded, args, check_file, work / "check", ["full", *candidates], ratios, modes))
-        else:
-            policies = list(dict.fromkeys(["full", chosen["policy"]]))
-            only = list(dict.fromkeys(["none", chosen["quant"]]))
-            checked = agnostic(sweep(loaded, args, check_file, work / "check", policies, [chosen["ratio"] or ratios[0]], only))
-        mine = entry_of(checked, chosen["policy"], chosen["ratio"], chosen["quant"])
-        check = {"cases": str(args.check_file or f"{args.holdout:g} of {args.task_file}"), **measured(mine or {})}
-        best = choose(checked, memory, args.min_retention) if args.check_all else None
-        if best is not None and mine is not None and mine.get("retention") is not None:
-            check["best"] = {k: best[k] for k in ("policy", "ratio", "quant", "kept_fraction", "retention")}
-            check["gap"] = best["retention"] - mine["retention"]
+        check = check_choice(loaded, args, check_file, work, chosen, (["full", *candidates], ratios, modes), memory)
     quant = QuantSpec.parse(chosen["quant"], **options)
     spec = KVSpec(chosen["policy"], chosen["ratio"], quant)
     chosen_for = {"memory": memory.label} if memory is not None else {"min_retention": args.min_retention}
