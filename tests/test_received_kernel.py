@@ -143,7 +143,9 @@ def test_a_chunked_prefill_and_decoding_keep_what_the_torch_path_keeps(tiny_mode
     from kvforge.generate import DECODE, PREFILL, feed
     from kvforge.storage.codec import QuantSpec
 
-    spec = QuantSpec(quant, group=8, residual=4) if quant else None
+    # The prompt's recent entries kept in full precision (as before prompts were sealed whole), so
+    # every chunk is observed over a full-precision tail: the path the kernel serves.
+    spec = QuantSpec(quant, group=8, residual=4, prompt_residual=True) if quant else None
     lengths = [24, 17]
     rows = [left_padded([n], seed=n)[0][0].tolist() for n in lengths]
     params = {"window": 4} if policy == "snapkv" else {}
