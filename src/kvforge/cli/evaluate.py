@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def front_table(rows: list[EvalRow]) -> Table:
     """The best configuration the demo measured within each budget of the dense bytes (its answer
     right, then the fewest bytes): eval's budget table on one sample."""
-    from kvforge.eval.front import best_within, budget_label
+    from kvforge.eval.front import best_within, budget_label, configuration_label
 
     full = next((r for r in rows if r.policy == "full" and r.quant == "none"), None)
     entries = [
@@ -99,8 +99,7 @@ def front_table(rows: list[EvalRow]) -> Table:
         if e is None:
             table.add_row(budget_label(b["budget"]), "none measured", "-", "-")
             continue
-        name = f"{e['policy']} {e['ratio']:g}" + ("" if e["quant"] == "none" else f" + {e['quant']}")
-        table.add_row(budget_label(b["budget"]), name, f"{e['kept_fraction']:.3f}", "right" if e["retention"] >= 1 else "wrong")
+        table.add_row(budget_label(b["budget"]), configuration_label(e), f"{e['kept_fraction']:.3f}", "right" if e["retention"] >= 1 else "wrong")
     return table
 
 

@@ -12,8 +12,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from kvforge.cli.common import (
-    add_device_args, add_quant_args, console, err_console, ensure_calibration, load, positive_int, ratio_arg, split_list,
+    add_device_args, add_quant_args, console, err_console, ensure_calibration, load, positive_int, quant_specs, ratio_arg, split_list,
 )  # fmt: skip
+from kvforge.eval.front import configuration_label
 from kvforge.models import DEFAULT_MODEL
 
 CANDIDATES = "kvzap,kvzip,coverage:kvzip"
@@ -118,7 +119,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from kvforge.eval.tune import TunedConfig, choose, measured
     from kvforge.policies import make_policy
     from kvforge.spec import KVSpec
-    from kvforge.storage import QuantSpec
 
     memory = wanted_memory(args)
     candidates = [p for p in split_list(args.policies) if p != "full"]
@@ -128,8 +128,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else out.with_name(out.name + ".runs")
     tune_file, check_file = split_cases(args, work)
     loaded = load(args)
-    options = dict(group=args.quant_group, residual=args.quant_residual, split=args.quant_split, prompt_residual=args.quant_prompt_residual)
-    specs, policies = [QuantSpec.parse(m, **options) for m in modes], [make_policy(p) for p in candidates]
+    specs, policies = quant_specs(args), [make_policy(p) for p in candidates]
     check_holds_sinks(loaded, memory, policies, specs, tune_file)
     ensure_calibration(loaded, policies, specs)
     tuned = agnostic(sweep(loaded, args, tune_file, work / "tune", ["full", *candidates], ratios, modes))
@@ -141,15 +140,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     check = None
     if check_file is not None:
         check = check_choice(loaded, args, check_file, work, chosen, (["full", *candidates], ratios, modes), memory)
-    quant = QuantSpec.parse(chosen["quant"], **options)
+    quant = next(q for q in specs if q.label == chosen["quant"])
     spec = KVSpec(chosen["policy"], chosen["ratio"], quant)
     chosen_for = {"memory": memory.label} if memory is not None else {"min_retention": args.min_retention}
     config = TunedConfig(spec, loaded.name, chosen_for, {"cases": args.task_file, **measured(chosen)}, check)
     config.save(out)
-    name = describe(chosen)
+    name = configuration_label(chosen)
     print(f"chosen for {wanted}: {name}, {chosen['kept_fraction']:.3f} of the dense bytes, retention {chosen['retention']:.2f} on {chosen['samples']} cases")
     if check is not None and check.get("retention") is not None:
-        gap = f"; the best there: {describe(check['best'])} at {check['best']['retention']:.2f}" if "best" in check else ""
+        gap = f"; the best there: {configuration_label(check['best'])} at {check['best']['retention']:.2f}" if "best" in check else ""
         print(f"checked on {check['samples']} other cases: retention {check['retention']:.2f}, {check['kept_fraction']:.3f} of the dense bytes{gap}")
     print(f"wrote {out}: use it with --config {out} (generate, eval, serve)")
     return 0
@@ -183,10 +182,6 @@ def check_holds_sinks(loaded: Any, memory: Any, policies: list[Any], specs: list
         )
 
 
-def describe(entry: dict) -> str:
-    return f"{entry['policy']} {entry['ratio']:g}" + ("" if entry["quant"] == "none" else f" + {entry['quant']}")
-
-
 def print_choices(entries: list[dict], chosen: dict | None, memory: Any) -> None:
     """The front of the tune cases (the configurations no cheaper one beats), the choice marked."""
     from kvforge.eval.front import front
@@ -196,7 +191,7 @@ def print_choices(entries: list[dict], chosen: dict | None, memory: Any) -> None
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for e in front(entries):
         mark = "chosen" if chosen is not None and e is chosen else ""
-        table.add_row(describe(e), f"{e['kept_fraction']:.3f}", f"{e['cache_bytes'] / 2**20:.1f}", f"{e['retention']:.2f}", mark)
+        table.add_row(configuration_label(e), f"{e['kept_fraction']:.3f}", f"{e['cache_bytes'] / 2**20:.1f}", f"{e['retention']:.2f}", mark)
     console.print(table)
 
 

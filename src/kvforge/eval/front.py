@@ -33,6 +33,11 @@ def front(entries: list[dict]) -> list[dict]:
     return out
 
 
+def configuration_label(entry: dict) -> str:
+    """How reports name a configuration: 'kvzip 0.75 + int4' ('kvzip 0.5' unquantized)."""
+    return f"{entry['policy']} {entry['ratio']:g}" + ("" if entry["quant"] == "none" else f" + {entry['quant']}")
+
+
 def budget_label(budget: float) -> str:
     """0.125 -> '1/8'."""
     return f"1/{round(1 / budget)}"

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from statistics import mean
 
-from kvforge.eval.front import best_within, budget_label, front
+from kvforge.eval.front import best_within, budget_label, configuration_label, front
 from kvforge.eval.runner import SUMMARY, EvalRow, SweepStats, write_atomic
 from kvforge.storage.codec import MODES, labelled
 
@@ -123,8 +123,7 @@ def front_markdown(summary: dict) -> list[str]:
             if e is None:
                 lines.append(f"| {budget_label(b['budget'])} | none measured | - | - |")
             else:
-                name = f"{e['policy']} {e['ratio']:g}" + ("" if e["quant"] == "none" else f" + {e['quant']}")
-                lines.append(f"| {budget_label(b['budget'])} | {name} | {e['kept_fraction']:.3f} | {e['retention']:.2f} |")
+                lines.append(f"| {budget_label(b['budget'])} | {configuration_label(e)} | {e['kept_fraction']:.3f} | {e['retention']:.2f} |")
         lines.append("")
     return lines
 
