@@ -100,11 +100,13 @@ def add_quant_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
     parser.add_argument("--quant", default="none", help=f"K/V quantization ({what}): {', '.join(MODES)}")
     parser.add_argument("--quant-group", type=int, default=32, metavar="G",
                         help="tokens per key group and channels per value group (must divide head_dim; default 32)")
-    parser.add_argument("--quant-residual", type=int, default=128, metavar="R",
-                        help="recent tokens per row kept in full precision while decoding (default 128)")
+    parser.add_argument("--quant-residual", type=int, default=0, metavar="R",
+                        help="entries appended after the prompt (question, generated tokens) kept in full precision "
+                             "per row beyond its open key group (default 0: quantized once their key group is "
+                             "complete; KIVI keeps 128)")
     parser.add_argument("--quant-prompt-residual", action="store_true",
-                        help="keep the prompt's last R entries in full precision too, as KIVI does (default: a "
-                             "compressed prompt is quantized whole, all but each row's open key group)")
+                        help="keep a compressed prompt's last R entries in full precision too, as KIVI does "
+                             "(default: a compressed prompt is quantized whole, all but each row's open key group)")
     parser.add_argument("--quant-split", type=float, default=0.25, metavar="F",
                         help="mixed: the fraction of entries held in int4, those the policy scores highest "
                              "(the others in int2; default 0.25)")

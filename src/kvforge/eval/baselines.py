@@ -4,8 +4,10 @@ and `QuantizedCache` with each backend transformers offers.
 `QuantizedCache` is transformers' KIVI-like cache: a full-precision residual of recent tokens that,
 once full, is dequantized with everything before it and quantized again as a whole (quanto, HQQ);
 the fp8 backend appends e4m3 codes under one per-tensor scale frozen at the first update. The
-integer backends are built with kvforge's defaults (group 32, residual 128) so the rows compare
-like with like; their axes stay transformers' defaults.
+integer backends are built with kvforge's group (32) and KIVI's residual (128, transformers' own
+default: each time it fills, everything is requantized, so a shorter one requantizes more often;
+kvforge's rows take `--quant-residual 128` to compare like with like); their axes stay
+transformers' defaults.
 
 Bytes held are read from the tensors the cache holds (a quantized tensor subclass is opened into
 the tensors it is made of), never computed.
@@ -22,7 +24,7 @@ from transformers import Cache, DynamicCache, PreTrainedConfig, QuantizedCache
 from kvforge.storage.base import buffers_of
 
 GROUP = 32  # kvforge's default --quant-group
-RESIDUAL = 128  # kvforge's default --quant-residual
+RESIDUAL = 128  # KIVI's and transformers' (kvforge's default before it became 0)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class EvalConfig:
     questions: int = 1  # questions answered from each compressed context (each on a fork of it)
     quant: list[str] = field(default_factory=lambda: ["none"])  # how entries are held: each mode a set of rows
     quant_group: int = 32
-    quant_residual: int = 128
+    quant_residual: int = 0  # (128 before: ADDED keeps what older directories ran with)
     quant_split: float = 0.25  # mixed: the fraction of entries held in int4
     quant_prompt_residual: bool = False  # the compressed prompt's last entries in full precision too
     dtype: str = "float32"  # the model's (scores depend on it; the device does not change them beyond rounding)

@@ -31,22 +31,25 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 @dataclass(frozen=True)
 class QuantSpec:
     """How kept entries are held: `mode` (see MODES), `group` (tokens per key group, channels per
-    value group), `residual` (the most recent tokens of each row kept in full precision while
-    decoding) and, for `mixed`, `split`: the fraction of entries held in int4 (those the policy
-    scores highest; the others in int2), rounded to the nearest fraction with a denominator of at
-    most 8.
+    value group), `residual` (recent entries appended after the prompt, the question and generated
+    tokens, kept in full precision beyond a row's open key group) and, for `mixed`, `split`: the
+    fraction of entries held in int4 (those the policy scores highest; the others in int2), rounded
+    to the nearest fraction with a denominator of at most 8.
 
-    A prompt's entries, once its policy has compressed them, are judged: they are quantized whole,
-    all but a row's last open key group (fewer than `group` entries; `mixed`: a batch of groups).
-    `prompt_residual` keeps the prompt's last `residual` entries in full precision too, as KIVI
-    does (and kvforge did before): at 2k tokens and ratio 0.5 that tail is most of the bytes.
+    Only a row's open key group (fewer than `group` entries; `mixed`: a batch of groups) has to
+    wait in full precision: keys are quantized per channel over a whole group. By default
+    (`residual` 0) every entry is quantized as soon as its group is complete. KIVI keeps the last
+    128 in full precision (`residual=128`; kvforge's default before): at 2k tokens and ratio 0.75
+    that tail was a third of the bytes, and on the needle tasks measured it changed no answer.
+    `prompt_residual` keeps that tail on a compressed prompt too (KIVI's prefill); otherwise a
+    prompt's entries, judged by its policy, are quantized whole.
 
     `rank`: each KV head's keys and values are held as `rank` coordinates in the model's
     calibrated basis (`storage/lowrank.py`), themselves held as `mode` says; written `int4/r32`."""
 
     mode: str = "none"
     group: int = 32
-    residual: int = 128
+    residual: int = 0
     split: float = 0.25
     prompt_residual: bool = False
     rank: int | None = None
