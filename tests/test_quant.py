@@ -151,6 +151,24 @@ def test_a_compressed_prompt_keeps_no_full_precision_tail_but_the_question_does(
         assert int(picture.tail.lengths.min()) >= 3  # the question's entries, not yet sealed
 
 
+def test_by_default_appended_entries_are_quantized_once_their_key_group_is_complete():
+    """The default residual is 0: after the prompt, only each row's open key group (fewer than
+    `group` entries) is held in full precision, whatever was appended since."""
+    assert QuantSpec("int4").residual == 0
+    spec = QuantSpec("int4", group=8)
+    keys = torch.randn(1, 2, 27, 16)
+    storage = QuantizedKV(1, 2, 16, torch.float32, torch.device("cpu"), (), spec)
+    storage.append(keys, keys, torch.arange(27), torch.ones(1, 27, dtype=torch.bool))
+    storage.seal(prompt=True)
+    tails = []
+    for step in range(6):  # 3 open + 6 appended = 9: one more group of 8 sealed on the fifth step
+        storage.append(keys[:, :, :1], keys[:, :, :1], torch.tensor([27 + step]), torch.ones(1, 1, dtype=torch.bool))
+        storage.seal()
+        tails.append(storage.tail.lengths[0, 0].item())
+    assert tails == [4, 5, 6, 7, 0, 1]
+    assert storage.parts[0].quant.lengths.tolist() == [[32, 32]]
+
+
 def build_policy(name: str):
     return make_policy(name) if name == "full" else make_policy(name, ratio=0.5)
 
