@@ -9,7 +9,7 @@ import torch
 
 from conftest import held_positions, left_padded, word_tokenizer
 from kvforge import KVCache, make_policy
-from kvforge.generate import feed, greedy
+from kvforge.generate import feed, greedy, settle
 from kvforge.generate import prefill as prefill_ids
 from kvforge.reconstruct import passes
 from kvforge.policies.base import StepContext
@@ -219,6 +219,26 @@ def test_merging_a_derived_cache_leaves_the_base_untouched(tiny_model):
             base.derive(make_policy(layout_policy, ratio=0.5, threshold=-1.0))
     for layer, values in zip(base.layers, before):
         torch.testing.assert_close(layer.storage.view().values, values)
+
+
+def test_merge_shares_the_wrapped_policys_passes_in_a_sweep(tiny_model):
+    """merge:kvzip derived after kvzip in one sweep takes kvzip's reconstruction scores instead of
+    running the passes again, and holds what it holds when derived alone."""
+    ids = left_padded([30], seed=32)[0]
+    base = KVCache(tiny_model, make_policy("full"), record_prefill=True, tokenizer=word_tokenizer())
+    positions = torch.tensor([30])
+    with torch.inference_mode():
+        tiny_model(input_ids=ids, past_key_values=base, use_cache=True)
+        observed: dict = {}
+        settle(tiny_model, base.derive(make_policy("kvzip", ratio=0.5, chunk=8), observed), ids.tolist(), positions, observed)
+        merged = make_policy("merge:kvzip", ratio=0.5, chunk=8, threshold=-1.0)
+        shared = base.derive(merged, observed)
+        assert settle(tiny_model, shared, ids.tolist(), positions, observed) > 0  # the passes' seconds, not run again
+        alone = base.derive(merged)
+        settle(tiny_model, alone, ids.tolist(), positions)
+    for a, b in zip(shared.layers, alone.layers):
+        assert held_positions(a.storage) == held_positions(b.storage)
+        torch.testing.assert_close(a.storage.view().values, b.storage.view().values)
 
 
 def test_generate_goes_on_from_a_kvzip_prefill(tiny_model):

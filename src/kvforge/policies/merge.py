@@ -64,6 +64,9 @@ class Merge(Wrapper):
         super().__post_init__()
         check_range("threshold", self.threshold, -1.0, 1.0)
 
+    def state_key(self) -> tuple:
+        return self.wrapped.state_key()  # merging changes values kept, not what was observed
+
     def select(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         index, mask = self.wrapped.select(ctx)
         view = ctx.view
