@@ -40,7 +40,8 @@ class QuantSpec:
     wait in full precision: keys are quantized per channel over a whole group. By default
     (`residual` 0) every entry is quantized as soon as its group is complete. KIVI keeps the last
     128 in full precision (`residual=128`; kvforge's default before): at 2k tokens and ratio 0.75
-    that tail was a third of the bytes, and on the needle tasks measured it changed no answer.
+    that tail was a third of the bytes (what dropping it cost in answers: README, "Quality per
+    byte").
     `prompt_residual` keeps that tail on a compressed prompt too (KIVI's prefill); otherwise a
     prompt's entries, judged by its policy, are quantized whole.
 
