@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvforge.eval.front import best_within, budget_label, front
+from kvforge.eval.front import best_within, budget_label, configuration_label, front
 from kvforge.eval.report import markdown, summarize
 from kvforge.eval.runner import EvalRow
 
@@ -54,3 +54,10 @@ def test_the_summary_reports_the_front_by_budget():
     assert [b["best"] and b["best"]["policy"] for b in budgets] == ["kvzip", "kvzip", "kvzip", None, None]
     md = markdown(summary)
     assert "| 1/8 | kvzip 0.75 + int4 | 0.096 | 0.80 |" in md and "| 1/16 | none measured | - | - |" in md
+
+
+def test_a_configuration_is_named_by_policy_ratio_and_codec_and_the_full_cache_without_a_ratio():
+    label = lambda policy, ratio, quant: configuration_label({"policy": policy, "ratio": ratio, "quant": quant})  # noqa: E731
+    assert label("kvzip", 0.75, "int4") == "kvzip 0.75 + int4"
+    assert label("kvzip", 0.5, "none") == "kvzip 0.5"
+    assert label("full", 0.0, "int4") == "full + int4"

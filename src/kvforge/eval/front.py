@@ -34,8 +34,10 @@ def front(entries: list[dict]) -> list[dict]:
 
 
 def configuration_label(entry: dict) -> str:
-    """How reports name a configuration: 'kvzip 0.75 + int4' ('kvzip 0.5' unquantized)."""
-    return f"{entry['policy']} {entry['ratio']:g}" + ("" if entry["quant"] == "none" else f" + {entry['quant']}")
+    """How reports name a configuration: 'kvzip 0.75 + int4' ('kvzip 0.5' unquantized, 'full + int4':
+    the full cache has no ratio)."""
+    name = entry["policy"] if entry["policy"] == "full" else f"{entry['policy']} {entry['ratio']:g}"
+    return name + ("" if entry["quant"] == "none" else f" + {entry['quant']}")
 
 
 def budget_label(budget: float) -> str:
