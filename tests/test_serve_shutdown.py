@@ -73,9 +73,11 @@ class Process:
 
 
 def started(server: Process, count: int, tokens: int) -> tuple[list[threading.Thread], list]:
-    first, reasons = threading.Event(), []
-    threads = [server.stream(tokens, first, reasons) for _ in range(count)]
-    assert first.wait(60)
+    """`count` streamed requests, each in flight (its first token received): a request still
+    connecting when the signal comes is refused, not drained, and would say nothing of draining."""
+    firsts, reasons = [threading.Event() for _ in range(count)], []
+    threads = [server.stream(tokens, first, reasons) for first in firsts]
+    assert all(first.wait(60) for first in firsts)
     return threads, reasons
 
 
