@@ -6,8 +6,8 @@ once full, is dequantized with everything before it and quantized again as a who
 the fp8 backend appends e4m3 codes under one per-tensor scale frozen at the first update. The
 integer backends are built with kvforge's group (32) and KIVI's residual (128, transformers' own
 default: each time it fills, everything is requantized, so a shorter one requantizes more often;
-kvforge's rows take `--quant-residual 128` to compare like with like); their axes stay
-transformers' defaults.
+kvforge's rows take `--quant-residual 128 --quant-prompt-residual` to compare like with like);
+their axes stay transformers' defaults.
 
 Bytes held are read from the tensors the cache holds (a quantized tensor subclass is opened into
 the tensors it is made of), never computed.
