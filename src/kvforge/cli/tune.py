@@ -99,6 +99,7 @@ def check_choice(
 ) -> dict[str, Any]:
     """The chosen configuration measured on the check cases (`measured`'s fields); with
     --check-all, every candidate too, and the best there within the same memory and the gap."""
+    from kvforge.eval.report import configuration
     from kvforge.eval.tune import choose, measured
 
     policies, ratios, modes = sweep_all
@@ -110,7 +111,7 @@ def check_choice(
     check = {"cases": str(args.check_file or f"{args.holdout:g} of {args.task_file}"), **measured(mine or {})}
     best = choose(checked, memory, args.min_retention) if args.check_all else None
     if best is not None and mine is not None and mine.get("retention") is not None:
-        check["best"] = {k: best[k] for k in ("policy", "ratio", "quant", "kept_fraction", "retention")}
+        check["best"] = configuration(best)
         check["gap"] = best["retention"] - mine["retention"]
     return check
 
