@@ -27,6 +27,7 @@ from kvforge.storage.paged import PagedKV, SwappedPaged
 from kvforge.storage.pagedquant import PagedQuantKV, SwappedQuant
 from kvforge.storage import DEFAULT_LAYOUT, Basis, KVStorage, QuantSpec, check_layout, make_storage
 from kvforge.storage.base import PaddedView
+from kvforge.storage.pageread import PageReader, reads_every_page
 
 
 PREFILL, APPEND, DECODE, PROBE = "prefill", "append", "decode", "probe"
@@ -140,6 +141,7 @@ class KVForgeLayer(CacheLayerMixin):
         self.prefill_record: PrefillRecord | None = None
         self.calibration: Calibration | None = None  # the model's, when the policy needs it
         self.policy_state: dict[str, torch.Tensor] = {}  # per-layer values a policy keeps (StepContext.state)
+        self.reader: PageReader | None = None  # decoding steps read some pages only (quant.read), from the first
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -203,7 +205,12 @@ class KVForgeLayer(CacheLayerMixin):
         # A decoding step takes the attention policy state out of the attention itself; a prompt
         # chunk observes it apart (timed as the policy's).
         fused = self.policy.attention_state if t == 1 else None
-        out = self.storage.attend(query, positions, new_valid, scaling, accumulate=fused)
+        if mode == DECODE and t == 1 and self.quant.read is not None:
+            if self.reader is None:
+                self.reader = PageReader(self.quant.reader, self.quant.read, keys.shape[0], dense=reads_every_page(self.layer_idx, self.num_layers))
+            out = self.reader.attend(self.storage, query, positions, new_valid, scaling, accumulate=fused)
+        else:
+            out = self.storage.attend(query, positions, new_valid, scaling, accumulate=fused)
         self._act(query, positions, new_valid, scaling, mode, added, attended=fused is not None)
         recording = self.record_prefill and self.chunks == 0
         if recording:
@@ -370,6 +377,8 @@ class KVForgeLayer(CacheLayerMixin):
         assert base.tokens is not None
         budget = pick(base.decode_budget) if base.decode_budget is not None else None
         self.restore(storage, base.seen, base.chunks, pick(base.tokens), budget, {k: pick(v) for k, v in base.policy_state.items()})
+        if base.reader is not None:
+            self.reader = base.reader.select(sequences if sequences is not None else list(range(len(base.tokens))))
 
     def restore(
         self, storage: KVStorage, seen: int, chunks: int, tokens: torch.Tensor, decode_budget: torch.Tensor | None,
@@ -600,7 +609,7 @@ class KVCache(Cache):
                 f"call kvforge.enable(model) first so the cache's compression is applied"
             )
         check_layout(layout)
-        spec = quant if isinstance(quant, QuantSpec) else QuantSpec(quant or "none")
+        spec = quant if isinstance(quant, QuantSpec) else QuantSpec.parse(quant or "none")
         spec.check_head_dim(head_dim(model))
         self._setup(policy, model.config.get_text_config().num_hidden_layers, layout, fingerprint(model), spec, memory)
         self.tokenizer = tokenizer
@@ -733,14 +742,19 @@ class KVCache(Cache):
     def _storages(self) -> list[KVStorage]:
         return [layer.storage for layer in self.layers if layer.storage is not None]
 
+    def _readers(self) -> list[PageReader]:
+        return [layer.reader for layer in self.layers if layer.reader is not None]
+
     @property
     def nbytes(self) -> int:
-        """K/V bytes allocated, spare capacity included, summed over layers (read from the tensors)."""
-        return sum(s.allocated_nbytes for s in self._storages())
+        """K/V bytes allocated, spare capacity included, summed over layers (read from the tensors);
+        the page bounds of a cache that reads less (quant.read) count too."""
+        return sum(s.allocated_nbytes for s in self._storages()) + sum(sum(r.buffers().values()) for r in self._readers())
 
     def buffers(self) -> dict[int, int]:
-        """{address: bytes} of every buffer standing for K/V (see `KVStorage.buffers`)."""
-        return {ptr: n for s in self._storages() for ptr, n in s.buffers().items()}
+        """{address: bytes} of every buffer standing for K/V (see `KVStorage.buffers`), page bounds included."""
+        held = {ptr: n for s in self._storages() for ptr, n in s.buffers().items()}
+        return held | {ptr: n for r in self._readers() for ptr, n in r.buffers().items()}
 
     @property
     def kept_nbytes(self) -> int:
@@ -765,8 +779,16 @@ class KVCache(Cache):
         return int(self.seq_dense_nbytes().sum())
 
     def seq_nbytes(self) -> torch.Tensor:
-        """(batch,) K/V bytes kept for each sequence: its entries x entry size."""
-        return sum(s.seq_nbytes() for s in self._storages())
+        """(batch,) K/V bytes kept for each sequence: its entries x entry size, and its page bounds."""
+        return sum(s.seq_nbytes() for s in self._storages()) + sum(r.seq_nbytes() for r in self._readers())
+
+    def seq_read_fraction(self) -> torch.Tensor | None:
+        """(batch,) of the entries held at its decoding steps, the fraction each sequence read
+        (quant.read); None when every step reads everything."""
+        readers = self._readers()
+        if not readers:
+            return None
+        return sum(r.read for r in readers) / torch.as_tensor(sum(r.held for r in readers)).clamp(min=1)
 
     def seq_bits_per_element(self) -> torch.Tensor:
         """(batch,) effective bits per K/V element each sequence holds (see `bits_per_element`)."""
@@ -814,6 +836,9 @@ class KVCache(Cache):
                 )
             # Per-sequence policy values (first dimension: batch) are stacked like the sequences.
             layer.policy_state = {k: torch.cat([p.policy_state[k] for p in parts]) for k in parts[0].policy_state}
+            if first.quant.read is not None and any(p.reader is not None for p in parts):
+                dense = reads_every_page(i, first.num_layers)
+                layer.reader = PageReader.stack(first.quant.reader, first.quant.read, dense, [p.reader for p in parts], [len(p.tokens) for p in parts])
             stacked.held.update(i, layer.storage.allocated_nbytes)
             records = [p.prefill_record for p in parts]
             if any(r is None for r in records) or any(p.chunks != 1 for p in parts):

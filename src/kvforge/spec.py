@@ -38,7 +38,7 @@ class KVSpec:
         if self.budget is not None and self.ratio:
             raise ValueError(f"give either a ratio ({self.ratio}) or a budget ({self.budget}), not both")
         if not isinstance(self.quant, QuantSpec):
-            object.__setattr__(self, "quant", QuantSpec(str(self.quant)))
+            object.__setattr__(self, "quant", QuantSpec.parse(str(self.quant)))
         object.__setattr__(self, "ratio", float(self.ratio))
 
     @property

@@ -61,6 +61,7 @@ def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
                 "ratio": ratio,
                 "quant": quant,
                 "bits_per_element": mean(r.bits_per_element for r in members) if all(r.bits_per_element for r in members) else None,
+                "read_fraction": mean(r.read_fraction for r in members) if all(r.read_fraction for r in members) else None,
                 "scores": per_task,
                 "mean": mean(per_task.values()),
                 "samples": len(members),
@@ -143,9 +144,11 @@ def markdown(summary: dict) -> str:
             f"the policy's own work (reconstruction passes included), decoding."
         )
         lines.append("")
-        # Quantized runs add how entries were held and the effective bits per element.
+        # Quantized runs add how entries were held and the effective bits per element; runs that
+        # read less (quest), what each decoding step read of the entries held.
         quantized = any(e["quant"] != "none" for e in entries)
-        extra = ("quant", "bits") if quantized else ()
+        reading = any(e.get("read_fraction") is not None for e in entries)
+        extra = ("quant", "bits") * quantized + ("read",) * reading
         lines.append("| policy | ratio | " + "".join(f"{c} | " for c in extra) + " | ".join(tasks)
                      + " | mean | vs full | retention | cache MiB | kept | s prefill | s policy | s decode |")
         lines.append("|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|---|---|---|")
@@ -155,6 +158,8 @@ def markdown(summary: dict) -> str:
             ret = "-" if e["retention"] is None else f"{e['retention']:.2f}"
             bits = "-" if e["bits_per_element"] is None else f"{e['bits_per_element']:.2f}"
             held = f"{e['quant']} | {bits} | " if quantized else ""
+            if reading:
+                held += "100% | " if e.get("read_fraction") is None else f"{e['read_fraction']:.0%} | "
             lines.append(
                 f"| {e['policy']} | {e['ratio']:g} | {held}{scores} | {e['mean']:.1f} | {rel} | {ret} | "
                 f"{e['cache_bytes'] / 2**20:.1f} | {e['kept_fraction']:.0%} | {e['prefill_seconds']:.2f} | "

@@ -127,6 +127,7 @@ class EvalRow:
     question: int = 0  # which question of the context (--questions-per-context)
     quant: str = "none"  # how the entries were held
     bits_per_element: float | None = None  # effective, everything included (None: rows from before quantization)
+    read_fraction: float | None = None  # of the entries held, what each decoding step read (None: all; --quant .../quest)
 
     @property
     def key(self) -> tuple[str, int, bool, str, float, str, int]:
@@ -380,6 +381,7 @@ def answer_group(
     decode_seconds = (time.perf_counter() - start) / size
     held, dense = cache.seq_nbytes().tolist(), cache.seq_dense_nbytes().tolist()
     bits = cache.seq_bits_per_element().tolist()
+    read = cache.seq_read_fraction()
     for b, ((sample, case), prompt, tokens) in enumerate(zip(group, prompts, outputs)):
         tokens = tokens[: case.max_new_tokens]
         text = tok.decode(tokens, skip_special_tokens=True)
@@ -404,6 +406,7 @@ def answer_group(
             question=question,
             quant=combo[2],
             bits_per_element=round(bits[b], 3),
+            read_fraction=None if read is None else round(float(read[b]), 4),
         )
 
 

@@ -28,6 +28,23 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
 
 
+READERS = ("quest", "centroid")  # --quant parts naming how pages are chosen and what fraction is read
+
+
+def _read_part(part: str) -> tuple[str, float] | None:
+    """(reader, fraction) of a --quant part such as 'quest0.125'; None for another part; a
+    one-line error for a reader without a number."""
+    reader = next((r for r in READERS if part.startswith(r)), None)
+    if reader is None:
+        return None
+    try:
+        return reader, float(part[len(reader) :])
+    except ValueError:
+        raise ValueError(
+            f"--quant part {part!r}: {reader} takes the fraction of pages a decoding step reads, e.g. {reader}0.125"
+        ) from None
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How kept entries are held: `mode` (see MODES), `group` (tokens per key group, channels per
@@ -46,7 +63,12 @@ class QuantSpec:
     prompt's entries, judged by its policy, are quantized whole.
 
     `rank`: each KV head's keys and values are held as `rank` coordinates in the model's
-    calibrated basis (`storage/lowrank.py`), themselves held as `mode` says; written `int4/r32`."""
+    calibrated basis (`storage/lowrank.py`), themselves held as `mode` says; written `int4/r32`.
+
+    `read`: not how entries are held but how much of them a decoding step reads: that fraction
+    of each row's pages, those whose key summary promises the most attention, `reader` says how
+    (`quest`: per-channel key bounds; `centroid`: mean keys; `reading/pages.py`); every entry
+    stays held. Written `int4/quest0.125`, `int4/centroid0.125`."""
 
     mode: str = "none"
     group: int = 32
@@ -54,24 +76,31 @@ class QuantSpec:
     split: float = 0.25
     prompt_residual: bool = False
     rank: int | None = None
+    read: float | None = None
+    reader: str = "quest"
 
     @classmethod
     def parse(cls, label: str, **options: object) -> QuantSpec:
-        """'int4', 'int4/r32' (int4 codes of 32 coordinates) or 'r32' (full-precision coordinates)."""
-        mode, rank = "none", None
+        """'int4', 'int4/r32' (int4 codes of 32 coordinates), 'r32' (full-precision coordinates),
+        with '/quest0.125' (read an eighth of the pages per decoding step) after any of them."""
+        mode, rank, read, reader = "none", None, None, "quest"
         for part in label.split("/"):
+            reading = _read_part(part)
             if part.startswith("r") and part[1:].isdigit():
                 rank = int(part[1:])
+            elif reading is not None:
+                reader, read = reading
             else:
                 mode = part
-        return cls(mode, rank=rank, **options)  # type: ignore[arg-type]
+        return cls(mode, rank=rank, read=read, reader=reader, **options)  # type: ignore[arg-type]
 
     @property
     def label(self) -> str:
         """How --quant and reports name it (see `parse`)."""
-        if self.rank is None:
-            return self.mode
-        return f"r{self.rank}" if self.mode == "none" else f"{self.mode}/r{self.rank}"
+        parts = [] if self.mode == "none" and (self.rank is not None or self.read is not None) else [self.mode]
+        parts += [f"r{self.rank}"] if self.rank is not None else []
+        parts += [f"{self.reader}{self.read:g}"] if self.read is not None else []
+        return "/".join(parts)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,6 +113,13 @@ class QuantSpec:
             raise ValueError(f"--quant-split {self.split!r} is outside (0, 1): the fraction of entries held with more bits")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"--quant rank {self.rank!r} must be a whole number >= 1 of coordinates per head, e.g. int4/r32")
+        if self.reader not in READERS:
+            raise ValueError(f"unknown page reader {self.reader!r}; use one of {', '.join(READERS)}")
+        if self.read is not None and not (isinstance(self.read, float) and 0 < self.read < 1):
+            raise ValueError(
+                f"--quant {self.reader}{self.read!r}: the fraction of pages a decoding step reads must be in (0, 1), "
+                f"e.g. int4/{self.reader}0.125; leave it out to read every page"
+            )
 
     @property
     def parts(self) -> list[QuantSpec]:

@@ -1,0 +1,112 @@
+"""A decoding step that reads only some pages of what a layer holds (`reading/pages.py`: Quest's
+key bounds, or mean keys).
+
+The page summary describes a storage's slots as they were after the last step: one entry appended
+per row since updates it in place; anything else (a compression, another storage) rebuilds it
+from the held keys. It is held beside the entries (two half-precision key rows per page, or one
+float32 row) and counts in what the cache holds.
+
+This is the reference path: it reads the layout's padded picture and gathers the chosen slots, so
+on the CPU it answers what reading less costs in answers, not what it saves in time (a kernel
+reading the chosen pages where they lie would).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from kvforge.reading import attend, causal_allowed, received_attention
+from kvforge.reading.pages import chosen_slots, grow, page_scores, page_summary
+from kvforge.storage.base import KVStorage, PaddedView, gather_slots
+
+# Layers that read every page: Quest leaves the first two of a 32-layer model dense, where
+# attention is spread too widely for a few pages to hold it. Their steps count as reading everything.
+DENSE_LAYERS = 2
+
+
+def reads_every_page(layer_idx: int, num_layers: int) -> bool:
+    """Whether a layer reads densely: the first two, in models of 16 layers or more."""
+    return layer_idx < min(DENSE_LAYERS, num_layers // 8)
+
+
+class PageReader:
+    """One layer's page summary, and how much its decoding steps read, per sequence."""
+
+    def __init__(self, kind: str, fraction: float, batch: int, dense: bool = False) -> None:
+        self.kind, self.fraction, self.dense = kind, fraction, dense
+        self.summary: list[torch.Tensor] = []  # each (batch, kv_heads, pages, head_dim): `pages.page_summary`
+        self.lengths: torch.Tensor | None = None  # (batch, kv_heads) the row lengths it describes
+        self.source: weakref.ref[KVStorage] | None = None  # the storage they describe
+        self.read = torch.zeros(batch, dtype=torch.int64)  # entries read by decoding steps, per sequence
+        self.held = torch.zeros(batch, dtype=torch.int64)  # entries held at those steps, per sequence
+
+    def select(self, sequences: list[int]) -> PageReader:
+        """The counts of these sequences only; the summary is rebuilt at the next step."""
+        out = PageReader(self.kind, self.fraction, len(sequences), self.dense)
+        out.read, out.held = self.read[sequences], self.held[sequences]
+        return out
+
+    @staticmethod
+    def stack(kind: str, fraction: float, dense: bool, parts: list[PageReader | None], batches: list[int]) -> PageReader:
+        """The counts of stacked sequences, in order (a part that has not decoded has none)."""
+        out = PageReader(kind, fraction, 0, dense)
+        out.read = torch.cat([p.read if p is not None else torch.zeros(n, dtype=torch.int64) for p, n in zip(parts, batches)])
+        out.held = torch.cat([p.held if p is not None else torch.zeros(n, dtype=torch.int64) for p, n in zip(parts, batches)])
+        return out
+
+    def seq_nbytes(self) -> torch.Tensor:
+        """(batch,) bytes of the page summary held for each sequence."""
+        per_sequence = sum(t[0].numel() * t.element_size() for t in self.summary)
+        return torch.full_like(self.read, per_sequence)
+
+    def buffers(self) -> dict[int, int]:
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.summary}
+
+    def _summary(self, storage: KVStorage, view: PaddedView) -> list[torch.Tensor]:
+        lengths = view.lengths
+        same = self.source is not None and self.source() is storage and self.lengths is not None
+        grown = lengths - self.lengths if same and self.summary else None
+        if grown is not None and bool(((grown == 0) | (grown == 1)).all()):
+            slot = (lengths - 1).clamp(min=0)
+            key = gather_slots(view.keys, slot[..., None])[:, :, 0]  # (batch, kv_heads, head_dim)
+            self.summary = grow(self.kind, self.summary, key, slot, grown == 1)
+        else:
+            self.summary = page_summary(self.kind, view.keys, lengths)
+        self.lengths, self.source = lengths, weakref.ref(storage)
+        return self.summary
+
+    def attend(
+        self,
+        storage: KVStorage,
+        query: torch.Tensor,  # (batch, q_heads, 1, head_dim)
+        positions: torch.Tensor,  # (1,)
+        valid: torch.Tensor,  # (batch, 1) bool
+        scaling: float,
+        accumulate: str | None = None,
+    ) -> torch.Tensor:  # (batch, q_heads, 1, head_dim)
+        """Attention of one decoding step over the chosen pages of what `storage` holds (the step's
+        own entry appended already); with `accumulate`, the attention each entry read received is
+        added to that policy state (entries not read receive none). A dense layer reads it all."""
+        counted = valid[:, 0].cpu()
+        if self.dense:
+            held = storage.lengths.sum(1).cpu() * counted
+            self.read += held
+            self.held += held
+            return storage.attend(query, positions, valid, scaling, accumulate=accumulate)
+        view = storage.view()
+        score = page_scores(self.kind, query, self._summary(storage, view), view.lengths)
+        slots, read = chosen_slots(score, view.lengths, self.fraction)  # (batch, kv_heads, K)
+        keys, values = gather_slots(view.keys, slots), gather_slots(view.values, slots)
+        key_positions = torch.gather(view.positions, 2, slots)
+        read = read & torch.gather(view.valid, 2, slots)
+        out = attend(query, keys, values, causal_allowed(key_positions, read, positions), scaling)
+        if accumulate is not None:
+            got = received_attention(query, keys, key_positions, read, positions, valid, scaling) * read
+            delta = torch.zeros(view.valid.shape, device=got.device).scatter_add_(2, slots, got)
+            storage.add_aux(accumulate, view, delta)
+        self.read += read.sum((1, 2)).cpu() * counted
+        self.held += view.lengths.sum(1).cpu() * counted
+        return out.masked_fill(~valid[:, None, :, None], 0.0)
+
