@@ -42,6 +42,18 @@ def test_generate_json(capsys, tiny_checkpoint, doc):
     assert result["kept_bytes"] <= result["cache_bytes"] <= result["peak_cache_bytes"] <= result["dense_cache_bytes"]
 
 
+def test_generate_json_says_what_a_page_reader_read(capsys, tiny_checkpoint, doc):
+    argv = ["generate", "--model", str(tiny_checkpoint), "--policy", "full", "--max-new-tokens", "4",
+            "--prompt-file", str(doc), "--json", "w1 w2 w3"]  # fmt: skip
+    plain = json.loads(run(capsys, *argv)[1])
+    reading = json.loads(run(capsys, *argv, "--quant", "centroid0.25")[1])
+    assert plain["read_fraction"] is None and reading["quant"] == "centroid0.25"
+    assert 0.2 < reading["read_fraction"] < 0.5  # a quarter of the pages, the first and last always
+    assert reading["cache_bytes"] > plain["cache_bytes"]  # the page sums are held too
+    code, _, err = run(capsys, *argv, "--quant", "centroid1.5")
+    assert code != 0 and "centroid1.5" in err and "(0, 1)" in err
+
+
 def test_generate_in_bfloat16_holds_half_the_bytes(capsys, tiny_checkpoint, doc):
     argv = ["generate", "--model", str(tiny_checkpoint), "--policy", "knorm", "--ratio", "0.5", "--max-new-tokens", "3",
             "--prompt-file", str(doc), "--json", "--device", "cpu", "w1 w2 w3"]  # fmt: skip

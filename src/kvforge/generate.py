@@ -61,6 +61,7 @@ class GenerationResult:
     seconds: float
     stored: bool | None = None  # with a store: whether the compressed context came from it
     refreshed_tokens: int | None = None  # blended prompts: reused tokens computed again (kvforge.blend)
+    read_fraction: float | None = None  # of the entries held, what the decoding steps read (--quant .../centroid0.125)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -327,4 +328,5 @@ def answer(
         prefill_seconds=prefill_seconds,
         seconds=seconds,
         stored=stored,
+        read_fraction=None if (read := cache.seq_read_fraction()) is None else float(read[0]),
     )
