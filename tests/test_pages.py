@@ -172,3 +172,21 @@ def test_the_first_two_layers_of_a_deep_model_read_every_page():
     read = [float(layer.reader.read.sum() / layer.reader.held.sum()) for layer in cache.layers]
     assert read[:2] == [1.0, 1.0] and max(read[2:]) <= 3 * PAGE / 160
     assert float(cache.seq_read_fraction()[0]) == pytest.approx(sum(read) / 16, rel=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["quest", "centroid"])
+def test_an_eviction_the_next_append_makes_up_for_rebuilds_the_summary(kind):
+    from kvforge.storage import make_storage
+    from kvforge.storage.pageread import PageReader
+
+    storage = make_storage("inplace", 1, 1, 4, torch.float32, torch.device("cpu"))
+    keys = integer_keys(1, 1, 42, 4, seed=8)
+    storage.append(keys[:, :, :40], keys[:, :, :40], torch.arange(40), torch.ones(1, 40, dtype=torch.bool))
+    reader, query, valid = PageReader(kind, 0.5, 1), torch.ones(1, 2, 1, 4), torch.ones(1, 1, dtype=torch.bool)
+    reader.attend(storage, query, torch.tensor([40]), valid, 1.0)
+    view = storage.view()
+    storage.keep(view, torch.arange(1, 40).view(1, 1, 39), torch.ones(1, 1, 39, dtype=torch.bool))  # the first goes
+    storage.append(keys[:, :, 40:41], keys[:, :, 40:41], torch.tensor([40]), valid)  # 40 held again
+    reader.attend(storage, query, torch.tensor([41]), valid, 1.0)
+    rebuilt = page_summary(kind, storage.view().keys, storage.lengths)
+    assert all(torch.equal(got, want) for got, want in zip(reader.summary, rebuilt, strict=True))

@@ -24,7 +24,6 @@ import torch
 
 PAGE = 16  # entries per page: Quest's page size
 BOUND_DTYPE = torch.float16  # quest's bounds are held in half precision, as Quest keeps them
-KINDS = ("quest", "centroid")
 
 
 def page_count(lengths: torch.Tensor) -> torch.Tensor:
@@ -78,9 +77,9 @@ def add_entry(
     it; a new page is grown where the slot begins one."""
     needed = int(slot.max()) // PAGE + 1 if slot.numel() else 0
     if needed > least.shape[2]:
-        grow = needed - least.shape[2]
-        least = torch.nn.functional.pad(least, (0, 0, 0, grow), value=float("inf"))
-        most = torch.nn.functional.pad(most, (0, 0, 0, grow), value=float("-inf"))
+        extra = needed - least.shape[2]
+        least = torch.nn.functional.pad(least, (0, 0, 0, extra), value=float("inf"))
+        most = torch.nn.functional.pad(most, (0, 0, 0, extra), value=float("-inf"))
     page = (slot // PAGE).clamp(max=least.shape[2] - 1)[..., None, None].expand(-1, -1, 1, least.shape[-1])
     key = key.to(BOUND_DTYPE)[:, :, None]
     keep = ~added[..., None, None]

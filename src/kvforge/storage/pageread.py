@@ -64,14 +64,18 @@ class PageReader:
     def buffers(self) -> dict[int, int]:
         return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.summary}
 
-    def _summary(self, storage: KVStorage, view: PaddedView) -> list[torch.Tensor]:
+    def _summary(self, storage: KVStorage, view: PaddedView, valid: torch.Tensor) -> list[torch.Tensor]:
+        """The summary of what `storage` holds now; `valid` (batch,) says which sequences took an
+        entry this step. Updated in place only where each row grew by exactly that since the last
+        step (an eviction since, even one the append made up for, rebuilds it). Keys quantized
+        since they were summarized are summarized as they were: an estimate, never a read."""
         lengths = view.lengths
         same = self.source is not None and self.source() is storage and self.lengths is not None
-        grown = lengths - self.lengths if same and self.summary else None
-        if grown is not None and bool(((grown == 0) | (grown == 1)).all()):
+        added = valid.to(lengths.device)[:, None].expand_as(lengths)
+        if same and self.summary and bool((lengths - self.lengths == added.long()).all()):
             slot = (lengths - 1).clamp(min=0)
             key = gather_slots(view.keys, slot[..., None])[:, :, 0]  # (batch, kv_heads, head_dim)
-            self.summary = grow(self.kind, self.summary, key, slot, grown == 1)
+            self.summary = grow(self.kind, self.summary, key, slot, added)
         else:
             self.summary = page_summary(self.kind, view.keys, lengths)
         self.lengths, self.source = lengths, weakref.ref(storage)
@@ -96,7 +100,7 @@ class PageReader:
             self.held += held
             return storage.attend(query, positions, valid, scaling, accumulate=accumulate)
         view = storage.view()
-        score = page_scores(self.kind, query, self._summary(storage, view), view.lengths)
+        score = page_scores(self.kind, query, self._summary(storage, view, valid[:, 0]), view.lengths)
         slots, read = chosen_slots(score, view.lengths, self.fraction)  # (batch, kv_heads, K)
         keys, values = gather_slots(view.keys, slots), gather_slots(view.values, slots)
         key_positions = torch.gather(view.positions, 2, slots)
