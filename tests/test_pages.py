@@ -16,7 +16,7 @@ from kvforge.eval.report import markdown, summarize
 from kvforge.eval.runner import EvalConfig, run_eval
 from kvforge.models import load_model
 from kvforge.policies import make_policy
-from kvforge.reading.pages import PAGE, chosen_slots, grow, page_bounds, page_scores, page_sums, page_summary
+from kvforge.reading.pages import PAGE, chosen_slots, grow_summary, page_bounds, page_scores, page_sums, page_summary
 from kvforge.storage import QuantSpec
 
 
@@ -64,7 +64,7 @@ def test_appending_one_entry_per_row_gives_the_summary_of_the_grown_rows(kind):
         for h in range(2):
             if added[b, h]:
                 grown[b, h, lengths[b, h]] = new[b, h]
-    summary = grow(kind, summary, new, lengths, added)
+    summary = grow_summary(kind, summary, new, lengths, added)
     want = page_summary(kind, grown, lengths + added.long())
     assert summary[0].shape == (2, 2, 3, 4)  # row (0, 1) began a third page
     assert all(torch.equal(got, wanted) for got, wanted in zip(summary, want, strict=True))

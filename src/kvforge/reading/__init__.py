@@ -4,6 +4,7 @@
   reference, and the CPU's path;
 - `rows.py`: what the kernels read: rows (sequence, KV head) described by addresses, offsets and
   lengths, so a layout is read where it lies, and the calls into the kernels;
+- `pages.py`: reading less: page summaries of the held keys and the pages a decoding step reads;
 - `kernels/`: the Triton kernels (decoding, attention received), chosen on CUDA (`kernels.enabled`)
   and tested on the CPU under Triton's interpreter.
 
@@ -22,9 +23,11 @@ from kvforge.reading.dense import (
     probe_attention,
     received_attention,
 )
+from kvforge.reading.pages import chosen_slots, grow_summary, page_scores, page_summary
 from kvforge.reading.rows import DenseRows, KeyRows, PagedRows, QuantRows, Source, decode, dense_rows, key_rows, received
 
 __all__ = [
     "DenseRows", "KeyRows", "PagedRows", "QuantRows", "Source", "all_real", "attend", "attend_at", "attention_probs_sum", "causal_allowed",
-    "decode", "dense_rows", "every_real", "kernels", "key_rows", "probe_attention", "received", "received_attention",
+    "chosen_slots", "decode", "dense_rows", "every_real", "grow_summary", "kernels", "key_rows", "page_scores", "page_summary",
+    "probe_attention", "received", "received_attention",
 ]  # fmt: skip

@@ -90,7 +90,7 @@ def add_entry(
     return least, most
 
 
-def grow(kind: str, summary: list[torch.Tensor], key: torch.Tensor, slot: torch.Tensor, added: torch.Tensor) -> list[torch.Tensor]:
+def grow_summary(kind: str, summary: list[torch.Tensor], key: torch.Tensor, slot: torch.Tensor, added: torch.Tensor) -> list[torch.Tensor]:
     """The summary after one entry per row (batch, kv_heads, head_dim) `key` was appended at
     (batch, kv_heads) `slot`, in the rows where `added`."""
     if kind == "quest":

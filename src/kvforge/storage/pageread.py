@@ -17,8 +17,7 @@ import weakref
 
 import torch
 
-from kvforge.reading import attend, causal_allowed, received_attention
-from kvforge.reading.pages import chosen_slots, grow, page_scores, page_summary
+from kvforge.reading import attend, causal_allowed, chosen_slots, grow_summary, page_scores, page_summary, received_attention
 from kvforge.storage.base import KVStorage, PaddedView, gather_slots
 
 # Layers that read every page: Quest leaves the first two of a 32-layer model dense, where
@@ -75,7 +74,7 @@ class PageReader:
         if same and self.summary and bool((lengths - self.lengths == added.long()).all()):
             slot = (lengths - 1).clamp(min=0)
             key = gather_slots(view.keys, slot[..., None])[:, :, 0]  # (batch, kv_heads, head_dim)
-            self.summary = grow(self.kind, self.summary, key, slot, added)
+            self.summary = grow_summary(self.kind, self.summary, key, slot, added)
         else:
             self.summary = page_summary(self.kind, view.keys, lengths)
         self.lengths, self.source = lengths, weakref.ref(storage)
