@@ -190,3 +190,17 @@ def test_an_eviction_the_next_append_makes_up_for_rebuilds_the_summary(kind):
     reader.attend(storage, query, torch.tensor([41]), valid, 1.0)
     rebuilt = page_summary(kind, storage.view().keys, storage.lengths)
     assert all(torch.equal(got, want) for got, want in zip(reader.summary, rebuilt, strict=True))
+
+
+def test_bench_and_fidelity_name_a_reader_and_fidelity_measures_what_it_costs(tiny_checkpoint):
+    from kvforge.eval.bench import run_bench
+    from kvforge.eval.fidelity import fidelity
+
+    tiny = load_model(str(tiny_checkpoint))
+    specs = [QuantSpec(), QuantSpec.parse("centroid0.999"), QuantSpec.parse("quest0.2")]
+    rows = run_bench(tiny, [200], [make_policy("full")], decode_tokens=2, baselines=[], quants=specs)
+    assert [r.quant for r in rows] == ["none", "centroid0.999", "quest0.2"]
+    ids = torch.randint(1, 128, (260,), generator=torch.Generator().manual_seed(9)).tolist()
+    got = {f.quant: f for f in fidelity(tiny, ids, 220, [make_policy("full")], specs)}
+    assert got["none"].kl == pytest.approx(0.0, abs=1e-6) and got["centroid0.999"].kl == pytest.approx(0.0, abs=1e-6)
+    assert got["quest0.2"].kl > 1e-6  # reading a fifth of the pages changes the next-token distribution

@@ -333,7 +333,7 @@ def run_bench(
             for spec in specs:
                 for policy in policies:
                     run = lambda p=policy, c=chunk, q=spec: _measure_once(loaded, ids, p, decode_tokens, meter, c, q, layout)  # noqa: E731
-                    jobs.append((policy.full_name, policy.ratio, chunk, spec.mode, run))
+                    jobs.append((policy.full_name, policy.ratio, chunk, spec.label, run))
         for name, ratio, chunk, mode, run in jobs:
             runs = [run() for _ in range(repeats)]
             decode = min(r.decode_seconds for r in runs)

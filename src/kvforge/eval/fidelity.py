@@ -65,7 +65,7 @@ def fidelity(
         results.append(
             Fidelity(
                 policy.full_name, policy.ratio, float(kl.mean()), 100 * float(agree.mean()), len(continuation),
-                spec.mode, cache.bits_per_element, cache.nbytes, cache.kept_nbytes, cache.dense_nbytes,
+                spec.label, cache.bits_per_element, cache.nbytes, cache.kept_nbytes, cache.dense_nbytes,
             )  # fmt: skip
         )
     return results
