@@ -54,6 +54,17 @@ def test_generate_json_says_what_a_page_reader_read(capsys, tiny_checkpoint, doc
     assert code != 0 and "centroid1.5" in err and "(0, 1)" in err
 
 
+def test_fidelity_table_names_each_configuration_whole_within_80_columns(capsys, tiny_checkpoint, doc):
+    code, out, _ = run(
+        capsys, "fidelity", "--model", str(tiny_checkpoint), "--text-file", str(doc), "--policies", "full,knorm",
+        "--ratios", "0.875", "--context", "150", "--continuation", "6", "--quant", "none,int4/centroid0.125",
+        "--quant-group", "16",
+    )  # fmt: skip
+    assert code == 0
+    assert "knorm 0.875 int4/centroid0.125" in out and "full int4/centroid0.125" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
 def test_generate_in_bfloat16_holds_half_the_bytes(capsys, tiny_checkpoint, doc):
     argv = ["generate", "--model", str(tiny_checkpoint), "--policy", "knorm", "--ratio", "0.5", "--max-new-tokens", "3",
             "--prompt-file", str(doc), "--json", "--device", "cpu", "w1 w2 w3"]  # fmt: skip
