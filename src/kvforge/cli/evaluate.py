@@ -208,7 +208,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     quants = quant_specs(args)
     with err_console.status(f"teacher-forcing {args.continuation} tokens for {len(policies) * len(quants)} caches ..."):
         results = fidelity(loaded, ids, args.context, policies, quants)
-    # One configuration column, never cut (an 80-column terminal holds "kvzip 0.875 + int4/centroid0.125").
+    # One configuration column, never cut (an 80-column terminal holds "kvzip 0.875 int4/centroid0.125").
     table = Table(title=f"fidelity to the full cache: {args.context}-token context, {len(ids) - args.context} tokens teacher-forced")
     for col in ("configuration", "KL nats", "top-1 %", "MiB", "kept", "bits"):
         table.add_column(col, justify="left" if col == "configuration" else "right", no_wrap=True)
