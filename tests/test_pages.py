@@ -204,3 +204,18 @@ def test_bench_and_fidelity_name_a_reader_and_fidelity_measures_what_it_costs(ti
     got = {f.quant: f for f in fidelity(tiny, ids, 220, [make_policy("full")], specs)}
     assert got["none"].kl == pytest.approx(0.0, abs=1e-6) and got["centroid0.999"].kl == pytest.approx(0.0, abs=1e-6)
     assert got["quest0.2"].kl > 1e-6  # reading a fifth of the pages changes the next-token distribution
+
+
+def test_stacking_caches_that_read_less_keeps_each_sequences_counts(tiny_model):
+    caches = []
+    for seed, steps in ((10, 3), (11, 0)):  # the second has not decoded yet
+        ids = torch.randint(1, 128, (1, 80), generator=torch.Generator().manual_seed(seed))
+        cache = KVCache(tiny_model, make_policy("full"), quant="centroid0.25")
+        tiny_model.generate(ids, past_key_values=cache, max_new_tokens=steps + 1, do_sample=False)
+        caches.append(cache)
+    first = caches[0].layers[1].reader
+    stacked = KVCache.stack(caches)
+    reader = stacked.layers[1].reader
+    assert reader.kind == "centroid" and reader.fraction == 0.25 and not reader.dense
+    assert reader.read.tolist() == [int(first.read[0]), 0] and reader.held.tolist() == [int(first.held[0]), 0]
+    assert int(first.read[0]) > 0

@@ -143,6 +143,11 @@ class KVForgeLayer(CacheLayerMixin):
         self.policy_state: dict[str, torch.Tensor] = {}  # per-layer values a policy keeps (StepContext.state)
         self.reader: PageReader | None = None  # decoding steps read some pages only (quant.read), from the first
 
+    def page_reader(self, batch: int) -> PageReader:
+        """A fresh reader of `batch` sequences for this layer's decoding steps (quant.read is set)."""
+        assert self.quant.read is not None
+        return PageReader(self.quant.reader, self.quant.read, batch, dense=reads_every_page(self.layer_idx, self.num_layers))
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -207,7 +212,7 @@ class KVForgeLayer(CacheLayerMixin):
         fused = self.policy.attention_state if t == 1 else None
         if mode == DECODE and t == 1 and self.quant.read is not None:
             if self.reader is None:
-                self.reader = PageReader(self.quant.reader, self.quant.read, keys.shape[0], dense=reads_every_page(self.layer_idx, self.num_layers))
+                self.reader = self.page_reader(keys.shape[0])
             out = self.reader.attend(self.storage, query, positions, new_valid, scaling, accumulate=fused)
         else:
             out = self.storage.attend(query, positions, new_valid, scaling, accumulate=fused)
@@ -748,11 +753,11 @@ class KVCache(Cache):
     @property
     def nbytes(self) -> int:
         """K/V bytes allocated, spare capacity included, summed over layers (read from the tensors);
-        the page bounds of a cache that reads less (quant.read) count too."""
+        the page summaries of a cache that reads less (quant.read) count too."""
         return sum(s.allocated_nbytes for s in self._storages()) + sum(sum(r.buffers().values()) for r in self._readers())
 
     def buffers(self) -> dict[int, int]:
-        """{address: bytes} of every buffer standing for K/V (see `KVStorage.buffers`), page bounds included."""
+        """{address: bytes} of every buffer standing for K/V (see `KVStorage.buffers`), page summaries included."""
         held = {ptr: n for s in self._storages() for ptr, n in s.buffers().items()}
         return held | {ptr: n for r in self._readers() for ptr, n in r.buffers().items()}
 
@@ -779,7 +784,7 @@ class KVCache(Cache):
         return int(self.seq_dense_nbytes().sum())
 
     def seq_nbytes(self) -> torch.Tensor:
-        """(batch,) K/V bytes kept for each sequence: its entries x entry size, and its page bounds."""
+        """(batch,) K/V bytes kept for each sequence: its entries x entry size, and its page summaries."""
         return sum(s.seq_nbytes() for s in self._storages()) + sum(r.seq_nbytes() for r in self._readers())
 
     def seq_read_fraction(self) -> torch.Tensor | None:
@@ -837,8 +842,7 @@ class KVCache(Cache):
             # Per-sequence policy values (first dimension: batch) are stacked like the sequences.
             layer.policy_state = {k: torch.cat([p.policy_state[k] for p in parts]) for k in parts[0].policy_state}
             if first.quant.read is not None and any(p.reader is not None for p in parts):
-                dense = reads_every_page(i, first.num_layers)
-                layer.reader = PageReader.stack(first.quant.reader, first.quant.read, dense, [p.reader for p in parts], [len(p.tokens) for p in parts])
+                layer.reader = layer.page_reader(0).stack([p.reader for p in parts], [len(p.tokens) for p in parts])
             stacked.held.update(i, layer.storage.allocated_nbytes)
             records = [p.prefill_record for p in parts]
             if any(r is None for r in records) or any(p.chunks != 1 for p in parts):

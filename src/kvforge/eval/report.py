@@ -148,7 +148,7 @@ def markdown(summary: dict) -> str:
         # read less (quest), what each decoding step read of the entries held.
         quantized = any(e["quant"] != "none" for e in entries)
         reading = any(e.get("read_fraction") is not None for e in entries)
-        extra = ("quant", "bits") * quantized + ("read",) * reading
+        extra = (("quant", "bits") if quantized else ()) + (("read",) if reading else ())
         lines.append("| policy | ratio | " + "".join(f"{c} | " for c in extra) + " | ".join(tasks)
                      + " | mean | vs full | retention | cache MiB | kept | s prefill | s policy | s decode |")
         lines.append("|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|---|---|---|")

@@ -31,33 +31,33 @@ def page_count(lengths: torch.Tensor) -> torch.Tensor:
     return (lengths + PAGE - 1) // PAGE
 
 
-def page_bounds(
+def _in_pages(
     keys: torch.Tensor,  # (batch, kv_heads, slots, head_dim)
     lengths: torch.Tensor,  # (batch, kv_heads) entries held per row; slots past them are padding
-) -> tuple[torch.Tensor, torch.Tensor]:  # (batch, kv_heads, pages, head_dim) each
-    """Per page and channel, the least and the most key of the page's held entries. Pages past a
-    row's last hold +inf (least) and -inf (most): one entry appended there sets both."""
+) -> tuple[torch.Tensor, torch.Tensor]:  # (batch, kv_heads, pages, PAGE, head_dim) float32, (..., PAGE, 1) bool
+    """The keys cut into pages (the last padded), and which of their slots hold an entry."""
     batch, heads, slots, dim = keys.shape
     pages = math.ceil(slots / PAGE)
-    pad = pages * PAGE - slots
-    held = torch.arange(pages * PAGE, device=keys.device) < lengths.to(keys.device)[..., None]  # (batch, kv_heads, pages*PAGE)
-    padded = torch.nn.functional.pad(keys.float(), (0, 0, 0, pad)).view(batch, heads, pages, PAGE, dim)
-    held = held.view(batch, heads, pages, PAGE, 1)
-    least = padded.masked_fill(~held, float("inf")).amin(3)
-    most = padded.masked_fill(~held, float("-inf")).amax(3)
+    held = torch.arange(pages * PAGE, device=keys.device) < lengths.to(keys.device)[..., None]
+    paged = torch.nn.functional.pad(keys.float(), (0, 0, 0, pages * PAGE - slots)).view(batch, heads, pages, PAGE, dim)
+    return paged, held.view(batch, heads, pages, PAGE, 1)
+
+
+def page_bounds(keys: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per page and channel, the least and the most key of the page's held entries: (batch,
+    kv_heads, pages, head_dim) each. Pages past a row's last hold +inf (least) and -inf (most):
+    one entry appended there sets both."""
+    paged, held = _in_pages(keys, lengths)
+    least = paged.masked_fill(~held, float("inf")).amin(3)
+    most = paged.masked_fill(~held, float("-inf")).amax(3)
     return least.to(BOUND_DTYPE), most.to(BOUND_DTYPE)
 
 
-def page_sums(
-    keys: torch.Tensor,  # (batch, kv_heads, slots, head_dim)
-    lengths: torch.Tensor,  # (batch, kv_heads)
-) -> torch.Tensor:  # (batch, kv_heads, pages, head_dim) float32
-    """Per page, the sum of its held keys (zero past a row's last)."""
-    batch, heads, slots, dim = keys.shape
-    pages = math.ceil(slots / PAGE)
-    held = torch.arange(slots, device=keys.device) < lengths.to(keys.device)[..., None]
-    padded = torch.nn.functional.pad(keys.float() * held[..., None], (0, 0, 0, pages * PAGE - slots))
-    return padded.view(batch, heads, pages, PAGE, dim).sum(3)
+def page_sums(keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per page, the sum of its held keys (zero past a row's last): (batch, kv_heads, pages,
+    head_dim) float32."""
+    paged, held = _in_pages(keys, lengths)
+    return paged.masked_fill(~held, 0.0).sum(3)
 
 
 def page_summary(kind: str, keys: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
@@ -66,40 +66,37 @@ def page_summary(kind: str, keys: torch.Tensor, lengths: torch.Tensor) -> list[t
     return list(page_bounds(keys, lengths)) if kind == "quest" else [page_sums(keys, lengths)]
 
 
-def add_entry(
-    least: torch.Tensor,  # (batch, kv_heads, pages, head_dim)
-    most: torch.Tensor,  # (batch, kv_heads, pages, head_dim)
+def _page_at(summary: torch.Tensor, slot: torch.Tensor, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`summary` (batch, kv_heads, pages, head_dim) grown with pages of `fill` until it holds
+    every (batch, kv_heads) `slot`'s page, and that page's index, shaped for gather/scatter
+    (batch, kv_heads, 1, head_dim)."""
+    needed = int(slot.max()) // PAGE + 1 if slot.numel() else 0
+    if needed > summary.shape[2]:
+        summary = torch.nn.functional.pad(summary, (0, 0, 0, needed - summary.shape[2]), value=fill)
+    page = (slot // PAGE).clamp(max=summary.shape[2] - 1)[..., None, None].expand(-1, -1, 1, summary.shape[-1])
+    return summary, page
+
+
+def grow_summary(
+    kind: str,
+    summary: list[torch.Tensor],  # each (batch, kv_heads, pages, head_dim)
     key: torch.Tensor,  # (batch, kv_heads, head_dim): each row's newest entry
     slot: torch.Tensor,  # (batch, kv_heads) its slot (the row's length before it)
     added: torch.Tensor,  # (batch, kv_heads) bool: rows that took one (padding steps did not)
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bounds after one entry per row was appended at `slot`: that slot's page widens to hold
-    it; a new page is grown where the slot begins one."""
-    needed = int(slot.max()) // PAGE + 1 if slot.numel() else 0
-    if needed > least.shape[2]:
-        extra = needed - least.shape[2]
-        least = torch.nn.functional.pad(least, (0, 0, 0, extra), value=float("inf"))
-        most = torch.nn.functional.pad(most, (0, 0, 0, extra), value=float("-inf"))
-    page = (slot // PAGE).clamp(max=least.shape[2] - 1)[..., None, None].expand(-1, -1, 1, least.shape[-1])
-    key = key.to(BOUND_DTYPE)[:, :, None]
-    keep = ~added[..., None, None]
-    new_least = torch.minimum(least.gather(2, page), key)
-    new_most = torch.maximum(most.gather(2, page), key)
-    least = least.scatter(2, page, torch.where(keep, least.gather(2, page), new_least))
-    most = most.scatter(2, page, torch.where(keep, most.gather(2, page), new_most))
-    return least, most
-
-
-def grow_summary(kind: str, summary: list[torch.Tensor], key: torch.Tensor, slot: torch.Tensor, added: torch.Tensor) -> list[torch.Tensor]:
-    """The summary after one entry per row (batch, kv_heads, head_dim) `key` was appended at
-    (batch, kv_heads) `slot`, in the rows where `added`."""
+) -> list[torch.Tensor]:
+    """The summary after one entry per row was appended at `slot`, in the rows where `added`:
+    that slot's page widens to hold it (quest) or adds it (centroid); a page is grown where the
+    slot begins one."""
     if kind == "quest":
-        return list(add_entry(summary[0], summary[1], key, slot, added))
-    (sums,) = summary
-    needed = int(slot.max()) // PAGE + 1 if slot.numel() else 0
-    if needed > sums.shape[2]:
-        sums = torch.nn.functional.pad(sums, (0, 0, 0, needed - sums.shape[2]))
-    page = (slot // PAGE).clamp(max=sums.shape[2] - 1)[..., None, None].expand(-1, -1, 1, sums.shape[-1])
+        least, page = _page_at(summary[0], slot, float("inf"))
+        most, _ = _page_at(summary[1], slot, float("-inf"))
+        key = key.to(BOUND_DTYPE)[:, :, None]
+        low = key.masked_fill(~added[..., None, None], float("inf"))  # a row that took nothing keeps its bounds
+        high = key.masked_fill(~added[..., None, None], float("-inf"))
+        least = least.scatter(2, page, torch.minimum(least.gather(2, page), low))
+        most = most.scatter(2, page, torch.maximum(most.gather(2, page), high))
+        return [least, most]
+    sums, page = _page_at(summary[0], slot, 0.0)
     return [sums.scatter_add(2, page, (key.float() * added[..., None])[:, :, None])]
 
 

@@ -47,13 +47,12 @@ class PageReader:
         out.read, out.held = self.read[sequences], self.held[sequences]
         return out
 
-    @staticmethod
-    def stack(kind: str, fraction: float, dense: bool, parts: list[PageReader | None], batches: list[int]) -> PageReader:
-        """The counts of stacked sequences, in order (a part that has not decoded has none)."""
-        out = PageReader(kind, fraction, 0, dense)
-        out.read = torch.cat([p.read if p is not None else torch.zeros(n, dtype=torch.int64) for p, n in zip(parts, batches)])
-        out.held = torch.cat([p.held if p is not None else torch.zeros(n, dtype=torch.int64) for p, n in zip(parts, batches)])
-        return out
+    def stack(self, parts: list[PageReader | None], batches: list[int]) -> PageReader:
+        """This (fresh) reader with the counts of stacked sequences, in order: parts[i] has
+        batches[i] sequences, and none counted where it has not decoded."""
+        self.read = torch.cat([p.read if p is not None else torch.zeros(n, dtype=torch.int64) for p, n in zip(parts, batches)])
+        self.held = torch.cat([p.held if p is not None else torch.zeros(n, dtype=torch.int64) for p, n in zip(parts, batches)])
+        return self
 
     def seq_nbytes(self) -> torch.Tensor:
         """(batch,) bytes of the page summary held for each sequence."""
