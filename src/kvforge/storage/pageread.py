@@ -18,7 +18,7 @@ import weakref
 import torch
 
 from kvforge.reading import attend, causal_allowed, chosen_slots, grow_summary, page_scores, page_summary, received_attention
-from kvforge.storage.base import KVStorage, PaddedView, gather_slots
+from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots
 
 # Layers that read every page: Quest leaves the first two of a 32-layer model dense, where
 # attention is spread too widely for a few pages to hold it. Their steps count as reading everything.
@@ -60,11 +60,11 @@ class PageReader:
         return torch.full_like(self.read, per_sequence)
 
     def buffers(self) -> dict[int, int]:
-        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.summary}
+        return buffers_of(self.summary)
 
     def _summary(self, storage: KVStorage, view: PaddedView, valid: torch.Tensor) -> list[torch.Tensor]:
         """The summary of what `storage` holds now; `valid` (batch,) says which sequences took an
-        entry this step. Updated in place only where each row grew by exactly that since the last
+        entry this step. Updated in place only when each row grew by exactly that since the last
         step (an eviction since, even one the append made up for, rebuilds it). Keys quantized
         since they were summarized are summarized as they were: an estimate, never a read."""
         lengths = view.lengths
