@@ -65,6 +65,16 @@ def test_fidelity_table_names_each_configuration_whole_within_80_columns(capsys,
     assert max(len(line) for line in out.splitlines()) <= 80
 
 
+def test_fidelity_measures_a_low_rank_cache_once_its_bases_are(capsys, tiny_checkpoint, doc, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVFORGE_CACHE", str(tmp_path))  # no bases yet: fidelity measures them
+    code, out, _ = run(
+        capsys, "fidelity", "--model", str(tiny_checkpoint), "--text-file", str(doc), "--policies", "full",
+        "--context", "150", "--continuation", "6", "--quant", "none,r8,think8",
+    )  # fmt: skip
+    assert code == 0 and "full think8" in out and "full r8" in out
+    assert list(tmp_path.glob("lowrank-*.safetensors"))
+
+
 def test_generate_in_bfloat16_holds_half_the_bytes(capsys, tiny_checkpoint, doc):
     argv = ["generate", "--model", str(tiny_checkpoint), "--policy", "knorm", "--ratio", "0.5", "--max-new-tokens", "3",
             "--prompt-file", str(doc), "--json", "--device", "cpu", "w1 w2 w3"]  # fmt: skip

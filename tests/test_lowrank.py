@@ -1,6 +1,6 @@
 """Low-rank storage (`--quant int4/r8`): coordinates in the model's bases, exact bytes, attention
 taken in coordinates equal to attention over the reconstructions, every policy composing with it,
-and the errors."""
+key channels pruned by ThinK's score (`int4/think8`), and the errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from conftest import left_padded
 from kvforge import KVCache, make_policy
 from kvforge.calibration import fingerprint
-from kvforge.calibration.lowrank import find_bases, principal, require_bases
+from kvforge.calibration.lowrank import channel_columns, find_bases, principal, require_bases, think_channels
 from kvforge.reading import attend as dense_attend
 from kvforge.storage import QuantSpec, make_storage
 from kvforge.storage.lowrank import Basis, LowRankKV
@@ -116,3 +116,67 @@ def test_low_rank_errors_say_what_to_do(tiny_model):
     assert find_bases(fingerprint(tiny_model)) is not None
     assert QuantSpec.parse("int4/r32") == QuantSpec("int4", rank=32) and QuantSpec("int4", rank=32).label == "int4/r32"
     assert QuantSpec.parse("r8").label == "r8" and QuantSpec.parse("int4").rank is None
+
+
+def test_think_ranks_channels_by_query_norm_times_key_norm():
+    # Column norms: queries (1, 4, 2, 0.5), keys (3, 1, 1, 1): scores 3, 4, 2, 0.5 of 9.5.
+    queries = torch.tensor([1.0, 4.0, 2.0, 0.5]).expand(1, 1, 4) * torch.ones(1, 4, 1) / 2  # 4 rows: norm = entry
+    keys = torch.tensor([3.0, 1.0, 1.0, 1.0]).expand(1, 9, 4) / 3  # 9 rows: norm = entry
+    channels, share = think_channels(queries, keys)
+    assert channels.tolist() == [[1, 0, 2, 3]]
+    torch.testing.assert_close(share, torch.tensor([[4.0, 3.0, 2.0, 0.5]]) / 9.5)
+
+
+def test_think_keys_are_their_kept_channels_as_they_are():
+    channels = torch.tensor([[3, 0], [1, 2]])
+    basis = channel_columns(channels, 4)  # (2, 4, 2)
+    x = torch.randn(1, 2, 5, 4)
+    down = torch.einsum("bhtd,hdr->bhtr", x, basis)
+    assert torch.equal(down[0, 0], x[0, 0][:, [3, 0]]) and torch.equal(down[0, 1], x[0, 1][:, [1, 2]])
+    up = torch.einsum("bhtr,hdr->bhtd", down, basis)
+    assert torch.equal(up[0, 0][:, [3, 0]], x[0, 0][:, [3, 0]]) and not up[0, 0][:, [1, 2]].any()
+
+
+def test_a_think_cache_prunes_key_channels_and_holds_what_r8_holds(tiny_model):
+    think, ranked = QuantSpec.parse("think8"), QuantSpec.parse("r8")
+    assert think == QuantSpec(rank=RANK, key_basis="think") and think.label == "think8"
+    assert QuantSpec.parse("int4/think32/centroid0.25").label == "int4/think32/centroid0.25"
+    bases = find_bases(fingerprint(tiny_model))
+    assert bases is not None
+    assert float(bases.channel_share.sum(-1).min()) == pytest.approx(1.0)
+    assert bases.kept_channel_share(RANK) > RANK / DIM  # the kept half scores more than half
+    ids, mask = left_padded([30, 21])
+    pruned, _ = prefill_logits(tiny_model, make_policy("full"), ids, mask, quant=think)
+    plain, _ = prefill_logits(tiny_model, make_policy("full"), ids, mask)
+    # Layer 0 sees the same input either way: its keys are the plain ones, pruned channels zero.
+    dropped = torch.ones(HEADS, DIM, dtype=torch.bool).scatter(1, bases.key_channels[0, :, :RANK], False)
+    want = plain.layers[0].storage.view().keys.masked_fill(dropped[None, :, None, :], 0.0)
+    assert torch.equal(pruned.layers[0].storage.view().keys, want)
+    compressed, logits = prefill_logits(tiny_model, make_policy("snapkv", ratio=0.5), ids, mask, quant=think)
+    projected, _ = prefill_logits(tiny_model, make_policy("snapkv", ratio=0.5), ids, mask, quant=ranked)
+    assert compressed.layers[0].basis.values.equal(projected.layers[0].basis.values)  # values as r8 holds them
+    assert compressed.kept_nbytes == projected.kept_nbytes == compressed.entries() * 2 * RANK * 4
+    for step in decode(tiny_model, compressed, logits, ids.shape[1], 2):
+        assert bool(torch.isfinite(step).all())
+
+
+def test_fidelity_prefills_a_low_rank_cache_itself(tiny_model):
+    from conftest import word_tokenizer
+    from kvforge.eval.fidelity import fidelity
+    from kvforge.models import LoadedModel
+
+    ids = torch.randint(5, 128, (96,), generator=torch.Generator().manual_seed(3)).tolist()
+    specs = [QuantSpec(), QuantSpec.parse("r8"), QuantSpec.parse("think8")]
+    got = {f.quant: f for f in fidelity(LoadedModel(tiny_model, word_tokenizer(), "tiny"), ids, 64, [make_policy("full")], specs)}
+    assert got["none"].kl == pytest.approx(0.0, abs=1e-6)
+    assert got["r8"].kl > 1e-4 and got["think8"].kl > 1e-4 and got["r8"].kl != got["think8"].kl
+    assert got["r8"].kept_bytes == got["think8"].kept_bytes == got["none"].kept_bytes * RANK // DIM
+
+
+def test_think_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="keeps `rank` key channels: give a rank, e.g. int4/think32"):
+        QuantSpec("int4", key_basis="think")
+    with pytest.raises(ValueError, match="unknown key basis 'svd'; use one of pca, think"):
+        QuantSpec("int4", rank=8, key_basis="svd")
+    with pytest.raises(ValueError, match="rank 64 keeps nothing out of head_dim 64"):
+        QuantSpec.parse("int4/think64").check_head_dim(64)

@@ -634,7 +634,7 @@ class KVCache(Cache):
         if quant.rank is not None:
             bases = require_bases(model, quant.label)
             for layer in layers:
-                layer.basis = bases.layer(layer.layer_idx, quant.rank)
+                layer.basis = bases.layer(layer.layer_idx, quant.rank, quant.key_basis)
         Cache.__init__(self, layers=layers)
 
     @classmethod

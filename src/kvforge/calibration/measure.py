@@ -172,16 +172,22 @@ def calibrate(loaded: LoadedModel, force: bool = False) -> Calibration:
 
 def lowrank_bases(loaded: LoadedModel, tokens: int = 2048) -> tuple[torch.Tensor, ...]:
     """Per layer and KV head, the principal directions of the keys and values a prefill of the
-    calibration text stores: (keys, values, key_energy, value_energy), see `calibration/lowrank.py`."""
-    from kvforge.calibration.lowrank import principal
+    calibration text stores, and its key channels by ThinK's score against the prefill's queries:
+    (keys, values, key_energy, value_energy, key_channels, channel_share), see
+    `calibration/lowrank.py`."""
+    from kvforge.calibration.lowrank import principal, think_channels
 
     cache = recorded_prefill(loaded, calibration_text(loaded, tokens))
     found = []
     for layer in cache.layers:
+        assert layer.prefill_record is not None
         view = layer.storage.view()
-        found.append(principal(view.keys[0].float()) + principal(view.values[0].float()))
-    keys, key_energy, values, value_energy = (torch.stack([f[i] for f in found]) for i in range(4))
-    return keys, values, key_energy, value_energy
+        keys = view.keys[0].float()  # (Hkv, T, D)
+        queries = layer.prefill_record.query[0].float()  # (Hq, T, D), a group's heads side by side
+        grouped = queries.reshape(keys.shape[0], -1, queries.shape[-1])  # (Hkv, group * T, D)
+        found.append(principal(keys) + principal(view.values[0].float()) + think_channels(grouped, keys))
+    keys, key_energy, values, value_energy, channels, share = (torch.stack([f[i] for f in found]) for i in range(6))
+    return keys, values, key_energy, value_energy, channels, share
 
 
 def calibrate_lowrank(loaded: LoadedModel, force: bool = False) -> Bases:

@@ -203,9 +203,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     else:
         text = " ".join(corpus.paragraphs())
     loaded = load(args)
-    ensure_calibration(loaded, policies)
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context + args.continuation]
     quants = quant_specs(args)
+    ensure_calibration(loaded, policies, quants)
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: args.context + args.continuation]
     with err_console.status(f"teacher-forcing {args.continuation} tokens for {len(policies) * len(quants)} caches ..."):
         results = fidelity(loaded, ids, args.context, policies, quants)
     # One configuration column, never cut (an 80-column terminal holds "kvzip 0.875 int4/centroid0.125").

@@ -90,6 +90,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     half = bases.keys.shape[-1] // 2
     keys, values = bases.kept_energy(half)
     table.add_row("low-rank bases", "", f"rank {half} of {2 * half} holds {keys:.1%} of the keys' energy, {values:.1%} of the values'")
+    table.add_row("key channels (ThinK)", "", f"the best {half} of {2 * half} hold {bases.kept_channel_share(half):.1%} of the query-key score")
     console.print(table)
     return 0
 

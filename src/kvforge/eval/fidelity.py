@@ -1,8 +1,9 @@
 """How much a policy changes the model: next-token KL from the full cache and top-1 agreement.
 
 Over a teacher-forced continuation of a real text: the context is prefilled once (recorded), each
-policy's cache is derived from it, then the same continuation tokens are fed one at a time to the
-full and to the compressed cache. Decoding-time budgets apply as in generation.
+policy's cache is derived from it (a low-rank one prefills the context itself), then the same
+continuation tokens are fed one at a time to the full and to the compressed cache. Decoding-time
+budgets apply as in generation.
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ def teacher_forced_logprobs(model: torch.nn.Module, cache: KVCache, first: torch
     return torch.stack(out)
 
 
+def own_cache(
+    loaded: LoadedModel, base: KVCache, policy: Policy, spec: QuantSpec, context: list[int], first: torch.Tensor
+) -> tuple[KVCache, torch.Tensor]:
+    """`policy`'s cache of `context` held as `spec` says, and the (vocab,) logits after it: derived
+    from the recorded `base` (whose logits are `first`), or, for a low-rank spec, whose prompt
+    attends its own coordinates (later layers see other inputs), prefilled anew."""
+    if spec.rank is None:
+        cache = base.derive(policy, quant=spec)
+        after = first
+    else:
+        cache = KVCache(loaded.model, policy, tokenizer=loaded.tokenizer, quant=spec)
+        after = prefill(loaded.model, cache, context)
+    settle(loaded.model, cache, [context], torch.tensor([len(context)]))
+    return cache, after
+
+
 @torch.inference_mode()
 def fidelity(
     loaded: LoadedModel, ids: list[int], context_tokens: int, policies: list[Policy], quants: list[QuantSpec] | None = None
@@ -57,9 +74,8 @@ def fidelity(
     reference = teacher_forced_logprobs(model, base.derive(make_policy("full")), first, continuation)
     results = []
     for spec, policy in ((q, p) for q in (quants or [QuantSpec()]) for p in policies):
-        cache = base.derive(policy, quant=spec)
-        settle(model, cache, [ids[:context_tokens]], torch.tensor([context_tokens]))
-        logprobs = teacher_forced_logprobs(model, cache, first, continuation)
+        cache, after = own_cache(loaded, base, policy, spec, ids[:context_tokens], first)
+        logprobs = teacher_forced_logprobs(model, cache, after, continuation)
         kl = (reference.exp() * (reference - logprobs)).sum(-1).clamp(min=0)  # (positions,)
         agree = (reference.argmax(-1) == logprobs.argmax(-1)).float()
         results.append(

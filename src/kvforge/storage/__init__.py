@@ -51,7 +51,7 @@ def make_storage(
             )
         if basis is None or basis.rank != quant.rank:
             raise ValueError(f"--quant {quant.label} needs the layer's basis of rank {quant.rank} (kvforge calibrate measures it)")
-        inner = make_storage(layout, batch, kv_heads, quant.rank, dtype, device, aux_names, replace(quant, rank=None), memory)
+        inner = make_storage(layout, batch, kv_heads, quant.rank, dtype, device, aux_names, replace(quant, rank=None, key_basis="pca"), memory)
         return LowRankKV(inner, basis, head_dim)
     if quant is not None and quant.enabled:
         if check_layout(layout) is PagedKV:

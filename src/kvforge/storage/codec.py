@@ -28,6 +28,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3 value
 
 
+RANK_PREFIXES = {"pca": "r", "think": "think"}  # --quant parts giving a rank, by how keys are held (`key_basis`)
 READERS = ("quest", "centroid")  # --quant parts naming how pages are chosen and what fraction is read
 
 
@@ -64,6 +65,8 @@ class QuantSpec:
 
     `rank`: each KV head's keys and values are held as `rank` coordinates in the model's
     calibrated basis (`storage/lowrank.py`), themselves held as `mode` says; written `int4/r32`.
+    `key_basis` "think": the keys' coordinates are their `rank` channels ThinK's query-driven
+    score ranks highest, the others pruned (`calibration/lowrank.py`); written `int4/think32`.
 
     `read`: not how entries are held but how much of them a decoding step reads: that fraction
     of each row's pages, those whose key summary promises the most attention, `reader` says how
@@ -78,27 +81,30 @@ class QuantSpec:
     rank: int | None = None
     read: float | None = None
     reader: str = "quest"
+    key_basis: str = "pca"
 
     @classmethod
     def parse(cls, label: str, **options: object) -> QuantSpec:
         """'int4', 'int4/r32' (int4 codes of 32 coordinates), 'r32' (full-precision coordinates),
-        with '/quest0.125' (read an eighth of the pages per decoding step) after any of them."""
-        mode, rank, read, reader = "none", None, None, "quest"
+        'int4/think32' (keys: their 32 best channels), with '/quest0.125' (read an eighth of the
+        pages per decoding step) after any of them."""
+        mode, rank, read, reader, key_basis = "none", None, None, "quest", "pca"
         for part in label.split("/"):
             reading = _read_part(part)
-            if part.startswith("r") and part[1:].isdigit():
-                rank = int(part[1:])
+            ranked = next(((basis, prefix) for basis, prefix in RANK_PREFIXES.items() if part.startswith(prefix)), None)
+            if ranked is not None and part[len(ranked[1]) :].isdigit():
+                key_basis, rank = ranked[0], int(part[len(ranked[1]) :])
             elif reading is not None:
                 reader, read = reading
             else:
                 mode = part
-        return cls(mode, rank=rank, read=read, reader=reader, **options)  # type: ignore[arg-type]
+        return cls(mode, rank=rank, read=read, reader=reader, key_basis=key_basis, **options)  # type: ignore[arg-type]
 
     @property
     def label(self) -> str:
         """How --quant and reports name it (see `parse`)."""
         parts = [] if self.mode == "none" and (self.rank is not None or self.read is not None) else [self.mode]
-        parts += [f"r{self.rank}"] if self.rank is not None else []
+        parts += [f"{RANK_PREFIXES[self.key_basis]}{self.rank}"] if self.rank is not None else []
         parts += [f"{self.reader}{self.read:g}"] if self.read is not None else []
         return "/".join(parts)
 
@@ -113,6 +119,10 @@ class QuantSpec:
             raise ValueError(f"--quant-split {self.split!r} is outside (0, 1): the fraction of entries held with more bits")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"--quant rank {self.rank!r} must be a whole number >= 1 of coordinates per head, e.g. int4/r32")
+        if self.key_basis not in RANK_PREFIXES:
+            raise ValueError(f"unknown key basis {self.key_basis!r}; use one of {', '.join(RANK_PREFIXES)}")
+        if self.key_basis != "pca" and self.rank is None:
+            raise ValueError(f"key basis {self.key_basis!r} keeps `rank` key channels: give a rank, e.g. int4/think32")
         if self.reader not in READERS:
             raise ValueError(f"unknown page reader {self.reader!r}; use one of {', '.join(READERS)}")
         if self.read is not None and not (isinstance(self.read, float) and 0 < self.read < 1):
