@@ -5,8 +5,8 @@ and the values' second-moment matrices on calibration text, most energy first, w
 component's share of the energy: the first r columns are the best r-dimensional basis for those
 entries in the least-squares sense. Beside them, the key channels ranked by ThinK's query-driven
 score (Xu et al., 2025, "ThinK: Thinner Key Cache by Query-Driven Pruning"): channel j of a head
-scores ||Q[:, j]|| * ||K[:, j]||, which bounds what dropping it changes in the logits Q K^T
-(the Frobenius norm of that channel's outer product); `think` keys keep the r best channels as
+scores ||Q[:, j]|| * ||K[:, j]||, the Frobenius norm of what dropping it takes from the logits
+Q K^T (that channel's outer product Q[:, j] K[:, j]^T); `think` keys keep the r best channels as
 they are, so a key basis of r columns of the identity. ThinK ranks per prompt over its last
 queries; here the ranking is measured once on calibration text (static, as LeanK finds channel
 importance to be), so it fits the same per-layer basis. Measured once per model by `kvforge

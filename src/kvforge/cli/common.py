@@ -98,8 +98,9 @@ def add_quant_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
 
     what = "comma list of modes, each a set of rows" if many else "one mode"
     parser.add_argument("--quant", default="none", help=f"K/V quantization ({what}): {', '.join(MODES)}; then "
-                        "/r32 holds 32 low-rank coordinates per head (/think32: keys as their 32 best channels), /centroid0.125 or /quest0.125 reads that "
-                        "fraction of each row's pages per decoding step (e.g. int4/centroid0.125)")
+                        "/r32 holds 32 low-rank coordinates per head (/think32: keys as their 32 best channels), "
+                        "/centroid0.125 or /quest0.125 reads that fraction of each row's pages per decoding step "
+                        "(e.g. int4/centroid0.125)")
     parser.add_argument("--quant-group", type=int, default=32, metavar="G",
                         help="tokens per key group and channels per value group (must divide head_dim; default 32)")
     parser.add_argument("--quant-residual", type=int, default=0, metavar="R",
