@@ -271,6 +271,16 @@ def test_questions_per_context_answer_from_one_compression(tiny, tmp_path):
         config(tasks=["niah_multikey"], questions=5).validate()
 
 
+def test_a_policy_at_ratio_0_is_a_row_mixed_holds_by_its_score(tiny, tmp_path):
+    """Ratio 0 keeps every entry; with --quant mixed the policy's score still decides the bits
+    (MiKV's form: the entries eviction would drop held in int2 instead)."""
+    rows, _ = run_eval(tiny, config(policies=["full", "knorm"], ratios=[0.0], quant=["mixed"], quant_group=4), tmp_path / "mikv")
+    kept = {r.policy: r for r in rows if r.sample == 0}
+    assert set(kept) == {"full", "knorm"} and kept["knorm"].ratio == 0.0
+    assert kept["knorm"].cache_bytes == kept["full"].cache_bytes  # nothing evicted, the same bits
+    assert 2 < kept["knorm"].bits_per_element < 32
+
+
 def test_quant_modes_are_rows_derived_from_the_same_prefill(tiny, tmp_path):
     out = tmp_path / "quant"
     run_eval(tiny, config(), out)  # an earlier run in full precision

@@ -98,9 +98,10 @@ class EvalConfig:
 
     def combos(self) -> list[KVSpec]:
         """The KV settings of one sample's rows: `full` once per quant mode, every other policy at
-        every ratio and quant mode."""
+        every ratio and quant mode (ratio 0 too: it keeps every entry, and `--quant mixed` holds
+        them by the policy's score, as MiKV does instead of evicting)."""
         pairs = [("full", 0.0)] if "full" in self.policies else []
-        pairs += [(p, r) for p in self.policies if p != "full" for r in self.ratios if r > 0]
+        pairs += [(p, r) for p in self.policies if p != "full" for r in self.ratios]
         specs = self.specs()
         return [KVSpec(p, r, specs[q]) for q in self.quant for p, r in pairs]
 
