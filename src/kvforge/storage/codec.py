@@ -32,6 +32,15 @@ RANK_PREFIXES = {"pca": "r", "think": "think"}  # --quant parts giving a rank, b
 READERS = ("quest", "centroid")  # --quant parts naming how pages are chosen and what fraction is read
 
 
+def _rank_part(part: str) -> tuple[str, int] | None:
+    """(key_basis, rank) of a --quant part such as 'r32' or 'think32'; None for another part."""
+    for basis, prefix in RANK_PREFIXES.items():
+        digits = part[len(prefix) :]
+        if part.startswith(prefix) and digits.isdigit():
+            return basis, int(digits)
+    return None
+
+
 def _read_part(part: str) -> tuple[str, float] | None:
     """(reader, fraction) of a --quant part such as 'quest0.125'; None for another part; a
     one-line error for a reader without a number."""
@@ -91,9 +100,9 @@ class QuantSpec:
         mode, rank, read, reader, key_basis = "none", None, None, "quest", "pca"
         for part in label.split("/"):
             reading = _read_part(part)
-            ranked = next(((basis, prefix) for basis, prefix in RANK_PREFIXES.items() if part.startswith(prefix)), None)
-            if ranked is not None and part[len(ranked[1]) :].isdigit():
-                key_basis, rank = ranked[0], int(part[len(ranked[1]) :])
+            ranked = _rank_part(part)
+            if ranked is not None:
+                key_basis, rank = ranked
             elif reading is not None:
                 reader, read = reading
             else:
