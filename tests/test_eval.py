@@ -170,6 +170,7 @@ def test_sweep_resume_and_reports(tiny, tmp_path):
     full_rows = [r for r in rows if r.policy == "full"]
     assert all(r.cache_bytes == r.dense_bytes for r in full_rows)
     assert all(r.cache_bytes < 0.7 * r.dense_bytes for r in rows if r.policy == "knorm")
+    assert all(r.answer_logprob is not None and r.answer_logprob < 0 for r in rows)  # the needle teacher-forced
 
     # Resume: nothing left to do.
     seen: list = []

@@ -61,3 +61,27 @@ def test_a_configuration_is_named_by_policy_ratio_and_codec_and_the_full_cache_w
     assert label("kvzip", 0.75, "int4") == "kvzip 0.75 + int4"
     assert label("kvzip", 0.5, "none") == "kvzip 0.5"
     assert label("full", 0.0, "int4") == "full + int4"
+
+
+def test_equal_retention_goes_to_the_likelier_answers_then_to_fewer_bytes():
+    def entry(policy: str, kept: float, logprob: float | None) -> dict:
+        return {"policy": policy, "ratio": 0.75, "quant": "int4", "kept_fraction": kept, "retention": 1.0, "answer_logprob": logprob}
+
+    cheap_unlikely, dear_likely = entry("kvzap", 0.0568, -0.9), entry("kvzip", 0.0570, -0.4)
+    unmeasured = entry("snapkv", 0.03, None)
+    assert best_within([cheap_unlikely, dear_likely, unmeasured], (1 / 16,))[0]["best"] is dear_likely
+    assert best_within([cheap_unlikely, dear_likely], (0.0569,))[0]["best"] is cheap_unlikely  # the likelier one does not fit
+    assert best_within([unmeasured, entry("h2o", 0.04, None)], (1 / 16,))[0]["best"] is unmeasured  # neither measured: bytes
+    better = {**unmeasured, "retention": 1.01}
+    assert best_within([dear_likely, better], (1 / 16,))[0]["best"] is better  # retention first
+
+
+def test_the_summary_carries_the_answers_likelihood_and_shows_it():
+    rows = made_up()
+    for r in rows:
+        r.answer_logprob = -0.25 if r.policy == "full" else -1.5
+    summary = summarize(rows)
+    full = summary["table"][0]
+    assert full["policy"] == "full" and full["answer_logprob"] == -0.25
+    assert "| answer logp |" in markdown(summary) and "| 1.00 | -0.250 |" in markdown(summary)
+    assert summarize(made_up())["table"][0]["answer_logprob"] is None and "answer logp" not in markdown(summarize(made_up()))

@@ -117,8 +117,10 @@ def check_chunk(chunk: int | None) -> None:
 
 
 def _feed_once(
-    model: torch.nn.Module, cache: KVCache, rows: list[list[int]], positions: torch.Tensor, mode: str
+    model: torch.nn.Module, cache: KVCache, rows: list[list[int]], positions: torch.Tensor, mode: str, keep: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed left-padded `rows` in one forward: (batch, keep, vocab) logits of the last `keep`
+    positions, and the next positions."""
     device = model.device
     width = max(len(r) for r in rows)
     # Built on the host and copied once (one copy per step, not one per row).
@@ -129,17 +131,19 @@ def _feed_once(
         # No padding in this chunk: no mask, so the attention knows it without reading the device.
         mask = None
         pos = positions.to(device)[:, None] + torch.arange(width, device=device)
-        return _forward(model, cache, ids, mask, pos), positions.to(device) + width
+        return _forward(model, cache, ids, mask, pos, keep), positions.to(device) + width
     valid = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows]).to(device)
     mask = torch.cat([torch.ones(len(rows), seen, dtype=torch.long, device=device), valid.long()], dim=1)
     pos = positions.to(device)[:, None] + (valid.cumsum(1) - 1).clamp(min=0)
-    return _forward(model, cache, ids, mask, pos), positions.to(device) + valid.sum(1)
+    return _forward(model, cache, ids, mask, pos, keep), positions.to(device) + valid.sum(1)
 
 
-def _forward(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
-    """(batch, vocab) logits of each row's last token."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1]
+def _forward(
+    model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, keep: int = 1
+) -> torch.Tensor:
+    """(batch, keep, vocab) logits of each row's last `keep` positions."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[:, -keep:]
 
 
 def feed(
@@ -162,6 +166,7 @@ def feed(
     for start in range(0, max(longest, 1), step):
         part = [r[start : start + step] for r in rows]
         out, positions = _feed_once(model, cache, part, positions, mode)
+        out = out[:, -1]
         if mode == PREFILL:
             settle(model, cache, part, positions)
         # A row that ran out of tokens keeps the logits of its own last chunk.
@@ -169,6 +174,13 @@ def feed(
         logits = out if logits is None else torch.where(fed, out, logits)
     assert logits is not None
     return logits, positions
+
+
+def feed_every(model: torch.nn.Module, cache: KVCache, rows: list[list[int]], positions: torch.Tensor) -> torch.Tensor:
+    """Append token rows (at least one token in some row) in one forward and return the logits at
+    every position: (batch, longest row, vocab), each row's tokens at the right end (left-padded)."""
+    logits, _ = _feed_once(model, cache, rows, positions, APPEND, keep=max(len(r) for r in rows))
+    return logits
 
 
 def prefill(model: torch.nn.Module, cache: KVCache, ids: list[int], chunk: int | None = None) -> torch.Tensor:

@@ -184,15 +184,22 @@ def check_holds_sinks(loaded: Any, memory: Any, policies: list[Any], specs: list
 
 
 def print_choices(entries: list[dict], chosen: dict | None, memory: Any) -> None:
-    """The front of the tune cases (the configurations no cheaper one beats), the choice marked."""
+    """The front of the tune cases (the configurations no cheaper one beats) and the choice, marked
+    (a choice off the front ties in retention with a cheaper one and makes the answers likelier)."""
     from kvforge.eval.front import front
 
     table = Table(title="the front on the tune cases", box=None)
-    for column in ("configuration", "bytes/dense", "MiB", "retention", ""):
+    for column in ("configuration", "bytes/dense", "MiB", "retention", "logp", ""):
         table.add_column(column, justify="left" if column == "configuration" else "right")
-    for e in front(entries):
+    shown = front(entries)
+    if chosen is not None and all(e is not chosen for e in shown):
+        shown = sorted([*shown, chosen], key=lambda e: (e["kept_fraction"], -e["retention"]))
+    for e in shown:
         mark = "chosen" if chosen is not None and e is chosen else ""
-        table.add_row(configuration_label(e), f"{e['kept_fraction']:.3f}", f"{e['cache_bytes'] / 2**20:.1f}", f"{e['retention']:.2f}", mark)
+        logprob = "-" if e.get("answer_logprob") is None else f"{e['answer_logprob']:.2f}"
+        table.add_row(
+            configuration_label(e), f"{e['kept_fraction']:.3f}", f"{e['cache_bytes'] / 2**20:.1f}", f"{e['retention']:.2f}", logprob, mark
+        )  # fmt: skip
     console.print(table)
 
 

@@ -4,12 +4,18 @@ tokens), and the configurations no cheaper one beats (the front, drawn as a line
 
 from __future__ import annotations
 
+import math
+
 BUDGETS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
 
 def _rank(entry: dict) -> tuple:
-    """Better first: higher retention, then fewer bytes, then by name (a stable choice on ties)."""
-    return (-entry["retention"], entry["kept_fraction"], entry["policy"], entry["ratio"], entry["quant"])
+    """Better first: higher retention; on equal retention (a few 0-or-100 cases tie often) the
+    configuration that makes the reference answers more likely (`likelihood.py`; one that did not
+    measure it after those that did), then fewer bytes, then by name (a stable choice)."""
+    logprob = entry.get("answer_logprob")
+    unlikely = -logprob if logprob is not None else math.inf
+    return (-round(entry["retention"], 9), unlikely, entry["kept_fraction"], entry["policy"], entry["ratio"], entry["quant"])
 
 
 def best_within(entries: list[dict], budgets: tuple[float, ...] = BUDGETS) -> list[dict]:

@@ -62,6 +62,7 @@ def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
                 "quant": quant,
                 "bits_per_element": mean(r.bits_per_element for r in members) if all(r.bits_per_element for r in members) else None,
                 "read_fraction": mean(r.read_fraction for r in members) if all(r.read_fraction for r in members) else None,
+                "answer_logprob": mean(r.answer_logprob for r in members) if all(r.answer_logprob is not None for r in members) else None,
                 "scores": per_task,
                 "mean": mean(per_task.values()),
                 "samples": len(members),
@@ -95,7 +96,7 @@ def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
 
 
 def configuration(entry: dict) -> dict:
-    return {k: entry[k] for k in ("policy", "ratio", "quant", "kept_fraction", "retention")}
+    return {k: entry.get(k) for k in ("policy", "ratio", "quant", "kept_fraction", "retention", "answer_logprob")}
 
 
 def fronts(table: list[dict]) -> dict:
@@ -138,10 +139,14 @@ def markdown(summary: dict) -> str:
             continue
         lines += [f"### {setting}", ""]
         kept_tasks = summary.get("informative_tasks", {}).get(setting, [])
+        # Rows that teacher-forced the reference answers: their mean log-probability per token.
+        likely = any(e.get("answer_logprob") is not None for e in entries)
         lines.append(
             f"Retention: the score over the full cache's, averaged over the tasks where the full cache scores "
             f"at least {INFORMATIVE:g} ({', '.join(kept_tasks) or 'none'}). Seconds per sample: prefill, "
             f"the policy's own work (reconstruction passes included), decoding."
+            + (" Answer logp: the reference answers' mean log-probability per token, each teacher-forced "
+               "after the prompt; it breaks ties in retention in the front below." if likely else "")
         )
         lines.append("")
         # Quantized runs add how entries were held and the effective bits per element; runs that
@@ -150,8 +155,9 @@ def markdown(summary: dict) -> str:
         reading = any(e.get("read_fraction") is not None for e in entries)
         extra = (("quant", "bits") if quantized else ()) + (("read",) if reading else ())
         lines.append("| policy | ratio | " + "".join(f"{c} | " for c in extra) + " | ".join(tasks)
-                     + " | mean | vs full | retention | cache MiB | kept | s prefill | s policy | s decode |")
-        lines.append("|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|---|---|---|")
+                     + " | mean | vs full | retention | " + ("answer logp | " if likely else "")
+                     + "cache MiB | kept | s prefill | s policy | s decode |")
+        lines.append("|---|---|" + "---|" * (len(extra) + len(tasks) + likely) + "---|---|---|---|---|---|---|---|")
         for e in entries:
             scores = " | ".join(f"{e['scores'][t]:.1f}" if t in e["scores"] else "-" for t in tasks)
             rel = "-" if e["relative_to_full"] is None else f"{e['relative_to_full']:.2f}"
@@ -160,6 +166,8 @@ def markdown(summary: dict) -> str:
             held = f"{e['quant']} | {bits} | " if quantized else ""
             if reading:
                 held += "100% | " if e.get("read_fraction") is None else f"{e['read_fraction']:.0%} | "
+            if likely:
+                ret += " | -" if e.get("answer_logprob") is None else f" | {e['answer_logprob']:.3f}"
             lines.append(
                 f"| {e['policy']} | {e['ratio']:g} | {held}{scores} | {e['mean']:.1f} | {rel} | {ret} | "
                 f"{e['cache_bytes'] / 2**20:.1f} | {e['kept_fraction']:.0%} | {e['prefill_seconds']:.2f} | "

@@ -23,6 +23,7 @@ from typing import IO
 import torch
 
 from kvforge.cache import KVCache, head_dim
+from kvforge.eval.likelihood import answer_ids, answer_logprobs
 from kvforge.eval.tasks import TASKS, Case, followups, load_task_file, make_case, score
 from kvforge.generate import Prompt, build_prompt, check_length, feed, greedy, prefill, settle, stop_ids
 from kvforge.models import LoadedModel
@@ -129,6 +130,9 @@ class EvalRow:
     quant: str = "none"  # how the entries were held
     bits_per_element: float | None = None  # effective, everything included (None: rows from before quantization)
     read_fraction: float | None = None  # of the entries held, what each decoding step read (None: all; --quant .../quest)
+    # The reference answers' mean log-probability per token after the prompt (`likelihood.py`);
+    # None: rows from before it was measured.
+    answer_logprob: float | None = None
 
     @property
     def key(self) -> tuple[str, int, bool, str, float, str, int]:
@@ -371,15 +375,19 @@ def answer_group(
     seconds: tuple[list[float], float],  # per-row prefill seconds, compress seconds per row
     question: int,
 ) -> Iterator[EvalRow]:
-    """Feed each row's question (question-agnostic), decode greedily, score: one row per sample."""
+    """Feed each row's question (question-agnostic), decode greedily, score: one row per sample.
+    Also how likely the cache makes the reference answers (not counted in the decode seconds)."""
     model, tok = loaded.model, loaded.tokenizer
     size = len(group)
     start = time.perf_counter()
     positions = prefill_len
     if not query_aware:
         logits, positions = feed(model, cache, [p.rest_ids for p in prompts], positions)
+    asked = time.perf_counter()
+    logprobs = answer_logprobs(model, cache, logits, positions, [answer_ids(tok, case) for _, case in group])
+    teacher_forced = time.perf_counter() - asked
     outputs = greedy(model, cache, logits, positions, max_new, stop_ids(tok))
-    decode_seconds = (time.perf_counter() - start) / size
+    decode_seconds = (time.perf_counter() - start - teacher_forced) / size
     held, dense = cache.seq_nbytes().tolist(), cache.seq_dense_nbytes().tolist()
     bits = cache.seq_bits_per_element().tolist()
     read = cache.seq_read_fraction()
@@ -408,6 +416,7 @@ def answer_group(
             quant=combo[2],
             bits_per_element=round(bits[b], 3),
             read_fraction=None if read is None else round(float(read[b]), 4),
+            answer_logprob=None if logprobs[b] is None else round(logprobs[b], 4),
         )
 
 
