@@ -46,11 +46,11 @@ class Bases:
     key_channels: torch.Tensor
     channel_share: torch.Tensor
 
-    def layer(self, index: int, rank: int, keys: str = "pca") -> Basis:
-        """Layer `index`'s basis of `rank` columns; `keys` "think": the keys' best channels by
-        ThinK's score instead of their main directions (the values' basis is the same)."""
+    def layer(self, index: int, rank: int, key_basis: str = "pca") -> Basis:
+        """Layer `index`'s basis of `rank` columns; `key_basis` "think" (`QuantSpec.key_basis`): the
+        keys' best channels by ThinK's score instead of their main directions (values alike)."""
         values = self.values[index, :, :, :rank].contiguous()
-        if keys == "think":
+        if key_basis == "think":
             return Basis(channel_columns(self.key_channels[index, :, :rank], self.keys.shape[-2]), values)
         return Basis(self.keys[index, :, :, :rank].contiguous(), values)
 

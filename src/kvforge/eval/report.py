@@ -96,7 +96,7 @@ def summarize(rows: list[EvalRow], stats: SweepStats | None = None) -> dict:
 
 
 def configuration(entry: dict) -> dict:
-    return {k: entry.get(k) for k in ("policy", "ratio", "quant", "kept_fraction", "retention", "answer_logprob")}
+    return {k: entry[k] for k in ("policy", "ratio", "quant", "kept_fraction", "retention", "answer_logprob")}
 
 
 def fronts(table: list[dict]) -> dict:
