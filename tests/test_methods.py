@@ -64,6 +64,39 @@ def test_chunk_keeps_whole_spans():
     assert sorted(index[mask].tolist()) == [3, 4, 5]
 
 
+def test_smooth_keeps_the_neighbours_of_a_high_score():
+    # knorm scores every key 3.0 alike but position 5's (0.1): max-pooling over 3 lifts
+    # positions 4 and 6 to its score, so a budget of 3 keeps the span 4..6 whole. The slots are
+    # held out of position order: neighbours are by position, not by slot.
+    keys = torch.full((1, 1, 10, 4), 3.0)
+    positions = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    keys[0, 0, 4] = 0.1  # position 5
+    store = storage_with(keys, positions)
+    index, mask = make_policy("smooth:knorm", kernel=3).select(context(store, 3))
+    assert sorted(positions[index[mask]].tolist()) == [4, 5, 6]
+    # kernel 1 is the wrapped policy itself
+    ctx = context(store, 3)
+    torch.testing.assert_close(make_policy("smooth:knorm", kernel=1).score(ctx), make_policy("knorm").score(ctx))
+
+
+def test_smooth_averages_the_scores_it_has_and_keeps_infinite_ones_alone():
+    from kvforge.policies.smooth import pool_along
+
+    inf = float("inf")
+    scores = torch.tensor([[1.0, 4.0, -inf, 7.0, 2.0]])  # -inf: no score
+    assert pool_along(scores, 3, "avg").tolist() == [[2.5, 2.5, 5.5, 4.5, 4.5]]
+    assert pool_along(scores, 3, "max").tolist() == [[4.0, 4.0, 7.0, 7.0, 7.0]]
+    # kvzip's sinks (slot 0) score +inf: they stay +inf and their neighbour keeps its own score
+    store = make_storage("inplace", 1, 1, 4, torch.float32, torch.device("cpu"), ("kvzip",))
+    store.append(torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4), torch.arange(6), torch.ones(1, 6, dtype=torch.bool))
+    ctx = context(store, 3)
+    kvzip = make_policy("kvzip", sinks=1)
+    store.set_aux("kvzip", ctx.view, torch.tensor([[[0.0, 0.1, 0.2, 0.9, 0.3, 0.05]]]))
+    smoothed = make_policy("smooth:kvzip", sinks=1, kernel=3, pool="max").score(ctx)
+    assert kvzip.score(ctx)[0, 0, 0] == inf
+    torch.testing.assert_close(smoothed, torch.tensor([[[inf, 0.2, 0.9, 0.9, 0.9, 0.3]]]))
+
+
 def test_compactor_sketch_approximates_exact_leverage():
     gen = torch.Generator().manual_seed(0)
     keys = torch.randn(1, 1, 200, 8, generator=gen) * torch.linspace(0.1, 3, 8)
@@ -97,6 +130,9 @@ def test_keydiff_keeps_the_key_least_like_the_others():
         ("adakv:chunk:snapkv", {"zzz": 1}, "has no parameter 'zzz'"),
         ("expected_attention", {"budget": 3}, "below the minimum of 64 entries"),
         ("kvzip", {"spread": "everywhere"}, "spread='everywhere' is not one of 'model', 'layer', 'head'"),
+        ("smooth:knorm", {"kernel": 4}, "kernel=4 must be odd"),
+        ("smooth:knorm", {"pool": "median"}, "pool='median' is not one of 'max', 'avg'"),
+        ("smooth:adakv:knorm", {}, "put the other wrapper outside, e.g. adakv:smooth:knorm"),
     ],
 )
 def test_bad_names_and_hyperparameters_give_one_line_errors(name, params, message):

@@ -53,6 +53,8 @@ MATRIX = [
     Row("razor", {"fraction": 0.5, "sinks": 2}, spread="model"),
     Row("cake:snapkv", {"window": 4}, spread="model"),
     Row("merge:knorm", {"threshold": 0.0}, merges=True),
+    Row("smooth:snapkv", {"window": 4, "kernel": 3}),
+    Row("smooth:kvzap", {"sinks": 2, "pool": "avg"}, spread="model"),
 ]
 COMPRESSING = [r for r in MATRIX if r.name != "full"]
 RATIOS = [0.5, 0.75]
