@@ -178,6 +178,52 @@ def test_kvzip_scores_are_the_reconstruction_attention(tiny_model, chunk):
             torch.testing.assert_close(got[layer][:, lo:end], want, rtol=1e-4, atol=1e-6)
 
 
+def test_restkv_scores_how_far_dropping_an_entry_moves_the_outputs():
+    """probe_attention's "output" score, re-derived by brute force: for every query (of every
+    head of the GQA group) take the entry out of the scoring softmax, recompute the output and
+    measure how far it moved; an entry scores the most of these. Two KV heads, two query heads
+    each, a batch of two whose second row has a padding query; entries outside `scored` get 0."""
+    from kvforge.reading import probe_attention
+
+    torch.manual_seed(5)
+    batch, kv_heads, group, t, slots, dim = 2, 2, 2, 4, 7, 8
+    query = torch.randn(batch, kv_heads * group, t, dim)
+    keys, values = torch.randn(batch, kv_heads, slots, dim), torch.randn(batch, kv_heads, slots, dim)
+    new_keys, new_values = torch.randn(batch, kv_heads, t, dim), torch.randn(batch, kv_heads, t, dim)
+    held_valid = torch.ones(batch, kv_heads, slots, dtype=torch.bool)
+    scored = held_valid.clone()
+    scored[:, :, 2] = False  # not in the repeated span: out of every softmax, score 0
+    new_valid = torch.ones(batch, t, dtype=torch.bool)
+    new_valid[1, 0] = False
+    _, got = probe_attention(query, keys, values, held_valid, scored, new_keys, new_values, new_valid, 0.5, chunk=3, score="output")
+    want = torch.zeros(batch, kv_heads, slots)
+    for b, h, g, q in [(b, h, g, q) for b in range(batch) for h in range(kv_heads) for g in range(group) for q in range(t)]:
+        if not new_valid[b, q]:
+            continue
+        own = new_valid[b, : q + 1]
+        k = torch.cat([keys[b, h][scored[b, h]], new_keys[b, h, : q + 1][own]])
+        v = torch.cat([values[b, h][scored[b, h]], new_values[b, h, : q + 1][own]])
+        logits = k @ query[b, h * group + g, q] * 0.5
+        out = torch.softmax(logits, 0) @ v
+        for i, slot in enumerate(scored[b, h].nonzero()[:, 0].tolist()):
+            keep = torch.arange(len(k)) != i
+            moved = (torch.softmax(logits[keep], 0) @ v[keep] - out).norm()
+            want[b, h, slot] = max(want[b, h, slot], moved)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    _, attention = probe_attention(query, keys, values, held_valid, scored, new_keys, new_values, new_valid, 0.5)
+    assert not torch.allclose(attention, got)  # the default score is the attention itself
+
+
+def test_restkv_keeps_its_own_scores_and_answers_from_the_compressed_cache(tiny_model):
+    ids = left_padded([40], seed=22)[0][0].tolist()
+    cache = KVCache(tiny_model, make_policy("restkv", ratio=0.75, chunk=16), tokenizer=word_tokenizer())
+    with torch.inference_mode():
+        logits = prefill_ids(tiny_model, cache, ids)
+    assert cache.entries() == 10 * tiny_model.config.num_hidden_layers * tiny_model.config.num_key_value_heads
+    assert set(cache.layers[0].storage.view().aux) == {"restkv"}
+    assert torch.isfinite(logits).all()
+
+
 def test_kvzip_keeps_the_budget_and_answers_from_the_compressed_cache(tiny_model):
     ids = left_padded([40], seed=22)[0][0].tolist()
     cache = KVCache(tiny_model, make_policy("kvzip", ratio=0.75, chunk=16), tokenizer=word_tokenizer())

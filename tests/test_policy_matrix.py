@@ -53,6 +53,7 @@ MATRIX = [
     Row("razor", {"fraction": 0.5, "sinks": 2}, spread="model"),
     Row("cake:snapkv", {"window": 4}, spread="model"),
     Row("merge:knorm", {"threshold": 0.0}, merges=True),
+    Row("restkv", {"chunk": 8, "overlap": 2, "sinks": 1}, spread="model"),
     Row("smooth:snapkv", {"window": 4, "kernel": 3}),
     Row("smooth:kvzap", {"sinks": 2, "pool": "avg"}, spread="model"),
 ]

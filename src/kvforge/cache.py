@@ -41,7 +41,8 @@ class Probe:
     start: torch.Tensor  # (batch,) first logical position of the span
     end: torch.Tensor  # (batch,) one past its last position
     sinks: int  # each sequence's first `sinks` held entries are in every score's softmax
-    name: str  # policy state (aux) that keeps the most attention each entry got
+    name: str  # policy state (aux) that keeps the highest score each entry got
+    score: str = "attention"  # what a pass scores: see `Reconstruction.score`
 
 
 @dataclass
@@ -237,7 +238,7 @@ class KVForgeLayer(CacheLayerMixin):
         scaling: float,
     ) -> torch.Tensor:
         """A probe chunk: attend over what is held plus the chunk, store nothing, and raise each
-        scored entry's policy state to the most attention it got (see `Probe`)."""
+        scored entry's policy state to the highest score it got (see `Probe`)."""
         assert self.storage is not None and self.phase.probe is not None
         start = time.perf_counter()
         probe = self.phase.probe
@@ -247,7 +248,7 @@ class KVForgeLayer(CacheLayerMixin):
         first = pos.masked_fill(~view.valid, torch.iinfo(pos.dtype).max).amin(dim=(1, 2))  # (batch,)
         scored = view.valid & (span | (pos < (first + probe.sinks)[:, None, None]))
         out, best = probe_attention(
-            query, view.keys, view.values, view.valid, scored, keys, values, new_valid, scaling
+            query, view.keys, view.values, view.valid, scored, keys, values, new_valid, scaling, score=probe.score
         )
         old = view.aux[probe.name]
         # Scored entries stay above 0 (an entry at 0 was never scored; see kvzip).

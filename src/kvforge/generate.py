@@ -239,7 +239,7 @@ def reconstruct(
     for piece in passes(cache.tokenizer, spec, rows):
         start = row_start + torch.tensor(piece.starts, device=model.device)
         stop = row_start + torch.tensor(piece.ends, device=model.device)
-        cache.phase.probe = Probe(start, stop, spec.sinks, spec.state)
+        cache.phase.probe = Probe(start, stop, spec.sinks, spec.state, spec.score)
         try:
             feed(model, cache, piece.rows, positions, PROBE)
         finally:

@@ -35,7 +35,9 @@ class Reconstruction:
     """How a policy that scores by reconstruction (KVzip) wants each prompt chunk repeated:
     `first` (then `later`, followed by the last `overlap` tokens of the previous piece) ask the
     model to repeat the context; `chunk` tokens are repeated per pass, so one pass's cost is
-    bounded; the first `sinks` tokens of each sequence are in every score's softmax.
+    bounded; the first `sinks` tokens of each sequence are in every score's softmax. `score` says
+    what an entry scores: "attention", the most attention any query paid it (KVzip); "output", the
+    most any query's output would move without it (ReST-KV; `reading.dense.removal_shift`).
     Prompts are text: the tokenizer of the cache turns them into ids."""
 
     first: str
@@ -44,6 +46,7 @@ class Reconstruction:
     overlap: int
     sinks: int
     state: str  # the policy state (aux) the scores go to
+    score: str = "attention"
 
 
 @dataclass

@@ -67,7 +67,7 @@ class KVzip(Policy):
 
     def score(self, ctx: StepContext) -> torch.Tensor:
         view = ctx.view
-        state = view.aux[STATE]  # (batch, kv_heads, slots)
+        state = view.aux[self.aux_names[0]]  # (batch, kv_heads, slots)
         slot = torch.arange(state.shape[-1], device=state.device)
         # A pass scores every entry of its piece above 0; an entry still at 0 was never scored.
         keep = (slot < self.sinks) | (state == 0)

@@ -155,6 +155,24 @@ def received_attention(
     return attention_probs_sum(query, keys, allowed, query_weight, scaling)
 
 
+def removal_shift(
+    probs: torch.Tensor,  # (batch, kv_heads, group, c, M): each query's attention to each scored entry
+    own_probs: torch.Tensor,  # (batch, kv_heads, group, c, T): and to the chunk's own entries
+    values: torch.Tensor,  # (batch, kv_heads, M, head_dim): the scored entries' values
+    own_values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+) -> torch.Tensor:  # (batch, kv_heads, group, c, M)
+    """How far each query's attention output moves when one entry is taken out of its softmax:
+    with o the output and a_i the entry's attention, the output renormalised without it is
+    (o - a_i v_i) / (1 - a_i), so the shift is a_i / (1 - a_i) * ||v_i - o|| (ReST-KV's layer-wise
+    output reconstruction, measured on the values rather than through the output projection,
+    which the cache does not hold). Rows of probs summing to 0 (padding queries) give 0."""
+    out = torch.einsum("bhgcm,bhmd->bhgcd", probs, values) + torch.einsum("bhgct,bhtd->bhgcd", own_probs, own_values)
+    # ||v_i - o||^2 = ||v_i||^2 + ||o||^2 - 2 v_i.o, without a (.., c, M, head_dim) difference
+    distance = (values.square().sum(-1)[:, :, None, None, :] + out.square().sum(-1, keepdim=True)
+                - 2 * torch.einsum("bhgcd,bhmd->bhgcm", out, values)).clamp_min_(0).sqrt_()
+    return probs / (1 - probs).clamp_min(1e-6) * distance
+
+
 def probe_attention(
     query: torch.Tensor,  # (batch, q_heads, T, head_dim): a reconstruction chunk's queries
     held_keys: torch.Tensor,  # (batch, kv_heads, S, head_dim): what the layer holds
@@ -166,9 +184,12 @@ def probe_attention(
     new_valid: torch.Tensor,  # (batch, T) bool
     scaling: float,
     chunk: int = 128,
+    score: str = "attention",
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (batch, q_heads, T, head_dim), (batch, kv_heads, S)
     """Attention of a chunk that reads everything held plus itself (causally) without being
-    stored, and the most attention each held entry got from any of its queries and query heads.
+    stored, and each held entry's score: the most attention it got from any of its queries and
+    query heads (`score="attention"`), or the most any query's output would move were the entry
+    removed from its softmax (`"output"`, see `removal_shift`).
 
     The output is the full softmax (the next layer needs the true hidden states), computed by the
     fused kernel. The score renormalises over the `scored` entries and the chunk's own keys only,
@@ -195,6 +216,7 @@ def probe_attention(
     index = scored.float().topk(width, dim=-1, sorted=False).indices
     sub_valid = torch.gather(scored, -1, index)
     sub_keys = torch.gather(held_keys, 2, index[..., None].expand(-1, -1, -1, dim)).float()
+    sub_values = torch.gather(held_values, 2, index[..., None].expand(-1, -1, -1, dim)).float() if score == "output" else None
     group = q_heads // kv_heads
     best = held_keys.new_zeros(batch, kv_heads, width, dtype=torch.float32)
     k_new = new_keys.float()
@@ -207,9 +229,12 @@ def probe_attention(
         own.masked_fill_(~own_ok[:, None, None, start:stop], float("-inf"))
         peak = torch.maximum(held.amax(-1, keepdim=True), own.amax(-1, keepdim=True)).clamp_min_(torch.finfo(held.dtype).min)
         held.sub_(peak).exp_()
-        total = held.sum(-1, keepdim=True) + own.sub_(peak).exp_().sum(-1, keepdim=True)
-        probs = held.div_(total.clamp_min_(torch.finfo(total.dtype).tiny))
+        own.sub_(peak).exp_()
+        total = (held.sum(-1, keepdim=True) + own.sum(-1, keepdim=True)).clamp_min_(torch.finfo(held.dtype).tiny)
+        probs = held.div_(total)
         probs.masked_fill_(~new_valid[:, None, None, start:stop, None], 0.0)
+        if sub_values is not None:
+            probs = removal_shift(probs, own.div_(total), sub_values, new_values.float())
         best = torch.maximum(best, probs.amax(dim=(2, 3)))
     scores = held_keys.new_zeros(batch, kv_heads, slots, dtype=torch.float32)
     scores.scatter_(-1, index, best * sub_valid)
