@@ -65,15 +65,16 @@ def test_chunk_keeps_whole_spans():
 
 
 def test_smooth_keeps_the_neighbours_of_a_high_score():
-    # knorm scores every key 3.0 alike but position 5's (0.1): max-pooling over 3 lifts
-    # positions 4 and 6 to its score, so a budget of 3 keeps the span 4..6 whole. The slots are
+    # knorm scores every key 3.0 alike but position 5's (0.1): pooling over 3 lifts positions 4
+    # and 6 with it, so a budget of 3 keeps the span 4..6 whole (mean and max alike). The slots are
     # held out of position order: neighbours are by position, not by slot.
     keys = torch.full((1, 1, 10, 4), 3.0)
     positions = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
     keys[0, 0, 4] = 0.1  # position 5
     store = storage_with(keys, positions)
-    index, mask = make_policy("smooth:knorm", kernel=3).select(context(store, 3))
-    assert sorted(positions[index[mask]].tolist()) == [4, 5, 6]
+    for pool in ("avg", "max"):
+        index, mask = make_policy("smooth:knorm", kernel=3, pool=pool).select(context(store, 3))
+        assert sorted(positions[index[mask]].tolist()) == [4, 5, 6]
     # kernel 1 is the wrapped policy itself
     ctx = context(store, 3)
     torch.testing.assert_close(make_policy("smooth:knorm", kernel=1).score(ctx), make_policy("knorm").score(ctx))
@@ -95,6 +96,21 @@ def test_smooth_averages_the_scores_it_has_and_keeps_infinite_ones_alone():
     smoothed = make_policy("smooth:kvzip", sinks=1, kernel=3, pool="max").score(ctx)
     assert kvzip.score(ctx)[0, 0, 0] == inf
     torch.testing.assert_close(smoothed, torch.tensor([[[inf, 0.2, 0.9, 0.9, 0.9, 0.3]]]))
+
+
+def test_one_threshold_over_layers_keeps_exactly_the_budget_through_ties():
+    from kvforge.policies.budgets import threshold_over_layers
+
+    inf = float("inf")
+    # Two layers, one sequence, two heads: a budget of 2 + 2 + 1 + 1 = 6 over scores that tie at
+    # the threshold (0.5 four times): exactly 6 are kept, the sinks (+inf) and the 0.9s first.
+    scores = [torch.tensor([[[inf, 0.9, 0.5, 0.1], [0.5, 0.5, 0.2, 0.1]]]), torch.tensor([[[inf, 0.5, 0.3, 0.0], [0.9, 0.1, 0.0, -inf]]])]
+    targets = [torch.tensor([[2, 2]]), torch.tensor([[1, 1]])]
+    counts = threshold_over_layers(scores, targets)
+    assert sum(int(c.sum()) for c in counts) == 6
+    assert counts[0][0, 0] >= 2 and counts[1][0].tolist()[1] == 1  # inf + 0.9; layer 1's 0.9
+    # more +inf entries than the budget: all of them are kept
+    assert [c.tolist() for c in threshold_over_layers([torch.full((1, 1, 3), inf)], [torch.tensor([[1]])])] == [[[3]]]
 
 
 def test_compactor_sketch_approximates_exact_leverage():
@@ -131,7 +147,7 @@ def test_keydiff_keeps_the_key_least_like_the_others():
         ("expected_attention", {"budget": 3}, "below the minimum of 64 entries"),
         ("kvzip", {"spread": "everywhere"}, "spread='everywhere' is not one of 'model', 'layer', 'head'"),
         ("smooth:knorm", {"kernel": 4}, "kernel=4 must be odd"),
-        ("smooth:knorm", {"pool": "median"}, "pool='median' is not one of 'max', 'avg'"),
+        ("smooth:knorm", {"pool": "median"}, "pool='median' is not one of 'avg', 'max'"),
         ("smooth:adakv:knorm", {}, "put the other wrapper outside, e.g. adakv:smooth:knorm"),
     ],
 )

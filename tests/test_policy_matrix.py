@@ -55,7 +55,7 @@ MATRIX = [
     Row("merge:knorm", {"threshold": 0.0}, merges=True),
     Row("restkv", {"chunk": 8, "overlap": 2, "sinks": 1}, spread="model"),
     Row("smooth:snapkv", {"window": 4, "kernel": 3}),
-    Row("smooth:kvzap", {"sinks": 2, "pool": "avg"}, spread="model"),
+    Row("smooth:kvzap", {"sinks": 2, "pool": "max", "kernel": 5}, spread="model"),
 ]
 COMPRESSING = [r for r in MATRIX if r.name != "full"]
 RATIOS = [0.5, 0.75]

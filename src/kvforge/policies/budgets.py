@@ -53,14 +53,22 @@ def spend_across_heads(scores: torch.Tensor, ctx: StepContext, floor: float) -> 
 
 def threshold_over_layers(scores: list[torch.Tensor], targets: list[torch.Tensor]) -> list[torch.Tensor]:
     """One threshold per sequence over every layer and head (KVzip's non-uniform budgets): the
-    cache keeps its total budget, sum of `targets`, and each (layer, head) row keeps its entries
-    scoring at or above the threshold. scores: per layer (batch, kv_heads, slots), -inf on
-    padding; targets: per layer (batch, kv_heads). Returns per layer (batch, kv_heads) counts."""
+    cache keeps its total budget, sum of `targets`, the best-scoring entries of any (layer, head)
+    row. Ties at the threshold go to whichever topk returns first, so exactly the budget is kept (pooled
+    scores tie often); entries scoring +inf are all kept, even past it. scores: per layer
+    (batch, kv_heads, slots), -inf on padding; targets: per layer (batch, kv_heads). Returns per
+    layer (batch, kv_heads) counts."""
     flat = torch.cat([s.float().flatten(1) for s in scores], 1)  # (batch, all entries)
     total = torch.stack(targets).sum(dim=(0, 2)).clamp(max=flat.shape[1])  # (batch,)
-    ranked = flat.topk(max(int(total.max()), 1), dim=1).values
-    threshold = ranked.gather(1, (total - 1).clamp(min=0)[:, None])  # (batch, 1)
-    return [(s >= threshold[:, :, None]).sum(-1) for s in scores]
+    k = max(int(total.max()), 1)
+    top = flat.topk(k, dim=1).indices  # (batch, k)
+    chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, torch.arange(k, device=flat.device) < total[:, None])
+    chosen |= flat == float("inf")
+    counts, start = [], 0
+    for s in scores:
+        counts.append(chosen[:, start : start + s[0].numel()].view(s.shape).sum(-1))
+        start += s[0].numel()
+    return counts
 
 
 SPREADS = ("model", "layer", "head")
