@@ -9,6 +9,7 @@ import torch
 
 from conftest import held_positions, left_padded, word_tokenizer
 from kvforge import KVCache, make_policy
+from kvforge.attention import output_projection
 from kvforge.generate import feed, greedy, settle
 from kvforge.generate import prefill as prefill_ids
 from kvforge.reconstruct import passes
@@ -194,11 +195,13 @@ def test_kvzip_scores_are_the_reconstruction_attention(tiny_model, chunk):
             torch.testing.assert_close(got[layer][:, lo:end], want, rtol=1e-4, atol=1e-6)
 
 
-def test_restkv_scores_how_far_dropping_an_entry_moves_the_outputs():
+@pytest.mark.parametrize("projected", [True, False])
+def test_restkv_scores_how_far_dropping_an_entry_moves_the_outputs(projected):
     """probe_attention's "output" score, re-derived by brute force: for every query (of every
     head of the GQA group) take the entry out of the scoring softmax, recompute the output and
-    measure how far it moved; an entry scores the most of these. Two KV heads, two query heads
-    each, a batch of two whose second row has a padding query; entries outside `scored` get 0."""
+    measure how far the head's share of the output projection moved (or the output itself,
+    without one); an entry scores the most of these. Two KV heads, two query heads each, a
+    batch of two whose second row has a padding query; entries outside `scored` get 0."""
     from kvforge.reading import probe_attention
 
     torch.manual_seed(5)
@@ -211,7 +214,8 @@ def test_restkv_scores_how_far_dropping_an_entry_moves_the_outputs():
     scored[:, :, 2] = False  # not in the repeated span: out of every softmax, score 0
     new_valid = torch.ones(batch, t, dtype=torch.bool)
     new_valid[1, 0] = False
-    _, got = probe_attention(query, keys, values, held_valid, scored, new_keys, new_values, new_valid, 0.5, chunk=3, score="output")
+    out_proj = torch.randn(6, kv_heads * group * dim) if projected else None  # (hidden, q_heads * head_dim)
+    _, got = probe_attention(query, keys, values, held_valid, scored, new_keys, new_values, new_valid, 0.5, chunk=3, score="output", out_proj=out_proj)
     want = torch.zeros(batch, kv_heads, slots)
     for b, h, g, q in [(b, h, g, q) for b in range(batch) for h in range(kv_heads) for g in range(group) for q in range(t)]:
         if not new_valid[b, q]:
@@ -221,9 +225,11 @@ def test_restkv_scores_how_far_dropping_an_entry_moves_the_outputs():
         v = torch.cat([values[b, h][scored[b, h]], new_values[b, h, : q + 1][own]])
         logits = k @ query[b, h * group + g, q] * 0.5
         out = torch.softmax(logits, 0) @ v
+        head = h * group + g
+        w = out_proj[:, head * dim : (head + 1) * dim] if projected else torch.eye(dim)
         for i, slot in enumerate(scored[b, h].nonzero()[:, 0].tolist()):
             keep = torch.arange(len(k)) != i
-            moved = (torch.softmax(logits[keep], 0) @ v[keep] - out).norm()
+            moved = (w @ (torch.softmax(logits[keep], 0) @ v[keep] - out)).norm()
             want[b, h, slot] = max(want[b, h, slot], moved)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     _, attention = probe_attention(query, keys, values, held_valid, scored, new_keys, new_values, new_valid, 0.5)
@@ -238,6 +244,9 @@ def test_restkv_keeps_its_own_scores_and_answers_from_the_compressed_cache(tiny_
     assert cache.entries() == 10 * tiny_model.config.num_hidden_layers * tiny_model.config.num_key_value_heads
     assert set(cache.layers[0].storage.view().aux) == {"restkv"}
     assert torch.isfinite(logits).all()
+    # what the passes measure through: the attention's own output projection
+    attention = tiny_model.model.layers[0].self_attn
+    assert output_projection(attention) is attention.o_proj.weight
 
 
 def test_kvzip_keeps_the_budget_and_answers_from_the_compressed_cache(tiny_model):

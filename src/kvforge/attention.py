@@ -27,8 +27,22 @@ _LAYER_TAG = "_kvforge_layer"
 
 class AttendingLayer(Protocol):
     def attend(
-        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, new_valid: torch.Tensor, scaling: float
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        new_valid: torch.Tensor,
+        scaling: float,
+        out_proj: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
+
+
+def output_projection(module: torch.nn.Module) -> torch.Tensor | None:
+    """(hidden, q_heads * head_dim) weight of the attention's output projection (`o_proj` in
+    Llama, Qwen, Mistral and Gemma), or None where the module has none by that name."""
+    proj = getattr(module, "o_proj", None)
+    weight = getattr(proj, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def tag_layer(keys: torch.Tensor, layer: AttendingLayer) -> None:
@@ -78,7 +92,7 @@ def kvforge_attention(
     layer = pop_layer(key)
     if layer is not None:
         new_valid = all_real(batch, t, query.device) if attention_mask is None else attention_mask[:, -t:]
-        out = layer.attend(query, key, value, new_valid, scale)
+        out = layer.attend(query, key, value, new_valid, scale, output_projection(module))
     else:
         # Another cache (or none): keys are every token so far, the last T of them new.
         length = key.shape[2]

@@ -182,13 +182,14 @@ class KVForgeLayer(CacheLayerMixin):
         values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
         new_valid: torch.Tensor,  # (batch, T) bool
         scaling: float,
+        out_proj: torch.Tensor | None = None,  # (hidden, q_heads * head_dim): for output-aware scores
     ) -> torch.Tensor:  # (batch, q_heads, T, head_dim)
         assert self.storage is not None and self.tokens is not None
         self.pending = False
         t = keys.shape[2]
         mode = self.phase.mode or (DECODE if t == 1 else PREFILL)
         if mode == PROBE:
-            return self._probe(query, keys, values, new_valid, scaling)
+            return self._probe(query, keys, values, new_valid, scaling, out_proj)
         if mode in (SELECT, REFRESH):
             return self._blend(mode, query, keys, values, scaling)
         if mode == PREFILL and self.policy.defers and self.phase.mode is None:
@@ -236,6 +237,7 @@ class KVForgeLayer(CacheLayerMixin):
         values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
         new_valid: torch.Tensor,  # (batch, T)
         scaling: float,
+        out_proj: torch.Tensor | None = None,  # (hidden, q_heads * head_dim)
     ) -> torch.Tensor:
         """A probe chunk: attend over what is held plus the chunk, store nothing, and raise each
         scored entry's policy state to the highest score it got (see `Probe`)."""
@@ -248,7 +250,8 @@ class KVForgeLayer(CacheLayerMixin):
         first = pos.masked_fill(~view.valid, torch.iinfo(pos.dtype).max).amin(dim=(1, 2))  # (batch,)
         scored = view.valid & (span | (pos < (first + probe.sinks)[:, None, None]))
         out, best = probe_attention(
-            query, view.keys, view.values, view.valid, scored, keys, values, new_valid, scaling, score=probe.score
+            query, view.keys, view.values, view.valid, scored, keys, values, new_valid, scaling, score=probe.score,
+            out_proj=out_proj,
         )
         old = view.aux[probe.name]
         # Scored entries stay above 0 (an entry at 0 was never scored; see kvzip).

@@ -6,12 +6,14 @@ hands its share to the others; what matters is how far each query's output moves
 attention a query pays entry i and o the query's output, the output without the entry is
 (o - a_i v_i) / (1 - a_i), so the entry scores a_i / (1 - a_i) * ||v_i - o||: a much-attended
 entry whose value is what the output already says costs little to drop, a less-attended one
-that pulls the output away costs more. ReST-KV measures it on the last window of the prompt
-(query-aware); here the queries are KVzip's context reconstruction (question-agnostic, the same
-passes, chunks and sinks as `kvzip`), each entry keeping the most any query would move, and the
-distance is taken between values, not through the output projection (the cache holds no weights).
-ReST-KV's spatial smoothing is `smooth:restkv`; its temporal smoothing (an average over the window's
-queries) has no counterpart in a max over the reconstruction. Budgets are spread as kvzip's.
+that pulls the output away costs more. As in the paper the distance is measured after the
+head's slice W_h of the attention's output projection, ||W_h (v_i - o)|| (what the layer adds to
+the residual stream), where the attention module has one named `o_proj` (else between values).
+ReST-KV measures it on the last window of the prompt (query-aware); here the queries are KVzip's
+context reconstruction (question-agnostic, the same passes, chunks and sinks as `kvzip`), each
+entry keeping the most any query would move. ReST-KV's spatial smoothing is `smooth:restkv`; its
+temporal smoothing (an average over the window's queries) has no counterpart in a max over the
+reconstruction. Budgets are spread as kvzip's.
 """
 
 from __future__ import annotations

@@ -155,21 +155,36 @@ def received_attention(
     return attention_probs_sum(query, keys, allowed, query_weight, scaling)
 
 
+def head_grams(out_proj: torch.Tensor, kv_heads: int, group: int) -> torch.Tensor:
+    """(hidden, q_heads * head_dim) output projection -> (kv_heads, group, head_dim, head_dim)
+    W_h^T W_h of each query head's slice W_h, so ||W_h x||^2 = x^T (W_h^T W_h) x."""
+    hidden = out_proj.shape[0]
+    w = out_proj.float().view(hidden, kv_heads, group, -1)
+    return torch.einsum("ohgd,ohge->hgde", w, w)
+
+
 def removal_shift(
     probs: torch.Tensor,  # (batch, kv_heads, group, c, M): each query's attention to each scored entry
     own_probs: torch.Tensor,  # (batch, kv_heads, group, c, T): and to the chunk's own entries
     values: torch.Tensor,  # (batch, kv_heads, M, head_dim): the scored entries' values
     own_values: torch.Tensor,  # (batch, kv_heads, T, head_dim)
+    grams: torch.Tensor | None = None,  # (kv_heads, group, head_dim, head_dim): see `head_grams`
 ) -> torch.Tensor:  # (batch, kv_heads, group, c, M)
-    """How far each query's attention output moves when one entry is taken out of its softmax:
-    with o the output and a_i the entry's attention, the output renormalised without it is
-    (o - a_i v_i) / (1 - a_i), so the shift is a_i / (1 - a_i) * ||v_i - o|| (ReST-KV's layer-wise
-    output reconstruction, measured on the values rather than through the output projection,
-    which the cache does not hold). Rows of probs summing to 0 (padding queries) give 0."""
+    """How far each query head's contribution to the layer's output moves when one entry is taken
+    out of its softmax: with o the head's attention output and a_i the entry's attention, the
+    output renormalised without it is (o - a_i v_i) / (1 - a_i), so the shift is a_i / (1 - a_i)
+    * ||W_h (v_i - o)||, W_h the head's slice of the output projection (ReST-KV's layer-wise
+    output reconstruction); without `grams`, ||v_i - o||. Padding queries (probs all 0) give 0."""
     out = torch.einsum("bhgcm,bhmd->bhgcd", probs, values) + torch.einsum("bhgct,bhtd->bhgcd", own_probs, own_values)
-    # ||v_i - o||^2 = ||v_i||^2 + ||o||^2 - 2 v_i.o, without a (.., c, M, head_dim) difference
-    distance = (values.square().sum(-1)[:, :, None, None, :] + out.square().sum(-1, keepdim=True)
-                - 2 * torch.einsum("bhgcd,bhmd->bhgcm", out, values)).clamp_min_(0).sqrt_()
+    # ||W(v_i - o)||^2 = v_i.Gv_i + o.Go - 2 o.Gv_i (G = W^T W, or the identity), without a
+    # (.., c, M, head_dim) difference
+    if grams is None:
+        v_gv = values.square().sum(-1)[:, :, None, None, :]  # (batch, kv_heads, 1, 1, M)
+        o_g = out
+    else:
+        v_gv = torch.einsum("bhmd,hgde,bhme->bhgm", values, grams, values)[:, :, :, None, :]
+        o_g = torch.einsum("bhgcd,hgde->bhgce", out, grams)
+    distance = (v_gv + (o_g * out).sum(-1, keepdim=True) - 2 * torch.einsum("bhgcd,bhmd->bhgcm", o_g, values)).clamp_min_(0).sqrt_()
     return probs / (1 - probs).clamp_min(1e-6) * distance
 
 
@@ -185,6 +200,7 @@ def probe_attention(
     scaling: float,
     chunk: int = 128,
     score: str = "attention",
+    out_proj: torch.Tensor | None = None,  # (hidden, q_heads * head_dim): "output" measures through it
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (batch, q_heads, T, head_dim), (batch, kv_heads, S)
     """Attention of a chunk that reads everything held plus itself (causally) without being
     stored, and each held entry's score: the most attention it got from any of its queries and
@@ -218,6 +234,7 @@ def probe_attention(
     sub_keys = torch.gather(held_keys, 2, index[..., None].expand(-1, -1, -1, dim)).float()
     sub_values = torch.gather(held_values, 2, index[..., None].expand(-1, -1, -1, dim)).float() if score == "output" else None
     group = q_heads // kv_heads
+    grams = head_grams(out_proj, kv_heads, group) if sub_values is not None and out_proj is not None else None
     best = held_keys.new_zeros(batch, kv_heads, width, dtype=torch.float32)
     k_new = new_keys.float()
     for start in range(0, t, chunk):
@@ -234,7 +251,7 @@ def probe_attention(
         probs = held.div_(total)
         probs.masked_fill_(~new_valid[:, None, None, start:stop, None], 0.0)
         if sub_values is not None:
-            probs = removal_shift(probs, own.div_(total), sub_values, new_values.float())
+            probs = removal_shift(probs, own.div_(total), sub_values, new_values.float(), grams)
         best = torch.maximum(best, probs.amax(dim=(2, 3)))
     scores = held_keys.new_zeros(batch, kv_heads, slots, dtype=torch.float32)
     scores.scatter_(-1, index, best * sub_valid)
