@@ -6,12 +6,13 @@ holds. Li et al.'s SnapKV pools its window attention this way (kernel 5-7, "clus
 et al., "ReST-KV: Robust KV Cache Eviction with Layer-wise Output Reconstruction and
 Spatial-Temporal Smoothing", ICLR 2026, smooths its scores spatially too (mean, kernel 5): a
 token a question will need rarely stands alone. On this model a needle's number is one token per
-digit, and a per-entry score (kvzap's, predicted from each entry alone) can keep five of its
-seven digits; pooling lifts the neighbours of high scores, so the whole number may survive.
+digit, and a per-entry score (kvzap's, predicted from each entry alone) may keep some digits and
+drop others; pooling lifts the neighbours of high scores, so the whole number may survive.
 Unlike `chunk:` (fixed spans, each head its own budget), the window slides with every entry and
 the wrapped policy's way of spending its budget (kvzip's and kvzap's thresholds over layers and
-heads) is kept. The default (mean over 3) is the one of four tried that lost nothing on eight
-prose needles at kvzap 0.75 + int4 (mean 5 and max 3 or 5 lost one to three of them; README).
+heads) is kept. The default (mean over 3) is the one of four tried that kept as many of eight
+prose needles as kvzap alone at 0.75 + int4 (mean over 5, max over 3 or 5: one to three fewer;
+README).
 
 Invariants: an infinite score (a sink, an entry no pass scored) stays infinite and does not
 spread to its neighbours; padding never enters a window; a kernel of 1 changes nothing.
@@ -61,7 +62,7 @@ class Smooth(Wrapper):
         super().__post_init__()
         check_range("kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
-            raise ValueError(f"kernel={self.kernel} must be odd (the entry and as many neighbours on each side); give e.g. --kernel {self.kernel + 1}")
+            raise ValueError(f"kernel={self.kernel} must be odd (the entry and as many neighbours on each side); give e.g. --param kernel={self.kernel + 1}")
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r} is not one of {', '.join(map(repr, POOLS))}")
         if self.wrapped.wraps:
