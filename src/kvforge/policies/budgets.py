@@ -64,11 +64,8 @@ def threshold_over_layers(scores: list[torch.Tensor], targets: list[torch.Tensor
     top = flat.topk(k, dim=1).indices  # (batch, k)
     chosen = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, torch.arange(k, device=flat.device) < total[:, None])
     chosen |= flat == float("inf")
-    counts, start = [], 0
-    for s in scores:
-        counts.append(chosen[:, start : start + s[0].numel()].view(s.shape).sum(-1))
-        start += s[0].numel()
-    return counts
+    per_layer = chosen.split([s[0].numel() for s in scores], dim=1)
+    return [c.view(s.shape).sum(-1) for c, s in zip(per_layer, scores)]
 
 
 SPREADS = ("model", "layer", "head")

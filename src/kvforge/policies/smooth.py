@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from kvforge.policies.base import StepContext, check_range, top_slots
+from kvforge.policies.base import StepContext, check_range
 from kvforge.policies.budgets import spread_select, spread_targets
 from kvforge.policies.registry import register
 from kvforge.policies.wrapper import Wrapper
@@ -92,13 +92,14 @@ class Smooth(Wrapper):
         pooled = pooled.masked_fill(forced, float("inf"))
         return torch.empty_like(pooled).scatter_(-1, order, pooled).masked_fill(~valid, float("-inf"))
 
+    # Spent as the wrapped policy spends its budget, by the smoothed scores; a policy with one
+    # budget per row keeps the top ones (`Policy.select` on `self.score`).
     def layer_budgets(self, contexts: list[StepContext | None]) -> list[torch.Tensor | None]:
         if self.spread is None:
-            return self.wrapped.layer_budgets(contexts)
+            return super().layer_budgets(contexts)
         return spread_targets(self.score, contexts, self.spread)
 
     def select(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        assert ctx.budget is not None
         if self.spread is None:
-            return top_slots(self.score(ctx), ctx.budget, ctx.view.valid)
+            return super().select(ctx)
         return spread_select(self.score(ctx), ctx, self.spread)
