@@ -8,6 +8,7 @@ import json
 import pytest
 
 from kvforge.cli import main
+from kvforge.storage import QuantSpec
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_fidelity_table_names_each_configuration_whole_within_80_columns(capsys,
         "--quant-group", "16",
     )  # fmt: skip
     assert code == 0
-    assert "knorm 0.875 int4/centroid0.125" in out and "full int4/centroid0.125" in out
+    assert "knorm 0.875 int4/g16/centroid0.125" in out and "full int4/g16/centroid0.125" in out
     assert max(len(line) for line in out.splitlines()) <= 80
 
 
@@ -174,7 +175,8 @@ def test_demo_runs_every_policy_and_reports_kept_bytes(capsys, tiny_checkpoint):
     front = [r for r in rows if r["quant"] != "none"]  # the front's configurations, after every method
     rows = [r for r in rows if r["quant"] == "none"]
     assert [r["policy"] for r in rows] == methods()
-    assert {(r["policy"], r["ratio"], r["quant"]) for r in front} == {(p, r, "int4") for p, r in FRONT}
+    int4 = QuantSpec("int4", group=16).label  # the default group where it divides the tiny model's head_dim
+    assert {(r["policy"], r["ratio"], r["quant"]) for r in front} == {(p, r, int4) for p, r in FRONT}
     assert "quality per byte on this sample" in out
     full = rows[0]
     assert full["cache_bytes"] == full["dense_bytes"]

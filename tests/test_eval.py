@@ -137,6 +137,8 @@ def test_config_errors():
         (dict(policies=["full", "y"]), "unknown policy 'y'; known policies: adakv, cake, chunk"),
         (dict(samples=0), "--samples 0 must be at least 1"),
         (dict(ratios=[1.5]), "ratio 1.5 is outside [0, 1)"),
+        (dict(policies=["snapkv[windw=4]"]), "policy 'snapkv[windw=4]' has no parameter 'windw'; its parameters:"),
+        (dict(policies=["snapkv[window]"]), "parameter 'window' must look like NAME=VALUE"),
     ]:
         with pytest.raises(ValueError, match=re.escape(msg)):
             config(**kw).validate()
@@ -295,10 +297,46 @@ def test_quant_modes_are_rows_derived_from_the_same_prefill(tiny, tmp_path):
     by = {(r.sample, r.policy, r.quant): r for r in rows}
     for s in range(2):
         for policy in ("full", "knorm"):
-            none, int8, int2 = (by[(s, policy, m)] for m in ("none", "int8", "int2"))
+            none, int8, int2 = (by[(s, policy, m)] for m in ("none", "int8/g8", "int2/g8"))
             assert none.cache_bytes > int8.cache_bytes > int2.cache_bytes
             assert 32 == none.bits_per_element > int8.bits_per_element > int2.bits_per_element
     md = markdown(summarize(rows))
-    assert "| policy | ratio | quant | bits |" in md and "| knorm | 0.5 | int2 |" in md
+    assert "| policy | ratio | quant | bits |" in md and "| knorm | 0.5 | int2/g8 |" in md
     with pytest.raises(ValueError, match="--quant-group 6 does not divide"):
         run_eval(tiny, config(quant=["int4"], quant_group=6), tmp_path / "bad")
+
+
+def test_rows_name_their_policy_parameters_and_key_group(tiny, tmp_path):
+    """Settings that differ only in a parameter or a key group are rows of their own in one
+    directory (and one report): the names carry them."""
+    out = tmp_path / "named"
+    policies = ["full", "snapkv", "snapkv[window=4]", "smooth:snapkv[kernel=5,pool=max]"]
+    rows, _ = run_eval(tiny, config(policies=policies, quant=["int4", "int4/g8"], quant_group=16), out)
+    names = {(r.policy, r.quant) for r in rows}
+    assert names == {(p, q) for p in ("full", "snapkv", "snapkv[window=4]", "smooth:snapkv[kernel=5,pool=max]") for q in ("int4/g16", "int4/g8")}
+    by = {(r.sample, r.policy, r.quant): r for r in rows}
+    # --quant-group 16 is what a mode without its own group gets; int4/g8 holds twice the scales.
+    assert by[(0, "full", "int4/g8")].bits_per_element > by[(0, "full", "int4/g16")].bits_per_element
+    md = markdown(summarize(rows))
+    assert "| snapkv[window=4] | 0.5 | int4/g8 |" in md and "| smooth:snapkv[kernel=5,pool=max] | 0.5 | int4/g16 |" in md
+    seen: list = []
+    run_eval(tiny, config(policies=policies, quant=["int4", "int4/g8"], quant_group=16), out, on_row=seen.append)
+    assert seen == []  # resumed by name: nothing redone
+
+
+def test_rows_written_before_labels_named_their_group_are_renamed_once(tiny, tmp_path):
+    out = tmp_path / "old"
+    run_eval(tiny, config(quant=["int4"], quant_group=8), out)
+    # What an older kvforge wrote: `int4` for groups of 8, and no group_labels in the config.
+    rows = [json.loads(line) for line in (out / ROWS).read_text().splitlines()]
+    (out / ROWS).write_text("".join(json.dumps({**r, "quant": "int4"}) + "\n" for r in rows))
+    stored = json.loads((out / "config.json").read_text())
+    del stored["group_labels"]
+    (out / "config.json").write_text(json.dumps(stored))
+    seen: list = []
+    again, _ = run_eval(tiny, config(quant=["int4"], quant_group=8), out, on_row=seen.append)
+    assert seen == [] and {r.quant for r in again} == {"int4/g8"}  # renamed, resumed, nothing redone
+    # Afterwards rows of another group join the directory; the renamed rows keep their name.
+    both, _ = run_eval(tiny, config(quant=["int4", "int4/g8"], quant_group=16), out)
+    assert {r.quant for r in both} == {"int4/g16", "int4/g8"} and len(both) == 2 * 2 * 2
+    assert {r["quant"] for r in map(json.loads, (out / ROWS).read_text().splitlines())} == {"int4/g16", "int4/g8"}

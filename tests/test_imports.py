@@ -69,7 +69,7 @@ def test_a_kv_spec_is_validated_when_made_and_builds_its_policy():
     spec = KVSpec("snapkv", 0.5, QuantSpec("int4"), params=(("window", 8),))
     policy = spec.build()
     assert (policy.name, policy.ratio, policy.window) == ("snapkv", 0.5, 8)
-    assert spec.key == ("snapkv", 0.5, "int4") and hash(spec) == hash(KVSpec("snapkv", 0.5, QuantSpec("int4"), params=(("window", 8),)))
+    assert spec.key == ("snapkv[window=8]", 0.5, "int4") and hash(spec) == hash(KVSpec("snapkv", 0.5, QuantSpec("int4"), params=(("window", 8),)))
     assert KVSpec("knorm", budget=64).build().budget == 64
     for bad, message in [
         (dict(ratio=1.0), r"ratio 1.0 is outside the allowed range \[0, 1\)"),

@@ -450,3 +450,43 @@ def test_a_quantized_cache_swapped_out_and_in_decodes_exactly_as_one_that_stayed
         got = decode(tiny_model, moved, logits, ids.shape[1], 4)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_label_names_its_group_where_it_is_not_the_default():
+    assert QuantSpec.parse("int4/g16").group == 16 and QuantSpec.parse("int4/g16").label == "int4/g16"
+    assert QuantSpec.parse("int4", group=16).label == "int4/g16"  # --quant-group 16
+    assert QuantSpec.parse("int4/g8", group=16).group == 8  # the label's own group wins
+    assert QuantSpec.parse("int4").label == "int4" and QuantSpec.parse("int4/g32").label == "int4"
+    assert QuantSpec.parse("centroid0.25", group=16).label == "centroid0.25"  # nothing quantized: no group
+    spec = QuantSpec.parse("int4/g16/r32/centroid0.125")
+    assert (spec.group, spec.rank, spec.read, spec.label) == (16, 32, 0.125, "int4/g16/r32/centroid0.125")
+    with pytest.raises(ValueError, match="--quant-group must be a positive integer"):
+        QuantSpec.parse("int4/g0")
+
+
+def reachable_tensors(obj: object, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """Every tensor an object holds through attributes, dataclass fields, lists and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    children = list(obj.values()) if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple, set)) else list(getattr(obj, "__dict__", {}).values())
+    return [t for child in children for t in reachable_tensors(child, seen)]
+
+
+def test_decoding_a_ragged_quantized_cache_holds_no_codes_it_does_not_count(tiny_model):
+    """Rows of different lengths are read through a padded picture of their codes: made for one
+    attention call, never kept beside the codes (it would hold them twice, uncounted)."""
+    cache = KVCache(tiny_model, make_policy("adakv:knorm", ratio=0.5), quant=QuantSpec("int4", **SPEC))
+    row = left_padded([40], seed=16)[0][0].tolist()
+    logits = prefill_ids(tiny_model, cache, row)[None]
+    positions = torch.tensor([40])
+    for _ in range(3):
+        logits, positions = feed(tiny_model, cache, [[int(logits[0].argmax())]], positions, DECODE)
+    storages = [layer.storage for layer in cache.layers]
+    assert any(len(set(s.lengths.flatten().tolist())) > 1 for s in storages)  # ragged: the padded path ran
+    counted = set(cache.buffers())
+    codes = [t for s in storages for t in reachable_tensors(s) if t.dtype == torch.uint8 and t.numel()]
+    assert codes and all(t.untyped_storage().data_ptr() in counted for t in codes)

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from kvforge.cli import main
+from kvforge.storage import QuantSpec
 from kvforge.eval.tune import Memory, TunedConfig, choose, parse_memory
 from kvforge.spec import KVSpec
 from kvforge.storage import QuantSpec
@@ -107,7 +108,7 @@ def test_tune_writes_a_choice_that_generate_and_eval_reproduce(capsys, tmp_path,
     summary = json.loads((tmp_path / "tuned.json.runs" / "tune" / "summary.json").read_text())
     fitting = [e for e in summary["table"] if e["kept_fraction"] <= 0.25]
     cheapest = min(fitting, key=lambda e: (e["kept_fraction"], e["policy"], e["ratio"]))
-    assert (tuned["policy"], tuned["ratio"], tuned["quant"]["mode"]) == (cheapest["policy"], cheapest["ratio"], cheapest["quant"])
+    assert (tuned["policy"], tuned["ratio"], QuantSpec(**tuned["quant"]).label) == (cheapest["policy"], cheapest["ratio"], cheapest["quant"])
     assert tuned["measured"]["samples"] == 2 and tuned["check"]["samples"] == 2  # half held out
     assert tuned["check"]["gap"] == 0.0 and tuned["check"]["best"]["retention"] == 1.0  # every row keeps the (empty) answer
     assert "chosen" in printed and f"--config {out}" in printed
@@ -115,14 +116,14 @@ def test_tune_writes_a_choice_that_generate_and_eval_reproduce(capsys, tmp_path,
     code, printed, err = run(capsys, "generate", "--model", "random:tiny", "--config", str(out), "--max-new-tokens", "2", "--json", "q?")
     assert code == 0, err
     got = json.loads(printed)
-    assert (got["policy"], got["ratio"], got["quant"]) == (tuned["policy"], tuned["ratio"], tuned["quant"]["mode"])
+    assert (got["policy"], got["ratio"], got["quant"]) == (tuned["policy"], tuned["ratio"], QuantSpec(**tuned["quant"]).label)
 
     again = tmp_path / "again"
     code, _, err = run(capsys, "eval", "--model", "random:tiny", "--config", str(out), "--task-file", str(tmp_path / "tuned.json.runs" / "tune.jsonl"),
                        "--batch", "2", "--out", str(again))  # fmt: skip
     assert code == 0, err
     rows = json.loads((again / "summary.json").read_text())["table"]
-    row = next(e for e in rows if (e["policy"], e["ratio"], e["quant"]) == (tuned["policy"], tuned["ratio"], tuned["quant"]["mode"]))
+    row = next(e for e in rows if (e["policy"], e["ratio"], e["quant"]) == (tuned["policy"], tuned["ratio"], QuantSpec(**tuned["quant"]).label))
     assert row["kept_fraction"] == tuned["measured"]["kept_fraction"] and row["mean"] == tuned["measured"]["mean"]
 
 

@@ -5,10 +5,14 @@ entries per sequence and KV head) and how entries are stored (a quantization). T
 engine and the server pass this around; it is validated when made, and `build()` is the one place
 a policy is built from it. Specs are frozen and hashable: the engine batches requests of equal
 specs together, and eval keys its rows by `key`.
+
+A policy with parameters is written `smooth:kvzap[kernel=5,pool=max]` wherever a command takes a
+policy name (`parse_name`); reports name it the same way, parameters in name order (`KVSpec.name`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +23,61 @@ from kvforge.storage.codec import QuantSpec
 
 FULL = "full"
 
+Params = tuple[tuple[str, Any], ...]
+
+
+def parse_value(raw: str) -> Any:
+    """A parameter's value: JSON where it parses (5, 0.5, true, [1, 2], "x"), else the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def split_top(text: str, sep: str = ",") -> list[str]:
+    """`text` split at each `sep` outside brackets, parts stripped, empty parts dropped:
+    'a,b[x=1,y=2],c' -> ['a', 'b[x=1,y=2]', 'c']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_name(text: str) -> tuple[str, Params]:
+    """'smooth:kvzap[kernel=5,pool=max]' -> ('smooth:kvzap', (('kernel', 5), ('pool', 'max'))):
+    a policy name and its parameters, in name order (ValueError naming what is malformed)."""
+    text = text.strip()
+    if "[" not in text:
+        return text, ()
+    head, _, rest = text.partition("[")
+    if not rest.endswith("]") or not head:
+        raise ValueError(f"policy {text!r}: write parameters after the name in brackets, e.g. smooth:kvzap[kernel=5,pool=max]")
+    params: dict[str, Any] = {}
+    for item in split_top(rest[:-1]):
+        name, eq, raw = item.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"policy {text!r}: parameter {item!r} must look like NAME=VALUE, e.g. {head}[kernel=5]")
+        if name.strip() in params:
+            raise ValueError(f"policy {text!r} gives parameter {name.strip()!r} twice")
+        params[name.strip()] = parse_value(raw.strip())
+    return head.strip(), tuple(sorted(params.items()))
+
+
+def name_of(policy: str, params: Params) -> str:
+    """The inverse of `parse_name`: how reports and eval rows name a policy with parameters."""
+    if not params:
+        return policy
+
+    def shown(value: Any) -> str:
+        bare = isinstance(value, str) and parse_value(value) == value and not set(value) & set(",[]=")
+        return value if bare else json.dumps(value, separators=(",", ":"))  # bare: pool=max reads back as itself
+
+    return f"{policy}[{','.join(f'{k}={shown(v)}' for k, v in sorted(params))}]"
+
 
 @dataclass(frozen=True)
 class KVSpec:
@@ -26,20 +85,36 @@ class KVSpec:
     ratio: float = 0.0  # fraction of the prompt's entries evicted, in [0, 1)
     quant: QuantSpec = field(default_factory=QuantSpec)
     budget: int | None = None  # instead of a ratio: entries kept per sequence and KV head
-    params: tuple[tuple[str, Any], ...] = ()  # the policy's own parameters, (name, value) in order
+    params: Params = ()  # the policy's own parameters, (name, value) in order
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"policy {self.policy!r} must be a policy name, e.g. knorm or adakv:snapkv")
+        if "[" in self.policy:
+            raise ValueError(f"policy {self.policy!r}: give its parameters as `params` (KVSpec.named reads {self.policy!r})")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not math.isfinite(self.ratio) or not 0 <= self.ratio < 1:
             raise ValueError(f"ratio {self.ratio!r} is outside the allowed range [0, 1): the fraction of entries evicted")
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1):
             raise ValueError(f"budget {self.budget!r} must be a whole number of entries >= 1")
         if self.budget is not None and self.ratio:
             raise ValueError(f"give either a ratio ({self.ratio}) or a budget ({self.budget}), not both")
+        sizing = [k for k, _ in self.params if k in ("ratio", "budget")]
+        if sizing:
+            raise ValueError(f"policy {self.name!r}: give its {sizing[0]} as the setting's own (--ratios, --ratio, --budget), not a parameter")
         if not isinstance(self.quant, QuantSpec):
             object.__setattr__(self, "quant", QuantSpec.parse(str(self.quant)))
         object.__setattr__(self, "ratio", float(self.ratio))
+
+    @classmethod
+    def named(cls, text: str, ratio: float = 0.0, quant: QuantSpec | None = None) -> KVSpec:
+        """The setting a written name gives (`parse_name`: parameters in brackets) at `ratio`."""
+        policy, params = parse_name(text)
+        return cls(policy, ratio, quant if quant is not None else QuantSpec(), params=params)
+
+    @property
+    def name(self) -> str:
+        """The policy as eval's rows and reports name it: `smooth:kvzap[kernel=5]` (see `parse_name`)."""
+        return name_of(self.policy, self.params)
 
     @property
     def prefix_stable(self) -> bool:
@@ -50,8 +125,8 @@ class KVSpec:
 
     @property
     def key(self) -> tuple[str, float, str]:
-        """(policy, ratio, quantization label): how eval's rows name a setting."""
-        return self.policy, self.ratio, self.quant.label
+        """(policy name with its parameters, ratio, quantization label): how eval's rows name a setting."""
+        return self.name, self.ratio, self.quant.label
 
     def build(self) -> Policy:
         """The policy this spec names (ValueError naming what is wrong: an unknown policy, a

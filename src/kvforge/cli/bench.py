@@ -20,6 +20,7 @@ from kvforge.cli.common import (
     ensure_calibration,
     positive_int,
     split_list,
+    split_policies,
     write_json,
     ratio_arg,
     size_arg,
@@ -70,7 +71,7 @@ def bench_policies(args: argparse.Namespace) -> tuple[list[str], list[Any]]:
     """bench's --policies (default: every registered one) at --ratio or --budget; full keeps all."""
     from kvforge.policies import methods
 
-    names = split_list(args.policies) if args.policies else methods()
+    names = split_policies(args.policies) if args.policies else methods()
     ratio = None if args.budget is not None or args.coverage is not None else args.ratio
     return names, [build_policy(n, None if n == "full" else ratio, [], args) for n in names]
 

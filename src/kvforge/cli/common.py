@@ -19,26 +19,27 @@ err_console = Console(stderr=True)
 
 def parse_param(text: str) -> tuple[str, Any]:
     """'window=32' -> ('window', 32); values are read as JSON when they parse, else as strings."""
+    from kvforge.spec import parse_value
+
     if "=" not in text:
         raise ValueError(f"--param {text!r} must look like NAME=VALUE, e.g. --param window=32")
     name, raw = text.split("=", 1)
-    try:
-        return name.strip(), json.loads(raw)
-    except json.JSONDecodeError:
-        return name.strip(), raw
+    return name.strip(), parse_value(raw)
 
 
 def build_policy(name: str, ratio: float | None, params: list[str], args: argparse.Namespace | None = None) -> Any:
-    """A policy from the command line: its name, --ratio, --param NAME=VALUE and the budget
-    options (--budget, --decode-budget, --evict-every) where the command has them."""
+    """A policy from the command line: its name (parameters in brackets too: `snapkv[window=32]`),
+    --ratio, --param NAME=VALUE and the budget options (--budget, --decode-budget, --evict-every)
+    where the command has them."""
     return cli_spec(name, ratio, params, args).build()
 
 
 def cli_spec(name: str, ratio: float | None, params: list[str], args: argparse.Namespace | None = None) -> Any:
     """The KV setting (`kvforge.spec.KVSpec`) the command line names: see `build_policy`."""
-    from kvforge.spec import KVSpec
+    from kvforge.spec import KVSpec, parse_name
 
-    own = dict(parse_param(p) for p in params)
+    name, written = parse_name(name)
+    own = {**dict(written), **dict(parse_param(p) for p in params)}
     budget = None
     if args is not None and name != "full":
         budget = getattr(args, "budget", None)
@@ -98,6 +99,7 @@ def add_quant_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
 
     what = "comma list of modes, each a set of rows" if many else "one mode"
     parser.add_argument("--quant", default="none", help=f"K/V quantization ({what}): {', '.join(MODES)}; then "
+                        "/g16 sets that mode's group (default --quant-group), "
                         "/r32 holds 32 low-rank coordinates per head (/think32: keys as their 32 best channels), "
                         "/centroid0.125 or /quest0.125 reads that fraction of each row's pages per decoding step "
                         "(e.g. int4/centroid0.125)")
@@ -133,13 +135,13 @@ def apply_config(args: argparse.Namespace) -> None:
     args.quant_group, args.quant_residual, args.quant_split = quant.group, quant.residual, quant.split
     args.quant_prompt_residual = quant.prompt_residual
     if hasattr(args, "policies"):  # eval
-        if spec.params or spec.budget is not None:
-            raise ValueError(f"--config {args.config}: eval sweeps ratios; this configuration sets a budget or parameters")
-        args.policies = ",".join(dict.fromkeys(["full", spec.policy]))
+        if spec.budget is not None:
+            raise ValueError(f"--config {args.config}: eval sweeps ratios; this configuration sets a budget ({spec.budget} entries)")
+        args.policies = ",".join(dict.fromkeys(["full", spec.name]))
         args.ratios = f"{spec.ratio:g}" if spec.ratio else None
-        args.quant = ",".join(dict.fromkeys(["none", quant.mode]))
+        args.quant = ",".join(dict.fromkeys(["none", quant.label]))
         return
-    args.policy, args.quant, args.coverage = spec.policy, quant.mode, None
+    args.policy, args.quant, args.coverage = spec.policy, quant.label, None
     args.ratio = None if spec.budget is not None else spec.ratio
     if hasattr(args, "budget"):
         args.budget = spec.budget
@@ -215,6 +217,13 @@ def positive_int(option: str) -> Any:
 
 def split_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def split_policies(text: str) -> list[str]:
+    """--policies: commas inside a policy's brackets (`smooth:kvzap[kernel=5,pool=max]`) stay."""
+    from kvforge.spec import split_top
+
+    return split_top(text)
 
 
 def write_json(path: Path, data: object) -> None:

@@ -23,6 +23,7 @@ from kvforge.cli.common import (
     ensure_calibration,
     positive_int,
     split_list,
+    split_policies,
     ratio_arg,
 )
 from kvforge.models import DEFAULT_MODEL
@@ -133,7 +134,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvforge.eval.report import write_reports
     from kvforge.eval.runner import EvalConfig, Workers, run_eval, total_rows
     from kvforge.calibration import find_calibration, fingerprint
-    from kvforge.policies import make_policy, methods
+    from kvforge.policies import methods
+    from kvforge.spec import KVSpec
 
     apply_config(args)
     if args.quick:
@@ -141,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if getattr(args, key) is None:
                 setattr(args, key, value)
     tasks = split_list(args.tasks or ("" if args.task_file else "niah_single"))
-    policies = split_list(args.policies) if args.policies else methods()
+    policies = split_policies(args.policies) if args.policies else methods()
     ratios = [ratio_arg(r) for r in split_list(args.ratios or "0.5")]
     settings = [False, True] if (args.quick or args.both_settings) else [args.query_aware]
     cfg = EvalConfig(
@@ -162,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.ray_address is not None:
         raise ValueError(f"--ray-address {args.ray_address} names the cluster --workers run on: give --workers N too")
     loaded = load(args)
-    made = [make_policy(n) for n in cfg.policies]
+    made = [KVSpec.named(n).build() for n in cfg.policies]
     ensure_calibration(loaded, made, list(cfg.specs().values()))
     out = Path(args.out)
     total = total_rows(cfg)
@@ -192,9 +194,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     from kvforge.policies import methods
     from kvforge.spec import KVSpec
 
-    names = split_list(args.policies) if args.policies else [n for n in methods() if n != "full"]
+    names = split_policies(args.policies) if args.policies else [n for n in methods() if n != "full"]
     ratios = [ratio_arg(r) for r in split_list(args.ratios)]
-    policies = [KVSpec(n, r).build() for n in names for r in ([0.0] if n == "full" else ratios)]
+    policies = [KVSpec.named(n, r).build() for n in names for r in ([0.0] if n == "full" else ratios)]
     if args.text_file:
         try:
             text = Path(args.text_file).read_text(encoding="utf-8")
@@ -241,7 +243,8 @@ def register(sub: Any) -> None:
     ev.add_argument("--model", default=DEFAULT_MODEL)
     ev.add_argument("--tasks", default=None, help="comma list of: " + "niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, niah_prose")
     ev.add_argument("--task-file", default=None, help="JSON lines with context, question, answers")
-    ev.add_argument("--policies", default=None, help="comma list (default: every registered policy)")
+    ev.add_argument("--policies", default=None, help="comma list (default: every registered policy); parameters in "
+                    "brackets, e.g. 'kvzap,smooth:kvzap[kernel=5,pool=max]' (each a set of rows)")
     ev.add_argument("--ratios", default=None, help="comma list of ratios in [0, 1) (default 0.5)")
     ev.add_argument("--length", type=int, default=None, help="prompt tokens (default 2048)")
     ev.add_argument("--samples", type=int, default=None, help="samples per task (default 20)")

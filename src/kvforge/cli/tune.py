@@ -13,6 +13,7 @@ from rich.table import Table
 
 from kvforge.cli.common import (
     add_device_args, add_quant_args, console, err_console, ensure_calibration, load, positive_int, quant_specs, ratio_arg, split_list,
+    split_policies,
 )  # fmt: skip
 from kvforge.eval.front import configuration_label
 from kvforge.models import DEFAULT_MODEL
@@ -118,18 +119,17 @@ def check_choice(
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from kvforge.eval.tune import TunedConfig, choose, measured
-    from kvforge.policies import make_policy
     from kvforge.spec import KVSpec
 
     memory = wanted_memory(args)
-    candidates = [p for p in split_list(args.policies) if p != "full"]
+    candidates = [p for p in split_policies(args.policies) if p != "full"]
     ratios = [ratio_arg(r) for r in split_list(args.ratios)]
     modes = split_list(args.quant)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_name(out.name + ".runs")
     tune_file, check_file = split_cases(args, work)
     loaded = load(args)
-    specs, policies = quant_specs(args), [make_policy(p) for p in candidates]
+    specs, policies = quant_specs(args), [KVSpec.named(p).build() for p in candidates]
     check_holds_sinks(loaded, memory, policies, specs, tune_file)
     ensure_calibration(loaded, policies, specs)
     tuned = agnostic(sweep(loaded, args, tune_file, work / "tune", ["full", *candidates], ratios, modes))
@@ -142,7 +142,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if check_file is not None:
         check = check_choice(loaded, args, check_file, work, chosen, (["full", *candidates], ratios, modes), memory)
     quant = next(q for q in specs if q.label == chosen["quant"])
-    spec = KVSpec(chosen["policy"], chosen["ratio"], quant)
+    spec = KVSpec.named(chosen["policy"], chosen["ratio"], quant)
     chosen_for = {"memory": memory.label} if memory is not None else {"min_retention": args.min_retention}
     config = TunedConfig(spec, loaded.name, chosen_for, {"cases": args.task_file, **measured(chosen)}, check)
     config.save(out)

@@ -28,17 +28,19 @@ from kvforge.eval.tasks import TASKS, Case, followups, load_task_file, make_case
 from kvforge.generate import Prompt, build_prompt, check_length, feed, greedy, prefill, settle, stop_ids
 from kvforge.models import LoadedModel
 from kvforge.policies import check_policy_name
+from kvforge.policies.registry import parameter_names
 from kvforge.policies.base import Policy
-from kvforge.spec import KVSpec
+from kvforge.spec import KVSpec, parse_name
 from kvforge.storage import QuantSpec
 
 log = logging.getLogger(__name__)
 
 ROWS, CONFIG, SUMMARY = "rows.jsonl", "config.json", "summary.json"
-# Fields a later run may change in the same --out: rows are per sample, policy, ratio and quant.
-EXTENSIBLE = ("samples", "tasks", "policies", "ratios", "quant")
+# Fields a later run may change in the same --out: rows are per sample, policy, ratio and quant
+# (a quant label names its group where it is not the codec's default: `int4/g16`).
+EXTENSIBLE = ("samples", "tasks", "policies", "ratios", "quant", "quant_group")
 # Fields added after runs were written: a stored configuration without them had these values.
-ADDED = {"questions": 1, "quant_group": 32, "quant_residual": 128, "quant_split": 0.25, "dtype": "float32", "quant_prompt_residual": True}
+ADDED = {"group_labels": False, "questions": 1, "quant_group": 32, "quant_residual": 128, "quant_split": 0.25, "dtype": "float32", "quant_prompt_residual": True}
 
 
 @dataclass
@@ -68,7 +70,11 @@ class EvalConfig:
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(TASKS)}")
         for name in self.policies:
-            check_policy_name(name)
+            policy, params = parse_name(name)
+            check_policy_name(policy)
+            unknown = [k for k, _ in params if k not in parameter_names(policy)]
+            if unknown:
+                raise ValueError(f"policy {name!r} has no parameter {unknown[0]!r}; its parameters: {', '.join(parameter_names(policy))}")
         if self.batch < 1:
             raise ValueError(f"--batch {self.batch} must be at least 1")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
@@ -104,7 +110,7 @@ class EvalConfig:
         pairs = [("full", 0.0)] if "full" in self.policies else []
         pairs += [(p, r) for p in self.policies if p != "full" for r in self.ratios]
         specs = self.specs()
-        return [KVSpec(p, r, specs[q]) for q in self.quant for p, r in pairs]
+        return [KVSpec.named(p, r, specs[q]) for q in self.quant for p, r in pairs]
 
 
 @dataclass
@@ -203,9 +209,8 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     out.mkdir(parents=True, exist_ok=True)
     identity = {k: v for k, v in asdict(cfg).items() if k != "batch"}
 
-    def same(text: str) -> bool:
-        stored = {**ADDED, **json.loads(text)}
-        ignored = set(EXTENSIBLE)
+    def same(stored: dict) -> bool:
+        ignored = {*EXTENSIBLE, "group_labels"}
         for config in (stored, identity):  # a side that quantized (or mixed) nothing does not care how
             modes = set(config["quant"] if "quant" in config else ["none"])
             if modes == {"none"}:
@@ -214,9 +219,11 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
                 ignored.add("quant_split")
         return {k: v for k, v in stored.items() if k not in ignored} == {k: v for k, v in identity.items() if k not in ignored}
 
-    wanted = json.dumps(identity, indent=2, sort_keys=True)
+    # group_labels: every row's quant label names its group (`name_groups` ran or was not needed).
+    wanted = json.dumps({**identity, "group_labels": True}, indent=2, sort_keys=True)
     config = out / CONFIG
-    if config.exists() and not same(config.read_text()):
+    stored = {**ADDED, **json.loads(config.read_text())} if config.exists() else None
+    if stored is not None and not same(stored):
         if not force:
             raise ValueError(
                 f"{out} holds results of a different configuration ({config}); "
@@ -227,8 +234,21 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
                 continue
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
+    elif stored is not None and not stored["group_labels"]:
+        name_groups(out / ROWS, stored["quant_group"])
     write_atomic(config, wanted.encode())
     return read_rows(out / ROWS)
+
+
+def name_groups(path: Path, group: int) -> None:
+    """Rows written before quant labels named their group (`int4` for `--quant-group 16`) are
+    renamed once, from the group of the directory's stored configuration (`int4/g16`), so rows
+    of any group can share a directory afterwards. The file is rewritten whole, atomically."""
+    rows = read_rows(path)
+    renamed = [replace(r, quant=QuantSpec.parse(r.quant, group=group).label) for r in rows]
+    if renamed != rows:
+        log.info("%s: quant labels now name their group %d", path, group)
+        write_atomic(path, "".join(json.dumps(asdict(r)) + "\n" for r in renamed).encode())
 
 
 def own_rows(rows: list[EvalRow], cfg: EvalConfig) -> list[EvalRow]:
@@ -331,7 +351,7 @@ def run_group(
             start = time.perf_counter()
             prefill(model, KVCache(model, policies[policy_key(timed)], tokenizer=tok), compressed[0])
             stats.per_row_prefill_seconds = time.perf_counter() - start
-            stats.per_row_prefill_policy = f"{timed.policy} {timed.ratio:g}"
+            stats.per_row_prefill_policy = f"{timed.name} {timed.ratio:g}"
     prefill_len = torch.tensor([len(ids) for ids in compressed], device=model.device)
     # Shared by one policy's ratios: what it observed of these prefills. Quantized modes share it
     # too (a prompt is observed before it is quantized); its form differs from full precision's.

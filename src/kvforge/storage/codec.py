@@ -30,6 +30,12 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 
 RANK_PREFIXES = {"pca": "r", "think": "think"}  # --quant parts giving a rank, by how keys are held (`key_basis`)
 READERS = ("quest", "centroid")  # --quant parts naming how pages are chosen and what fraction is read
+GROUP = 32  # tokens per key group, channels per value group, unless a label says `g16` or --quant-group
+
+
+def _group_part(part: str) -> int | None:
+    """The group of a --quant part such as 'g16'; None for another part."""
+    return int(part[1:]) if part.startswith("g") and part[1:].isdigit() else None
 
 
 def _rank_part(part: str) -> tuple[str, int] | None:
@@ -83,7 +89,7 @@ class QuantSpec:
     stays held. Written `int4/quest0.125`, `int4/centroid0.125`."""
 
     mode: str = "none"
-    group: int = 32
+    group: int = GROUP
     residual: int = 0
     split: float = 0.25
     prompt_residual: bool = False
@@ -94,14 +100,18 @@ class QuantSpec:
 
     @classmethod
     def parse(cls, label: str, **options: object) -> QuantSpec:
-        """'int4', 'int4/r32' (int4 codes of 32 coordinates), 'r32' (full-precision coordinates),
-        'int4/think32' (keys: their 32 best channels), with '/quest0.125' (read an eighth of the
-        pages per decoding step) after any of them."""
+        """'int4', 'int4/g16' (groups of 16 instead of `options`' group), 'int4/r32' (int4 codes of
+        32 coordinates), 'r32' (full-precision coordinates), 'int4/think32' (keys: their 32 best
+        channels), with '/quest0.125' (read an eighth of the pages per decoding step) after any of
+        them."""
         mode, rank, read, reader, key_basis = "none", None, None, "quest", "pca"
         for part in label.split("/"):
             reading = _read_part(part)
             ranked = _rank_part(part)
-            if ranked is not None:
+            group = _group_part(part)
+            if group is not None:
+                options = {**options, "group": group}
+            elif ranked is not None:
                 key_basis, rank = ranked
             elif reading is not None:
                 reader, read = reading
@@ -111,8 +121,10 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        """How --quant and reports name it (see `parse`)."""
+        """How --quant and reports name it (see `parse`); the group only where it is not GROUP and
+        entries are quantized, so rows of two groups never share a name."""
         parts = [] if self.mode == "none" and (self.rank is not None or self.read is not None) else [self.mode]
+        parts += [f"g{self.group}"] if self.enabled and self.group != GROUP else []
         parts += [f"{RANK_PREFIXES[self.key_basis]}{self.rank}"] if self.rank is not None else []
         parts += [f"{self.reader}{self.read:g}"] if self.read is not None else []
         return "/".join(parts)

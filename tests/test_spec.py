@@ -1,0 +1,48 @@
+"""How a KV setting is written: policy names with parameters, and their round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvforge.spec import KVSpec, name_of, parse_name, split_top
+from kvforge.storage import QuantSpec
+
+
+def test_a_name_with_parameters_round_trips():
+    assert parse_name("smooth:kvzap[pool=max,kernel=5]") == ("smooth:kvzap", (("kernel", 5), ("pool", "max")))
+    assert parse_name("knorm") == ("knorm", ())
+    assert name_of("smooth:kvzap", (("pool", "max"), ("kernel", 5))) == "smooth:kvzap[kernel=5,pool=max]"
+    for text in ("snapkv[window=4]", 'snapkv[pooling="5"]', "x[a=[1,2],b=true,c=0.5]", "knorm"):
+        assert name_of(*parse_name(text)) == text
+    spec = KVSpec.named("smooth:snapkv[kernel=5]", 0.5, QuantSpec("int4", group=16))
+    assert (spec.policy, spec.params, spec.key) == ("smooth:snapkv", (("kernel", 5),), ("smooth:snapkv[kernel=5]", 0.5, "int4/g16"))
+    assert spec.build().kernel == 5
+
+
+def test_lists_split_outside_brackets_only():
+    assert split_top("full, kvzap,smooth:kvzap[kernel=5,pool=max],x[a=[1,2]]") == [
+        "full", "kvzap", "smooth:kvzap[kernel=5,pool=max]", "x[a=[1,2]]"
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("snapkv[window=4", "write parameters after the name in brackets"),
+        ("[window=4]", "write parameters after the name in brackets"),
+        ("snapkv[window]", "parameter 'window' must look like NAME=VALUE"),
+        ("snapkv[window=4,window=5]", "gives parameter 'window' twice"),
+    ],
+)
+def test_a_malformed_name_says_what_to_write(text, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        parse_name(text)
+
+
+def test_a_bracketed_policy_field_is_refused():
+    with pytest.raises(ValueError, match="give its parameters as `params`"):
+        KVSpec("snapkv[window=4]")
+    with pytest.raises(ValueError, match="give its ratio as the setting's own"):
+        KVSpec.named("snapkv[ratio=0.5]")
+    with pytest.raises(ValueError, match="has no parameter 'windw'"):
+        KVSpec.named("snapkv[windw=4]").build()
