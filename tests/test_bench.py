@@ -35,7 +35,7 @@ def by_key(rows: list[dict[str, object]]) -> dict[tuple[object, object], dict[st
 
 def test_one_row_per_length_policy_and_chunking(rows):
     keys = [(r.length, r.policy, r.prefill_chunk) for r in rows]
-    policies = [(DYNAMIC, None), (FP8, None), ("full", None), ("snapkv", None), ("full", 32), ("snapkv", 32)]
+    policies = [(DYNAMIC, None), (FP8, None), ("full", None), ("snapkv[window=8]", None), ("full", 32), ("snapkv[window=8]", 32)]
     assert sorted(keys, key=str) == sorted(((n, p, c) for n in LENGTHS for p, c in policies), key=str)
     # transformers' own caches, then the one-shot full cache, lead each length.
     assert [r.policy for r in rows if r.length == 64][:3] == [DYNAMIC, FP8, "full"]
@@ -89,7 +89,7 @@ def test_unknown_or_missing_baselines_are_refused():
 def test_chunked_rows_never_hold_more_than_budget_plus_a_chunk(rows):
     entry = 2 * 16 * 4 * 2 * 2  # K+V rows of head_dim 16, float32, 2 KV heads, 2 layers
     for r in rows:
-        if r.policy == "snapkv" and r.prefill_chunk == 32:
+        if r.policy == "snapkv[window=8]" and r.prefill_chunk == 32:
             kept_tokens = r.kept_bytes // entry
             assert kept_tokens == r.length // 2  # the ratio holds at the end
             assert r.peak_cache_bytes <= (kept_tokens + 32) * entry
@@ -99,7 +99,7 @@ def test_chunked_rows_never_hold_more_than_budget_plus_a_chunk(rows):
 def test_snapkv_holds_about_half(rows):
     table = by_key(ratios_to_full(rows))
     for n in LENGTHS:
-        full, snap = table[(n, "full")], table[(n, "snapkv")]
+        full, snap = table[(n, "full")], table[(n, "snapkv[window=8]")]
         assert full["cache_bytes"] == full["dense_bytes"] > 0
         assert 0.4 <= snap["cache_bytes_vs_full"] <= 0.6
         assert snap["dense_bytes"] == full["dense_bytes"]  # same input for every policy
@@ -111,7 +111,7 @@ def test_measurements_are_real(rows):
         assert r.decode_tokens_per_s > 0
         assert r.prefill_seconds > 0
         assert 0 <= r.compress_seconds <= r.prefill_seconds
-    snap = [r for r in rows if r.policy == "snapkv"]
+    snap = [r for r in rows if r.policy == "snapkv[window=8]"]
     assert all(r.compress_seconds > 0 for r in snap)  # snapkv did compress inside the prefill
 
 
@@ -125,7 +125,7 @@ def test_table_names_every_policy_and_length(rows):
 
 
 def test_ratios_to_full_without_full_row_are_none(rows):
-    only_snap = [r for r in rows if r.policy == "snapkv"]
+    only_snap = [r for r in rows if r.policy == "snapkv[window=8]"]
     for d in ratios_to_full(only_snap):
         assert d["cache_bytes_vs_full"] is None
 
@@ -159,13 +159,13 @@ def test_batched_decoding_forks_one_prefill_into_each_batch(tiny_checkpoint):
     loaded = load_model(str(tiny_checkpoint))
     policies = [make_policy("full"), make_policy("knorm", ratio=0.5)]
     rows = run_batched_decode(loaded, [96], [1, 3], policies, [QuantSpec(), QuantSpec("int4", group=8, residual=16)], decode_tokens=4)
-    assert [(r.batch, r.policy, r.quant) for r in rows][:4] == [(1, "full", "none"), (1, "knorm", "none"), (1, "full", "int4"), (1, "knorm", "int4")]
+    assert [(r.batch, r.policy, r.quant) for r in rows][:4] == [(1, "full", "none"), (1, "knorm", "none"), (1, "full", "int4/g8"), (1, "knorm", "int4/g8")]
     by = {(r.batch, r.policy, r.quant): r for r in rows}
-    for key in [("full", "none"), ("knorm", "none"), ("full", "int4")]:
+    for key in [("full", "none"), ("knorm", "none"), ("full", "int4/g8")]:
         assert by[(3, *key)].cache_bytes == 3 * by[(1, *key)].cache_bytes  # every fork holds its own copy
     assert by[(1, "knorm", "none")].cache_bytes < by[(1, "full", "none")].cache_bytes
     assert all(r.tokens_per_s > 0 and r.ms_per_step > 0 for r in rows)
-    assert "| 96 | 3 | knorm int4 | 0.5 |" in format_decode_table(rows)
+    assert "| 96 | 3 | knorm int4/g8 | 0.5 |" in format_decode_table(rows)
     with pytest.raises(ValueError, match="must be positive integers"):
         run_batched_decode(loaded, [96], [0], policies, [QuantSpec()])
 

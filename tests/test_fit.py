@@ -42,7 +42,7 @@ def test_tries_on_the_tiny_model(tiny_checkpoint):
     policies = [make_policy("full"), make_policy("knorm", ratio=0.5)]
     quants = [QuantSpec(), QuantSpec("int4", group=8, residual=16)]
     rows = run_fit(loaded, [96], policies, quants, limit=64 * 2**30, max_batch=3, steps=2)
-    assert [(r.policy, r.quant) for r in rows] == [("full", "none"), ("knorm", "none"), ("full", "int4"), ("knorm", "int4")]
+    assert [(r.policy, r.quant) for r in rows] == [("full", "none"), ("knorm", "none"), ("full", "int4/g8"), ("knorm", "int4/g8")]
     params = sum(p.nbytes for p in loaded.model.parameters())
     for r in rows:
         assert r.largest_batch == 3 and r.capped  # 64 GiB holds far more than 3 tiny sequences
@@ -50,8 +50,8 @@ def test_tries_on_the_tiny_model(tiny_checkpoint):
         assert r.peak_bytes is not None and r.peak_bytes >= params + r.seq_cache_bytes  # measured, weights included
     by = {(r.policy, r.quant): r for r in rows}
     assert by[("knorm", "none")].seq_cache_bytes < by[("full", "none")].seq_cache_bytes
-    assert by[("full", "int4")].seq_cache_bytes < by[("full", "none")].seq_cache_bytes
-    assert "| 96 | knorm int4 | 0.5 | 64.0 | 3+ (1.00x) |" in format_fit_table(rows)
+    assert by[("full", "int4/g8")].seq_cache_bytes < by[("full", "none")].seq_cache_bytes
+    assert "| 96 | knorm int4/g8 | 0.5 | 64.0 | 3+ (1.00x) |" in format_fit_table(rows)
     # A limit below the weights themselves: no batch fits, after one try.
     (none,) = run_fit(loaded, [96], policies[:1], quants[:1], limit=params // 2, max_batch=8, steps=1)
     assert none.largest_batch == 0 and len(none.tries) == 1 and not none.tries[0].fits

@@ -490,3 +490,21 @@ def test_decoding_a_ragged_quantized_cache_holds_no_codes_it_does_not_count(tiny
     counted = set(cache.buffers())
     codes = [t for s in storages for t in reachable_tensors(s) if t.dtype == torch.uint8 and t.numel()]
     assert codes and all(t.untyped_storage().data_ptr() in counted for t in codes)
+
+
+def test_whole_groups_in_ragged_rows_are_padded_as_the_scatter_pads_them(tiny_model):
+    from kvforge.storage.qpart import _padded_rows, _scatter_groups
+
+    cache = KVCache(tiny_model, make_policy("adakv:knorm", ratio=0.5), quant=QuantSpec("int4", **SPEC))
+    prefill_ids(tiny_model, cache, left_padded([40], seed=17)[0][0].tolist())
+    parts = [p for layer in cache.layers for p in layer.storage.parts if p.quant.entries]
+    ragged = [p for p in parts if p.quant.uniform() is None and bool((p.groups.fields["count"] == 4).all())]
+    assert ragged  # head-wise budgets, whole groups: the fast path's case
+    for part in ragged:
+        fast, scattered = _padded_rows(part), _scatter_groups(part)
+        assert torch.equal(fast.valid, scattered.valid) and torch.equal(fast.index, scattered.index)
+        valid = fast.valid
+        assert torch.equal(fast.vc[valid], scattered.vc[valid]) and torch.equal(fast.vm[valid], scattered.vm[valid])
+        assert torch.equal(fast.kc.flatten(2, 3)[valid], scattered.kc.flatten(2, 3)[valid])
+        whole = valid.view(*valid.shape[:2], -1, 4)[..., 0]  # (b, h, NG): groups a row holds
+        assert torch.equal(fast.km[whole], scattered.km[whole])

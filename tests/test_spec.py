@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvforge.spec import KVSpec, name_of, parse_name, split_top
+from kvforge.policies.names import name_of, parse_name, split_top
+from kvforge.spec import KVSpec
 from kvforge.storage import QuantSpec
 
 
@@ -17,6 +18,10 @@ def test_a_name_with_parameters_round_trips():
     spec = KVSpec.named("smooth:snapkv[kernel=5]", 0.5, QuantSpec("int4", group=16))
     assert (spec.policy, spec.params, spec.key) == ("smooth:snapkv", (("kernel", 5),), ("smooth:snapkv[kernel=5]", 0.5, "int4/g16"))
     assert spec.build().kernel == 5
+    # A built policy writes itself back the same way (bench's and fidelity's rows), defaults left out.
+    assert spec.build().written_name == "smooth:snapkv[kernel=5]"
+    assert KVSpec.named("adakv:snapkv[window=8]", 0.5).build().written_name == "adakv:snapkv[window=8]"
+    assert KVSpec.named("smooth:snapkv", 0.5).build().written_name == "smooth:snapkv"
 
 
 def test_lists_split_outside_brackets_only():

@@ -19,7 +19,7 @@ err_console = Console(stderr=True)
 
 def parse_param(text: str) -> tuple[str, Any]:
     """'window=32' -> ('window', 32); values are read as JSON when they parse, else as strings."""
-    from kvforge.spec import parse_value
+    from kvforge.policies.names import parse_value
 
     if "=" not in text:
         raise ValueError(f"--param {text!r} must look like NAME=VALUE, e.g. --param window=32")
@@ -36,7 +36,8 @@ def build_policy(name: str, ratio: float | None, params: list[str], args: argpar
 
 def cli_spec(name: str, ratio: float | None, params: list[str], args: argparse.Namespace | None = None) -> Any:
     """The KV setting (`kvforge.spec.KVSpec`) the command line names: see `build_policy`."""
-    from kvforge.spec import KVSpec, parse_name
+    from kvforge.policies.names import parse_name
+    from kvforge.spec import KVSpec
 
     name, written = parse_name(name)
     own = {**dict(written), **dict(parse_param(p) for p in params)}
@@ -221,7 +222,7 @@ def split_list(text: str) -> list[str]:
 
 def split_policies(text: str) -> list[str]:
     """--policies: commas inside a policy's brackets (`smooth:kvzap[kernel=5,pool=max]`) stay."""
-    from kvforge.spec import split_top
+    from kvforge.policies.names import split_top
 
     return split_top(text)
 

@@ -63,7 +63,7 @@ def _measure(
     sync(device)
     seconds = time.perf_counter() - start
     peak = meter.stop()
-    return DecodeRow(len(ids), batch, policy.full_name, policy.ratio, spec.mode, batch * steps / seconds, seconds / steps * 1e3, held, peak, meter.source)
+    return DecodeRow(len(ids), batch, policy.written_name, policy.ratio, spec.label, batch * steps / seconds, seconds / steps * 1e3, held, peak, meter.source)
 
 
 def run_batched_decode(
@@ -87,7 +87,7 @@ def run_batched_decode(
             for spec in quants:
                 for policy in policies:
                     row = _measure(loaded, ids, batch, policy, spec, decode_tokens, meter, layout)
-                    log.info("%d x %d, %s %s: %.1f tok/s", length, batch, policy.full_name, spec.mode, row.tokens_per_s)
+                    log.info("%d x %d, %s %s: %.1f tok/s", length, batch, policy.written_name, spec.label, row.tokens_per_s)
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)

@@ -333,7 +333,7 @@ def run_bench(
             for spec in specs:
                 for policy in policies:
                     run = lambda p=policy, c=chunk, q=spec: _measure_once(loaded, ids, p, decode_tokens, meter, c, q, layout)  # noqa: E731
-                    jobs.append((policy.full_name, policy.ratio, chunk, spec.label, run))
+                    jobs.append((policy.written_name, policy.ratio, chunk, spec.label, run))
         for name, ratio, chunk, mode, run in jobs:
             runs = [run() for _ in range(repeats)]
             decode = min(r.decode_seconds for r in runs)
@@ -419,7 +419,7 @@ def run_batch_bench(
             greedy(model, cache, torch.stack(firsts), positions, decode_tokens + 1, stop_ids=set())
             sync(model.device)
             times.append((time.perf_counter() - start) / decode_tokens)
-        out.append(BatchRow(policy.full_name, policy.ratio, lengths, min(times), *sizes))
+        out.append(BatchRow(policy.written_name, policy.ratio, lengths, min(times), *sizes))
     return out
 
 

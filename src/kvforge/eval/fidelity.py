@@ -80,7 +80,7 @@ def fidelity(
         agree = (reference.argmax(-1) == logprobs.argmax(-1)).float()
         results.append(
             Fidelity(
-                policy.full_name, policy.ratio, float(kl.mean()), 100 * float(agree.mean()), len(continuation),
+                policy.written_name, policy.ratio, float(kl.mean()), 100 * float(agree.mean()), len(continuation),
                 spec.label, cache.bits_per_element, cache.nbytes, cache.kept_nbytes, cache.dense_nbytes,
             )  # fmt: skip
         )

@@ -178,10 +178,10 @@ def run_fit(
                         ) from None
                     best, tries = search_largest(lambda b: _try_batch(loaded, base, logits, len(ids), b, steps, limit, meter), max_batch)
                     peak = next((t.peak_bytes for t in tries if t.batch == best), None)
-                    row = FitRow(len(ids), policy.full_name, policy.ratio, spec.mode, limit, best, base.nbytes, peak,
+                    row = FitRow(len(ids), policy.written_name, policy.ratio, spec.label, limit, best, base.nbytes, peak,
                                  best == max_batch, meter.source, tries)  # fmt: skip
                     del base, logits
-                    log.info("%d tokens, %s: %d fit in %.1f GiB", len(ids), labelled(policy.full_name, spec.mode), best, limit / GIB)
+                    log.info("%d tokens, %s: %d fit in %.1f GiB", len(ids), labelled(policy.written_name, spec.label), best, limit / GIB)
                     rows.append(row)
                     if on_row is not None:
                         on_row(row)

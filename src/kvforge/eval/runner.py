@@ -30,7 +30,8 @@ from kvforge.models import LoadedModel
 from kvforge.policies import check_policy_name
 from kvforge.policies.registry import parameter_names
 from kvforge.policies.base import Policy
-from kvforge.spec import KVSpec, parse_name
+from kvforge.policies.names import parse_name
+from kvforge.spec import KVSpec
 from kvforge.storage import QuantSpec
 
 log = logging.getLogger(__name__)

@@ -7,12 +7,13 @@ ones within the budget. A policy that does something else overrides `select` (th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from functools import cached_property
 from typing import ClassVar
 
 import torch
 
+from kvforge.policies.names import name_of
 from kvforge.reading import causal_allowed, received_attention
 from kvforge.calibration import Calibration
 from kvforge.storage.base import KVStorage, PaddedView
@@ -187,6 +188,18 @@ class Policy:
     def full_name(self) -> str:
         """The name the policy is made from, wrapped policies included (`adakv:snapkv`)."""
         return self.name
+
+    def given_params(self) -> tuple[tuple[str, object], ...]:
+        """(name, value) of each hyperparameter set away from its default, budgets aside."""
+        return tuple(
+            (f.name, getattr(self, f.name)) for f in fields(self)
+            if f.init and f.name not in BUDGET_FIELDS and f.default is not MISSING and getattr(self, f.name) != f.default
+        )  # fmt: skip
+
+    @property
+    def written_name(self) -> str:
+        """`full_name` with those parameters, as --policies writes it: `smooth:kvzap[kernel=5]`."""
+        return name_of(self.full_name, self.given_params())
 
     @property
     def setting(self) -> str:

@@ -26,7 +26,7 @@ def _load_all() -> None:
     package = importlib.import_module("kvforge.policies")
 
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in ("base", "registry", "wrapper", "budgets"):
+        if info.name not in ("base", "registry", "wrapper", "budgets", "names"):
             importlib.import_module(f"kvforge.policies.{info.name}")
 
 

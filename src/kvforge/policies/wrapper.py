@@ -31,6 +31,10 @@ class Wrapper(Policy):
     def full_name(self) -> str:
         return f"{self.name}:{self.wrapped.full_name}"
 
+    def given_params(self) -> tuple[tuple[str, object], ...]:
+        own = tuple(p for p in super().given_params() if p[0] != "inner")
+        return own + tuple(p for p in self.wrapped.given_params() if p[0] not in dict(own))
+
     @property
     def wrapped(self) -> Policy:
         assert self.inner is not None

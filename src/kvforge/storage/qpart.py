@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from kvforge.storage.codec import (
     META_DTYPE, QuantSpec, code_values, dequantize_keys, dequantize_values, quantize_keys, quantize_values,
@@ -179,6 +180,32 @@ def padded_groups(part: Part) -> PaddedGroups:
     `PaddedGroups` (zeros where nothing is held): the codes stay codes. Made for one attention
     call and dropped after it: kept between decoding steps it would be a second, uncounted copy
     of the part's codes (2.2x the bytes counted, for kvzap 0.5 + int4/g16 at 2048 tokens)."""
+    if bool((part.groups.fields["count"] == part.spec.group).all()):
+        return _padded_rows(part)
+    return _scatter_groups(part)
+
+
+def _padded_rows(part: Part) -> PaddedGroups:
+    """Every group whole (the usual case: a policy evicts before its prompt is quantized), rows
+    holding different numbers of them: a row's entry i is its padded slot i, so each field is its
+    rows copied whole (one copy per row, no index per entry)."""
+    g, ng = part.spec.group, part.groups.longest
+    batch, heads = part.quant.lengths.shape
+
+    def rows(segments: Segments, name: str) -> torch.Tensor:  # (batch, heads, longest, *rest)
+        t = segments.fields[name]
+        padded = pad_sequence(list(t.split(segments.counts.flatten().tolist())), batch_first=True)
+        return padded.view(batch, heads, *padded.shape[1:])
+
+    valid = part.quant.slot_rows(ng * g)[1]
+    index = torch.arange(part.quant.longest, device=valid.device).expand(batch, heads, -1)
+    index = torch.where(valid[:, :, : index.shape[-1]], index, 0)  # 0 past a row's entries, as the scatter gives
+    kc = rows(part.quant, "kc").view(batch, heads, ng, g, -1)
+    return PaddedGroups(kc, rows(part.groups, "km"), rows(part.quant, "vc"), rows(part.quant, "vm"), valid, index)
+
+
+def _scatter_groups(part: Part) -> PaddedGroups:
+    """Groups missing evicted entries: each entry scattered to its padded slot."""
     g = part.spec.group
     batch, heads = part.quant.lengths.shape
     rows = batch * heads
