@@ -28,7 +28,7 @@ from kvforge.eval.tasks import TASKS, Case, followups, load_task_file, make_case
 from kvforge.generate import Prompt, build_prompt, check_length, feed, greedy, prefill, settle, stop_ids
 from kvforge.models import LoadedModel
 from kvforge.policies import check_policy_name
-from kvforge.policies.registry import parameter_names
+from kvforge.policies.registry import check_parameters
 from kvforge.policies.base import Policy
 from kvforge.policies.names import parse_name
 from kvforge.spec import KVSpec
@@ -73,9 +73,7 @@ class EvalConfig:
         for name in self.policies:
             policy, params = parse_name(name)
             check_policy_name(policy)
-            unknown = [k for k, _ in params if k not in parameter_names(policy)]
-            if unknown:
-                raise ValueError(f"policy {name!r} has no parameter {unknown[0]!r}; its parameters: {', '.join(parameter_names(policy))}")
+            check_parameters(policy, [k for k, _ in params], written=name)
         if self.batch < 1:
             raise ValueError(f"--batch {self.batch} must be at least 1")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:

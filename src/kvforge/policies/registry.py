@@ -73,6 +73,15 @@ def parameter_names(name: str) -> list[str]:
     return own + [p for p in parameter_names(rest) if p not in own] if rest else own
 
 
+def check_parameters(name: str, given: list[str], written: str | None = None) -> None:
+    """Raise a ValueError naming the first of `given` that policy `name` does not take (`written`:
+    how the user wrote the policy, for the message)."""
+    allowed = parameter_names(name)
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"policy {written or name!r} has no parameter {unknown[0]!r}; its parameters: {', '.join(sorted(allowed))}")
+
+
 def make_policy(name: str, **params: Any) -> Policy:
     """Build policy `name` with hyperparameters `params`; errors name the known choices.
 
@@ -80,10 +89,7 @@ def make_policy(name: str, **params: Any) -> Policy:
     Budget fields (ratio, budget, ...) belong to the outermost policy, which is the one that
     evicts; any other parameter goes to the outermost policy that has it."""
     cls, rest = _split(name)
-    allowed = parameter_names(name)
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"policy {name!r} has no parameter {unknown[0]!r}; its parameters: {', '.join(sorted(allowed))}")
+    check_parameters(name, list(params))
     if not rest:
         return cls(**params)
     own_names = {p[0] for p in cls.parameters()}
