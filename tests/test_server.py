@@ -17,7 +17,7 @@ import uvicorn
 from kvforge.engine import Engine, KVSettings, Request, SamplingParams
 from kvforge.generate import DECODE, feed, prefill, stop_ids
 from kvforge.models import load_model
-from kvforge.policies import make_policy
+from kvforge.spec import KVSpec
 from kvforge.storage import QuantSpec
 from kvforge.server.app import create_app
 from kvforge.server.limits import ServerLimits
@@ -90,7 +90,7 @@ def expected(loaded, text: str, policy: str, ratio: float, max_tokens: int, quan
 def greedy(loaded, ids: list[int], policy: str, ratio: float, max_tokens: int, quant: str | None = None) -> str:
     """What greedy decoding with kvforge's own loop gives for the prompt `ids` (chunks of 32)."""
     tok = loaded.tokenizer
-    made = make_policy(policy) if policy == "full" else make_policy(policy, ratio=ratio)
+    made = KVSpec.named(policy, 0.0 if policy == "full" else ratio).build()
     with torch.inference_mode():
         cache = KVCache(loaded.model, made, tokenizer=tok, quant=quant)
         logits = prefill(loaded.model, cache, list(ids), chunk=32)[None]
@@ -116,6 +116,9 @@ def test_chat_greedy_equals_kvforge_generation(served, loaded):
     assert reply.usage.prompt_tokens > 20
     full = chat(served, PROMPTS[0])
     assert full.choices[0].message.content == expected(loaded, PROMPTS[0], "full", 0.0, 8)
+    # A policy's parameters in brackets, as every command writes them.
+    windowed = chat(served, PROMPTS[0], extra_body={"kv_policy": "snapkv[window=4]", "kv_ratio": 0.5})
+    assert windowed.choices[0].message.content == expected(loaded, PROMPTS[0], "snapkv[window=4]", 0.5, 8)
 
 
 def test_streaming_and_completions(served, loaded):
@@ -145,6 +148,7 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(served, loaded):
     cases = [
         (dict(model="gpt-4"), openai.NotFoundError, "not served here"),
         (dict(extra_body={"kv_policy": "nope"}), openai.BadRequestError, "unknown policy 'nope'"),
+        (dict(extra_body={"kv_policy": "snapkv[windw=4]"}), openai.BadRequestError, "has no parameter 'windw'"),
         (dict(extra_body={"kv_policy": "knorm", "kv_ratio": 1.5}), openai.BadRequestError, "ratio"),
         (dict(extra_body={"kv_quant": "int3"}), openai.BadRequestError, "--quant"),
         (dict(max_tokens=500), openai.BadRequestError, "context window of 512"),

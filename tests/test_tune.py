@@ -149,3 +149,17 @@ def test_bad_tune_requests_are_one_line_errors(capsys, tmp_path, cases, argv, ne
 def test_bad_coverage_flags_are_one_line_errors(capsys, argv, needle):
     code, _, err = run(capsys, "generate", "--model", "random:tiny", "--policy", "kvzip", *argv, "q?")
     assert code == 2 and needle in err and err.count("\n") == 1
+
+
+def test_a_configuration_with_parameters_reaches_generate_and_eval(capsys, tmp_path, cases):
+    path = tmp_path / "tuned.json"
+    TunedConfig(KVSpec("snapkv", 0.5, QuantSpec(), params=(("window", 4),)), "random:tiny", {"memory": "1/2"}, {}).save(path)
+    argv = ["generate", "--model", "random:tiny", "--max-new-tokens", "3", "--json", "q?"]
+    code, printed, err = run(capsys, *argv, "--config", str(path))
+    assert code == 0, err
+    by_flags = json.loads(run(capsys, *argv, "--policy", "snapkv", "--ratio", "0.5", "--param", "window=4")[1])
+    assert json.loads(printed)["policy"] == by_flags["policy"] == "snapkv[window=4]"
+    out = tmp_path / "eval"
+    code, _, err = run(capsys, "eval", "--model", "random:tiny", "--config", str(path), "--task-file", str(cases), "--batch", "2", "--out", str(out))
+    assert code == 0, err
+    assert {e["policy"] for e in json.loads((out / "summary.json").read_text())["table"]} == {"full", "snapkv[window=4]"}

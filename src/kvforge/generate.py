@@ -322,12 +322,12 @@ def answer(
     new = greedy(model, cache, logits, positions, max_new_tokens, stop_ids(tokenizer))[0]
     seconds = time.perf_counter() - start
     text = tokenizer.decode(new, skip_special_tokens=True)
-    log.info("%s ratio %.3g: %d prompt tokens, %d generated, %.2fs", policy.full_name, policy.ratio, len(prompt.ids), len(new), seconds)
+    log.info("%s ratio %.3g: %d prompt tokens, %d generated, %.2fs", policy.written_name, policy.ratio, len(prompt.ids), len(new), seconds)
     return GenerationResult(
         text=text,
         prompt_tokens=len(prompt.ids),
         generated_tokens=len(new),
-        policy=policy.full_name,
+        policy=policy.written_name,
         ratio=policy.ratio,
         query_aware=query_aware,
         cache_bytes=cache.nbytes,

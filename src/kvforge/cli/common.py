@@ -142,14 +142,12 @@ def apply_config(args: argparse.Namespace) -> None:
         args.ratios = f"{spec.ratio:g}" if spec.ratio else None
         args.quant = ",".join(dict.fromkeys(["none", quant.label]))
         return
-    args.policy, args.quant, args.coverage = spec.policy, quant.label, None
+    args.policy, args.quant, args.coverage = spec.name, quant.label, None  # parameters in the name's brackets
     args.ratio = None if spec.budget is not None else spec.ratio
     if hasattr(args, "budget"):
         args.budget = spec.budget
-    if hasattr(args, "param"):
-        args.param = [f"{name}={json.dumps(value)}" for name, value in spec.params]
-    elif spec.params or spec.budget is not None:
-        raise ValueError(f"--config {args.config}: this command takes a policy and a ratio; the configuration sets a budget or parameters")
+    elif spec.budget is not None:
+        raise ValueError(f"--config {args.config}: this command takes a policy and a ratio; the configuration sets a budget ({spec.budget} entries)")
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:

@@ -61,7 +61,7 @@ def serve_engine(args: argparse.Namespace) -> Engine:
     if prefix_memory is None and args.kv_memory is None:  # kept prefixes are bounded either way
         prefix_memory = default_limit(loaded.model.device)
     engine = Engine(
-        loaded, KVSettings(name, policy.ratio, quant_spec(args)), args.kv_memory, args.prefill_chunk,
+        loaded, KVSettings.named(name, policy.ratio, quant_spec(args)), args.kv_memory, args.prefill_chunk,
         prefix_memory=prefix_memory, max_waiting=args.max_queued, store=open_store(args) if args.store else None,
         blend_share=args.blend_share,
     )  # fmt: skip

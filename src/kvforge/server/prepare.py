@@ -186,8 +186,8 @@ class Preparer:
             quant.check_head_dim(self.engine.shape.head_dim)
         except ValueError as err:  # its message is the CLI's: say which field it means here
             raise APIError(400, f"kv_quant: {str(err).removeprefix('--quant: ')} (as the server's --quant)", "kv_quant") from None
-        kv = KVSettings(policy, 0.0 if policy == "full" else ratio, quant)
         try:
+            kv = KVSettings.named(policy, 0.0 if policy == "full" else ratio, quant)  # parameters in brackets too
             self.engine.policy(kv)
         except ValueError as err:
             raise APIError(400, str(err), "kv_policy") from None
