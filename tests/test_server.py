@@ -151,6 +151,7 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(served, loaded):
         (dict(extra_body={"kv_policy": "snapkv[windw=4]"}), openai.BadRequestError, "has no parameter 'windw'"),
         (dict(extra_body={"kv_policy": "knorm", "kv_ratio": 1.5}), openai.BadRequestError, "ratio"),
         (dict(extra_body={"kv_quant": "int3"}), openai.BadRequestError, "--quant"),
+        (dict(extra_body={"kv_quant": "int4/r8"}), openai.BadRequestError, "takes a mode and a group here"),
         (dict(max_tokens=500), openai.BadRequestError, "context window of 512"),
         (dict(temperature=3.0), openai.BadRequestError, "temperature"),
         (dict(n=2), openai.BadRequestError, "n=2"),
@@ -482,13 +483,13 @@ def test_quantized_and_paged_requests_share_one_bounded_memory(served, loaded):
     one = served.engine.reservation(Request(list(ids), SamplingParams(16), KVSettings(), lambda _: None))
     # The tiny model's head_dim is 16: quantized groups of 8 channels, a short full-precision tail.
     limited = Served(loaded, kv_memory=int(2.5 * one), defaults=KVSettings(quant=QuantSpec("none", group=8, residual=4)))
-    settings = [{}, {"kv_quant": "int4"}, {"kv_policy": "knorm", "kv_ratio": 0.5, "kv_quant": "int8"}, {}]
+    settings = [{}, {"kv_quant": "int4"}, {"kv_policy": "knorm", "kv_ratio": 0.5, "kv_quant": "int8"}, {"kv_quant": "int4/g4"}]
     try:
         with ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda a: chat(limited, a[0], max_tokens=16, extra_body=a[1]), zip(PROMPTS[5:9], settings)))
         want = [
             expected(loaded, text, extra.get("kv_policy", "full"), extra.get("kv_ratio", 0.0), 16,
-                     QuantSpec(extra["kv_quant"], group=8, residual=4) if "kv_quant" in extra else None)
+                     QuantSpec.parse(extra["kv_quant"], group=8, residual=4) if "kv_quant" in extra else None)
             for text, extra in zip(PROMPTS[5:9], settings)
         ]
         assert [r.choices[0].message.content for r in replies] == want

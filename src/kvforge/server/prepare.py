@@ -68,6 +68,15 @@ def field_path(loc: tuple[int | str, ...]) -> str | None:
     return ".".join(kept) or None
 
 
+def requested_quant(base: QuantSpec, label: str) -> QuantSpec:
+    """A request's kv_quant over the server's --quant: a mode and, optionally, its group
+    (`int4`, `int4/g16`); the server's other quantization options stay."""
+    asked = QuantSpec.parse(label, group=base.group)
+    if asked.rank is not None or asked.read is not None:
+        raise ValueError(f"--quant: {label!r} takes a mode and a group here (e.g. int4/g16); ranks and page reading are the server's --quant")
+    return replace(base, mode=asked.mode, group=asked.group)
+
+
 @dataclass
 class Prompt:
     """A request body read, validated and tokenized: all that the tokenizer alone decides. It
@@ -182,7 +191,7 @@ class Preparer:
         else:
             ratio = base.ratio if body.kv_policy is None else self.default_ratio
         try:
-            quant = base.quant if body.kv_quant is None else replace(base.quant, mode=body.kv_quant)
+            quant = base.quant if body.kv_quant is None else requested_quant(base.quant, body.kv_quant)
             quant.check_head_dim(self.engine.shape.head_dim)
         except ValueError as err:  # its message is the CLI's: say which field it means here
             raise APIError(400, f"kv_quant: {str(err).removeprefix('--quant: ')} (as the server's --quant)", "kv_quant") from None
