@@ -340,3 +340,13 @@ def test_rows_written_before_labels_named_their_group_are_renamed_once(tiny, tmp
     both, _ = run_eval(tiny, config(quant=["int4", "int4/g8"], quant_group=16), out)
     assert {r.quant for r in both} == {"int4/g16", "int4/g8"} and len(both) == 2 * 2 * 2
     assert {r["quant"] for r in map(json.loads, (out / ROWS).read_text().splitlines())} == {"int4/g16", "int4/g8"}
+
+
+def test_labels_of_one_setting_are_one_row_and_a_group_label_still_says_mixed(tiny, tmp_path):
+    assert [c.key for c in config(quant=["int4/g8", "int4"], quant_group=8).combos()] == [
+        ("full", 0.0, "int4/g8"), ("knorm", 0.5, "int4/g8")
+    ]
+    out = tmp_path / "mixed"
+    run_eval(tiny, config(quant=["mixed/g8"], samples=1), out)
+    with pytest.raises(ValueError, match="holds results of a different configuration"):
+        run_eval(tiny, config(quant=["mixed/g8"], samples=1, quant_split=0.5), out)  # the split matters to mixed

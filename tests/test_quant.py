@@ -476,10 +476,12 @@ def reachable_tensors(obj: object, seen: set[int] | None = None) -> list[torch.T
     return [t for child in children for t in reachable_tensors(child, seen)]
 
 
-def test_decoding_a_ragged_quantized_cache_holds_no_codes_it_does_not_count(tiny_model):
-    """Rows of different lengths are read through a padded picture of their codes: made for one
-    attention call, never kept beside the codes (it would hold them twice, uncounted)."""
-    cache = KVCache(tiny_model, make_policy("adakv:knorm", ratio=0.5), quant=QuantSpec("int4", **SPEC))
+@pytest.mark.parametrize("layout", ["inplace", "paged"])
+def test_decoding_a_ragged_quantized_cache_holds_no_codes_it_does_not_count(tiny_model, layout):
+    """Rows of different lengths are read through a padded picture of their codes (the paged
+    layout: through a gathered picture of its blocks): made for one attention call, never kept
+    beside the codes (it would hold them twice, uncounted)."""
+    cache = KVCache(tiny_model, make_policy("adakv:knorm", ratio=0.5), quant=QuantSpec("int4", **SPEC), layout=layout)
     row = left_padded([40], seed=16)[0][0].tolist()
     logits = prefill_ids(tiny_model, cache, row)[None]
     positions = torch.tensor([40])

@@ -121,6 +121,17 @@ def test_chat_greedy_equals_kvforge_generation(served, loaded):
     assert windowed.choices[0].message.content == expected(loaded, PROMPTS[0], "snapkv[window=4]", 0.5, 8)
 
 
+def test_requests_without_a_policy_keep_the_servers_parameters(loaded):
+    server = Served(loaded, defaults=KVSettings("snapkv", 0.5, params=(("window", 4),)))
+    try:
+        plain = chat(server, PROMPTS[2])
+        assert plain.choices[0].message.content == expected(loaded, PROMPTS[2], "snapkv[window=4]", 0.5, 8)
+        rated = chat(server, PROMPTS[2], extra_body={"kv_ratio": 0.75})  # only the ratio changes
+        assert rated.choices[0].message.content == expected(loaded, PROMPTS[2], "snapkv[window=4]", 0.75, 8)
+    finally:
+        server.close()
+
+
 def test_streaming_and_completions(served, loaded):
     whole = chat(served, PROMPTS[1]).choices[0].message.content
     pieces, reasons = [], []

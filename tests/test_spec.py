@@ -24,10 +24,20 @@ def test_a_name_with_parameters_round_trips():
     assert KVSpec.named("smooth:snapkv", 0.5).build().written_name == "smooth:snapkv"
 
 
-def test_lists_split_outside_brackets_only():
+def test_lists_split_outside_brackets_and_quotes_only():
     assert split_top("full, kvzap,smooth:kvzap[kernel=5,pool=max],x[a=[1,2]]") == [
         "full", "kvzap", "smooth:kvzap[kernel=5,pool=max]", "x[a=[1,2]]"
     ]
+    assert split_top('a[x="]"],b[s="c,d"]') == ['a[x="]"]', 'b[s="c,d"]']
+    assert name_of(*parse_name('p[s="a,b"]')) == 'p[s="a,b"]'
+    assert parse_name("x[a=[1,2]]") == ("x", (("a", (1, 2)),))  # a list is held as a tuple: specs are hashed
+
+
+def test_flags_and_brackets_give_one_setting_one_key():
+    from kvforge.cli.common import cli_spec
+
+    flags = cli_spec("smooth:snapkv", 0.5, ["window=4", "kernel=3"])
+    assert flags == KVSpec.named("smooth:snapkv[window=4,kernel=3]", 0.5) and hash(flags) == hash(KVSpec.named("smooth:snapkv[kernel=3,window=4]", 0.5))
 
 
 @pytest.mark.parametrize(

@@ -109,7 +109,8 @@ class EvalConfig:
         pairs = [("full", 0.0)] if "full" in self.policies else []
         pairs += [(p, r) for p in self.policies if p != "full" for r in self.ratios]
         specs = self.specs()
-        return [KVSpec.named(p, r, specs[q]) for q in self.quant for p, r in pairs]
+        combos = [KVSpec.named(p, r, specs[q]) for q in self.quant for p, r in pairs]
+        return list({c.key: c for c in reversed(combos)}.values())[::-1]  # int4 and int4/g32 are one setting
 
 
 @dataclass
@@ -211,7 +212,7 @@ def prepare_out(out: Path, cfg: EvalConfig, force: bool) -> list[EvalRow]:
     def same(stored: dict) -> bool:
         ignored = {*EXTENSIBLE, "group_labels"}
         for config in (stored, identity):  # a side that quantized (or mixed) nothing does not care how
-            modes = set(config["quant"] if "quant" in config else ["none"])
+            modes = {QuantSpec.parse(label).mode for label in config.get("quant", ["none"])}
             if modes == {"none"}:
                 ignored |= {"quant_group", "quant_residual", "quant_prompt_residual"}
             if "mixed" not in modes:

@@ -190,10 +190,11 @@ class Policy:
         return self.name
 
     def given_params(self) -> tuple[tuple[str, object], ...]:
-        """(name, value) of each hyperparameter set away from its default, budgets aside."""
+        """(name, value) of each hyperparameter set away from its default; the ratio and a budget
+        are the setting's own (`setting`), decoding budgets are named here."""
         return tuple(
             (f.name, getattr(self, f.name)) for f in fields(self)
-            if f.init and f.name not in BUDGET_FIELDS and f.default is not MISSING and getattr(self, f.name) != f.default
+            if f.init and f.name not in ("ratio", "budget") and f.default is not MISSING and getattr(self, f.name) != f.default
         )  # fmt: skip
 
     @property

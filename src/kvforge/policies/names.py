@@ -22,12 +22,13 @@ def parse_value(raw: str) -> Any:
 
 
 def split_top(text: str, sep: str = ",") -> list[str]:
-    """`text` split at each `sep` outside brackets, parts stripped, empty parts dropped:
-    'a,b[x=1,y=2],c' -> ['a', 'b[x=1,y=2]', 'c']."""
-    parts, depth, start = [], 0, 0
+    """`text` split at each `sep` outside brackets and double quotes, parts stripped, empty parts
+    dropped: 'a,b[x=1,y="2,3"],c' -> ['a', 'b[x=1,y="2,3"]', 'c']."""
+    parts, depth, start, quoted = [], 0, 0, False
     for i, ch in enumerate(text):
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if ch == sep and depth == 0:
+        quoted ^= ch == '"'
+        depth += 0 if quoted else {"[": 1, "]": -1}.get(ch, 0)
+        if ch == sep and depth == 0 and not quoted:
             parts.append(text[start:i])
             start = i + 1
     parts.append(text[start:])
@@ -41,7 +42,7 @@ def parse_name(text: str) -> tuple[str, Params]:
     if "[" not in text:
         return text, ()
     head, _, rest = text.partition("[")
-    if not rest.endswith("]") or not head:
+    if not rest.endswith("]") or not head.strip():
         raise ValueError(f"policy {text!r}: write parameters after the name in brackets, e.g. smooth:kvzap[kernel=5,pool=max]")
     params: dict[str, Any] = {}
     for item in split_top(rest[:-1]):
@@ -50,7 +51,8 @@ def parse_name(text: str) -> tuple[str, Params]:
             raise ValueError(f"policy {text!r}: parameter {item!r} must look like NAME=VALUE, e.g. {head}[kernel=5]")
         if name.strip() in params:
             raise ValueError(f"policy {text!r} gives parameter {name.strip()!r} twice")
-        params[name.strip()] = parse_value(raw.strip())
+        value = parse_value(raw.strip())
+        params[name.strip()] = tuple(value) if isinstance(value, list) else value  # specs are hashed
     return head.strip(), tuple(sorted(params.items()))
 
 

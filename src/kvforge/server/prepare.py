@@ -178,9 +178,10 @@ class Preparer:
         """The request's KV settings over the server's defaults: a compressing kv_policy without
         kv_ratio takes the server's --ratio; a kv_ratio the policy would ignore is refused."""
         base = self.engine.defaults
-        policy = body.kv_policy or base.policy
-        if policy.count(":") > MAX_WRAPPERS:
-            raise APIError(400, f"kv_policy nests {policy.count(':')} wrappers; at most {MAX_WRAPPERS} (e.g. adakv:chunk:snapkv)", "kv_policy")
+        policy = body.kv_policy or base.name  # the server's parameters too (`snapkv[window=32]`)
+        nested = policy.partition("[")[0].count(":")
+        if nested > MAX_WRAPPERS:
+            raise APIError(400, f"kv_policy nests {nested} wrappers; at most {MAX_WRAPPERS} (e.g. adakv:chunk:snapkv)", "kv_policy")
         if policy == "full" and body.kv_ratio:
             raise APIError(
                 400, f"kv_ratio={body.kv_ratio!r} has no effect with kv_policy 'full', which keeps every entry; "

@@ -100,7 +100,6 @@ class PagedQuantKV(KVStorage):
             CodeBlocks(memory, [CodeRow() for _ in range(rows)], self._empty_meta(batch, aux_names), self._layout(s), s.group)
             for s in spec.parts
         ]
-        self._pictures: list[Part | None] = [None] * len(self.parts)
 
     def _layout(self, spec: QuantSpec) -> BlockLayout:
         layout = codec_layout(spec, self.head_dim, self.memory.block_nbytes)
@@ -148,9 +147,6 @@ class PagedQuantKV(KVStorage):
     def _held(self) -> list[TailBlocks | CodeBlocks]:
         return [*self.parts, self.tail]
 
-    def _edited(self) -> None:
-        self._pictures = [None] * len(self.parts)
-
     # --- sizes -------------------------------------------------------------------------------
 
     @property
@@ -191,13 +187,13 @@ class PagedQuantKV(KVStorage):
     # --- the picture the quantized layout reads -------------------------------------------------
 
     def _picture(self) -> QuantizedKV:
-        for i, part in enumerate(self.parts):
-            if self._pictures[i] is None:
-                self._pictures[i] = Part(self.spec.parts[i], part.picture(CODE_FIELDS), part.groups(["km"]))
+        """The flat quantized layout's picture of these blocks, gathered for one call and dropped
+        after it: kept between calls it would be a second copy of every row's codes (shared
+        blocks once per row), counted nowhere."""
         q = QuantizedKV.__new__(QuantizedKV)
         q.batch, q.kv_heads, q.head_dim = self.batch, self.kv_heads, self.head_dim
         q.dtype, q.device, q.aux_names, q.spec = self.dtype, self.device, self.aux_names, self.spec
-        q.parts = list(self._pictures)  # type: ignore[arg-type]
+        q.parts = [Part(spec, part.picture(CODE_FIELDS), part.groups(["km"])) for spec, part in zip(self.spec.parts, self.parts)]
         q.tail = self.tail.picture(["k", "v"])
         return q
 
@@ -260,7 +256,6 @@ class PagedQuantKV(KVStorage):
         left = tail_counts - moved
         starts = exclusive_cumsum(self.tail.meta.counts.flatten()) + moved.flatten()
         self.tail.keep(spans(starts, left.flatten(), int(left.sum())).to(self.device), left.to(self.device), left)
-        self._edited()
 
     def _encode(self, part: CodeBlocks, spec: QuantSpec, block: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
         """Quantize each row's first counts[b, h] (host, whole groups) entries of `block`
@@ -273,7 +268,6 @@ class PagedQuantKV(KVStorage):
         for held, (rows, mine) in zip(self._held(), self._picture()._slot_rows(view.valid.shape[-1])):
             chosen = torch.gather(mine, 2, index) & keep_mask
             held.keep(torch.gather(rows, 2, index)[chosen], chosen.sum(-1))
-        self._edited()
 
     def set_values(self, view: PaddedView, values: torch.Tensor, changed: torch.Tensor) -> None:
         changed = changed & view.valid
@@ -289,7 +283,6 @@ class PagedQuantKV(KVStorage):
                 held.write_entries(rows[picked], {"vc": vc, "vm": vm})
             else:
                 held.write_entries(rows[picked], {"v": new.to(self.dtype)})
-        self._edited()
 
     # --- policy state and sharing ------------------------------------------------------------
 
@@ -298,7 +291,6 @@ class PagedQuantKV(KVStorage):
 
     def import_aux(self, state: dict[str, object]) -> None:
         import_state([p.meta for p in self.parts], self.tail.meta, state)
-        self._edited()
 
     def _over(self, held: list[tuple[list, Segments]], batch: int, aux_names: tuple[str, ...], fresh: bool) -> PagedQuantKV:
         """A storage of these rows and metadata (parts, then the tail), its policy state
@@ -316,7 +308,6 @@ class PagedQuantKV(KVStorage):
         *parts, (tail_rows, tail_meta) = held
         out.parts = [CodeBlocks(p.memory, rows, state(meta), p.layout, p.group) for p, (rows, meta) in zip(self.parts, parts)]
         out.tail = TailBlocks(self.tail.memory, tail_rows, state(tail_meta))
-        out._pictures = [None] * len(out.parts)
         return out
 
     def share(self, aux_names: tuple[str, ...]) -> PagedQuantKV:

@@ -97,7 +97,9 @@ class PooledRows:
 
     @property
     def tables_nbytes(self) -> int:
-        return 8 * sum(len(self._units(row)[0]) + 1 for row in self.rows)
+        """Block tables, and the flat slot of every entry while it is kept (`slots`, int64)."""
+        slots = self._slots.nbytes if self._slots is not None else 0
+        return 8 * sum(len(self._units(row)[0]) + 1 for row in self.rows) + slots
 
     def slots(self) -> torch.Tensor:
         """(N,) int64 flat slot (unit * unit size + offset, in `layout`) of every entry, in `meta`'s order."""

@@ -180,7 +180,8 @@ def padded_groups(part: Part) -> PaddedGroups:
     `PaddedGroups` (zeros where nothing is held): the codes stay codes. Made for one attention
     call and dropped after it: kept between decoding steps it would be a second, uncounted copy
     of the part's codes (2.2x the bytes counted, for kvzap 0.5 + int4/g16 at 2048 tokens)."""
-    if bool((part.groups.fields["count"] == part.spec.group).all()):
+    # Whole groups exactly where each row holds group-times its groups (host counts: no device sync).
+    if torch.equal(part.quant.counts, part.groups.counts * part.spec.group):
         return _padded_rows(part)
     return _scatter_groups(part)
 
