@@ -22,6 +22,8 @@ def test_a_name_with_parameters_round_trips():
     assert spec.build().written_name == "smooth:snapkv[kernel=5]"
     assert KVSpec.named("adakv:snapkv[window=8]", 0.5).build().written_name == "adakv:snapkv[window=8]"
     assert KVSpec.named("smooth:snapkv", 0.5).build().written_name == "smooth:snapkv"
+    # A parameter at its default names nothing: one setting, one name, in eval's rows and bench's.
+    assert KVSpec.named("snapkv[window=64]", 0.5) == KVSpec.named("snapkv", 0.5) and KVSpec.named("snapkv[window=64]").name == "snapkv"
 
 
 def test_lists_split_outside_brackets_and_quotes_only():

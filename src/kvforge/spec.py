@@ -18,7 +18,7 @@ from typing import Any
 
 from kvforge.policies.base import Policy
 from kvforge.policies.names import Params, name_of, parse_name
-from kvforge.policies.registry import make_policy
+from kvforge.policies.registry import make_policy, parameter_defaults
 from kvforge.storage.codec import QuantSpec
 
 FULL = "full"
@@ -46,6 +46,10 @@ class KVSpec:
         sizing = [k for k, _ in self.params if k in ("ratio", "budget")]
         if sizing:
             raise ValueError(f"policy {self.name!r}: give its {sizing[0]} as the setting's own (--ratios, --ratio, --budget), not a parameter")
+        if self.params:  # one setting, one spec: parameters in name order, those at their default left out
+            defaults = parameter_defaults(self.policy)
+            given = sorted((k, v) for k, v in self.params if k not in defaults or defaults[k] != v)
+            object.__setattr__(self, "params", tuple(given))
         if not isinstance(self.quant, QuantSpec):
             object.__setattr__(self, "quant", QuantSpec.parse(str(self.quant)))
         object.__setattr__(self, "ratio", float(self.ratio))

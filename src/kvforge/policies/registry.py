@@ -73,6 +73,13 @@ def parameter_names(name: str) -> list[str]:
     return own + [p for p in parameter_names(rest) if p not in own] if rest else own
 
 
+def parameter_defaults(name: str) -> dict[str, Any]:
+    """Each hyperparameter a (possibly composed) policy name accepts, with the default of the
+    outermost policy that has it (the one `make_policy` gives it to)."""
+    cls, rest = _split(name)
+    return {**(parameter_defaults(rest) if rest else {}), **{p[0]: p[2] for p in cls.parameters()}}
+
+
 def check_parameters(name: str, given: list[str], written: str | None = None) -> None:
     """Raise a ValueError naming the first of `given` that policy `name` does not take (`written`:
     how the user wrote the policy, for the message)."""
