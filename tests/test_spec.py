@@ -32,7 +32,8 @@ def test_lists_split_outside_brackets_and_quotes_only():
     ]
     assert split_top('a[x="]"],b[s="c,d"]') == ['a[x="]"]', 'b[s="c,d"]']
     assert name_of(*parse_name('p[s="a,b"]')) == 'p[s="a,b"]'
-    assert parse_name("x[a=[1,2]]") == ("x", (("a", (1, 2)),))  # a list is held as a tuple: specs are hashed
+    assert parse_name("x[a=[1,2]]") == ("x", (("a", [1, 2]),))
+    assert hash(KVSpec("knorm", params=(("decode_budget", 8), ("layers", [1, 2]))))  # a list is held as a tuple
 
 
 def test_flags_and_brackets_give_one_setting_one_key():

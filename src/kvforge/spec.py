@@ -48,7 +48,8 @@ class KVSpec:
             raise ValueError(f"policy {self.name!r}: give its {sizing[0]} as the setting's own (--ratios, --ratio, --budget), not a parameter")
         if self.params:  # one setting, one spec: parameters in name order, those at their default left out
             defaults = parameter_defaults(self.policy)
-            given = sorted((k, v) for k, v in self.params if k not in defaults or defaults[k] != v)
+            held = ((k, tuple(v) if isinstance(v, list) else v) for k, v in self.params)  # specs are hashed
+            given = sorted((k, v) for k, v in held if k not in defaults or defaults[k] != v)
             object.__setattr__(self, "params", tuple(given))
         if not isinstance(self.quant, QuantSpec):
             object.__setattr__(self, "quant", QuantSpec.parse(str(self.quant)))

@@ -51,8 +51,7 @@ def parse_name(text: str) -> tuple[str, Params]:
             raise ValueError(f"policy {text!r}: parameter {item!r} must look like NAME=VALUE, e.g. {head}[kernel=5]")
         if name.strip() in params:
             raise ValueError(f"policy {text!r} gives parameter {name.strip()!r} twice")
-        value = parse_value(raw.strip())
-        params[name.strip()] = tuple(value) if isinstance(value, list) else value  # specs are hashed
+        params[name.strip()] = parse_value(raw.strip())
     return head.strip(), tuple(sorted(params.items()))
 
 
