@@ -476,12 +476,15 @@ def reachable_tensors(obj: object, seen: set[int] | None = None) -> list[torch.T
     return [t for child in children for t in reachable_tensors(child, seen)]
 
 
+@pytest.mark.parametrize("quant", [None, QuantSpec("int4", **SPEC)], ids=["none", "int4"])
 @pytest.mark.parametrize("layout", ["inplace", "paged"])
-def test_decoding_a_ragged_quantized_cache_holds_no_codes_it_does_not_count(tiny_model, layout):
-    """Rows of different lengths are read through a padded picture of their codes (the paged
-    layout: through a gathered picture of its blocks): made for one attention call, never kept
-    beside the codes (it would hold them twice, uncounted)."""
-    cache = KVCache(tiny_model, make_policy("adakv:knorm", ratio=0.5), quant=QuantSpec("int4", **SPEC), layout=layout)
+def test_decoding_a_ragged_cache_holds_no_keys_values_or_codes_it_does_not_count(tiny_model, layout, quant):
+    """Rows of different lengths are read through a padded picture (of their codes; the paged
+    layout: gathered from its blocks): made for one attention call, never kept beside what is
+    held (it would hold it twice, uncounted). Every tensor of head_dim-wide rows a decoding cache
+    holds is counted in its buffers, or is the block memory's own arena (the pool: its blocks
+    are what a cache counts)."""
+    cache = KVCache(tiny_model, make_policy("adakv:knorm", ratio=0.5), quant=quant, layout=layout)
     row = left_padded([40], seed=16)[0][0].tolist()
     logits = prefill_ids(tiny_model, cache, row)[None]
     positions = torch.tensor([40])
@@ -489,9 +492,11 @@ def test_decoding_a_ragged_quantized_cache_holds_no_codes_it_does_not_count(tiny
         logits, positions = feed(tiny_model, cache, [[int(logits[0].argmax())]], positions, DECODE)
     storages = [layer.storage for layer in cache.layers]
     assert any(len(set(s.lengths.flatten().tolist())) > 1 for s in storages)  # ragged: the padded path ran
-    counted = set(cache.buffers())
-    codes = [t for s in storages for t in reachable_tensors(s) if t.dtype == torch.uint8 and t.numel()]
-    assert codes and all(t.untyped_storage().data_ptr() in counted for t in codes)
+    holders = [h for s in storages for h in [s, *getattr(s, "parts", []), getattr(s, "tail", None)]]  # paged: block rows
+    pool = {t.untyped_storage().data_ptr() for h in holders if hasattr(h, "memory") for t in reachable_tensors(h.memory.store)}
+    counted = set(cache.buffers()) | pool
+    rows = [t for s in storages for t in reachable_tensors(s) if t.numel() and t.dim() >= 2 and t.shape[-1] == 16]
+    assert rows and all(t.untyped_storage().data_ptr() in counted for t in rows)
 
 
 def test_whole_groups_in_ragged_rows_are_padded_as_the_scatter_pads_them(tiny_model):
