@@ -30,7 +30,7 @@ class KVSpec:
     ratio: float = 0.0  # fraction of the prompt's entries evicted, in [0, 1)
     quant: QuantSpec = field(default_factory=QuantSpec)
     budget: int | None = None  # instead of a ratio: entries kept per sequence and KV head
-    params: Params = ()  # the policy's own parameters, (name, value) in order
+    params: Params = ()  # the policy's own parameters, (name, value): kept in name order, defaults left out
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:

@@ -54,7 +54,7 @@ def cli_spec(name: str, ratio: float | None, params: list[str], args: argparse.N
             if getattr(args, option, None) is not None:
                 own[option] = getattr(args, option)
     ratio = 0.0 if ratio is None or budget is not None else ratio
-    return KVSpec(name, ratio, budget=budget, params=tuple(sorted(own.items())))  # name order: one setting, one key
+    return KVSpec(name, ratio, budget=budget, params=tuple(own.items()))
 
 
 def covered(name: str, share: float) -> tuple[str, float]:

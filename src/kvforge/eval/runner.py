@@ -109,8 +109,8 @@ class EvalConfig:
         pairs = [("full", 0.0)] if "full" in self.policies else []
         pairs += [(p, r) for p in self.policies if p != "full" for r in self.ratios]
         specs = self.specs()
-        combos = [KVSpec.named(p, r, specs[q]) for q in self.quant for p, r in pairs]
-        return list({c.key: c for c in reversed(combos)}.values())[::-1]  # int4 and int4/g32 are one setting
+        combos = (KVSpec.named(p, r, specs[q]) for q in self.quant for p, r in pairs)
+        return list({c.key: c for c in combos}.values())  # int4 and int4/g32 are one setting (equal specs)
 
 
 @dataclass

@@ -131,14 +131,15 @@ class Part:
 
     # --- reading -----------------------------------------------------------------------------
 
+    def whole_groups(self) -> bool:
+        """No group misses an evicted entry: each row holds group-times its groups (a group holds
+        at most `group`), read from the host counts, so no device sync."""
+        return torch.equal(self.quant.counts, self.groups.counts * self.spec.group)
+
     def dense(self) -> bool:
         """Every row holds the same number of whole groups: the codes are a dense
         (batch, heads, groups, group, code_bytes) tensor and `Reader` applies."""
-        return (
-            self.quant.uniform() is not None
-            and self.groups.uniform() is not None
-            and bool((self.groups.fields["count"] == self.spec.group).all())
-        )
+        return self.quant.uniform() is not None and self.groups.uniform() is not None and self.whole_groups()
 
     def keys(self, start: int, stop: int) -> torch.Tensor:
         """(batch, heads, stop - start, dim) float32 keys of padded slots [start, stop)."""
@@ -180,8 +181,7 @@ def padded_groups(part: Part) -> PaddedGroups:
     `PaddedGroups` (zeros where nothing is held): the codes stay codes. Made for one attention
     call and dropped after it: kept between decoding steps it would be a second, uncounted copy
     of the part's codes (2.2x the bytes counted, for kvzap 0.5 + int4/g16 at 2048 tokens)."""
-    # Whole groups exactly where each row holds group-times its groups (host counts: no device sync).
-    if torch.equal(part.quant.counts, part.groups.counts * part.spec.group):
+    if part.whole_groups():
         return _padded_rows(part)
     return _scatter_groups(part)
 
@@ -198,7 +198,7 @@ def _padded_rows(part: Part) -> PaddedGroups:
         padded = pad_sequence(list(t.split(segments.counts.flatten().tolist())), batch_first=True)
         return padded.view(batch, heads, *padded.shape[1:])
 
-    valid = part.quant.slot_rows(ng * g)[1]
+    valid = torch.arange(ng * g, device=part.quant.lengths.device) < part.quant.lengths[..., None]  # (batch, heads, ng * g)
     index = torch.arange(part.quant.longest, device=valid.device).expand(batch, heads, -1)
     index = torch.where(valid[:, :, : index.shape[-1]], index, 0)  # 0 past a row's entries, as the scatter gives
     kc = rows(part.quant, "kc").view(batch, heads, ng, g, -1)
