@@ -244,3 +244,36 @@ def test_one_arena_holds_blocks_of_any_layout_in_the_same_bytes():
     assert store.fields(codes)["s"][3].tolist() == [0.5, 2.0]
     with pytest.raises(ValueError, match="more than the memory's blocks of 256"):
         store.fields(BlockLayout(64, (("c", (8,), torch.uint8),)))
+
+
+def test_block_key_summaries_follow_every_write_to_their_blocks():
+    pool, store = BlockPool(4), BlockStore(4, block_size=4, head_dim=2, dtype=torch.float32)
+    rows = RowBlocks(pool, 4)
+    sums = store.summaries("sum", [(torch.float32, 0.0)])
+
+    def summarize(keys: torch.Tensor, held: torch.Tensor) -> list[torch.Tensor]:  # (n, 4, 2), (n,) -> [(n, 2)]
+        return [(keys * (torch.arange(4) < held[:, None])[..., None]).sum(1)]
+
+    keys, row = torch.arange(20.0).view(10, 2), Row()
+    store.write(rows.append(row, 6).slots, keys[:6], keys[:6])
+    assert row.blocks == [0, 1] and sums.covered.tolist() == [0, 0, 0, 0]
+    sums.refresh(store.keys, torch.tensor([0, 1]), torch.tensor([4, 2]), summarize)
+    assert sums.covered.tolist() == [4, 2, 0, 0] and torch.equal(sums.tensors[0][1], keys[4:6].sum(0))
+    store.write(rows.append(row, 1).slots, keys[6:7], keys[6:7])  # offset 2 of block 1: past what it describes
+    assert sums.covered.tolist() == [4, 2, 0, 0]
+    sums.refresh(store.keys, torch.tensor([0, 1]), torch.tensor([4, 3]), summarize)
+    assert sums.covered.tolist() == [4, 3, 0, 0] and torch.equal(sums.tensors[0][1], keys[4:7].sum(0))
+    fork = rows.fork(row)
+    plan = rows.append(fork, 1)  # block 1 is shared and partly filled: the fork copies it to block 2
+    store.copy_blocks(plan.copies)
+    store.write(plan.slots, keys[7:8], keys[7:8])
+    assert plan.copies == [(1, 2)] and sums.covered.tolist() == [4, 3, 3, 0]
+    assert torch.equal(sums.tensors[0][2], keys[4:7].sum(0))  # the copy's summary came with it
+    store.write([rows.slot(row, 5)], None, keys[9:10])  # a value only: the keys it describes are unchanged
+    assert sums.covered.tolist() == [4, 3, 3, 0]
+    store.write([rows.slot(row, 1)], keys[9:10], keys[9:10])  # a key below what block 0 describes
+    assert sums.covered.tolist() == [0, 3, 3, 0]
+    store.write_blocks([2], {"k": torch.zeros(1, 4, 2)}, store.layout)  # whatever a block is given whole, it forgets
+    store.grow(2)
+    assert sums.covered.tolist() == [0, 3, 0, 0, 0, 0] and sums.tensors[0].shape == (6, 2)
+    assert sums.block_nbytes == 8 and set(sums.names({1, 3})) == {sums.tensors[0].data_ptr() + 8, sums.tensors[0].data_ptr() + 24}

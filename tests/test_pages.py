@@ -130,9 +130,10 @@ def test_a_cache_reading_an_eighth_reads_about_that_and_holds_its_summary(tiny_m
     assert cache.nbytes == plain.nbytes + bounds
 
 
-def test_a_policy_that_scores_by_attention_at_decoding_sees_only_what_was_read(tiny_model):
+@pytest.mark.parametrize("layout", ["inplace", "paged"])
+def test_a_policy_that_scores_by_attention_at_decoding_sees_only_what_was_read(tiny_model, layout):
     ids = torch.randint(1, 128, (1, 120), generator=torch.Generator().manual_seed(6))
-    cache = KVCache(tiny_model, make_policy("h2o", ratio=0.5), quant="quest0.25")
+    cache = KVCache(tiny_model, make_policy("h2o", ratio=0.5), quant="quest0.25", layout=layout)
     tiny_model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert 0 < float(cache.seq_read_fraction()[0]) < 1
     assert cache.kept_lengths(0).max() <= 60 + 6
@@ -219,3 +220,112 @@ def test_stacking_caches_that_read_less_keeps_each_sequences_counts(tiny_model):
     assert reader.kind == "centroid" and reader.fraction == 0.25 and not reader.dense
     assert reader.read.tolist() == [int(first.read[0]), 0] and reader.held.tolist() == [int(first.held[0]), 0]
     assert int(first.read[0]) > 0
+
+
+def _paged_and_inplace(batch: int, heads: int, length: int, block: int):
+    """The same entries (integer keys; the second sequence's first 10 tokens are padding) in a
+    paged layout over a fresh memory of `block`-entry blocks and in the in-place layout."""
+    from kvforge.memory.kvmemory import KVMemory
+    from kvforge.storage import make_storage
+    from kvforge.storage.paged import PagedKV
+
+    memory = KVMemory(4, torch.float32, block_size=block)
+    paged = PagedKV(batch, heads, 4, torch.float32, torch.device("cpu"), ("received",), memory=memory)
+    inplace = make_storage("inplace", batch, heads, 4, torch.float32, torch.device("cpu"), ("received",))
+    keys, values = integer_keys(batch, heads, length, 4, seed=10), integer_keys(batch, heads, length, 4, seed=11)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1:, :10] = False
+    for storage in (paged, inplace):
+        storage.append(keys, values, torch.arange(length), valid)
+    return paged, inplace, memory
+
+
+def _step(storages, step: int, position: int) -> None:
+    new = integer_keys(2, 2, 1, 4, seed=100 + step)
+    for storage in storages:
+        storage.append(new, -new, torch.tensor([position]), torch.ones(2, 1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["quest", "centroid"])
+def test_a_paged_layout_reads_only_its_chosen_blocks_and_answers_as_the_picture_read_by_pages_of_its_blocks(kind):
+    from kvforge.storage.pageread import PageReader
+
+    paged, inplace, memory = _paged_and_inplace(2, 2, 70, block=8)
+    by_blocks, by_picture = PageReader(kind, 0.3, 2), PageReader(kind, 0.3, 2, page=8)
+    for step in range(4):
+        _step([paged, inplace], step, 70 + step)
+        query, valid = integer_keys(2, 4, 1, 4, seed=200 + step), torch.ones(2, 1, dtype=torch.bool)
+        got = by_blocks.attend(paged, query, torch.tensor([70 + step]), valid, 0.5, accumulate="received")
+        want = by_picture.attend(inplace, query, torch.tensor([70 + step]), valid, 0.5, accumulate="received")
+        assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(by_blocks.read, by_picture.read) and bool((by_blocks.read < by_blocks.held / 2).all())
+    # The attention each entry read received (h2o's state at decoding) lands on the same entries.
+    received, reference = paged.view().aux["received"], inplace.view().aux["received"]
+    assert torch.allclose(received, reference, atol=1e-6) and 0 < int((received > 0).sum()) < int(paged.lengths.sum())
+    assert by_blocks.summary == []  # the memory holds them, per block
+    # What the memory's summaries describe is what the rows hold: a summary of the picture by blocks.
+    _, summary = paged.page_summaries(kind)
+    view = paged.view()
+    live = (torch.arange(summary[0].shape[2]) < (view.lengths[..., None] + 7) // 8)[..., None]
+    for got, want in zip(summary, page_summary(kind, view.keys, view.lengths, 8), strict=True):
+        assert torch.equal(torch.where(live, got, 0), torch.where(live, want, 0))
+
+
+@pytest.mark.parametrize("kind", ["quest", "centroid"])
+def test_an_eviction_in_a_paged_layout_makes_its_rewritten_blocks_summarize_again(kind):
+    paged, _, _ = _paged_and_inplace(2, 2, 40, block=8)
+    paged.page_summaries(kind)
+    view = paged.view()
+    index = torch.arange(1, 40).expand(2, 2, 39)  # every row drops its first entry: blocks rewritten in place
+    paged.keep(view, index, index < view.lengths[..., None])
+    _, summary = paged.page_summaries(kind)
+    view = paged.view()
+    live = (torch.arange(summary[0].shape[2]) < (view.lengths[..., None] + 7) // 8)[..., None]
+    for got, want in zip(summary, page_summary(kind, view.keys, view.lengths, 8), strict=True):
+        assert torch.equal(torch.where(live, got, 0), torch.where(live, want, 0))
+
+
+@pytest.mark.parametrize("kind", ["quest", "centroid"])
+def test_forks_read_by_their_blocks_summaries_share_them_and_count_them_once(kind):
+    from kvforge.memory.kvmemory import KVMemory
+    from kvforge.storage.pageread import PageReader
+    from kvforge.storage.paged import PagedKV
+
+    memory = KVMemory(4, torch.float32, block_size=8)
+    base = PagedKV(1, 1, 4, torch.float32, torch.device("cpu"), memory=memory)
+    keys, one = integer_keys(1, 1, 21, 4, seed=12), torch.ones(1, 1, dtype=torch.bool)
+    base.append(keys[:, :, :20], keys[:, :, :20], torch.arange(20), torch.ones(1, 20, dtype=torch.bool))
+    base.append(keys[:, :, 20:], keys[:, :, 20:], torch.tensor([20]), one)
+    PageReader(kind, 0.5, 1).attend(base, torch.ones(1, 2, 1, 4), torch.tensor([20]), one, 1.0)
+    summaries = memory.store.summaries(kind, [])
+    assert base.rows[0].blocks == [0, 1, 2] and summaries.covered[:3].tolist() == [8, 8, 5]
+    forks = [base.share(()) for _ in range(3)]
+    for fork in forks:  # each copies the shared, partly filled last block, with its summary, then extends it
+        fork.append(keys[:, :, :1], keys[:, :, :1], torch.tensor([21]), one)
+        PageReader(kind, 0.5, 1).attend(fork, torch.ones(1, 2, 1, 4), torch.tensor([21]), one, 1.0)
+    assert [f.rows[0].blocks for f in forks] == [[0, 1, 3], [0, 1, 4], [0, 1, 5]]
+    assert summaries.covered[:6].tolist() == [8, 8, 5, 6, 6, 6]
+    held: dict[int, int] = {}
+    for storage in (base, *forks):
+        held |= storage.buffers()
+    assert sum(held.values()) == 6 * (memory.block_nbytes + summaries.block_nbytes)
+    assert summaries.block_nbytes == (2 * 4 * 2 if kind == "quest" else 4 * 4)
+    assert int(forks[0].seq_nbytes()[0]) == 22 * 2 * 4 * 4 + 3 * summaries.block_nbytes
+
+
+@pytest.mark.parametrize("kind", ["quest", "centroid"])
+def test_a_paged_cache_reading_an_eighth_holds_one_summary_per_block(tiny_model, kind):
+    ids = torch.randint(1, 128, (1, 300), generator=torch.Generator().manual_seed(5))
+    plain = KVCache(tiny_model, make_policy("full"), layout="paged")
+    tiny_model.generate(ids, past_key_values=plain, max_new_tokens=8, do_sample=False)
+    cache = KVCache(tiny_model, make_policy("full"), quant=f"{kind}0.125", layout="paged")
+    tiny_model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    # 300..306 entries at the steps that read pages: 10 blocks of 32, 2 read (first, last) of
+    # the 10 (ceil(1.25) = 2), the last partly filled.
+    fraction = float(cache.seq_read_fraction()[0])
+    assert 32 / 306 < fraction <= 64 / 300
+    assert all(not layer.reader.summary for layer in cache.layers)
+    blocks = 10 * 2 * 2  # blocks per row x kv_heads x layers
+    summary = 2 * 16 * 2 if kind == "quest" else 16 * 4  # head_dim 16: two float16 rows, or one float32
+    assert cache.nbytes == plain.nbytes + blocks * summary  # both hold 10 blocks per row
+    assert int(cache.seq_nbytes()[0]) == cache.kept_nbytes + blocks * summary

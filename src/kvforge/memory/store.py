@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.memory.pool import BlockPool
+from kvforge.memory.summaries import BlockSummaries
 
 Field = tuple[str, tuple[int, ...], torch.dtype]  # name, shape of one entry's (or block's) part, dtype
 ALIGN = 16  # bytes: every field starts at a multiple (any dtype's element size divides it)
@@ -96,6 +97,9 @@ class BlockStore:
             self.arena = torch.zeros(num_blocks, self.layout.nbytes(), dtype=torch.uint8, device=device)
         self._views: dict[BlockLayout, dict[str, torch.Tensor]] = {}
         self._flat: dict[tuple[BlockLayout, str], tuple[torch.Tensor, int, int] | None] = {}
+        # Key summaries per block, by kind, made when a reader first asks (`summaries`); every
+        # write below tells them, so they never describe keys a block no longer holds.
+        self._summaries: dict[str, BlockSummaries] = {}
 
     # --- layouts -------------------------------------------------------------------------------
 
@@ -142,6 +146,16 @@ class BlockStore:
     def device(self) -> torch.device:
         return self.arena.device
 
+    def summaries(self, kind: str, fields: list[tuple[torch.dtype, float]]) -> BlockSummaries:
+        """The key summaries named `kind` of this store's full-precision blocks, of `fields`
+        ((dtype, value of an empty block) per tensor), made on first use."""
+        if kind not in self._summaries:
+            self._summaries[kind] = BlockSummaries(fields, self.num_blocks, self.head_dim, self.device)
+        return self._summaries[kind]
+
+    def _summarized(self) -> list[BlockSummaries]:
+        return list(self._summaries.values())
+
     # --- sizes -------------------------------------------------------------------------------
 
     @property
@@ -173,11 +187,14 @@ class BlockStore:
         with torch.inference_mode(False):
             self.arena = torch.cat([self.arena, self.arena.new_zeros(count, self.block_nbytes)])
         self._views, self._flat = {}, {}
+        for summaries in self._summarized():
+            summaries.grow(count)
 
     def shrink_to_nothing(self) -> None:
         with torch.inference_mode(False):
             self.arena = self.arena[:0].clone()
         self._views, self._flat = {}, {}
+        self._summaries = {}
 
     # --- entries -------------------------------------------------------------------------------
 
@@ -223,6 +240,11 @@ class BlockStore:
             target, at = self._at(places, layout, name)
             # Detached: the store outlives every forward; it must never join an autograd graph.
             target.index_put_(at, t.detach().to(target.dtype))
+        for summaries in self._summarized():
+            if layout != self.layout:
+                summaries.forget(places[0])  # the blocks hold a codec's codes
+            elif "k" in fields:
+                summaries.written(*places)
 
     def write_blocks(self, ids: list[int] | torch.Tensor, fields: dict[str, torch.Tensor], layout: BlockLayout, index: tuple[torch.Tensor, ...] = ()) -> None:
         """Block field i of each (n, *shape) goes to block ids[i] (at `index` within the field)."""
@@ -230,6 +252,8 @@ class BlockStore:
         at = (self._index(ids), *(i.to(self.device) for i in index))
         for name, t in fields.items():
             views[name].index_put_(at, t.detach().to(views[name].dtype))
+        for summaries in self._summarized():
+            summaries.forget(at[0])
 
     def write(self, slots: list[int], keys: torch.Tensor | None, values: torch.Tensor) -> None:
         """Full precision: entry i of keys, values (n, head_dim) goes to flat slot slots[i] (keys
@@ -263,6 +287,8 @@ class BlockStore:
             return
         sources, targets = (self._index(list(ids)) for ids in zip(*pairs))
         self.arena[targets] = self.arena[sources]
+        for summaries in self._summarized():
+            summaries.copied(sources, targets)
 
     # --- moving between stores -----------------------------------------------------------------
 
@@ -278,4 +304,6 @@ class BlockStore:
         each; raises OutOfBlocks when the pool cannot give them)."""
         ids = pool.allocate(swapped.count)
         self.arena[self._index(ids)] = swapped.blocks.to(self.device)
+        for summaries in self._summarized():
+            summaries.forget(self._index(ids))
         return ids

@@ -206,6 +206,28 @@ class KVStorage(ABC):
     def view(self) -> PaddedView:
         """Everything held as a PaddedView (a copy, or a view where the layout allows)."""
 
+    def page_summaries(self, kind: str) -> tuple[int, list[torch.Tensor]] | None:
+        """Where the layout keeps key summaries per block of its memory (`memory/summaries.py`):
+        the entries per page (its blocks') and each summary tensor (`reading/pages.py`, `kind`)
+        read through the rows' block tables, (batch, kv_heads, pages, head_dim), brought up to
+        date with what the rows hold. None (the default): a reader summarizes `view()` itself."""
+        return None
+
+    def read_pages(
+        self,
+        pages: torch.Tensor,  # (batch, kv_heads, W) page indices, from `reading.chosen_pages`
+        used: torch.Tensor,  # (batch, kv_heads, W) bool: columns read
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Only these pages, read where they lie (a layout with `page_summaries`): keys, values
+        (batch, kv_heads, W * page, head_dim), their slots and positions (batch, kv_heads,
+        W * page) and which are read (False: unused columns, or past a row's last entry)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no page summaries; read it through view()")
+
+    def add_aux_at(self, name: str, slots: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add (batch, kv_heads, K) `delta` to policy state `name` at (batch, kv_heads, K) slots
+        (zero where nothing is to be added; a slot listed twice gets both)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no page summaries; add through add_aux()")
+
     @abstractmethod
     def keep(
         self,

@@ -20,13 +20,15 @@ blocks where they lie (`reading.PagedRows`). Dropping the storage returns its bl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from kvforge.reading import PagedRows, decode, every_real, kernels
+from kvforge.reading import PagedRows, block_summary, decode, every_real, kernels, summary_fields
 from kvforge.memory import OutOfBlocks, Row, Swapped
 from kvforge.memory.kvmemory import KVMemory, shared_memory
+from kvforge.memory.summaries import BlockSummaries
 from kvforge.storage.base import KVStorage, PaddedView, gather_slots, time_ordered
 from kvforge.storage.viewread import ReadsView
 
@@ -83,6 +85,9 @@ class PagedKV(ReadsView):
         # written or released from here. Dropping this storage releases the rest.
         self.given: set[int] = set()
         self.owns = True
+        # Kinds of key summaries a page reader reads this storage by (`page_summaries`): their
+        # rows for this storage's blocks count in what it holds.
+        self.summarized: set[str] = set()
 
     def __del__(self) -> None:
         try:
@@ -165,13 +170,33 @@ class PagedKV(ReadsView):
         return {b for row in self.rows for b in row.blocks}
 
     def buffers(self) -> dict[int, int]:
-        """One buffer per block, named by its address: blocks shared with another storage have the
-        same names there, so a union counts them once."""
-        return self.memory.store.block_names(self._block_ids())
+        """One buffer per block, named by its address, and one per block's key summary where a
+        reader reads by them: blocks shared with another storage have the same names there, so a
+        union counts them once."""
+        ids, store = self._block_ids(), self.memory.store
+        names = store.block_names(ids)
+        for kind in self.summarized:
+            names |= self._summaries(kind).names(ids)
+        return names
 
     @property
     def allocated_nbytes(self) -> int:
-        return len(self._block_ids()) * self.memory.block_nbytes
+        return len(self._block_ids()) * (self.memory.block_nbytes + self._summary_block_nbytes())
+
+    def _summary_block_nbytes(self) -> int:
+        """Bytes of the key summaries a block of this storage has (0 when no reader reads by them)."""
+        return sum(self._summaries(kind).block_nbytes for kind in self.summarized)
+
+    def _summaries(self, kind: str) -> BlockSummaries:
+        return self.memory.store.summaries(kind, summary_fields(kind))
+
+    def seq_nbytes(self) -> torch.Tensor:
+        """(batch,) K/V bytes kept for each sequence, and its blocks' key summaries where read by them."""
+        kept = super().seq_nbytes()
+        if not self.summarized:
+            return kept
+        blocks = torch.tensor([len(row.blocks) for row in self.rows]).view(self.batch, self.kv_heads).sum(1)
+        return kept + blocks * self._summary_block_nbytes()
 
     @property
     def meta_nbytes(self) -> int:
@@ -293,6 +318,44 @@ class PagedKV(ReadsView):
             aux={name: t[:, :slots].reshape(shape) for name, t in self.aux.items()},
         )
 
+    def _held_per_block(self, width: int) -> torch.Tensor:
+        """(rows, width) entries each row holds in each column of its block table (0: padding)."""
+        lengths = torch.tensor([row.length for row in self.rows], dtype=torch.int64, device=self.device)
+        size = self.memory.block_size
+        return (lengths[:, None] - torch.arange(width, device=self.device) * size).clamp(0, size)
+
+    def page_summaries(self, kind: str) -> tuple[int, list[torch.Tensor]] | None:
+        """Pages are the memory's blocks; their key summaries are the memory's (shared with every
+        row holding the block), refreshed for the blocks whose entries changed since."""
+        if not self.rows or max(row.length for row in self.rows) == 0:
+            return None
+        store, summaries = self.memory.store, self._summaries(kind)
+        self.summarized.add(kind)
+        table = self._block_table()  # (rows, width)
+        held = self._held_per_block(table.shape[1])
+        live = held > 0
+        summaries.refresh(store.keys, table[live], held[live], functools.partial(block_summary, kind))
+        shape = (self.batch, self.kv_heads, table.shape[1], self.head_dim)
+        return store.block_size, [t.view(shape) for t in summaries.of_table(table)]
+
+    def read_pages(
+        self, pages: torch.Tensor, used: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, heads, width = pages.shape
+        size, store = self.memory.block_size, self.memory.store
+        ids = self._block_table().view(batch, heads, -1).gather(2, pages)  # (batch, kv_heads, W) block ids
+        keys = store.keys.index_select(0, ids.flatten()).view(batch, heads, width * size, self.head_dim)
+        values = store.values.index_select(0, ids.flatten()).view(batch, heads, width * size, self.head_dim)
+        slots = (pages[..., None] * size + torch.arange(size, device=self.device)).flatten(2)  # (batch, kv_heads, W * size)
+        read = used.repeat_interleave(size, dim=2) & (slots < self.lengths.to(self.device)[..., None])
+        slots = slots.clamp(max=self.pos.shape[1] - 1)
+        positions = torch.gather(self.pos.view(batch, heads, -1), 2, slots).long()
+        return keys, values, slots, positions, read
+
+    def add_aux_at(self, name: str, slots: torch.Tensor, delta: torch.Tensor) -> None:
+        state = self.aux[name].view(self.batch, self.kv_heads, -1)
+        state.scatter_add_(2, slots, delta.float())
+
     def attend(
         self, query: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, scaling: float, accumulate: str | None = None
     ) -> torch.Tensor:
@@ -377,7 +440,9 @@ class PagedKV(ReadsView):
     # --- sharing -------------------------------------------------------------------------------
 
     def _empty_like(self, batch: int, aux_names: tuple[str, ...]) -> PagedKV:
-        return PagedKV(batch, self.kv_heads, self.head_dim, self.dtype, self.device, aux_names, self.memory)
+        out = PagedKV(batch, self.kv_heads, self.head_dim, self.dtype, self.device, aux_names, self.memory)
+        out.summarized = set(self.summarized)
+        return out
 
     def share(self, aux_names: tuple[str, ...]) -> PagedKV:
         """Forked rows over the same blocks (one more reference each) and fresh policy state."""

@@ -1,14 +1,17 @@
 """A decoding step that reads only some pages of what a layer holds (`reading/pages.py`: Quest's
 key bounds, or mean keys).
 
-The page summary describes a storage's slots as they were after the last step: one entry appended
-per row since updates it in place; anything else (a compression, another storage) rebuilds it
-from the held keys. It is held beside the entries (two half-precision key rows per page, or one
-float32 row) and counts in what the cache holds.
-
-This is the reference path: it reads the layout's padded picture and gathers the chosen slots, so
-on the CPU it answers what reading less costs in answers, not what it saves in time (a kernel
-reading the chosen pages where they lie would).
+Two paths:
+- A layout over a block memory (`PagedKV`) keeps a summary per block of the memory
+  (`memory/summaries.py`), shared by every row holding the block: its pages are its blocks, and
+  a step reads the summaries, then only the chosen blocks, where they lie (`read_pages`).
+- Any other layout: the reader keeps a summary per page of `PAGE` slots of each row, describing
+  the storage's slots as they were after the last step: one entry appended per row since updates
+  it in place; anything else (a compression, another storage) rebuilds it from the held keys. The
+  step reads the layout's padded picture and gathers the chosen slots, so it answers what reading
+  less costs in answers, not what it saves in time.
+Either summary is held beside the entries (two half-precision key rows per page, or one float32
+row) and counts in what the cache holds.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import weakref
 
 import torch
 
-from kvforge.reading import attend, causal_allowed, chosen_slots, grow_summary, page_scores, page_summary, received_attention
+from kvforge.reading import (
+    PAGE, attend, causal_allowed, chosen_pages, chosen_slots, grow_summary, page_scores, page_summary, received_attention,
+)  # fmt: skip
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots
 
 # Layers that read every page: Quest leaves the first two of a 32-layer model dense, where
@@ -33,8 +38,10 @@ def reads_every_page(layer_idx: int, num_layers: int) -> bool:
 class PageReader:
     """One layer's page summary, and how much its decoding steps read, per sequence."""
 
-    def __init__(self, kind: str, fraction: float, batch: int, dense: bool = False) -> None:
-        self.kind, self.fraction, self.dense = kind, fraction, dense
+    def __init__(self, kind: str, fraction: float, batch: int, dense: bool = False, page: int = PAGE) -> None:
+        # `page`: entries per page where the reader summarizes the padded picture itself; a
+        # block memory's pages are its blocks.
+        self.kind, self.fraction, self.dense, self.page = kind, fraction, dense, page
         self.summary: list[torch.Tensor] = []  # each (batch, kv_heads, pages, head_dim): `pages.page_summary`
         self.lengths: torch.Tensor | None = None  # (batch, kv_heads) the row lengths it describes
         self.source: weakref.ref[KVStorage] | None = None  # the storage they describe
@@ -43,7 +50,7 @@ class PageReader:
 
     def select(self, sequences: list[int]) -> PageReader:
         """The counts of these sequences only; the summary is rebuilt at the next step."""
-        out = PageReader(self.kind, self.fraction, len(sequences), self.dense)
+        out = PageReader(self.kind, self.fraction, len(sequences), self.dense, self.page)
         out.read, out.held = self.read[sequences], self.held[sequences]
         return out
 
@@ -73,9 +80,9 @@ class PageReader:
         if same and self.summary and bool((lengths - self.lengths == added.long()).all()):
             slot = (lengths - 1).clamp(min=0)
             key = gather_slots(view.keys, slot[..., None])[:, :, 0]  # (batch, kv_heads, head_dim)
-            self.summary = grow_summary(self.kind, self.summary, key, slot, added)
+            self.summary = grow_summary(self.kind, self.summary, key, slot, added, self.page)
         else:
-            self.summary = page_summary(self.kind, view.keys, lengths)
+            self.summary = page_summary(self.kind, view.keys, lengths, self.page)
         self.lengths, self.source = lengths, weakref.ref(storage)
         return self.summary
 
@@ -91,15 +98,17 @@ class PageReader:
         """Attention of one decoding step over the chosen pages of what `storage` holds (the step's
         own entry appended already); with `accumulate`, the attention each entry read received is
         added to that policy state (entries not read receive none). A dense layer reads it all."""
-        counted = valid[:, 0].cpu()
         if self.dense:
-            held = storage.lengths.sum(1).cpu() * counted
+            held = storage.lengths.sum(1).cpu() * valid[:, 0].cpu()
             self.read += held
             self.held += held
             return storage.attend(query, positions, valid, scaling, accumulate=accumulate)
+        paged = storage.page_summaries(self.kind)
+        if paged is not None:
+            return self._attend_pages(storage, paged, query, positions, valid, scaling, accumulate)
         view = storage.view()
-        score = page_scores(self.kind, query, self._summary(storage, view, valid[:, 0]), view.lengths)
-        slots, read = chosen_slots(score, view.lengths, self.fraction)  # (batch, kv_heads, K)
+        score = page_scores(self.kind, query, self._summary(storage, view, valid[:, 0]), view.lengths, self.page)
+        slots, read = chosen_slots(score, view.lengths, self.fraction, self.page)  # (batch, kv_heads, K)
         keys, values = gather_slots(view.keys, slots), gather_slots(view.values, slots)
         key_positions = torch.gather(view.positions, 2, slots)
         read = read & torch.gather(view.valid, 2, slots)
@@ -108,7 +117,34 @@ class PageReader:
             got = received_attention(query, keys, key_positions, read, positions, valid, scaling) * read
             delta = torch.zeros(view.valid.shape, device=got.device).scatter_add_(2, slots, got)
             storage.add_aux(accumulate, view, delta)
-        self.read += read.sum((1, 2)).cpu() * counted
-        self.held += view.lengths.sum(1).cpu() * counted
+        self._count(read, view.lengths, valid)
         return out.masked_fill(~valid[:, None, :, None], 0.0)
 
+    def _attend_pages(
+        self,
+        storage: KVStorage,
+        paged: tuple[int, list[torch.Tensor]],  # (entries per page, summary per row page): `page_summaries`
+        query: torch.Tensor,  # (batch, q_heads, 1, head_dim)
+        positions: torch.Tensor,  # (1,)
+        valid: torch.Tensor,  # (batch, 1) bool
+        scaling: float,
+        accumulate: str | None,
+    ) -> torch.Tensor:  # (batch, q_heads, 1, head_dim)
+        """The step over the chosen blocks of a block memory, read where they lie."""
+        page, summary = paged
+        lengths = storage.lengths
+        pages, used = chosen_pages(page_scores(self.kind, query, summary, lengths, page), lengths, self.fraction, page)
+        keys, values, slots, key_positions, read = storage.read_pages(pages, used)
+        out = attend(query, keys, values, causal_allowed(key_positions, read, positions), scaling)
+        if accumulate is not None:
+            got = received_attention(query, keys, key_positions, read, positions, valid, scaling) * read
+            storage.add_aux_at(accumulate, slots, got)
+        self._count(read, lengths, valid)
+        return out.masked_fill(~valid[:, None, :, None], 0.0)
+
+    def _count(self, read: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor) -> None:
+        """Entries read (batch, kv_heads, K) and held (batch, kv_heads) this step, for the
+        sequences whose step is real (batch, 1) `valid`."""
+        counted = valid[:, 0].cpu()
+        self.read += read.sum((1, 2)).cpu() * counted
+        self.held += lengths.sum(1).cpu() * counted
