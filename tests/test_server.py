@@ -87,12 +87,14 @@ def expected(loaded, text: str, policy: str, ratio: float, max_tokens: int, quan
     return greedy(loaded, template(loaded, text), policy, ratio, max_tokens, quant)
 
 
-def greedy(loaded, ids: list[int], policy: str, ratio: float, max_tokens: int, quant: str | None = None) -> str:
+def greedy(
+    loaded, ids: list[int], policy: str, ratio: float, max_tokens: int, quant: str | None = None, layout: str = "inplace"
+) -> str:
     """What greedy decoding with kvforge's own loop gives for the prompt `ids` (chunks of 32)."""
     tok = loaded.tokenizer
     made = KVSpec.named(policy, 0.0 if policy == "full" else ratio).build()
     with torch.inference_mode():
-        cache = KVCache(loaded.model, made, tokenizer=tok, quant=quant)
+        cache = KVCache(loaded.model, made, tokenizer=tok, quant=quant, layout=layout)
         logits = prefill(loaded.model, cache, list(ids), chunk=32)[None]
         positions, out, stops = torch.tensor([len(ids)]), [], stop_ids(tok)
         for _ in range(max_tokens):
@@ -509,3 +511,20 @@ def test_quantized_and_paged_requests_share_one_bounded_memory(served, loaded):
         assert limited.metric("kv_peak_bytes") <= limited.metric("kv_pool_capacity_bytes") <= int(2.5 * one)
     finally:
         limited.close()
+
+
+def test_a_server_reading_a_quarter_of_each_rows_blocks_answers_as_kvforges_paged_loop(loaded):
+    """Decoding steps read the chosen blocks of the server's memory, chosen by the blocks' key
+    summaries, as `KVCache(layout="paged")` does (pages are the memory's blocks there too)."""
+    reading = Served(loaded, defaults=KVSettings(quant=QuantSpec.parse("centroid0.25")))
+    document = " ".join(f"w{(7 * i) % 120 + 5}" for i in range(150))
+    texts = [document + " w9 w10", document + " w11 w12"]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda text: chat(reading, text, max_tokens=12), texts))
+        want = [greedy(loaded, template(loaded, text), "full", 0.0, 12, "centroid0.25", layout="paged") for text in texts]
+        assert [r.choices[0].message.content for r in replies] == want
+        everything = [greedy(loaded, template(loaded, text), "full", 0.0, 12) for text in texts]
+        assert want != everything  # reading a quarter changed what this random model says
+    finally:
+        reading.close()
