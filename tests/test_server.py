@@ -515,8 +515,10 @@ def test_quantized_and_paged_requests_share_one_bounded_memory(served, loaded):
 
 def test_a_server_reading_a_quarter_of_each_rows_blocks_answers_as_kvforges_paged_loop(loaded):
     """Decoding steps read the chosen blocks of the server's memory, chosen by the blocks' key
-    summaries, as `KVCache(layout="paged")` does (pages are the memory's blocks there too)."""
-    reading = Served(loaded, defaults=KVSettings(quant=QuantSpec.parse("centroid0.25")))
+    summaries, as `KVCache(layout="paged")` does (pages are the memory's blocks there too); the
+    summaries count in --kv-memory."""
+    budget = 2 * 2**20
+    reading = Served(loaded, kv_memory=budget, defaults=KVSettings(quant=QuantSpec.parse("centroid0.25")))
     document = " ".join(f"w{(7 * i) % 120 + 5}" for i in range(150))
     texts = [document + " w9 w10", document + " w11 w12"]
     try:
@@ -526,5 +528,9 @@ def test_a_server_reading_a_quarter_of_each_rows_blocks_answers_as_kvforges_page
         assert [r.choices[0].message.content for r in replies] == want
         everything = [greedy(loaded, template(loaded, text), "full", 0.0, 12) for text in texts]
         assert want != everything  # reading a quarter changed what this random model says
+        # The blocks' summaries live inside the memory's budget: fewer blocks, made room for them.
+        memory = reading.engine.memory
+        assert memory.store.summaries_nbytes > 0 and reading.metric("kv_pool_capacity_bytes") <= budget
+        assert memory.pool.num_blocks == budget // (memory.block_nbytes + 16 * 4)  # head_dim 16: one float32 row
     finally:
         reading.close()

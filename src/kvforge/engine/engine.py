@@ -55,7 +55,7 @@ from kvforge.blend import DEFAULT_SHARE, check_share
 from kvforge.cache import KVCache, head_dim
 from kvforge.calibration import fingerprint, require_calibration
 from kvforge.engine.blocks import BlockIndex, reusable
-from kvforge.engine.memory import Shape, prompt_blocks, reservation, row_blocks
+from kvforge.engine.memory import Shape, prompt_blocks, reservation, row_blocks, summary_block_nbytes
 from kvforge.engine.prefixes import PrefixCache
 from kvforge.engine.request import KVSettings, Request
 from kvforge.engine.sampling import sample
@@ -165,7 +165,7 @@ class Engine:
         self.memory = (
             KVMemory(self.shape.head_dim, self.shape.dtype, device, keeps=True)
             if kv_memory is None
-            else KVMemory.of_bytes(kv_memory, self.shape.head_dim, self.shape.dtype, device)
+            else KVMemory.of_bytes(kv_memory, self.shape.head_dim, self.shape.dtype, device, summary_nbytes=summary_block_nbytes(defaults, self.shape.head_dim))
         )
         self.stop_ids = stop_ids(loaded.tokenizer)
         self.waiting: deque[Request] = deque()

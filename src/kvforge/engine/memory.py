@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.engine.request import KVSettings
+from kvforge.reading import summary_nbytes
 from kvforge.storage.pagedquant import codec_layout
 
 EVICT_SLACK = 16  # room a decoding-time budget keeps between evictions (the default evict_every)
@@ -34,6 +35,13 @@ class Shape:
     def entry_bytes(self) -> int:
         """One full-precision entry of one row: a K row and a V row."""
         return 2 * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+
+def summary_block_nbytes(kv: KVSettings, head_dim: int) -> int:
+    """Bytes of key summaries each full-precision block of the memory has when requests of this
+    setting read less (`memory/summaries.py`); 0 otherwise (a quantized setting's reader keeps
+    its own page summaries)."""
+    return summary_nbytes(kv.quant.reader, head_dim) if kv.quant.read is not None and not kv.quant.enabled else 0
 
 
 def kept_entries(kv: KVSettings, tokens: int) -> int:
@@ -83,7 +91,7 @@ def reservation(shape: Shape, kv: KVSettings, prompt_tokens: int, max_tokens: in
     before the next sees it), and the last blocks' unused entries."""
     entries = kept_entries(kv, prompt_tokens) + max_tokens + EVICT_SLACK  # per row
     transient = chunk * shape.entry_bytes * shape.kv_heads
-    block_nbytes = block_size * shape.entry_bytes
+    block_nbytes = block_size * shape.entry_bytes + summary_block_nbytes(kv, shape.head_dim)
     if kv.quant.enabled:
         per_row = quantized_row_blocks(kv, entries, 0, shape.head_dim, block_size, block_nbytes) * block_nbytes
     else:

@@ -10,6 +10,9 @@ counted once, from its own tensors:
     allocated_nbytes = blocks handed out x block bytes     (what rows stand on)
     free_nbytes      = capacity_nbytes - allocated_nbytes
 
+where a block's bytes include its key summaries once a reader reads by them (`summaries.py`: a
+few hundred bytes beside a block of 32 entries).
+
 A memory made with `num_blocks` is bounded: an allocation past it raises `OutOfBlocks` (the engine
 then waits or preempts). One made without grows when it runs out, by what it
 lacks and at least a quarter of its size (MIN_GROWTH blocks at the least): a cache about to append
@@ -49,9 +52,12 @@ class KVMemory:
         self.rows = RowBlocks(self.pool, block_size)
 
     @classmethod
-    def of_bytes(cls, nbytes: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu", block_size: int = BLOCK_SIZE) -> KVMemory:
-        """A bounded memory of as many blocks as `nbytes` holds (at least one)."""
-        block = BlockLayout.full(head_dim, dtype, block_size).nbytes()
+    def of_bytes(
+        cls, nbytes: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu", block_size: int = BLOCK_SIZE,
+        summary_nbytes: int = 0,  # bytes of the key summaries each block will have (a page reader's)
+    ) -> KVMemory:  # fmt: skip
+        """A bounded memory of as many blocks as `nbytes` holds (at least one), their summaries included."""
+        block = BlockLayout.full(head_dim, dtype, block_size).nbytes() + summary_nbytes
         if nbytes < block:
             raise ValueError(f"a K/V memory of {nbytes} bytes holds no block of {block} bytes; give at least {block}")
         return cls(head_dim, dtype, device, nbytes // block, block_size)
@@ -66,11 +72,11 @@ class KVMemory:
 
     @property
     def capacity_nbytes(self) -> int:
-        return self.store.capacity_nbytes
+        return self.store.capacity_nbytes + self.store.summaries_nbytes
 
     @property
     def allocated_nbytes(self) -> int:
-        return self.pool.num_used * self.block_nbytes
+        return self.pool.num_used * (self.block_nbytes + self.store.summary_block_nbytes)
 
     @property
     def free_nbytes(self) -> int:

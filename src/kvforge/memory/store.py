@@ -156,6 +156,16 @@ class BlockStore:
     def _summarized(self) -> list[BlockSummaries]:
         return list(self._summaries.values())
 
+    @property
+    def summaries_nbytes(self) -> int:
+        """Bytes of the key summaries held, every block's."""
+        return sum(s.nbytes for s in self._summarized())
+
+    @property
+    def summary_block_nbytes(self) -> int:
+        """Bytes of the key summaries of one block (0 while no reader asked for any)."""
+        return sum(s.block_nbytes for s in self._summarized())
+
     # --- sizes -------------------------------------------------------------------------------
 
     @property

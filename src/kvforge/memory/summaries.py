@@ -50,7 +50,8 @@ class BlockSummaries:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors) + self.covered.nbytes
+        """Bytes of the summaries of every block (`covered` is bookkeeping, as the pool's counts are)."""
+        return sum(t.nbytes for t in self.tensors)
 
     def names(self, ids: set[int]) -> dict[int, int]:
         """{address of block b's summary row: its bytes} for each id (see `BlockStore.block_names`)."""

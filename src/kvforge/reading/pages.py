@@ -79,6 +79,11 @@ def summary_fields(kind: str) -> list[tuple[torch.dtype, float]]:
     return [(BOUND_DTYPE, float("inf")), (BOUND_DTYPE, float("-inf"))] if kind == "quest" else [(torch.float32, 0.0)]
 
 
+def summary_nbytes(kind: str, head_dim: int) -> int:
+    """Bytes of one page's summary of `kind`: two float16 key rows (quest) or one float32 row."""
+    return sum(head_dim * torch.empty(0, dtype=dtype).element_size() for dtype, _ in summary_fields(kind))
+
+
 def _page_at(summary: torch.Tensor, slot: torch.Tensor, fill: float, page: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`summary` (batch, kv_heads, pages, head_dim) grown with pages of `fill` until it holds
     every (batch, kv_heads) `slot`'s page, and that page's index, shaped for gather/scatter
