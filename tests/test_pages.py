@@ -329,3 +329,27 @@ def test_a_paged_cache_reading_an_eighth_holds_one_summary_per_block(tiny_model,
     summary = 2 * 16 * 2 if kind == "quest" else 16 * 4  # head_dim 16: two float16 rows, or one float32
     assert cache.nbytes == plain.nbytes + blocks * summary  # both hold 10 blocks per row
     assert int(cache.seq_nbytes()[0]) == cache.kept_nbytes + blocks * summary
+
+
+@pytest.mark.parametrize("kind", ["quest", "centroid"])
+def test_the_paged_kernel_over_the_chosen_blocks_answers_as_the_torch_gather(kind, monkeypatch):
+    """The kernel reads each row's chosen blocks through a block table of them (Triton's
+    interpreter on a CPU); it attends over the same entries as `read_pages` and counts the same."""
+    pytest.importorskip("triton")
+    from kvforge.reading import kernels
+    from kvforge.storage.pageread import PageReader
+
+    outputs, readers = {}, {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("KVFORGE_KERNELS", flag)
+        paged, _, _ = _paged_and_inplace(2, 2, 70, block=8)
+        reader, calls = PageReader(kind, 0.3, 2), kernels.calls["decode"]
+        steps = []
+        for step in range(3):
+            _step([paged], step, 70 + step)
+            query = integer_keys(2, 4, 1, 4, seed=200 + step)
+            steps.append(reader.attend(paged, query, torch.tensor([70 + step]), torch.ones(2, 1, dtype=torch.bool), 0.5))
+        assert kernels.calls["decode"] - calls == (3 if flag == "1" else 0)
+        outputs[flag], readers[flag] = torch.stack(steps), reader
+    assert torch.allclose(outputs["0"], outputs["1"], atol=1e-5)
+    assert torch.equal(readers["0"].read, readers["1"].read) and torch.equal(readers["0"].held, readers["1"].held)

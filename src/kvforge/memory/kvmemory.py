@@ -135,6 +135,7 @@ class KVMemory:
             "block_size": self.block_size,
             "capacity_bytes": self.capacity_nbytes,
             "allocated_bytes": self.allocated_nbytes,
+            "summary_bytes": self.store.summaries_nbytes,
         }
 
 

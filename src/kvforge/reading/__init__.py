@@ -23,11 +23,11 @@ from kvforge.reading.dense import (
     probe_attention,
     received_attention,
 )
-from kvforge.reading.pages import PAGE, block_summary, chosen_pages, chosen_slots, grow_summary, page_scores, page_summary, summary_fields, summary_nbytes
+from kvforge.reading.pages import PAGE, block_summary, chosen_pages, chosen_slots, entries_read, grow_summary, page_scores, page_summary, summary_fields, summary_nbytes
 from kvforge.reading.rows import DenseRows, KeyRows, PagedRows, QuantRows, Source, decode, dense_rows, key_rows, received
 
 __all__ = [
     "PAGE", "DenseRows", "KeyRows", "PagedRows", "QuantRows", "Source", "all_real", "attend", "attend_at", "attention_probs_sum", "block_summary", "causal_allowed",
-    "chosen_pages", "chosen_slots", "decode", "dense_rows", "every_real", "grow_summary", "kernels", "key_rows", "page_scores", "page_summary",
+    "chosen_pages", "chosen_slots", "decode", "dense_rows", "entries_read", "every_real", "grow_summary", "kernels", "key_rows", "page_scores", "page_summary",
     "probe_attention", "received", "received_attention", "summary_fields", "summary_nbytes",
 ]  # fmt: skip

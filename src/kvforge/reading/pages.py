@@ -168,6 +168,14 @@ def chosen_pages(
     return top.masked_fill(~used, 0), used
 
 
+def entries_read(lengths: torch.Tensor, used: torch.Tensor, page: int = PAGE) -> torch.Tensor:
+    """(batch, kv_heads) entries the pages `chosen_pages` picked hold, (batch, kv_heads, W) `used`:
+    whole pages but the row's last (always chosen), which holds what is left (0 for an empty row)."""
+    lengths = lengths.to(used.device)
+    in_last = lengths - (lengths - 1).div(page, rounding_mode="floor") * page  # 1 .. page; page for an empty row
+    return (used.sum(-1) - 1) * page + in_last
+
+
 def chosen_slots(
     score: torch.Tensor,  # (batch, kv_heads, pages) from `page_scores`
     lengths: torch.Tensor,  # (batch, kv_heads) entries held per row

@@ -223,6 +223,14 @@ class KVStorage(ABC):
         W * page) and which are read (False: unused columns, or past a row's last entry)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no page summaries; read it through view()")
 
+    def decode_pages(
+        self, query: torch.Tensor, pages: torch.Tensor, used: torch.Tensor, scaling: float
+    ) -> torch.Tensor | None:
+        """A decoding step's attention (batch, q_heads, 1, head_dim) over only the chosen pages by
+        a kernel reading them where they lie; None (the default) where the layout has none on
+        this device (then `read_pages` and the torch math)."""
+        return None
+
     def add_aux_at(self, name: str, slots: torch.Tensor, delta: torch.Tensor) -> None:
         """Add (batch, kv_heads, K) `delta` to policy state `name` at (batch, kv_heads, K) slots
         (zero where nothing is to be added; a slot listed twice gets both)."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.reading import PagedRows, block_summary, decode, every_real, kernels, summary_fields
+from kvforge.reading import PagedRows, block_summary, decode, entries_read, every_real, kernels, summary_fields
 from kvforge.memory import OutOfBlocks, Row, Swapped
 from kvforge.memory.kvmemory import KVMemory, shared_memory
 from kvforge.memory.summaries import BlockSummaries
@@ -351,6 +351,27 @@ class PagedKV(ReadsView):
         slots = slots.clamp(max=self.pos.shape[1] - 1)
         positions = torch.gather(self.pos.view(batch, heads, -1), 2, slots).long()
         return keys, values, slots, positions, read
+
+    def decode_pages(
+        self,
+        query: torch.Tensor,  # (batch, q_heads, 1, head_dim): a decoding step, every sequence's real
+        pages: torch.Tensor,  # (batch, kv_heads, W) from `reading.chosen_pages`: time order, each row's last page last
+        used: torch.Tensor,  # (batch, kv_heads, W) bool
+        scaling: float,
+    ) -> torch.Tensor | None:  # (batch, q_heads, 1, head_dim)
+        """The step's attention over only the chosen blocks, by the paged decoding kernel (CUDA,
+        or Triton's interpreter when asked): each row's chosen blocks are its block table, so
+        the kernel reads them where they lie. Attention does not depend on the order of the
+        entries; the row's last block (partly filled) is its last chosen, so the row's count
+        is `entries_read`. None where no kernel runs."""
+        if not kernels.enabled(self.device) or min((row.length for row in self.rows), default=0) == 0:
+            return None
+        batch, heads, width = pages.shape
+        size, store = self.memory.block_size, self.memory.store
+        table = self._block_table().view(batch, heads, -1).gather(2, pages).view(batch * heads, width)
+        counts = entries_read(self.lengths, used.cpu(), size).flatten()
+        rows = PagedRows(store.keys, store.values, table.contiguous(), counts.to(self.device, torch.int32), int(counts.max()))
+        return decode(query[:, :, 0], [rows], self.kv_heads, scaling)[:, :, None]
 
     def add_aux_at(self, name: str, slots: torch.Tensor, delta: torch.Tensor) -> None:
         state = self.aux[name].view(self.batch, self.kv_heads, -1)

@@ -21,7 +21,7 @@ import weakref
 import torch
 
 from kvforge.reading import (
-    PAGE, attend, causal_allowed, chosen_pages, chosen_slots, grow_summary, page_scores, page_summary, received_attention,
+    PAGE, attend, causal_allowed, chosen_pages, chosen_slots, entries_read, grow_summary, page_scores, page_summary, received_attention,
 )  # fmt: skip
 from kvforge.storage.base import KVStorage, PaddedView, buffers_of, gather_slots
 
@@ -117,7 +117,7 @@ class PageReader:
             got = received_attention(query, keys, key_positions, read, positions, valid, scaling) * read
             delta = torch.zeros(view.valid.shape, device=got.device).scatter_add_(2, slots, got)
             storage.add_aux(accumulate, view, delta)
-        self._count(read, view.lengths, valid)
+        self._count(read.sum(2), view.lengths, valid)
         return out.masked_fill(~valid[:, None, :, None], 0.0)
 
     def _attend_pages(
@@ -134,17 +134,22 @@ class PageReader:
         page, summary = paged
         lengths = storage.lengths
         pages, used = chosen_pages(page_scores(self.kind, query, summary, lengths, page), lengths, self.fraction, page)
+        if accumulate is None and bool(valid.all()):
+            out = storage.decode_pages(query, pages, used, scaling)
+            if out is not None:  # a kernel read them where they lie
+                self._count(entries_read(lengths, used, page), lengths, valid)
+                return out
         keys, values, slots, key_positions, read = storage.read_pages(pages, used)
         out = attend(query, keys, values, causal_allowed(key_positions, read, positions), scaling)
         if accumulate is not None:
             got = received_attention(query, keys, key_positions, read, positions, valid, scaling) * read
             storage.add_aux_at(accumulate, slots, got)
-        self._count(read, lengths, valid)
+        self._count(read.sum(2), lengths, valid)
         return out.masked_fill(~valid[:, None, :, None], 0.0)
 
     def _count(self, read: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor) -> None:
-        """Entries read (batch, kv_heads, K) and held (batch, kv_heads) this step, for the
-        sequences whose step is real (batch, 1) `valid`."""
+        """Entries read and held (batch, kv_heads) this step, for the sequences whose step is
+        real (batch, 1) `valid`."""
         counted = valid[:, 0].cpu()
-        self.read += read.sum((1, 2)).cpu() * counted
+        self.read += read.sum(1).cpu() * counted
         self.held += lengths.sum(1).cpu() * counted
