@@ -16,6 +16,10 @@ Reading gathers whole blocks (one `index_select` of (blocks, block_size, head_di
 15x faster on the CPU than gathering entry by entry) into a padded picture (`view`); attention
 reads that (`viewread.ReadsView`). On CUDA a decoding step is one Triton kernel reading every row's
 blocks where they lie (`reading.PagedRows`). Dropping the storage returns its blocks.
+
+A decoding step that reads less (`storage/pageread.py`) scores the memory's key summaries of the
+rows' blocks (`memory/summaries.py`: one per block, shared as the block is) and reads only the
+chosen blocks: gathered (`read_pages`), or by the same kernel over a block table of them.
 """
 
 from __future__ import annotations
