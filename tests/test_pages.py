@@ -240,6 +240,16 @@ def _paged_and_inplace(batch: int, heads: int, length: int, block: int):
     return paged, inplace, memory
 
 
+def assert_block_summaries_describe_the_rows(paged, kind: str) -> None:
+    """What the memory's summaries of a paged storage's blocks describe is what its rows hold: the
+    summary of its picture by pages of its blocks (8 entries)."""
+    _, summary = paged.page_summaries(kind)
+    view = paged.view()
+    live = (torch.arange(summary[0].shape[2]) < (view.lengths[..., None] + 7) // 8)[..., None]
+    for got, want in zip(summary, page_summary(kind, view.keys, view.lengths, 8), strict=True):
+        assert torch.equal(torch.where(live, got, 0), torch.where(live, want, 0))
+
+
 def _step(storages, step: int, position: int) -> None:
     new = integer_keys(2, 2, 1, 4, seed=100 + step)
     for storage in storages:
@@ -263,12 +273,7 @@ def test_a_paged_layout_reads_only_its_chosen_blocks_and_answers_as_the_picture_
     received, reference = paged.view().aux["received"], inplace.view().aux["received"]
     assert torch.allclose(received, reference, atol=1e-6) and 0 < int((received > 0).sum()) < int(paged.lengths.sum())
     assert by_blocks.summary == []  # the memory holds them, per block
-    # What the memory's summaries describe is what the rows hold: a summary of the picture by blocks.
-    _, summary = paged.page_summaries(kind)
-    view = paged.view()
-    live = (torch.arange(summary[0].shape[2]) < (view.lengths[..., None] + 7) // 8)[..., None]
-    for got, want in zip(summary, page_summary(kind, view.keys, view.lengths, 8), strict=True):
-        assert torch.equal(torch.where(live, got, 0), torch.where(live, want, 0))
+    assert_block_summaries_describe_the_rows(paged, kind)
 
 
 @pytest.mark.parametrize("kind", ["quest", "centroid"])
@@ -278,11 +283,7 @@ def test_an_eviction_in_a_paged_layout_makes_its_rewritten_blocks_summarize_agai
     view = paged.view()
     index = torch.arange(1, 40).expand(2, 2, 39)  # every row drops its first entry: blocks rewritten in place
     paged.keep(view, index, index < view.lengths[..., None])
-    _, summary = paged.page_summaries(kind)
-    view = paged.view()
-    live = (torch.arange(summary[0].shape[2]) < (view.lengths[..., None] + 7) // 8)[..., None]
-    for got, want in zip(summary, page_summary(kind, view.keys, view.lengths, 8), strict=True):
-        assert torch.equal(torch.where(live, got, 0), torch.where(live, want, 0))
+    assert_block_summaries_describe_the_rows(paged, kind)
 
 
 @pytest.mark.parametrize("kind", ["quest", "centroid"])
