@@ -162,10 +162,12 @@ class Engine:
         self.shape = Shape(text.num_hidden_layers, text.num_key_value_heads, head_dim(loaded.model), loaded.model.dtype)
         device = loaded.model.device
         # The one owner of full-precision K/V: bounded by kv_memory, else growing on demand.
+        # A server that reads less keeps key summaries beside its blocks, inside the budget.
+        summaries = summary_block_nbytes(defaults, self.shape.head_dim)
         self.memory = (
             KVMemory(self.shape.head_dim, self.shape.dtype, device, keeps=True)
             if kv_memory is None
-            else KVMemory.of_bytes(kv_memory, self.shape.head_dim, self.shape.dtype, device, summary_nbytes=summary_block_nbytes(defaults, self.shape.head_dim))
+            else KVMemory.of_bytes(kv_memory, self.shape.head_dim, self.shape.dtype, device, summary_nbytes=summaries)
         )
         self.stop_ids = stop_ids(loaded.tokenizer)
         self.waiting: deque[Request] = deque()

@@ -1,6 +1,7 @@
 """Per block of a memory, a summary of the keys it holds: what a decoding step that reads less
-scores pages by (what a summary is, `reading/pages.py` says; this file only keeps them), kept where the keys are, so rows sharing a block (a fork, a
-prefix hit) share its summary, and a block found again by its hash brings its summary with it.
+scores pages by (what a summary is, `reading/pages.py` says; this file only keeps them). Kept
+where the keys are, rows sharing a block (a fork, a prefix hit) share its summary, and a block
+found again by its hash brings its summary with it.
 
     tensors[i]: (num_blocks, head_dim)   quest: least and most key per channel (float16);
                                          centroid: the sum of the keys (float32)
@@ -40,10 +41,6 @@ class BlockSummaries:
             self.covered = torch.zeros(num_blocks, dtype=torch.int64, device=device)
 
     @property
-    def num_blocks(self) -> int:
-        return self.covered.shape[0]
-
-    @property
     def block_nbytes(self) -> int:
         """Bytes of one block's summary."""
         return sum(t[0].nbytes for t in self.tensors)
@@ -63,12 +60,6 @@ class BlockSummaries:
         with torch.inference_mode(False):
             self.tensors = [torch.cat([t, t.new_full((count, self.head_dim), fill)]) for t, (_, fill) in zip(self.tensors, self.fields)]
             self.covered = torch.cat([self.covered, self.covered.new_zeros(count)])
-
-    def clear(self) -> None:
-        """The store gave its blocks back: nothing to describe."""
-        with torch.inference_mode(False):
-            self.tensors = [t[:0].clone() for t in self.tensors]
-            self.covered = self.covered[:0].clone()
 
     def written(self, blocks: torch.Tensor, offsets: torch.Tensor) -> None:
         """Keys were written at (blocks, offsets) (n,) each: a block written below what its
