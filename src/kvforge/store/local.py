@@ -69,6 +69,27 @@ class StoreStats:
     evicted: int = 0
 
 
+LOCK_TIMEOUT = 30.0  # seconds an operation waits for another process's lock on the index
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Put the index in WAL mode (it stays so: the mode is kept in the file). Switching takes the
+    database alone, and SQLite answers "database is locked" at once, without waiting, when another
+    process has it open meanwhile (several processes opening a new directory together): retried
+    until LOCK_TIMEOUT. Once the file is in WAL mode nothing is switched."""
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            # fetchall: the statement is finished, so this connection holds no lock while switching.
+            if db.execute("PRAGMA journal_mode").fetchall()[0][0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class LocalStore:
     name = "disk"  # the tier, in /metrics
 
@@ -88,8 +109,8 @@ class LocalStore:
     def _index(self, write: bool = True) -> sqlite3.Connection:
         """A connection for one operation (used as a context manager: one transaction). Reads
         take no lock (WAL mode: they see the last commit, and never wait for a writer)."""
-        db = sqlite3.connect(self.root / "index.sqlite", timeout=30.0, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
+        db = sqlite3.connect(self.root / "index.sqlite", timeout=LOCK_TIMEOUT, isolation_level=None)
+        _use_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
         return _Transaction(db, write)  # type: ignore[return-value]
 
