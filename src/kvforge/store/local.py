@@ -102,17 +102,25 @@ class LocalStore:
         except OSError as err:
             raise ValueError(f"--store {str(root)!r} cannot be used as a store directory: {err}") from err
         self.stats = StoreStats()
+        db = self._connect()
+        try:
+            _use_wal(db)  # once: the mode is the file's, every later connection reads in it
+        finally:
+            db.close()
         with self._index() as db:
             for statement in SCHEMA:
                 db.execute(statement)
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.root / "index.sqlite", timeout=LOCK_TIMEOUT, isolation_level=None)
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
     def _index(self, write: bool = True) -> sqlite3.Connection:
         """A connection for one operation (used as a context manager: one transaction). Reads
-        take no lock (WAL mode: they see the last commit, and never wait for a writer)."""
-        db = sqlite3.connect(self.root / "index.sqlite", timeout=LOCK_TIMEOUT, isolation_level=None)
-        _use_wal(db)
-        db.execute("PRAGMA synchronous=NORMAL")
-        return _Transaction(db, write)  # type: ignore[return-value]
+        take no lock (WAL mode, set when the store was opened: they see the last commit, and never
+        wait for a writer)."""
+        return _Transaction(self._connect(), write)  # type: ignore[return-value]
 
     def _path(self, key: str) -> Path:
         if len(key) < 3 or not all(c in "0123456789abcdef" for c in key):
